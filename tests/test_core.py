@@ -1,0 +1,145 @@
+"""Taps, preprocessing, the method registry and plain gradient on closed-form networks."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xaijax import methods, models, viz
+from xaijax.models import layers, preprocess, taps
+
+
+class TwoLayer(nn.Module):
+    """x -> relu(conv1x1(x)) -> global mean -> dense; small enough to differentiate by hand."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.conv(2, 1, bias=False, name="conv")(x)
+        h = layers.ReLU(name="relu")(h)
+        h = layers.AdaptiveAvgPool2d(1, name="pool")(h)
+        h = layers.Flatten(name="flatten")(h)
+        return layers.dense(3, bias=False, name="fc")(h)
+
+
+@pytest.fixture(scope="module")
+def two_layer():
+    model = TwoLayer()
+    w1 = jnp.array([[1.0, -1.0], [0.5, 2.0], [0.0, 1.0]])  # (C_in=3, C_out=2)
+    w2 = jnp.array([[1.0, 2.0, -1.0], [0.5, -1.0, 3.0]])  # (2, 3)
+    variables = {"params": {"conv": {"kernel": w1[None, None]}, "fc": {"kernel": w2}}}
+    x = jax.random.normal(jax.random.key(1), (2, 4, 5, 3))
+    return model, variables, x, w1, w2
+
+
+def test_taps_capture_and_add_give_activation_gradient(two_layer):
+    model, variables, x, w1, w2 = two_layer
+    out, acts = taps.forward(model, variables, x, capture=["relu", "pool"])
+    h = jax.nn.relu(jnp.einsum("nhwc,cd->nhwd", x, w1))
+    np.testing.assert_allclose(acts["relu"], h, rtol=1e-6)
+    np.testing.assert_allclose(out, h.mean((1, 2)) @ w2, rtol=1e-5, atol=1e-6)
+    # d logit_c / d relu_activation = w2[:, c] / (H*W) at every location
+    zero = jnp.zeros_like(h)
+    g = jax.grad(lambda d: taps.forward(model, variables, x, add={"relu": d})[0][:, 2].sum())(zero)
+    np.testing.assert_allclose(g, jnp.broadcast_to(w2[:, 2] / 20.0, h.shape), rtol=1e-6)
+
+
+def test_taps_unknown_layer_is_a_readable_error(two_layer):
+    model, variables, x, *_ = two_layer
+    with pytest.raises(ValueError, match=r"unknown layer name.*'rleu'.*did you mean 'relu'"):
+        taps.forward(model, variables, x, capture=["rleu"])
+    assert taps.layer_names(model, variables, x) == ["conv", "relu", "pool", "flatten", "fc"]
+
+
+def test_gradient_methods_closed_form(two_layer):
+    model, variables, x, w1, w2 = two_layer
+    target = jnp.array([0, 2])
+    pre = jnp.einsum("nhwc,cd->nhwd", x, w1)
+    # d out_t / dx[n,h,w,:] = sum_d w1[:, d] * 1[pre_d > 0] * w2[d, t] / (H*W)
+    expected = jnp.einsum("cd,nhwd,nd->nhwc", w1, (pre > 0).astype(x.dtype), w2[:, target].T) / 20.0
+    g = methods.input_gradient(model, variables, x, target)
+    np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)
+    sal = jax.jit(methods.get("gradient"), static_argnums=0)(model, variables, x, target)
+    np.testing.assert_allclose(sal, jnp.abs(expected).max(-1), rtol=1e-5, atol=1e-7)
+    gxi = methods.get("gradient-x-input")(model, variables, x, target)
+    np.testing.assert_allclose(gxi, (expected * x).sum(-1), rtol=1e-5, atol=1e-6)
+    # an explicit seed equals the int target; samples are independent under vmap
+    seed = jax.nn.one_hot(target, 3)
+    np.testing.assert_allclose(methods.get("gradient")(model, variables, x, seed), sal, rtol=1e-6)
+    one = jax.vmap(lambda xi, ti: methods.get("gradient")(model, variables, xi[None], ti[None])[0])(x, target)
+    np.testing.assert_allclose(one, sal, rtol=1e-6)
+
+
+def test_targets_and_registry_errors():
+    with pytest.raises(ValueError, match="out of range"):
+        methods.as_seed(jnp.array([0, 7]), 5, 2)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
+        methods.as_seed(jnp.ones((2, 4)), 5, 2)
+    with pytest.raises(ValueError, match="Did you mean gradient"):
+        methods.get("gradiant")
+    with pytest.raises(ValueError, match="bad hyperparameters"):
+        methods.get("gradient", nonsense=1)
+    assert {"gradient", "gradient-x-input"} <= set(methods.names())
+
+
+def test_preprocess_round_trip_and_checks():
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+    for conv in ("torchvision", "caffe", "none"):
+        np.testing.assert_allclose(preprocess.denormalize(preprocess.normalize(x, conv), conv), x, atol=1e-5)
+    np.testing.assert_allclose(
+        preprocess.normalize(jnp.full((1, 1, 1, 3), 0.5), "torchvision")[0, 0, 0],
+        (0.5 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        preprocess.normalize(jnp.ones((1, 1, 1, 3)), "caffe")[0, 0, 0], 255.0 - np.array([123.68, 116.779, 103.939]), rtol=1e-6
+    )
+    with pytest.raises(TypeError, match="Divide uint8 images by 255"):
+        preprocess.check_images(np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        preprocess.check_images(np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"got range \[2, 2\]"):
+        preprocess.check_images(np.full((1, 4, 4, 3), 2.0, np.float32), unit_range=True)
+    with pytest.raises(ValueError, match="unknown preprocessing convention"):
+        preprocess.normalize(x, "bgr")
+    names = preprocess.imagenet_classes()
+    assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet tissue"
+
+
+def test_load_image_resizes_and_crops(tmp_path):
+    from PIL import Image
+
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 40:] = 255  # right half white
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    img = preprocess.load_image(tmp_path / "a.png", size=32, resize=32)
+    assert img.shape == (32, 32, 3) and img.dtype == np.float32
+    # centre crop of a 64x32 resize: left half dark, right half bright
+    assert img[:, :12].max() < 0.05 and img[:, 20:].min() > 0.95
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        preprocess.load_image(tmp_path / "b.png")
+
+
+def test_viz_overlay_and_atomic_png(tmp_path):
+    img = np.zeros((6, 6, 3))
+    m = np.zeros((6, 6))
+    m[2, 3] = 1.0
+    o = viz.overlay(img, m, alpha=1.0)
+    assert o.shape == (6, 6, 3)
+    assert np.argmax(o[..., 0]) == 2 * 6 + 3  # jet: the maximum is red
+    p = viz.save_png(tmp_path / "o.png", o)
+    from PIL import Image
+
+    assert np.asarray(Image.open(p)).shape == (6, 6, 3)
+    assert [f.name for f in tmp_path.iterdir()] == ["o.png"]
+
+
+def test_model_registry_errors():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet5'.*Did you mean"):
+        models.get("resnet5")
+    assert {"vgg16", "resnet50", "densenet121", "inception_v3"} <= set(models.names())
+    assert models.spec("vgg16").cam_layer == "features.29"
+    assert models.spec("resnet50").cam_layer == "layer4"

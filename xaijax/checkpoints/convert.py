@@ -1,0 +1,189 @@
+"""One-call loading and porting of weights for zoo architectures.
+
+* :func:`load_torch` — a torchvision or TorchRay ``.pth``/``.pt``/``.pth.tar`` file ->
+  ``(model, variables)``, read without torch and without running pickle code.
+* :func:`load` — any supported file (the above, or a native ``.safetensors``/``.msgpack``
+  written by :func:`port`) -> ``(model, variables)``.
+* :func:`port` — convert a torch checkpoint once and save it natively, with the
+  architecture and model configuration in the file's metadata.
+
+Supported sources: torchvision ImageNet state dicts for every zoo architecture, any
+state dict with torchvision's names (fine-tuned heads with another class count), and
+TorchRay's VOC/COCO VGG16 (Caffe-converted: classifier layers stored as ``classifier.0/2/4``,
+first convolution in BGR order, ceil-mode pooling). TorchRay's Caffe-converted ResNet50 is a
+different network (stride on the first 1x1 convolution, biased stem, split BatchNorm/Scale
+keys) and raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import numpy as np
+
+from xaijax.checkpoints.mapping import CheckpointMismatchError, from_torch_state_dict, guess_family
+from xaijax.checkpoints.native import load_variables, save_variables
+from xaijax.checkpoints.torch_pickle import load_state_dict
+from xaijax.models import registry
+
+__all__ = ["load_torch", "load", "port", "detect_source", "num_classes_of", "TORCH_SUFFIXES", "NATIVE_SUFFIXES"]
+
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
+NATIVE_SUFFIXES = (".safetensors", ".msgpack")
+
+_HEADS = {
+    "vgg": "classifier.6.weight",
+    "resnet": "fc.weight",
+    "densenet": "classifier.weight",
+    "inception": "fc.weight",
+}
+
+
+def detect_source(state_dict: Mapping[str, Any]) -> str:
+    """``"torchray"`` for TorchRay's Caffe-converted VOC/COCO models, else ``"torchvision"``."""
+    keys = set(state_dict)
+    if "classifier.4.weight" in keys and "classifier.6.weight" not in keys and "features.0.weight" in keys:
+        return "torchray"
+    if any(".bn1.0." in k or k.startswith("bn1.0.") for k in keys):
+        return "torchray"
+    return "torchvision"
+
+
+def num_classes_of(family: str, state_dict: Mapping[str, Any]) -> int | None:
+    """Class count read off the classifier head of a torchvision-named state dict."""
+    key = _HEADS.get(family)
+    if key and key in state_dict:
+        return int(np.shape(state_dict[key])[0])
+    return None
+
+
+def _torchray_vgg_to_torchvision(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    remap = {"classifier.0": "classifier.0", "classifier.2": "classifier.3", "classifier.4": "classifier.6"}
+    for k, v in sd.items():
+        mod, _, leaf = k.rpartition(".")
+        out[f"{remap.get(mod, mod)}.{leaf}"] = np.asarray(v)
+    w = out["features.0.weight"]
+    out["features.0.weight"] = np.ascontiguousarray(w[:, ::-1])  # Caffe BGR -> RGB input channels
+    return out  # 4-D (fully convolutional) classifier weights are handled by the mapping
+
+
+def load_torch(
+    arch: str,
+    path: str | Path,
+    *,
+    num_classes: int | None = None,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, dict, dict[str, Any]]:
+    """Read a PyTorch checkpoint for architecture ``arch`` into Flax.
+
+    Args:
+      arch: registered architecture name (``"resnet50"``).
+      path: a ``.pth``/``.pt`` file (zip or legacy format).
+      num_classes: class count; default read from the checkpoint's classifier head.
+      model_kwargs: further model configuration (widths for tiny variants).
+
+    Returns:
+      ``(model, variables, info)``; ``info`` has ``arch``, ``source``, ``model_kwargs``
+      (everything needed to rebuild the model) and ``ignored_keys``.
+
+    Raises:
+      UnsafeCheckpointError: the file references code; nothing is executed.
+      CheckpointFormatError: not a readable torch checkpoint.
+      CheckpointMismatchError: keys or shapes do not fit ``arch``.
+    """
+    spec = registry.spec(arch)
+    sd = load_state_dict(path)
+    source = detect_source(sd)
+    kwargs = dict(model_kwargs)
+    if source == "torchray":
+        if spec.family != "vgg":
+            raise NotImplementedError(
+                f"{path}: TorchRay's Caffe-converted ResNet50 (stride on the first 1x1 convolution, "
+                "biased stem, split BatchNorm/Scale keys) is not supported yet; torchvision-named "
+                "ResNet checkpoints are"
+            )
+        sd = _torchray_vgg_to_torchvision(sd)
+        kwargs.setdefault("ceil_mode", True)
+    guessed = guess_family(sd)
+    if guessed is not None and guessed != spec.family:
+        raise CheckpointMismatchError(
+            f"{path} looks like a {guessed} checkpoint, but --arch {arch} is a {spec.family} model"
+        )
+    if num_classes is None:
+        num_classes = num_classes_of(spec.family, sd)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = registry.get(arch, **kwargs)
+    try:
+        variables = from_torch_state_dict(model, sd)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{path}: {e}") from None
+    ignored = sorted(k for k in sd if k.startswith("AuxLogits.")) if spec.family == "inception" else []
+    info = {"arch": arch, "source": source, "model_kwargs": kwargs, "ignored_keys": ignored}
+    return model, variables, info
+
+
+def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Module, dict, dict[str, Any]]:
+    """Load weights from any supported file into a zoo model.
+
+    Native files (``.safetensors``/``.msgpack`` written by :func:`port` or
+    :func:`xaijax.checkpoints.save_variables` with ``arch`` metadata) rebuild the model from
+    their metadata; ``arch`` may then be ``None`` and, if given, must agree. Torch files need
+    ``arch``. Returns ``(model, variables, info)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix in NATIVE_SUFFIXES:
+        variables, meta = load_variables(path)
+        file_arch = meta.get("arch")
+        if arch is None and file_arch is None:
+            raise ValueError(f"{path} does not record its architecture; pass arch")
+        if arch is not None and file_arch is not None and arch != file_arch:
+            raise CheckpointMismatchError(f"{path} holds weights for {file_arch!r}, not {arch!r}")
+        arch = arch or file_arch
+        kwargs = json.loads(meta.get("model_kwargs", "{}"))
+        kwargs.update(model_kwargs)
+        model = registry.get(arch, **kwargs)
+        _check_against_model(model, variables, path)
+        return model, variables, {"arch": arch, "source": meta.get("source", "native"), "model_kwargs": kwargs}
+    if arch is None:
+        raise ValueError(f"{path}: a torch checkpoint needs an architecture (--arch)")
+    return load_torch(arch, path, **model_kwargs)
+
+
+def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: Path) -> None:
+    from xaijax.checkpoints.mapping import _flat, variable_template
+
+    want = {k: tuple(v.shape) for k, v in _flat(variable_template(model)).items()}
+    have = {k: tuple(np.shape(v)) for k, v in _flat(variables).items()}
+    missing = sorted("/".join(k) for k in want.keys() - have.keys())
+    extra = sorted("/".join(k) for k in have.keys() - want.keys())
+    shaped = sorted(f"{'/'.join(k)}: file {have[k]}, model {want[k]}" for k in want.keys() & have.keys() if want[k] != have[k])
+    if missing or extra or shaped:
+        parts = [f"{path} does not fit {type(model).__name__}:"]
+        for title, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", shaped)):
+            if items:
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+        raise CheckpointMismatchError("\n".join(parts))
+
+
+def port(arch: str, src: str | Path, dst: str | Path, **model_kwargs: Any) -> dict[str, Any]:
+    """Convert a torch checkpoint to a native file (``.safetensors`` or ``.msgpack``).
+
+    The destination is written atomically and only after the whole conversion succeeded.
+    Returns the ``info`` dict of :func:`load_torch`.
+    """
+    dst = Path(dst)
+    if dst.suffix not in NATIVE_SUFFIXES:
+        raise ValueError(f"output must end in {' or '.join(NATIVE_SUFFIXES)}; got {dst.name!r}")
+    if not dst.parent.exists():
+        raise FileNotFoundError(f"output directory does not exist: {dst.parent}")
+    _, variables, info = load_torch(arch, src, **model_kwargs)
+    meta = {"arch": arch, "source": info["source"], "model_kwargs": json.dumps(info["model_kwargs"]), "ported_from": Path(src).name}
+    save_variables(dst, variables, metadata=meta)
+    return info

@@ -1,0 +1,264 @@
+"""Map PyTorch (torchvision / TorchRay) state dicts to Flax variables of zoo models, and back.
+
+Zoo models carry torchvision's module names, so the mapping is mostly mechanical:
+
+=====================  ============================================  ==================
+torch key              Flax variable                                  transform
+=====================  ============================================  ==================
+``a.b.weight`` (4-D)   ``params/a/b/kernel``                          OIHW -> HWIO
+``a.b.weight`` (2-D)   ``params/a/b/kernel``                          (out,in) -> (in,out)
+``a.b.weight`` (BN)    ``params/a/b/scale``                           --
+``a.b.bias``           ``params/a/b/bias``                            --
+``a.b.running_mean``   ``batch_stats/a/b/mean``                       --
+``a.b.running_var``    ``batch_stats/a/b/var``                        --
+``num_batches_tracked``  dropped                                      --
+=====================  ============================================  ==================
+
+Two architecture-specific facts:
+
+* **VGG's first classifier layer.** torch flattens the pooled N,C,H,W feature map in
+  C,H,W order, xaijax flattens N,H,W,C. The (4096, C*H*W) weight is therefore permuted to
+  (H*W*C, 4096). A fully-convolutional checkpoint (TorchRay's VOC/COCO models store
+  ``classifier.0.weight`` as a (4096, C, 7, 7) and later classifier layers as 1x1
+  convolutions) maps onto the same Dense layers: a conv over the whole 7x7 map is the
+  dense layer with that permutation built in.
+* **Inception-v3's auxiliary classifier** (``AuxLogits.*``) only acts in training mode;
+  the zoo's eval-mode model has no such layer and the keys are ignored (reported).
+
+Every problem is collected and raised in one :class:`CheckpointMismatchError` that lists
+missing, unexpected and mis-shaped keys by name, with a hint when the class count or the
+architecture looks wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["CheckpointMismatchError", "from_torch_state_dict", "to_torch_state_dict", "guess_family", "variable_template"]
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model it is loaded into."""
+
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_IGNORED_PREFIXES = {"inception": ("AuxLogits.",)}
+
+
+def variable_template(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3)) -> dict:
+    """Shapes/dtypes of ``model``'s variables (``jax.ShapeDtypeStruct`` leaves), via eval_shape."""
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = v
+    return out
+
+
+def guess_family(keys: Any) -> str | None:
+    """Guess the architecture family of a torch state dict from its key names."""
+    keys = list(keys)
+    if any(k.startswith("features.denseblock") for k in keys):
+        return "densenet"
+    if any(k.startswith("Mixed_") for k in keys):
+        return "inception"
+    if any(k.startswith("layer1.") for k in keys):
+        return "resnet"
+    if any(k.startswith("features.") for k in keys) and any(k.startswith("classifier.") for k in keys):
+        return "vgg"
+    return None
+
+
+def _family_of(model: nn.Module) -> str | None:
+    name = type(model).__name__.lower()
+    for fam in ("vgg", "resnet", "densenet", "inception"):
+        if fam in name:
+            return fam
+    return None
+
+
+def _vgg_first_dense_from_torch(w: np.ndarray, model: nn.Module, target_in: int) -> np.ndarray:
+    """(out, C*p*p) or (out, C, p, p) torch weight -> (p*p*C, out) NHWC-flatten kernel."""
+    out = w.shape[0]
+    if w.ndim == 4:
+        c, p1, p2 = w.shape[1:]
+    else:
+        p = int(getattr(model, "pool_size", 7))
+        p1 = p2 = p
+        if w.shape[1] % (p * p):
+            raise CheckpointMismatchError(
+                f"classifier.0.weight has {w.shape[1]} inputs, not a multiple of pool_size^2 = {p * p}"
+            )
+        c = w.shape[1] // (p * p)
+        w = w.reshape(out, c, p1, p2)
+    if c * p1 * p2 != target_in:
+        return w.reshape(out, -1).T  # shape error reported by the caller
+    return np.transpose(w, (2, 3, 1, 0)).reshape(p1 * p2 * c, out)
+
+
+def _vgg_first_dense_to_torch(k: np.ndarray, model: nn.Module) -> np.ndarray:
+    p = int(getattr(model, "pool_size", 7))
+    n_in, out = k.shape
+    c = n_in // (p * p)
+    return np.transpose(k.reshape(p, p, c, out), (3, 2, 0, 1)).reshape(out, c * p * p)
+
+
+def from_torch_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    input_shape: tuple[int, ...] = (1, 224, 224, 3),
+    strict: bool = True,
+) -> dict:
+    """Convert a torchvision-named state dict to the Flax variables of ``model``.
+
+    Args:
+      model: a zoo model built with the checkpoint's configuration (e.g. ``num_classes``).
+      state_dict: ``{torch key: array}`` (numpy arrays or anything ``np.asarray`` accepts),
+        e.g. from :func:`xaijax.checkpoints.load_state_dict`.
+      input_shape: NHWC shape used to trace the model's variable shapes (no compute).
+      strict: raise on unexpected keys (missing and mis-shaped keys always raise).
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` only for BN models), with
+      arrays of the model's parameter dtype (float32).
+
+    Raises:
+      CheckpointMismatchError: one error listing every missing / unexpected / mis-shaped key.
+    """
+    template = _flat(variable_template(model, input_shape))
+    family = _family_of(model)
+    filled: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    ignored_prefixes = _IGNORED_PREFIXES.get(family or "", ())
+
+    for key, value in state_dict.items():
+        if key.endswith(_IGNORED_SUFFIXES) or key.startswith(ignored_prefixes):
+            continue
+        arr = np.asarray(value)
+        *mod, leaf = key.split(".")
+        mod = tuple(mod)
+        if leaf == "weight":
+            if ("params", *mod, "kernel") in template:
+                dest = ("params", *mod, "kernel")
+                tgt = template[dest].shape
+                if family == "vgg" and mod == ("classifier", "0") and arr.ndim in (2, 4) and len(tgt) == 2:
+                    arr = _vgg_first_dense_from_torch(arr, model, tgt[0])
+                elif arr.ndim == 4 and len(tgt) == 2:
+                    # fully convolutional classifier (1x1 conv) onto a Dense layer
+                    if arr.shape[2:] != (1, 1):
+                        misshaped.append(f"{key}: checkpoint {arr.shape}, expected a 1x1 conv or {tgt[::-1]}")
+                        continue
+                    arr = arr[:, :, 0, 0].T
+                elif arr.ndim == 4:
+                    arr = np.transpose(arr, (2, 3, 1, 0))
+                elif arr.ndim == 2:
+                    arr = arr.T
+            elif ("params", *mod, "scale") in template:
+                dest = ("params", *mod, "scale")
+            else:
+                unexpected.append(key)
+                continue
+        elif leaf == "bias":
+            dest = ("params", *mod, "bias")
+        elif leaf == "running_mean":
+            dest = ("batch_stats", *mod, "mean")
+        elif leaf == "running_var":
+            dest = ("batch_stats", *mod, "var")
+        else:
+            unexpected.append(key)
+            continue
+        if dest not in template:
+            unexpected.append(key)
+            continue
+        want = tuple(template[dest].shape)
+        if tuple(arr.shape) != want:
+            misshaped.append(f"{key}: checkpoint {tuple(np.asarray(value).shape)} -> {tuple(arr.shape)}, model expects {want}")
+            continue
+        filled[dest] = arr.astype(template[dest].dtype)
+
+    missing = [".".join(p[1:-1]) + "." + _torch_leaf(p) for p in template if p not in filled]
+    if missing or misshaped or (strict and unexpected):
+        raise CheckpointMismatchError(_mismatch_message(model, family, state_dict, missing, unexpected, misshaped))
+    return jax.tree_util.tree_map(jnp.asarray, _unflat(filled))
+
+
+def _torch_leaf(path: tuple[str, ...]) -> str:
+    return {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}.get(
+        path[-1], path[-1]
+    )
+
+
+def _mismatch_message(model, family, state_dict, missing, unexpected, misshaped) -> str:
+    lines = [f"checkpoint does not match {type(model).__name__}:"]
+
+    def show(title: str, items: list[str]) -> None:
+        if items:
+            shown = items[:12]
+            more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown) + more)
+
+    show("missing keys", missing)
+    show("unexpected keys", unexpected)
+    show("mis-shaped keys", misshaped)
+    guessed = guess_family(state_dict.keys())
+    if guessed and family and guessed != family:
+        lines.append(f"  hint: the checkpoint looks like a {guessed} model, not a {family} model")
+    for head in ("fc.weight", "classifier.weight", "classifier.6.weight", "classifier.6.bias", "fc.bias"):
+        if head in state_dict and any(m.startswith(head) for m in misshaped):
+            n = np.asarray(state_dict[head]).shape[0]
+            lines.append(f"  hint: the checkpoint has {n} classes; build the model with num_classes={n}")
+            break
+    return "\n".join(lines)
+
+
+def to_torch_state_dict(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`from_torch_state_dict`: Flax variables -> torchvision-named arrays.
+
+    BatchNorm layers get ``num_batches_tracked = 0`` (int64) as torch expects. VGG's first
+    classifier weight is written in torch's (out, C*H*W) layout.
+    """
+    family = _family_of(model)
+    out: dict[str, np.ndarray] = {}
+    for path, v in _flat(variables).items():
+        coll, *mod, leaf = path
+        arr = np.asarray(v)
+        name = ".".join(mod)
+        if coll == "params":
+            if leaf == "kernel":
+                if family == "vgg" and tuple(mod) == ("classifier", "0"):
+                    arr = _vgg_first_dense_to_torch(arr, model)
+                elif arr.ndim == 4:
+                    arr = np.transpose(arr, (3, 2, 0, 1))
+                else:
+                    arr = arr.T
+                out[f"{name}.weight"] = np.ascontiguousarray(arr)
+            elif leaf == "scale":
+                out[f"{name}.weight"] = arr
+            else:
+                out[f"{name}.{leaf}"] = arr
+        elif coll == "batch_stats":
+            out[f"{name}.{_torch_leaf(tuple(path))}"] = arr
+            out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
+    return out

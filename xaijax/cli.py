@@ -1,0 +1,162 @@
+"""The ``xaijax`` command line.
+
+Subcommands::
+
+    xaijax models                      list architectures
+    xaijax methods                     list attribution methods
+    xaijax port --arch A IN.pth OUT    torch checkpoint -> .safetensors / .msgpack
+    xaijax predict --arch A --weights W IMAGE...     top-5 classes
+    xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
+
+Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
+and exit with status 2; nothing is written. Set ``XAIJAX_DEBUG=1`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+class UserError(Exception):
+    """An error to report in one line without a traceback."""
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from xaijax.models import registry
+
+    print(f"{'name':16s} {'family':10s} {'cam layer':14s} input")
+    for n in registry.names():
+        s = registry.spec(n)
+        print(f"{n:16s} {s.family:10s} {s.cam_layer:14s} {s.input_size}")
+
+
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from xaijax import methods
+
+    for n in methods.names():
+        print(f"{n:28s} {methods.describe(n)}")
+
+
+def _cmd_port(args: argparse.Namespace) -> None:
+    from xaijax import checkpoints
+
+    dst = Path(args.output)
+    if dst.exists() and not args.force:
+        raise UserError(f"{dst} exists; pass --force to overwrite")
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    info = checkpoints.port(args.arch, args.input, dst, **kwargs)
+    extra = f"; ignored {len(info['ignored_keys'])} training-only keys" if info["ignored_keys"] else ""
+    print(f"wrote {dst} ({args.arch}, {info['source']} weights, {info['model_kwargs'].get('num_classes')} classes{extra})")
+
+
+def _class_names(n: int, labels: str | None) -> list[str]:
+    from xaijax.models.preprocess import imagenet_classes
+
+    if labels:
+        names = Path(labels).read_text().splitlines()
+        if len(names) != n:
+            raise UserError(f"--labels has {len(names)} lines but the model has {n} classes")
+        return names
+    return imagenet_classes() if n == 1000 else [f"class {i}" for i in range(n)]
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import jax
+    import numpy as np
+
+    from xaijax import checkpoints
+    from xaijax.models import registry
+    from xaijax.models.preprocess import load_image, normalize
+
+    model, variables, info = checkpoints.load(args.arch, args.weights)
+    spec = registry.spec(info["arch"])
+    size = args.size or spec.input_size
+    convention = args.preprocess or ("caffe" if info.get("source") == "torchray" else "torchvision")
+    imgs = np.stack([load_image(p, size) for p in args.images])
+    logits = np.asarray(jax.jit(model.apply)(variables, normalize(imgs, convention)))
+    names = _class_names(logits.shape[-1], args.labels)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    for path, lg, pr in zip(args.images, logits, probs):
+        print(path)
+        for i in np.argsort(-lg)[: args.top]:
+            print(f"  {i:5d}  {pr[i]:.4f}  {lg[i]:9.4f}  {names[i]}")
+
+
+def _cmd_example(args: argparse.Namespace) -> None:
+    from xaijax.example import run_example
+
+    run_example(Path(args.out))
+
+
+def _writable_dir(p: str) -> Path:
+    path = Path(p)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create output directory {p}: {e.strerror}") from None
+    import os
+
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"output directory {p} is not writable")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xaijax", description="Explainable AI for JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list architectures")
+    s.set_defaults(func=_cmd_models)
+    s = sub.add_parser("methods", help="list attribution methods")
+    s.set_defaults(func=_cmd_methods)
+
+    s = sub.add_parser("port", help="convert a PyTorch checkpoint to .safetensors/.msgpack")
+    s.add_argument("--arch", required=True, help="architecture, e.g. resnet50 (see `xaijax models`)")
+    s.add_argument("--num-classes", type=int, default=None, help="default: read from the checkpoint")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    s.add_argument("input", help="torch .pth/.pt file (never executed)")
+    s.add_argument("output", help="output .safetensors or .msgpack")
+    s.set_defaults(func=_cmd_port)
+
+    s = sub.add_parser("predict", help="print the top classes for images")
+    s.add_argument("--arch", default=None, help="architecture (optional for native files, which record it)")
+    s.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .msgpack")
+    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the architecture's)")
+    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
+    s.add_argument("--labels", default=None, help="text file with one class name per line")
+    s.add_argument("--top", type=int, default=5)
+    s.add_argument("images", nargs="+")
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("example", help="end-to-end example: model, weights, predict, explain, PNG")
+    s.add_argument("--out", type=_writable_dir, default="results/example")
+    s.set_defaults(func=_cmd_example)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import os
+
+    try:
+        args.func(args)
+    except (UserError, FileNotFoundError, NotImplementedError, ValueError, TypeError) as e:
+        if os.environ.get("XAIJAX_DEBUG"):
+            raise
+        msg = str(e).strip() or type(e).__name__
+        print(f"xaijax: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xaijax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets and bundled data files (ImageNet class names)."""

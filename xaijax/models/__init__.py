@@ -1,0 +1,30 @@
+"""The Flax model zoo: VGG, ResNet, DenseNet and Inception-v3 with torchvision names.
+
+``get(name, **overrides)`` builds a registered architecture (``names()`` lists them);
+intermediate layers are addressed by torchvision's dotted names through
+:mod:`xaijax.models.taps`. Inputs are NHWC float32, normalised with
+:func:`xaijax.models.preprocess.normalize` for the weights' convention.
+"""
+
+from xaijax.models import densenet, inception, resnet, vgg  # noqa: F401  (register architectures)
+from xaijax.models import layers, preprocess, taps
+from xaijax.models.densenet import DenseNet
+from xaijax.models.inception import Inception3
+from xaijax.models.registry import ArchSpec, get, names, register, spec
+from xaijax.models.resnet import ResNet
+from xaijax.models.vgg import VGG
+
+__all__ = [
+    "ArchSpec",
+    "DenseNet",
+    "Inception3",
+    "ResNet",
+    "VGG",
+    "get",
+    "layers",
+    "names",
+    "preprocess",
+    "register",
+    "spec",
+    "taps",
+]

@@ -1,0 +1,126 @@
+"""Input conventions of the pretrained weights in use, and image loading.
+
+Two conventions exist for the weights people port into xaijax:
+
+* ``"torchvision"`` — RGB in [0, 1], then ``(x - mean) / std`` with the ImageNet
+  mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). All torchvision ImageNet
+  checkpoints.
+* ``"caffe"`` — the Caffe convention of the VGG16/ResNet50 models that TorchRay converted
+  from the Excitation Backprop release and uses on VOC 2007 / COCO 2014: pixel range
+  [0, 255] minus the per-channel mean, no division by a standard deviation. Caffe feeds
+  BGR; like TorchRay, the porter flips the first convolution's input channels to RGB, so
+  images stay RGB and the mean is given in RGB order, (123.68, 116.779, 103.939).
+
+Images are NHWC float32 RGB in [0, 1] before normalisation (or HWC for a single image).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CAFFE_RGB_MEAN",
+    "normalize",
+    "denormalize",
+    "check_images",
+    "load_image",
+    "imagenet_classes",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_RGB_MEAN = (123.68, 116.779, 103.939)
+
+Convention = Literal["torchvision", "caffe", "none"]
+
+
+def check_images(x: jax.Array | np.ndarray, name: str = "images", *, unit_range: bool = False, min_size: int = 1) -> None:
+    """Validate an NHWC batch of RGB images and raise a readable error.
+
+    Args:
+      x: array of shape (N, H, W, 3), floating dtype.
+      name: the argument name used in the message.
+      unit_range: also require values in [0, 1] (only checked on concrete arrays).
+      min_size: smallest allowed H and W.
+
+    Raises:
+      TypeError: non-floating dtype.
+      ValueError: wrong rank, channel count, size or range.
+    """
+    shape = tuple(np.shape(x))
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{name} must have shape (N, H, W, 3) (NHWC, RGB); got shape {shape}")
+    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(
+            f"{name} must be floating point (float32, RGB in [0, 1]); got dtype {dtype}."
+            + (" Divide uint8 images by 255." if dtype == np.uint8 else "")
+        )
+    if shape[1] < min_size or shape[2] < min_size:
+        raise ValueError(f"{name} must be at least {min_size}x{min_size} pixels; got {shape[1]}x{shape[2]}")
+    if unit_range and not isinstance(x, jax.core.Tracer):
+        lo, hi = float(np.min(x)), float(np.max(x))
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{name} must hold RGB values in [0, 1] before normalisation; got range [{lo:.3g}, {hi:.3g}]")
+
+
+def normalize(x: jax.Array, convention: Convention = "torchvision") -> jax.Array:
+    """Map RGB images in [0, 1] (NHWC or HWC) to the input a model's weights expect."""
+    x = jnp.asarray(x)
+    if convention == "torchvision":
+        return (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
+    if convention == "caffe":
+        return x * 255.0 - jnp.asarray(CAFFE_RGB_MEAN, x.dtype)
+    if convention == "none":
+        return x
+    raise ValueError(f"unknown preprocessing convention {convention!r}; use 'torchvision', 'caffe' or 'none'")
+
+
+def denormalize(x: jax.Array, convention: Convention = "torchvision") -> jax.Array:
+    """Inverse of :func:`normalize`: model input -> RGB in [0, 1]."""
+    x = jnp.asarray(x)
+    if convention == "torchvision":
+        return x * jnp.asarray(IMAGENET_STD, x.dtype) + jnp.asarray(IMAGENET_MEAN, x.dtype)
+    if convention == "caffe":
+        return (x + jnp.asarray(CAFFE_RGB_MEAN, x.dtype)) / 255.0
+    if convention == "none":
+        return x
+    raise ValueError(f"unknown preprocessing convention {convention!r}; use 'torchvision', 'caffe' or 'none'")
+
+
+def load_image(path: str | Path, size: int = 224, resize: int | None = None) -> np.ndarray:
+    """Read an image file as float32 RGB in [0, 1], shape (size, size, 3).
+
+    The shorter side is resized to ``resize`` (default ``round(size * 256 / 224)``, the
+    torchvision evaluation transform) with bilinear filtering, then centre-cropped.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image: {e}") from None
+    resize = resize or round(size * 256 / 224)
+    w, h = img.size
+    scale = resize / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names in torchvision's index order."""
+    p = Path(__file__).resolve().parent.parent / "data" / "imagenet_classes.txt"
+    return p.read_text().splitlines()

@@ -1,0 +1,70 @@
+"""Model registry: architecture names -> constructors and per-architecture facts.
+
+``xaijax.models.get("resnet50", num_classes=20)`` builds a module; ``names()`` lists what is
+registered. Each entry also records the facts methods need: the architecture family (used
+by the checkpoint porter), the default CAM layer, the natural input size and the
+preprocessing convention of its usual pretrained weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+
+__all__ = ["ArchSpec", "register", "get", "spec", "names"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Facts about a registered architecture.
+
+    Attributes:
+      name: registry name (``"vgg16"``).
+      family: ``"vgg"``, ``"resnet"``, ``"densenet"`` or ``"inception"``.
+      build: constructor; keyword arguments override the defaults (``num_classes``, widths).
+      cam_layer: default layer for CAM methods (``"features.29"`` for VGG16).
+      input_size: natural input side in pixels (224, or 299 for Inception-v3).
+      min_input_size: smallest input side the architecture accepts.
+    """
+
+    name: str
+    family: str
+    build: Callable[..., nn.Module]
+    cam_layer: str
+    input_size: int = 224
+    min_input_size: int = 32
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec_: ArchSpec) -> ArchSpec:
+    """Add an architecture to the registry (name must be new)."""
+    if spec_.name in _REGISTRY:
+        raise ValueError(f"architecture {spec_.name!r} is already registered")
+    _REGISTRY[spec_.name] = spec_
+    return spec_
+
+
+def spec(name: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a registered architecture, with a clear error if unknown."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(names())}.{hint}") from None
+
+
+def get(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered architecture ``name``; ``kwargs`` override its defaults."""
+    return spec(name).build(**kwargs)
+
+
+def names() -> list[str]:
+    """Registered architecture names, sorted."""
+    return sorted(_REGISTRY)
