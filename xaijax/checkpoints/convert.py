@@ -1,6 +1,6 @@
 """One-call loading and porting of weights for zoo architectures.
 
-* :func:`load_torch` — a torchvision or TorchRay ``.pth``/``.pt``/``.pth.tar`` file ->
+* :func:`load_torch_weights` — a torchvision or TorchRay ``.pth``/``.pt``/``.pth.tar`` file ->
   ``(model, variables)``, read without torch and without running pickle code.
 * :func:`load` — any supported file (the above, or a native ``.safetensors``/``.msgpack``
   written by :func:`port`) -> ``(model, variables)``.
@@ -29,7 +29,7 @@ from xaijax.checkpoints.native import load_variables, save_variables
 from xaijax.checkpoints.torch_pickle import load_state_dict
 from xaijax.models import registry
 
-__all__ = ["load_torch", "load", "port", "detect_source", "num_classes_of", "TORCH_SUFFIXES", "NATIVE_SUFFIXES"]
+__all__ = ["load_torch_weights", "load", "port", "detect_source", "num_classes_of", "TORCH_SUFFIXES", "NATIVE_SUFFIXES"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
 NATIVE_SUFFIXES = (".safetensors", ".msgpack")
@@ -71,7 +71,7 @@ def _torchray_vgg_to_torchvision(sd: Mapping[str, Any]) -> dict[str, np.ndarray]
     return out  # 4-D (fully convolutional) classifier weights are handled by the mapping
 
 
-def load_torch(
+def load_torch_weights(
     arch: str,
     path: str | Path,
     *,
@@ -153,7 +153,7 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
         return model, variables, {"arch": arch, "source": meta.get("source", "native"), "model_kwargs": kwargs}
     if arch is None:
         raise ValueError(f"{path}: a torch checkpoint needs an architecture (--arch)")
-    return load_torch(arch, path, **model_kwargs)
+    return load_torch_weights(arch, path, **model_kwargs)
 
 
 def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: Path) -> None:
@@ -176,14 +176,14 @@ def port(arch: str, src: str | Path, dst: str | Path, **model_kwargs: Any) -> di
     """Convert a torch checkpoint to a native file (``.safetensors`` or ``.msgpack``).
 
     The destination is written atomically and only after the whole conversion succeeded.
-    Returns the ``info`` dict of :func:`load_torch`.
+    Returns the ``info`` dict of :func:`load_torch_weights`.
     """
     dst = Path(dst)
     if dst.suffix not in NATIVE_SUFFIXES:
         raise ValueError(f"output must end in {' or '.join(NATIVE_SUFFIXES)}; got {dst.name!r}")
     if not dst.parent.exists():
         raise FileNotFoundError(f"output directory does not exist: {dst.parent}")
-    _, variables, info = load_torch(arch, src, **model_kwargs)
+    _, variables, info = load_torch_weights(arch, src, **model_kwargs)
     meta = {"arch": arch, "source": info["source"], "model_kwargs": json.dumps(info["model_kwargs"]), "ported_from": Path(src).name}
     save_variables(dst, variables, metadata=meta)
     return info

@@ -1,0 +1,46 @@
+"""Checkpoints: safe PyTorch reading, torch -> Flax porting, native save/load.
+
+* :func:`load` / :func:`port` — weights file -> ``(model, variables, info)`` / native file.
+* :func:`load_state_dict` — a ``.pth``/``.pt`` file -> ``{key: numpy array}``, without
+  importing torch and without executing pickle code (allow-listed tensor globals only).
+* :func:`from_torch_state_dict` / :func:`to_torch_state_dict` — the name/layout mapping.
+* :func:`save_variables` / :func:`load_variables` — Flax variables in ``.safetensors`` or
+  ``.msgpack`` with string metadata (architecture, model configuration).
+"""
+
+from xaijax.checkpoints.convert import detect_source, load, load_torch_weights, num_classes_of, port
+from xaijax.checkpoints.errors import CheckpointError, CheckpointFormatError, UnsafeCheckpointError
+from xaijax.checkpoints.mapping import (
+    CheckpointMismatchError,
+    from_torch_state_dict,
+    guess_family,
+    to_torch_state_dict,
+    variable_template,
+)
+from xaijax.checkpoints.native import load_variables, save_variables
+from xaijax.checkpoints.safetensors_io import flatten_variables, load_safetensors, save_safetensors, unflatten_variables
+from xaijax.checkpoints.torch_pickle import load_state_dict, load_torch
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "detect_source",
+    "flatten_variables",
+    "from_torch_state_dict",
+    "guess_family",
+    "load",
+    "load_safetensors",
+    "load_state_dict",
+    "load_torch",
+    "load_torch_weights",
+    "load_variables",
+    "num_classes_of",
+    "port",
+    "save_safetensors",
+    "save_variables",
+    "to_torch_state_dict",
+    "unflatten_variables",
+    "variable_template",
+]
