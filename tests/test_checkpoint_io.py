@@ -147,12 +147,13 @@ def test_parameters_subclass_state_conj_and_neg_bits(tmp_path, fmt):
     torch = pytest.importorskip("torch")
     with_attr = torch.arange(3.0)
     with_attr.note = "python state"  # pickled through torch._tensor._rebuild_from_type_v2
-    c = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
     obj = {
         "param": torch.nn.Parameter(torch.full((2, 2), 0.5)),
         "with_attr": with_attr,
-        "conj": c.conj(),  # lazily conjugated: conj bit in the metadata
-        "neg": c.conj().imag,  # neg bit
+        # lazily conjugated: conj bit in the tensor metadata
+        "conj": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64).conj(),
+        # neg bit (a separate storage: torch refuses two dtypes on one storage)
+        "neg": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64).conj().imag,
     }
     assert obj["conj"].is_conj() and obj["neg"].is_neg()
     out = load_torch(_save(torch, obj, tmp_path / "p.pth", fmt))
@@ -180,6 +181,53 @@ def test_big_endian_zip_archive(tmp_path):
     for k, v in values.items():
         assert out[k].dtype == v.dtype and out[k].dtype.isnative
         np.testing.assert_array_equal(out[k], v)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_newer_pickle_protocol(tmp_path, fmt):
+    torch = pytest.importorskip("torch")
+    obj = {"w": torch.arange(6.0).reshape(2, 3).t(), "meta": {"dtype": torch.float16, "size": torch.Size([2, 3])}}
+    path = tmp_path / "p4.pth"
+    torch.save(obj, path, pickle_protocol=4, _use_new_zipfile_serialization=(fmt == "zip"))
+    out = load_torch(path)
+    np.testing.assert_array_equal(out["w"], obj["w"].numpy())
+    assert out["meta"]["size"] == (2, 3) and type(out["meta"]["size"]) is tuple
+    assert out["meta"]["dtype"] == torch_pickle.TorchDtype("half") and out["meta"]["dtype"].numpy_dtype == np.float16
+
+
+def test_legacy_storage_views(tmp_path):
+    """Pre-1.0 legacy files could reference a slice of a storage (``view_metadata``)."""
+    torch = pytest.importorskip("torch")
+    root = np.arange(10, dtype=np.int32)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, tuple) and o and o[0] == "VIEW":  # (VIEW, view_key, offset, numel)
+                return ("storage", torch.IntStorage, "140", "cpu", root.size, o[1:])
+            return None
+
+        def reducer_override(self, o):
+            if isinstance(o, _FakeTensor):
+                return (torch._utils._rebuild_tensor, (o.storage, o.offset, o.size, o.stride))
+            return NotImplemented
+
+    obj = {"a": _FakeTensor(("VIEW", "141", 2, 6), 1, (2, 2), (2, 1)), "b": _FakeTensor(("VIEW", "142", 8, 2), 0, (2,), (1,))}
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(obj)
+    body = _legacy_stream(buf.getvalue())[: -len(pickle.dumps([], protocol=2))]
+    body += pickle.dumps(["140"], protocol=2) + root.size.to_bytes(8, "little") + root.tobytes()
+    (tmp_path / "old.pth").write_bytes(body)
+    out = load_torch(tmp_path / "old.pth")
+    np.testing.assert_array_equal(out["a"], [[3, 4], [5, 6]])  # view starts at element 2, tensor offset 1
+    np.testing.assert_array_equal(out["b"], [8, 9])
+    # a tensor reaching past the end of its view is refused even though the root is larger
+    obj = {"c": _FakeTensor(("VIEW", "143", 2, 3), 1, (3,), (1,))}
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(obj)
+    body = _legacy_stream(buf.getvalue())[: -len(pickle.dumps([], protocol=2))]
+    body += pickle.dumps(["140"], protocol=2) + root.size.to_bytes(8, "little") + root.tobytes()
+    (tmp_path / "bad.pth").write_bytes(body)
+    _assert_format_error(tmp_path / "bad.pth", "reads element 3 of a storage with 3")
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -276,9 +324,10 @@ class _EvilOpen:
         return (builtins.open, (str(self.target), "w"))
 
 
+# the name pickle records for each callable: 'posix.system' on Linux, 'io.open' for builtins.open
 _EVIL = {
-    "system": (_EvilSystem, f"{os.system.__module__}.system"),
-    "open": (_EvilOpen, "builtins.open"),
+    "system": (_EvilSystem, f"{os.system.__module__}.{os.system.__name__}"),
+    "open": (_EvilOpen, f"{builtins.open.__module__}.{builtins.open.__name__}"),
 }
 
 
@@ -393,7 +442,8 @@ def _assert_format_error(path: Path, match: str) -> CheckpointFormatError:
         load_torch(path)
     msg = str(err.value)
     assert "\n" not in msg and path.name in msg
-    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained traceback
+    # no chained zipfile / pickle traceback
+    assert err.value.__cause__ is None and (err.value.__context__ is None or err.value.__suppress_context__)
     return err.value
 
 
@@ -404,8 +454,9 @@ def _assert_format_error(path: Path, match: str) -> CheckpointFormatError:
         (np.random.default_rng(0).bytes(4096), "not a PyTorch checkpoint"),
         (pickle.dumps({"w": [1.0]}, protocol=2), "plain pickle"),
         (b"PK\x03\x04" + bytes(100), "truncated or corrupt zip"),
+        ((13).to_bytes(8, "little") + b'{"w":{"x":1}}', "looks like a .safetensors file"),
     ],
-    ids=["empty", "random", "plain_pickle", "zip_header_only"],
+    ids=["empty", "random", "plain_pickle", "zip_header_only", "safetensors"],
 )
 def test_not_a_checkpoint(tmp_path, content, match):
     path = tmp_path / "bad.pth"
@@ -549,9 +600,11 @@ def test_safetensors_round_trip_with_metadata(tmp_path):
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
         assert got[k].flags.writeable
     # the file is an ordinary safetensors file: the reference reader agrees
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
-    np.testing.assert_array_equal(load_file(tmp_path / "v.safetensors")["params/classifier/kernel"], flat["params/classifier/kernel"])
+    with safe_open(tmp_path / "v.safetensors", framework="np") as f:
+        assert f.metadata() == meta
+        np.testing.assert_array_equal(f.get_tensor("params/classifier/kernel"), flat["params/classifier/kernel"])
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".msgpack"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +48,14 @@ def _struct(shape: tuple[int, ...], dtype=jnp.float32) -> jax.ShapeDtypeStruct:
 
 def _abstract_variables(model: nn.Module, size: int) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), _struct((1, size, size, 3)))
+
+
+@functools.lru_cache(maxsize=None)
+def _full_size(name: str) -> tuple[nn.Module, Any]:
+    """A registered full-size model (default settings) and its abstract variables (traced once)."""
+    s = registry.spec(name)
+    model = s.build()
+    return model, _abstract_variables(model, s.input_size)
 
 
 def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -153,15 +162,13 @@ def test_inception_registration():
 
 @pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201", "inception_v3"])
 def test_full_size_parameter_count_matches_torchvision(name):
-    s = registry.spec(name)
-    v = _abstract_variables(s.build(), s.input_size)
+    _, v = _full_size(name)
     assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(v["params"])) == TORCHVISION_NUM_PARAMS[name]
 
 
 def test_densenet121_shapes_and_layer_names():
     s = registry.spec("densenet121")
-    m = s.build(num_classes=5)
-    v = _abstract_variables(m, 224)
+    m, v = _full_size("densenet121")
     x = _struct((2, 224, 224, 3))
     out, acts = jax.eval_shape(
         lambda v, x: taps.forward(
@@ -170,7 +177,7 @@ def test_densenet121_shapes_and_layer_names():
         ),
         v, x,
     )
-    assert out.shape == (2, 5) and out.dtype == jnp.float32
+    assert out.shape == (2, 1000) and out.dtype == jnp.float32
     assert acts["features.pool0"].shape == (2, 56, 56, 64)
     assert acts["features.denseblock1"].shape == (2, 56, 56, 64 + 6 * 32)
     assert acts["features.transition3"].shape == (2, 7, 7, (256 + 24 * 32) // 2)
@@ -196,8 +203,8 @@ def test_densenet121_shapes_and_layer_names():
 
 def test_inception_v3_shapes_and_layer_names():
     s = registry.spec("inception_v3")
-    m = s.build(num_classes=5, transform_input=True)
-    v = _abstract_variables(m, 299)
+    m, v = _full_size("inception_v3")
+    m = m.clone(transform_input=True)
     x = _struct((2, 299, 299, 3))
     expect = {
         "Conv2d_1a_3x3": (149, 32), "Conv2d_2b_3x3": (147, 64), "maxpool1": (73, 64),
@@ -207,7 +214,7 @@ def test_inception_v3_shapes_and_layer_names():
         "Mixed_6a.pool": (17, 288), "avgpool": (1, 2048),
     }
     out, acts = jax.eval_shape(lambda v, x: taps.forward(m, v, x, capture=list(expect)), v, x)
-    assert out.shape == (2, 5)
+    assert out.shape == (2, 1000)
     for n, (side, ch) in expect.items():
         assert acts[n].shape == (2, side, side, ch), n
 
@@ -277,26 +284,53 @@ def test_bad_inputs_raise_clear_errors():
         jax.eval_shape(inception.Inception3(width=0.0).init, jax.random.key(0), _struct((1, 75, 75, 3)))
 
 
+def _random_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> Any:
+    """Random numpy variables of the right shapes (no jitted Flax init: it is slow to compile)."""
+    rng = np.random.default_rng(seed)
+    template = jax.eval_shape(model.init, jax.random.key(0), _struct(input_shape))
+
+    def fill(path, leaf):
+        last = path[-1].key
+        if last == "var":
+            return (0.5 + rng.random(leaf.shape)).astype(np.float32)
+        if last == "scale":
+            return (1.0 + 0.2 * rng.normal(size=leaf.shape)).astype(np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) if last == "kernel" else 25
+        return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, template)
+
+
 def test_train_mode_batch_stats_and_dropout():
     """train=True: batch statistics are used and updated; dropout needs and uses its RNG."""
-    x = jax.random.normal(jax.random.key(1), (4, 75, 75, 3))
-    m = inception.Inception3(num_classes=4, width=1 / 16, dropout_rate=0.5)
-    v = m.init(jax.random.key(0), x)
+    x = np.random.default_rng(1).normal(size=(4, 33, 35, 3)).astype(np.float32)
+    m = densenet.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, drop_rate=0.3, num_classes=4)
+    v = _random_variables(m, x.shape)
     mt = m.clone(train=True)
-    out1, upd = mt.apply(v, x, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
-    out2, _ = mt.apply(v, x, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+    train_step = jax.jit(lambda v, x, k: mt.apply(v, x, mutable=["batch_stats"], rngs={"dropout": k}))
+    out1, upd = train_step(v, x, jax.random.key(2))
+    out2, _ = train_step(v, x, jax.random.key(3))
     assert out1.shape == (4, 4) and bool(jnp.all(jnp.isfinite(out1)))
     assert not np.allclose(out1, out2)  # different dropout masks
-    # running mean of the first BN moves 10% of the way to the batch mean (torch momentum 0.1)
+    with pytest.raises(Exception, match="dropout"):  # train mode without a dropout RNG
+        jax.eval_shape(lambda v, x: mt.apply(v, x, mutable=["batch_stats"]), v, x)
+    # running mean of norm0 moves 10% of the way to the batch mean (torch momentum 0.1)
     h = jax.lax.conv_general_dilated(
-        x, v["params"]["Conv2d_1a_3x3"]["conv"]["kernel"], (2, 2), "VALID",
+        x, v["params"]["features"]["conv0"]["kernel"], (2, 2), ((3, 3), (3, 3)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    new_mean = upd["batch_stats"]["Conv2d_1a_3x3"]["bn"]["mean"]
-    np.testing.assert_allclose(new_mean, 0.1 * np.asarray(h.mean(axis=(0, 1, 2))), rtol=1e-4, atol=1e-6)
-    # eval mode ignores the dropout layer and the batch: per-sample outputs are batch-independent
-    full = m.apply(v, x)
-    np.testing.assert_allclose(m.apply(v, x[:1]), full[:1], rtol=1e-5, atol=1e-6)
+    want = 0.9 * v["batch_stats"]["features"]["norm0"]["mean"] + 0.1 * np.asarray(h.mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(upd["batch_stats"]["features"]["norm0"]["mean"], want, rtol=1e-5, atol=1e-6)
+
+    # Inception: the same train-mode plumbing (traced only)
+    i = inception.Inception3(num_classes=4, width=1 / 16, train=True)
+    iv = _abstract_variables(i, 75)
+    out, upd = jax.eval_shape(
+        lambda v, x, k: i.apply(v, x, mutable=["batch_stats"], rngs={"dropout": k}),
+        iv, _struct((2, 75, 75, 3)), jax.random.key(0),
+    )
+    assert out.shape == (2, 4)
+    assert jax.tree.map(lambda a: a.shape, upd["batch_stats"]) == jax.tree.map(lambda a: a.shape, iv["batch_stats"])
 
 
 # --------------------------------------------------------------------------------------
@@ -318,7 +352,7 @@ def test_full_size_variable_shapes_equal_torch_reference(name):
         tm = ref.Inception3Ref(aux_logits=True)
     sd = tm.state_dict()
     want = _expected_flax_shapes(sd)
-    got = {k: tuple(a.shape) for k, a in _flat(_abstract_variables(s.build(), s.input_size)).items()}
+    got = {k: tuple(a.shape) for k, a in _flat(_full_size(name)[1]).items()}
     assert set(got) == set(want), (sorted(set(got) ^ set(want)))[:10]
     assert {k: (got[k], want[k]) for k in got if got[k] != want[k]} == {}
     assert sum(v.numel() for k, v in sd.items() if k.endswith(("weight", "bias")) and not k.startswith("AuxLogits")) == (
@@ -330,7 +364,6 @@ def test_full_size_variable_shapes_equal_torch_reference(name):
 # (c) numerical parity on tiny variants
 # --------------------------------------------------------------------------------------
 
-# name -> (flax model, torch-reference constructor kwargs, NCHW input shape, layers to compare, target class)
 # Tap pairs: (xaijax layer, torch module whose forward-hook output it must equal).
 _DENSE_TAPS = [
     ("features.pool0", "features.pool0"),
@@ -368,42 +401,67 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request):
-    """Torch reference (random weights + BN stats, eval) -> ported Flax variables, and torch results."""
-    torch = pytest.importorskip("torch")
-    import torch_ref_densenet_inception as ref
-    from xaijax.checkpoints import from_torch_state_dict
+def _porter():
+    """``xaijax.checkpoints.from_torch_state_dict`` (falls back to its defining module)."""
+    from xaijax import checkpoints
 
-    spec = CASES[request.param]
+    if hasattr(checkpoints, "from_torch_state_dict"):
+        return checkpoints.from_torch_state_dict
+    from xaijax.checkpoints.mapping import from_torch_state_dict
+
+    return from_torch_state_dict
+
+
+def _torch_results(tm, x: np.ndarray, taps_: list, target: int | None, dtype: str) -> dict:
+    """Logits, hooked activations (NHWC) and, if ``target`` is given, the input gradient (NHWC)."""
+    import torch
+
+    tmd = tm.double() if dtype == "float64" else tm.float()
+    acts: dict[str, np.ndarray] = {}
+    hooks = [
+        tmd.get_submodule(tname).register_forward_hook(
+            lambda mod, inp, out, key=fname: acts.__setitem__(key, _nhwc(out.detach().numpy()))
+        )
+        for fname, tname in taps_
+    ]
+    xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=target is not None)
+    logits = tmd(xt)
+    for h in hooks:
+        h.remove()
+    out = dict(logits=logits.detach().numpy(), acts=acts)
+    if target is not None:
+        logits[:, target].sum().backward()
+        out["grad"] = _nhwc(xt.grad.numpy())
+    tm.float()
+    return out
+
+
+def _build_case(name: str) -> dict:
+    pytest.importorskip("torch")
+    import torch_ref_densenet_inception as ref
+
+    spec = CASES[name]
     kw = dict(spec["torch"])
     kind = kw.pop("kind")
     tm = ref.DenseNetRef(**kw) if kind == "densenet" else ref.Inception3Ref(**kw)
-    ref.randomize_(tm, seed=len(request.param)).eval()
+    ref.randomize_(tm, seed=len(name)).eval()
+    # float32 weights; the float64 runs use exactly these values
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
     model = spec["flax"]()
-    variables = from_torch_state_dict(model, sd)
+    variables = _porter()(model, sd)
     x = np.random.default_rng(0).normal(size=spec["x_shape"]).astype(np.float32)
+    return dict(tm=tm, model=model, variables=variables, x=x, spec=spec, state_dict=sd)
 
-    results = {}
-    for dtype in ("float32", "float64"):
-        # weights are float32 values; the float64 reference uses them exactly
-        tmd = tm.double() if dtype == "float64" else tm.float()
-        acts: dict[str, np.ndarray] = {}
-        hooks = [
-            tmd.get_submodule(tname).register_forward_hook(
-                lambda mod, inp, out, key=fname: acts.__setitem__(key, _nhwc(out.detach().numpy()))
-            )
-            for fname, tname in spec["taps"]
-        ]
-        xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
-        logits = tmd(xt)
-        logits[:, spec["target"]].sum().backward()
-        for h in hooks:
-            h.remove()
-        results[dtype] = dict(logits=logits.detach().numpy(), acts=acts, grad=_nhwc(xt.grad.numpy()))
-    tm.float()
-    return dict(model=model, variables=variables, x=_nhwc(x), spec=spec, torch=results, state_dict=sd)
+
+@pytest.fixture(scope="module", params=["densenet_tiny", "inception_tiny"])
+def case(request):
+    """Torch reference (random weights + BN stats, eval) -> Flax variables via the checkpoint porter."""
+    c = _build_case(request.param)
+    spec = c["spec"]
+    c["torch"] = {
+        dt: _torch_results(c["tm"], c["x"], spec["taps"], spec["target"], dt) for dt in ("float32", "float64")
+    }
+    return c
 
 
 def test_ported_variables_equal_torch_weights(case):
@@ -423,17 +481,28 @@ def test_ported_variables_equal_torch_weights(case):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_parity_with_torch_reference(case, dtype):
-    """Same logits, same intermediate activations and same input gradient as the torch reference."""
+    """Same logits, intermediate activations and input gradient as the torch reference.
+
+    Tolerances (max abs difference relative to the reference's max abs value): logits and
+    activations 1e-5 (float32) / 1e-10 (float64); input gradients 1e-4 / 1e-10.
+    """
     tol = {"float32": 1e-5, "float64": 1e-10}[dtype]
     grad_tol = {"float32": 1e-4, "float64": 1e-10}[dtype]
     want = case["torch"][dtype]
     model, spec = case["model"], case["spec"]
     names = [f for f, _ in spec["taps"]]
+
+    def run(variables, x):
+        def objective(xx):
+            logits, acts = taps.forward(model, variables, xx, capture=names)
+            return logits[:, spec["target"]].sum(), (logits, acts)
+
+        return jax.grad(objective, has_aux=True)(x)
+
     with _precision(dtype):
         variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), case["variables"])
-        x = jnp.asarray(case["x"], dtype)
-        logits, acts = taps.forward(model, variables, x, capture=names)
-        grad = jax.grad(lambda xx: model.apply(variables, xx)[:, spec["target"]].sum())(x)
+        x = jnp.asarray(_nhwc(case["x"]), dtype)
+        grad, (logits, acts) = jax.jit(run)(variables, x)
         assert logits.dtype == jnp.dtype(dtype) and grad.dtype == jnp.dtype(dtype)
         assert _rel_err(logits, want["logits"]) <= tol
         for n in names:
@@ -441,20 +510,42 @@ def test_parity_with_torch_reference(case, dtype):
         assert _rel_err(grad, want["grad"]) <= grad_tol
 
 
+def test_inception_transform_input_parity():
+    """transform_input=True reproduces torchvision's channel re-normalisation (and the porter
+    ignores the checkpoint's AuxLogits.* keys)."""
+    c = _build_case("inception_tiny_transform_input")
+    spec = c["spec"]
+    assert any(k.startswith("AuxLogits.") for k in c["state_dict"])
+    names = [f for f, _ in spec["taps"]]
+    want = _torch_results(c["tm"], c["x"], spec["taps"], None, "float64")
+    with _precision("float64"):
+        variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), c["variables"])
+        x = jnp.asarray(_nhwc(c["x"]), jnp.float64)
+        run = jax.jit(lambda m, v, x: taps.forward(m, v, x, capture=names), static_argnums=0)
+        logits, acts = run(c["model"], variables, x)
+        assert _rel_err(logits, want["logits"]) <= 1e-10
+        for n in names:
+            assert _rel_err(acts[n], want["acts"][n]) <= 1e-10, n
+        # and the transform matters: without it the first layer's output differs
+        _, plain = jax.jit(
+            lambda v, x: taps.forward(c["model"].clone(transform_input=False), v, x, capture=["Conv2d_1a_3x3"])
+        )(variables, x)
+        assert _rel_err(plain["Conv2d_1a_3x3"], want["acts"]["Conv2d_1a_3x3"]) > 1e-2
+
+
 def test_densenet_train_mode_parity():
     """train=True normalises with batch statistics exactly as torch's .train() does."""
     torch = pytest.importorskip("torch")
     import torch_ref_densenet_inception as ref
-    from xaijax.checkpoints import from_torch_state_dict
 
     tm = ref.randomize_(ref.DenseNetRef(4, (2, 2), 8, 4, num_classes=5), seed=3).train()
     sd = {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()}
     model = densenet.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5, train=True)
-    variables = from_torch_state_dict(model, sd)
+    variables = _porter()(model, sd)
     x = np.random.default_rng(1).normal(size=(3, 3, 33, 33)).astype(np.float32)
     with torch.no_grad():
         want = tm(torch.from_numpy(x)).numpy()
-    got, upd = model.apply(variables, _nhwc(x), mutable=["batch_stats"])
+    got, upd = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))(variables, _nhwc(x))
     assert _rel_err(got, want) <= 1e-5
     # running means follow torch's momentum-0.1 update
     np.testing.assert_allclose(

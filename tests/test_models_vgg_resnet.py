@@ -442,26 +442,49 @@ def test_parity_input_gradient(parity):
     assert _rel_err(ours, theirs) <= _tol(parity, f32=1e-4)
 
 
-def test_batchnorm_train_mode_matches_torch(ref):
-    """train=True: batch statistics for normalisation, running means updated with momentum 0.1."""
+@pytest.fixture(scope="module")
+def train_step(ref):
+    """One train-mode forward pass (batch statistics) of a tiny ResNet in flax and torch."""
     import torch
 
     from_torch_state_dict = _porter()
-    spec = _TINY["resnet_bottleneck_tiny"]
-    fmodel, tmodel = _build_pair(ref, spec)
+    fmodel, tmodel = _build_pair(ref, _TINY["resnet_basic_tiny"])
     ref.randomize_(tmodel, seed=3)
     variables = from_torch_state_dict(fmodel, {k: v.detach().numpy() for k, v in tmodel.state_dict().items()})
     x = np.random.default_rng(4).standard_normal((3, 32, 32, 3)).astype(np.float32)
-
     out, updates = jax.jit(lambda v, x: fmodel.clone(train=True).apply(v, x, mutable=["batch_stats"]))(variables, x)
     tmodel.train()
     with torch.no_grad():
         out_t = tmodel(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
-    assert _rel_err(np.asarray(out), out_t) <= 1e-4
-    new = updates["batch_stats"]
-    for key in ("bn1", "layer1.0.bn2", "layer3.0.downsample.1"):
-        node = new
-        for part in key.split("."):
-            node = node[part]
-        mod = tmodel.get_submodule(key)
-        np.testing.assert_allclose(node["mean"], mod.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+    return dict(out=np.asarray(out), out_t=out_t, stats=updates["batch_stats"], tmodel=tmodel, old=variables["batch_stats"])
+
+
+_TRAIN_BN = ("bn1", "layer1.0.bn2", "layer3.0.downsample.1", "layer4.0.bn1")
+
+
+def _stats_at(tree, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def test_batchnorm_train_mode_matches_torch(train_step):
+    """train=True: normalisation with batch statistics; running means move with momentum 0.1."""
+    assert _rel_err(train_step["out"], train_step["out_t"]) <= 1e-4
+    for key in _TRAIN_BN:
+        new, old = _stats_at(train_step["stats"], key), _stats_at(train_step["old"], key)
+        mod = train_step["tmodel"].get_submodule(key)
+        assert not np.allclose(new["mean"], old["mean"])
+        np.testing.assert_allclose(new["mean"], mod.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="flax's BatchNorm updates the running variance with the biased batch variance, torch with "
+    "the unbiased one (factor n/(n-1)); layers.batch_norm does not correct for it yet",
+)
+def test_batchnorm_train_mode_running_var_matches_torch(train_step):
+    for key in _TRAIN_BN:
+        new = _stats_at(train_step["stats"], key)
+        mod = train_step["tmodel"].get_submodule(key)
+        np.testing.assert_allclose(new["var"], mod.running_var.numpy(), rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ Conventions: images are NHWC float32; a method is called as
 ``method(model, variables, x, target) -> (N, H, W) maps``.
 """
 
-from xaijax import checkpoints, methods, models, viz
+from xaijax import checkpoints, data, methods, models, viz
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "methods", "models", "viz", "__version__"]
+__all__ = ["checkpoints", "data", "methods", "models", "viz", "__version__"]

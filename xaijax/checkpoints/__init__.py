@@ -9,9 +9,13 @@
 """
 
 from xaijax.checkpoints.convert import detect_source, load, load_torch_weights, num_classes_of, port
-from xaijax.checkpoints.errors import CheckpointError, CheckpointFormatError, UnsafeCheckpointError
-from xaijax.checkpoints.mapping import (
+from xaijax.checkpoints.errors import (
+    CheckpointError,
+    CheckpointFormatError,
     CheckpointMismatchError,
+    UnsafeCheckpointError,
+)
+from xaijax.checkpoints.mapping import (
     from_torch_state_dict,
     guess_family,
     to_torch_state_dict,

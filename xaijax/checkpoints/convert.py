@@ -24,7 +24,8 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
-from xaijax.checkpoints.mapping import CheckpointMismatchError, from_torch_state_dict, guess_family
+from xaijax.checkpoints.errors import CheckpointMismatchError
+from xaijax.checkpoints.mapping import from_torch_state_dict, guess_family
 from xaijax.checkpoints.native import load_variables, save_variables
 from xaijax.checkpoints.torch_pickle import load_state_dict
 from xaijax.models import registry

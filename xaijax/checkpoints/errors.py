@@ -12,7 +12,7 @@ so a CLI can print ``str(err)`` and exit; no zipfile / pickle traceback is chain
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointFormatError", "UnsafeCheckpointError"]
+__all__ = ["CheckpointError", "CheckpointFormatError", "CheckpointMismatchError", "UnsafeCheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -33,3 +33,11 @@ class UnsafeCheckpointError(CheckpointError):
     def __init__(self, message: str, global_name: str = "") -> None:
         super().__init__(message)
         self.global_name = global_name
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's keys or shapes do not fit the model it is loaded into.
+
+    The message lists every missing, unexpected and mis-shaped key by name, with a hint when
+    the class count or the architecture family looks wrong.
+    """

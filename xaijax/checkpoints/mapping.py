@@ -39,11 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CheckpointMismatchError", "from_torch_state_dict", "to_torch_state_dict", "guess_family", "variable_template"]
+from xaijax.checkpoints.errors import CheckpointMismatchError
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not fit the model it is loaded into."""
-
+__all__ = ["from_torch_state_dict", "to_torch_state_dict", "guess_family", "variable_template"]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _IGNORED_PREFIXES = {"inception": ("AuxLogits.",)}
@@ -151,6 +149,7 @@ def from_torch_state_dict(
     filled: dict[tuple[str, ...], np.ndarray] = {}
     unexpected: list[str] = []
     misshaped: list[str] = []
+    seen_bad: set[tuple[str, ...]] = set()
     ignored_prefixes = _IGNORED_PREFIXES.get(family or "", ())
 
     for key, value in state_dict.items():
@@ -194,11 +193,12 @@ def from_torch_state_dict(
             continue
         want = tuple(template[dest].shape)
         if tuple(arr.shape) != want:
+            seen_bad.add(dest)
             misshaped.append(f"{key}: checkpoint {tuple(np.asarray(value).shape)} -> {tuple(arr.shape)}, model expects {want}")
             continue
         filled[dest] = arr.astype(template[dest].dtype)
 
-    missing = [".".join(p[1:-1]) + "." + _torch_leaf(p) for p in template if p not in filled]
+    missing = [".".join(p[1:-1]) + "." + _torch_leaf(p) for p in template if p not in filled and p not in seen_bad]
     if missing or misshaped or (strict and unexpected):
         raise CheckpointMismatchError(_mismatch_message(model, family, state_dict, missing, unexpected, misshaped))
     return jax.tree_util.tree_map(jnp.asarray, _unflat(filled))

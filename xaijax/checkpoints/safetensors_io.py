@@ -114,7 +114,7 @@ def _as_array(key: str, value: Any) -> np.ndarray:
         raise ValueError(f"tensor {key!r}: cannot convert {type(value).__name__} to an array ({e})") from None
     if arr.dtype.kind not in "biufc" and arr.dtype not in _ML_DTYPES.values():
         raise ValueError(f"tensor {key!r} has dtype {arr.dtype}; only numeric arrays can be saved")
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else np.array(arr, order="C")  # keeps 0-d arrays 0-d
 
 
 def save_safetensors(path: str | os.PathLike, flat: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -374,7 +375,7 @@ def _make_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
     if len(size) != len(stride):
         raise _Bad(f"tensor size {size} and stride {stride} differ in length")
     capacity = storage.nbytes // dtype.itemsize
-    numel = int(np.prod(size, dtype=object)) if size else 1
+    numel = math.prod(size)
     if numel > 0:
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= capacity:
@@ -501,7 +502,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
     ("builtins", "bytearray"): bytearray,
-    ("builtins", "slice"): slice,
 }
 
 _STORAGE_MARKERS = {name: _StorageType(name, dt) for name, dt in _STORAGE_DTYPES.items()}
@@ -664,8 +664,12 @@ def _load_legacy(f: IO[bytes], name: str) -> Any:
     first = f.read(1)
     f.seek(0)
     if first != b"\x80":
+        head = f.read(16)
+        f.seek(0)
+        hint = " (it looks like a .safetensors file: use load_safetensors)" if head[8:10] == b'{"' else ""
         raise CheckpointFormatError(
-            f"cannot read '{name}': not a PyTorch checkpoint (neither a zip archive nor a legacy torch.save stream)"
+            f"cannot read '{name}': not a PyTorch checkpoint (neither a zip archive nor a legacy "
+            f"torch.save stream){hint}"
         )
     magic = _SafeUnpickler(f, name, None).load()
     if magic != LEGACY_MAGIC_NUMBER:
@@ -791,8 +795,8 @@ def find_state_dict(obj: Any, key: str | None = None, *, source: str = "checkpoi
 
     Without ``key``: ``obj`` itself if it is a non-empty dict of arrays with string keys;
     otherwise the first of :data:`STATE_DICT_WRAPPER_KEYS` present (``{"state_dict": ...}``,
-    ``{"model": ...}``, ...), or the only value that is a dict of arrays; searched up to four
-    levels deep. With ``key`` (``"model"`` or a ``/``-separated path ``"ema/state_dict"``) that
+    ``{"model": ...}``, ...), else the only value that is a dict of arrays, else the only value
+    that is a dict; searched up to four levels deep. With ``key`` (``"model"`` or a ``/``-separated path ``"ema/state_dict"``) that
     entry is taken.
 
     Raises:
@@ -814,9 +818,10 @@ def find_state_dict(obj: Any, key: str | None = None, *, source: str = "checkpoi
         if not isinstance(cur, Mapping):
             break
         nxt = next((cur[k] for k in STATE_DICT_WRAPPER_KEYS if k in cur and isinstance(cur[k], Mapping)), None)
-        if nxt is None:
+        if nxt is None:  # else the only dict of tensors, else the only dict at all
             tensor_dicts = [v for v in cur.values() if _is_tensor_dict(v)]
-            nxt = tensor_dicts[0] if len(tensor_dicts) == 1 else None
+            dicts = [v for v in cur.values() if isinstance(v, Mapping)]
+            nxt = tensor_dicts[0] if len(tensor_dicts) == 1 else dicts[0] if len(dicts) == 1 else None
         if nxt is None:
             break
         cur = nxt

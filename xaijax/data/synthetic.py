@@ -67,8 +67,9 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -164,7 +165,7 @@ def _polygon_sdf(u: np.ndarray, v: np.ndarray, verts: np.ndarray) -> np.ndarray:
     ex, ey = e[:, 0, None, None], e[:, 1, None, None]
     wx, wy = u[None] - ax, v[None] - ay  # (E, h, w)
     inv_len2 = (1.0 / np.maximum((e * e).sum(1), 1e-12)).astype(_F)[:, None, None]
-    t = np.clip((wx * ex + wy * ey) * inv_len2, 0.0, 1.0)
+    t = _clip01((wx * ex + wy * ey) * inv_len2)
     dx = wx - t * ex
     dy = wy - t * ey
     dist = np.sqrt(np.min(dx * dx + dy * dy, axis=0))
@@ -193,13 +194,17 @@ def _shape_sdf(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _segments_dist(x: np.ndarray, y: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Distance from points (x, y) to the polyline through ``pts`` (P, 2) (P >= 2)."""
-    a = pts[:-1].astype(_F)
-    e = (pts[1:] - pts[:-1]).astype(_F)
-    wx, wy = x[..., None] - a[:, 0], y[..., None] - a[:, 1]
-    t = np.clip((wx * e[:, 0] + wy * e[:, 1]) / np.maximum((e * e).sum(1), 1e-12), 0.0, 1.0)
-    dx, dy = wx - t * e[:, 0], wy - t * e[:, 1]
-    return np.sqrt(np.min(dx * dx + dy * dy, axis=-1))
+    """Distance from points (x, y) (broadcasting to (h, w)) to the polyline through ``pts`` (P, 2)."""
+    x, y = np.broadcast_arrays(np.asarray(x, _F), np.asarray(y, _F))
+    a = np.asarray(pts[:-1], _F)
+    e = np.asarray(pts[1:], _F) - a
+    ex, ey = e[:, 0, None, None], e[:, 1, None, None]
+    wx, wy = x[None] - a[:, 0, None, None], y[None] - a[:, 1, None, None]
+    inv_len2 = (1.0 / np.maximum((e * e).sum(1), 1e-12)).astype(_F)[:, None, None]
+    t = _clip01((wx * ex + wy * ey) * inv_len2)
+    dx = wx - t * ex
+    dy = wy - t * ey
+    return np.sqrt(np.min(dx * dx + dy * dy, axis=0))
 
 
 def _window(x_lo: float, x_hi: float, y_lo: float, y_hi: float, size: int):
@@ -220,7 +225,7 @@ def _window(x_lo: float, x_hi: float, y_lo: float, y_hi: float, size: int):
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Vectorised HSV -> RGB; h in turns [0, 1), s, v in [0, 1]; returns (..., 3) float32."""
-    if np.ndim(h) == 0 and np.ndim(s) == 0 and np.ndim(v) == 0:
+    if isinstance(h, float) and isinstance(s, float) and isinstance(v, float):  # incl. np.float64
         return np.array(colorsys.hsv_to_rgb(float(h) % 1.0, float(s), float(v)), _F)
     h, s, v = (np.asarray(z, np.float64) for z in (h, s, v))
     h6 = (h % 1.0) * 6.0
@@ -231,21 +236,54 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.choose(i[..., None], choices).astype(_F)
 
 
+def _clip01(x: np.ndarray) -> np.ndarray:
+    """clip(x, 0, 1) in place (cheaper than np.clip for the many small arrays here)."""
+    np.maximum(x, 0.0, out=x)
+    return np.minimum(x, 1.0, out=x)
+
+
 def _composite(img: np.ndarray, win, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """In place: img[win] = img[win] * (1 - alpha) + colour * alpha (alpha (h, w), colour (h, w, 3) or (3,))."""
+    """In place ``img[win] = img[win] * (1 - alpha) + colour * alpha``.
+
+    ``alpha`` is (h, w); ``colour`` is (h, w, 3) or (3,).
+    """
     view = img[win]
     view += (colour - view) * alpha[..., None]
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) linear-interpolation weights from a coarse grid spanning the image."""
-    pos = (np.arange(n_out) + 0.5) / n_out * (n_in - 1)
-    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in))
-    m[np.arange(n_out), lo] = 1 - frac
-    m[np.arange(n_out), lo + 1] = frac
-    return m.astype(_F)
+@functools.lru_cache(maxsize=64)
+def _linear_taps(n_out: int, n_in: int, nodes_span_image: bool):
+    """Indices and weights of 1-D linear interpolation from ``n_in`` to ``n_out`` samples.
+
+    ``nodes_span_image``: the ``n_in`` samples are grid nodes spread from the first to the
+    last output pixel centre (smooth random fields); otherwise both are pixel rasters with
+    aligned centres and clamped edges (bilinear resize). Returns ``(lo, hi, frac)`` with
+    ``out = x[lo] * (1 - frac) + x[hi] * frac``; frac is (n_out, 1, 1) float32.
+    """
+    if nodes_span_image:
+        pos = (np.arange(n_out) + 0.5) / n_out * (n_in - 1)
+    else:
+        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    lo = np.clip(np.floor(pos).astype(np.intp), 0, n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (pos - lo).astype(_F)[:, None, None]
+    for arr in (lo, hi, frac):
+        arr.flags.writeable = False
+    return lo, hi, frac
+
+
+def _resize(x: np.ndarray, n_out: int, nodes_span_image: bool) -> np.ndarray:
+    """Separable linear resize of (h, h, c) ``x`` to (n_out, n_out, c) float32.
+
+    Written with gathers and elementwise arithmetic on purpose: BLAS matmuls this small run
+    slower than this, and much slower when a threaded BLAS competes with other processes.
+    """
+    lo, hi, frac = _linear_taps(n_out, x.shape[0], nodes_span_image)
+    y = x[lo] + (x[hi] - x[lo]) * frac  # rows
+    y = y.transpose(1, 0, 2)
+    lo, hi, frac = _linear_taps(n_out, x.shape[1], nodes_span_image)
+    z = y[lo] + (y[hi] - y[lo]) * frac  # columns
+    return np.ascontiguousarray(z.transpose(1, 0, 2), dtype=_F)
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -342,7 +380,9 @@ class SyntheticScenes:
         if not 0.0 <= self.difficult_area < 1.0:
             raise ValueError(f"difficult_area: expected a fraction in [0, 1), got {self.difficult_area!r}")
         if not 0.0 <= self.difficult_visible <= 1.0:
-            raise ValueError(f"difficult_visible: expected a fraction in [0, 1], got {self.difficult_visible!r}")
+            raise ValueError(
+                f"difficult_visible: expected a fraction in [0, 1], got {self.difficult_visible!r}"
+            )
         if not 0.0 <= self.min_visible_fraction <= 1.0:
             raise ValueError(
                 f"min_visible_fraction: expected a fraction in [0, 1], got {self.min_visible_fraction!r}"
@@ -486,7 +526,9 @@ class SyntheticScenes:
             full.append(m)
             vis.append(m.copy())
             specs.append(
-                ObjectSpec(label, (float(cx), float(cy)), float(radius), float(angle), aspect, rgb, style.texture)
+                ObjectSpec(
+                    label, (float(cx), float(cy)), float(radius), float(angle), aspect, rgb, style.texture
+                )
             )
 
         sigma = rng.uniform(0.01, 0.035)  # uniform noise with this standard deviation
@@ -498,8 +540,8 @@ class SyntheticScenes:
         full_masks = np.stack(full) if k else np.zeros((0, size, size), bool)
         labels = np.array([s.label for s in specs], np.int32)
         boxes = np.stack([mask_to_box(mm) for mm in vis]) if k else np.zeros((0, 4), _F)
-        a_vis = masks.reshape(k, -1).sum(1).astype(np.float64)
-        a_full = full_masks.reshape(k, -1).sum(1).astype(np.float64)
+        a_vis = masks.reshape(k, size * size).sum(1).astype(np.float64)
+        a_full = full_masks.reshape(k, size * size).sum(1).astype(np.float64)
         difficult = (a_vis < self.difficult_area * size * size) | (a_vis < self.difficult_visible * a_full)
         record = Record(
             image=img, labels=labels, boxes=boxes, masks=masks, difficult=difficult, image_id=image_id
@@ -507,45 +549,46 @@ class SyntheticScenes:
         return Scene(record=record, full_masks=full_masks, objects=tuple(specs))
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
+        """(size, size, 3) float32 background; the smooth layers are drawn at half resolution."""
         size = self.size
+        hs = (size + 1) // 2  # half-resolution canvas for the smooth layers
+        f = hs / size  # full-resolution pixels -> half-resolution pixels
         # low-frequency colour gradient from a 4x4 grid of muted colours
         g = 4
         grid = _hsv_to_rgb(
             rng.uniform(0, 1, (g, g)), rng.uniform(0.05, 0.4, (g, g)), rng.uniform(0.3, 0.85, (g, g))
         )
-        interp = _interp_matrix(size, g)
-        img = np.stack([interp @ grid[:, :, ch] @ interp.T for ch in range(3)], axis=-1)
+        half = _resize(grid, hs, nodes_span_image=True)
         # mid-frequency luminance texture
         g2 = 12
-        tex = rng.normal(0.0, 0.05, (g2, g2)).astype(_F)
-        interp2 = _interp_matrix(size, g2)
-        img += (interp2 @ tex @ interp2.T)[..., None]
+        tex = rng.normal(0.0, 0.05, (g2, g2, 1)).astype(_F)
+        half += _resize(tex, hs, nodes_span_image=True)
         # soft blobs
         for _ in range(int(rng.integers(2, 7))):
-            cx, cy = rng.uniform(0, size, 2)
-            rx, ry = rng.uniform(0.03, 0.22, 2) * size
-            ang = rng.uniform(0, math.pi)
-            soft = rng.uniform(1.5, 4.0)
+            cx, cy = (rng.uniform(0, size, 2) * f).tolist()
+            rx, ry = (rng.uniform(0.03, 0.22, 2) * size * f).tolist()
+            ang = float(rng.uniform(0, math.pi))
+            soft = float(rng.uniform(2.0, 5.0)) * f
             rgb = _hsv_to_rgb(rng.uniform(), rng.uniform(0.05, 0.45), rng.uniform(0.2, 0.9))
-            opacity = rng.uniform(0.3, 0.75)
+            opacity = float(rng.uniform(0.3, 0.75))
             rmax = max(rx, ry) + soft
-            w = _window(cx - rmax, cx + rmax, cy - rmax, cy + rmax, size)
+            w = _window(cx - rmax, cx + rmax, cy - rmax, cy + rmax, hs)
             if w is None:
                 continue
             win, xs, ys = w
             dx, dy = xs - cx, ys - cy
             c, s = math.cos(ang), math.sin(ang)
-            q = np.sqrt(((c * dx + s * dy) / rx) ** 2 + ((-s * dx + c * dy) / ry) ** 2)
-            sdf = (q - 1.0) * min(rx, ry)
-            alpha = np.clip(0.5 - sdf / soft, 0.0, 1.0) * _F(opacity)
-            _composite(img, win, alpha, rgb)
+            q = np.sqrt(((c * dx + s * dy) * (1.0 / rx)) ** 2 + ((c * dy - s * dx) * (1.0 / ry)) ** 2)
+            alpha = _clip01(0.5 - (q - 1.0) * (min(rx, ry) / soft)) * opacity
+            _composite(half, win, alpha, rgb)
+        img = _resize(half, size, nodes_span_image=False)
         # thin lines
         for _ in range(int(rng.integers(2, 8))):
             p0 = rng.uniform(-0.1, 1.1, 2) * size
             p1 = p0 + rng.normal(0, 0.35, 2) * size
-            width = rng.uniform(0.6, 2.0)
+            width = float(rng.uniform(0.6, 2.0))
             rgb = _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.4), rng.uniform(0.1, 0.95))
-            opacity = rng.uniform(0.5, 0.9)
+            opacity = float(rng.uniform(0.5, 0.9))
             self._draw_polyline(img, np.stack([p0, p1]), width, rgb, opacity)
         return img
 
@@ -554,14 +597,17 @@ class SyntheticScenes:
     ) -> None:
         pad = width + 1.0
         w = _window(
-            pts[:, 0].min() - pad, pts[:, 0].max() + pad, pts[:, 1].min() - pad, pts[:, 1].max() + pad, self.size
+            float(pts[:, 0].min()) - pad,
+            float(pts[:, 0].max()) + pad,
+            float(pts[:, 1].min()) - pad,
+            float(pts[:, 1].max()) + pad,
+            self.size,
         )
         if w is None:
             return
         win, xs, ys = w
-        xs, ys = np.broadcast_arrays(xs, ys)
         d = _segments_dist(xs, ys, pts)
-        alpha = np.clip(0.5 * width - d + 0.5, 0.0, 1.0) * _F(opacity)
+        alpha = _clip01((0.5 * width + 0.5) - d) * opacity
         _composite(img, win, alpha, rgb)
 
     def _draw_distractor(self, rng: np.random.Generator, img: np.ndarray) -> None:
@@ -571,24 +617,24 @@ class SyntheticScenes:
             n = int(rng.integers(5, 10))
             ang = np.sort(rng.uniform(0, 2 * math.pi, n))
             rad = rng.uniform(0.35, 1.0, n)
-            radius = 0.5 * rng.uniform(0.08, 0.32) * size
-            cx, cy = rng.uniform(0, size, 2)
+            radius = 0.5 * float(rng.uniform(0.08, 0.32)) * size
+            cx, cy = rng.uniform(0, size, 2).tolist()
             verts = np.stack([cx + radius * rad * np.cos(ang), cy + radius * rad * np.sin(ang)], 1)
             w = _window(cx - radius, cx + radius, cy - radius, cy + radius, size)
             if w is None:
                 return
             win, xs, ys = w
-            xs, ys = np.broadcast_arrays(xs, ys)
-            sdf = _polygon_sdf(xs, ys, verts)
-            alpha = np.clip(0.5 - sdf, 0.0, 1.0)
+            sdf = _polygon_sdf(xs, ys, verts.astype(_F))
+            alpha = _clip01(0.5 - sdf)
             _composite(img, win, alpha, rgb)
         else:  # scribble
             n = int(rng.integers(3, 7))
             steps = rng.normal(0, 1, (n - 1, 2))
-            steps *= (rng.uniform(0.05, 0.2, (n - 1, 1)) * size) / np.linalg.norm(steps, axis=1, keepdims=True)
+            lengths = rng.uniform(0.05, 0.2, (n - 1, 1)) * size
+            steps *= lengths / np.maximum(np.linalg.norm(steps, axis=1, keepdims=True), 1e-9)
             p0 = rng.uniform(0.1, 0.9, 2) * size
             pts = np.concatenate([p0[None], p0 + np.cumsum(steps, 0)], 0)
-            self._draw_polyline(img, pts, rng.uniform(1.0, 2.5), rgb, 1.0)
+            self._draw_polyline(img, pts, float(rng.uniform(1.0, 2.5)), rgb, 1.0)
 
     def _object_geometry(
         self, shape: str, cx: float, cy: float, radius: float, angle: float, aspect: tuple[float, float]
@@ -633,16 +679,16 @@ class SyntheticScenes:
         px = u * _F(radius * aspect[0] / period) + _F(phase[0])
         py = v * _F(radius * aspect[1] / period) + _F(phase[1])
         if style.texture == "stripes":
-            t = np.clip(0.5 + np.sin(2 * np.pi * px) * _F(period / (2 * np.pi)), 0.0, 1.0)
+            t = _clip01(0.5 + np.sin(2 * np.pi * px) * _F(period / (2 * np.pi)))
         elif style.texture == "checker":
-            t = np.clip(0.5 + np.sin(np.pi * px) * np.sin(np.pi * py) * _F(period / 3.0), 0.0, 1.0)
+            t = _clip01(0.5 + np.sin(np.pi * px) * np.sin(np.pi * py) * _F(period / 3.0))
         elif style.texture == "dots":
             d = np.sqrt((px - np.round(px)) ** 2 + (py - np.round(py)) ** 2) * _F(period)
-            t = np.clip(0.28 * period - d + 0.5, 0.0, 1.0)
+            t = _clip01(0.28 * period - d + 0.5)
         else:
             t = np.zeros_like(u)
         shade = 1.0 + 0.12 * (math.cos(light) * u + math.sin(light) * v)
         colour = (primary * (1 - t[..., None]) + secondary * t[..., None]) * shade[..., None]
-        alpha = np.clip(0.5 - sdf, 0.0, 1.0)
+        alpha = _clip01(0.5 - sdf)
         _composite(img, win, alpha, colour.astype(_F))
         return tuple(float(x) for x in primary)
