@@ -208,7 +208,7 @@ def _torch_full_size(ref, name: str):
         return ref.TorchResNet(block, layers_)
 
 
-@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn", "vgg11", "resnet18", "resnet50", "resnet101"])
+@pytest.mark.parametrize("name", ["vgg16", "vgg16_bn", "vgg11", "resnet18", "resnet50"])
 def test_param_shapes_equal_torchvision_layout(ref, name):
     sd = _torch_full_size(ref, name).state_dict()
     got = _flat_shapes(_abstract_variables(registry.get(name)))
@@ -298,7 +298,8 @@ def test_adaptive_avgpool_matches_torch(ref, out_size, hw):
 
 # (d) parity with random torch weights ------------------------------------------------------
 
-# name -> (flax model, torch constructor args, input HxW, captured layers)
+# case -> model knobs (shared by the flax model and the torch reference), input H, W (odd sizes
+# included), layers whose outputs are compared, and the precisions it is checked in.
 _TINY: dict[str, dict[str, Any]] = {
     # 80 px -> 2x2 features -> adaptive pool to 7x7 (non-uniform bins); exercises the C,H,W
     # flatten permutation of classifier.0 with spatially distinct features.
