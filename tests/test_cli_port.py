@@ -107,13 +107,11 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, images, capsys):
     # a native file built from a tiny configuration, then a non-image input
     import json
 
-    import jax
-
     from xaijax import checkpoints, models
 
     kw = {"num_classes": 7, "width": 8, "layers": [1, 1, 1, 1]}
     model = models.get("resnet50", **kw)
-    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    variables = models.random_variables(model, (1, 32, 32, 3))
     ok = tmp_path / "ok.safetensors"
     checkpoints.save_variables(ok, variables, metadata={"arch": "resnet50", "model_kwargs": json.dumps(kw)})
     txt = tmp_path / "notes.txt"

@@ -143,3 +143,16 @@ def test_model_registry_errors():
     assert {"vgg16", "resnet50", "densenet121", "inception_v3"} <= set(models.names())
     assert models.spec("vgg16").cam_layer == "features.29"
     assert models.spec("resnet50").cam_layer == "layer4"
+
+
+def test_random_variables_he_normal_and_deterministic():
+    model = models.get("resnet18", num_classes=3, width=8)
+    v = models.random_variables(model, (1, 32, 32, 3), seed=4)
+    k = np.asarray(v["params"]["layer3"]["0"]["conv2"]["kernel"])  # 3x3x32x32: fan_in 288
+    assert k.shape == (3, 3, 32, 32)
+    assert abs(k.std() - np.sqrt(2 / 288)) < 0.01
+    np.testing.assert_array_equal(v["batch_stats"]["bn1"]["var"], np.ones(8))
+    np.testing.assert_array_equal(v["params"]["fc"]["bias"], np.zeros(3))
+    w = models.random_variables(model, (1, 32, 32, 3), seed=4)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, v, w)
+    assert jax.jit(model.apply)(v, jnp.ones((2, 32, 32, 3))).shape == (2, 3)

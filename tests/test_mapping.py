@@ -17,7 +17,7 @@ TINY_RESNET = {"num_classes": 4, "width": 8, "layers": [1, 1, 1, 1]}
 def _init(arch: str, kw: dict, size: int = 32):
     model = models.get(arch, **kw)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    v = jax.jit(model.init)(jax.random.key(1), x)
+    v = models.random_variables(model, x.shape, seed=1)
     # random BN statistics so that a dropped/misplaced buffer would show
     rng = np.random.default_rng(0)
     v = jax.tree_util.tree_map_with_path(

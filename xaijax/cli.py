@@ -6,6 +6,7 @@ Subcommands::
     xaijax methods                     list attribution methods
     xaijax port --arch A IN.pth OUT    torch checkpoint -> .safetensors / .msgpack
     xaijax predict --arch A --weights W IMAGE...     top-5 classes
+    xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
 
 Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
@@ -87,6 +88,22 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             print(f"  {i:5d}  {pr[i]:.4f}  {lg[i]:9.4f}  {names[i]}")
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from xaijax.demo import run_demo
+
+    images = args.images if args.images is not None else (12 if args.quick else 100)
+    names = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    if names:
+        from xaijax import methods
+
+        for n in names:
+            methods.get(n)  # readable error for unknown names before any work
+    result = run_demo(args.out, images, method_names=names, batch=args.batch)
+    d = result["dataset"]
+    print(f"{d['images']} images, {d['pairs']} pairs; wrote {args.out}/results.md, results.csv, results.json, figure.png")
+    print((args.out / "results.md").read_text())
+
+
 def _cmd_example(args: argparse.Namespace) -> None:
     from xaijax.example import run_example
 
@@ -133,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+")
     s.set_defaults(func=_cmd_predict)
 
+    s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
+    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 100; 12 with --quick)")
+    s.add_argument("--quick", action="store_true", help="a fast run (about a minute on a laptop CPU)")
+    s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
+    s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
+    s.add_argument("--out", type=_writable_dir, default="results/demo")
+    s.set_defaults(func=_cmd_demo)
+
     s = sub.add_parser("example", help="end-to-end example: model, weights, predict, explain, PNG")
     s.add_argument("--out", type=_writable_dir, default="results/example")
     s.set_defaults(func=_cmd_example)
@@ -146,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, NotImplementedError, ValueError, TypeError) as e:
+    except (UserError, OSError, NotImplementedError, ValueError, TypeError) as e:
         if os.environ.get("XAIJAX_DEBUG"):
             raise
         msg = str(e).strip() or type(e).__name__

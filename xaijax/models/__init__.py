@@ -10,6 +10,7 @@ from xaijax.models import densenet, inception, resnet, vgg  # noqa: F401  (regis
 from xaijax.models import layers, preprocess, taps
 from xaijax.models.densenet import DenseNet
 from xaijax.models.inception import Inception3
+from xaijax.models.init import random_variables
 from xaijax.models.registry import ArchSpec, get, names, register, spec
 from xaijax.models.resnet import ResNet
 from xaijax.models.vgg import VGG
@@ -24,6 +25,7 @@ __all__ = [
     "layers",
     "names",
     "preprocess",
+    "random_variables",
     "register",
     "spec",
     "taps",

@@ -95,6 +95,7 @@ class VGGFeatures(nn.Module):
       cfg: channel counts of the 3x3 convolutions with "M" for a 2x2/stride-2 max-pool.
       batch_norm: insert a BatchNorm (eps 1e-5) after every convolution.
       width: channel multiplier; each count ``c`` becomes ``max(1, int(c * width))``.
+      ceil_mode: PyTorch's ``ceil_mode`` for the max-pools (TorchRay's Caffe-converted VGG16).
       train: BatchNorm uses batch statistics when True.
 
     Input NHWC (N, H, W, C_in); output NHWC (N, H / 2**pools, W / 2**pools, C_last).
@@ -103,6 +104,7 @@ class VGGFeatures(nn.Module):
     cfg: tuple[CfgEntry, ...] = CFGS["D"]
     batch_norm: bool = False
     width: float = 1.0
+    ceil_mode: bool = False
     train: bool = False
 
     @nn.compact
@@ -110,7 +112,7 @@ class VGGFeatures(nn.Module):
         idx = 0
         for v in self.cfg:
             if v == "M":
-                x = layers.MaxPool2d(2, 2, name=str(idx))(x)
+                x = layers.MaxPool2d(2, 2, ceil_mode=self.ceil_mode, name=str(idx))(x)
                 idx += 1
                 continue
             x = layers.conv(scaled_channels(int(v), self.width), 3, 1, 1, name=str(idx))(x)
@@ -157,6 +159,7 @@ class VGG(nn.Module):
       pool_size: side of the adaptive average pool before the classifier (7); the
         classifier's input size is ``pool_size**2 * C_last``.
       dropout: dropout rate of the classifier (active only when ``train``).
+      ceil_mode: ceil-mode max-pooling (TorchRay's Caffe-converted VGG16 checkpoints).
       train: BatchNorm batch statistics (``mutable=["batch_stats"]``) and active dropout
         (needs a ``dropout`` rng).
 
@@ -171,6 +174,7 @@ class VGG(nn.Module):
     hidden: int = 4096
     pool_size: int = 7
     dropout: float = 0.5
+    ceil_mode: bool = False
     train: bool = False
 
     @nn.compact
@@ -191,7 +195,7 @@ class VGG(nn.Module):
                 f"VGG with {min_side.bit_length() - 1} poolings needs inputs of at least "
                 f"{min_side}x{min_side} pixels, got {x.shape[1]}x{x.shape[2]} (input shape {x.shape}, NHWC)"
             )
-        x = VGGFeatures(self.cfg, self.batch_norm, self.width, self.train, name="features")(x)
+        x = VGGFeatures(self.cfg, self.batch_norm, self.width, self.ceil_mode, self.train, name="features")(x)
         x = layers.AdaptiveAvgPool2d(self.pool_size, name="avgpool")(x)
         x = layers.Flatten(name="flatten")(x)
         return VGGClassifier(self.num_classes, self.hidden, self.dropout, self.train, name="classifier")(x)

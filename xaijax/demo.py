@@ -1,0 +1,283 @@
+"""``xaijax demo``: every registered method x every registered metric x both bundled
+classifiers, on the held-out split of the synthetic benchmark, offline on a CPU.
+
+For each test image and each class present in it (classes whose every instance is marked
+difficult are skipped, as in VOC), the method explains that class; the map is scored
+against the class's ground-truth region (union of its visible instance masks). Pointing
+game pairs whose class covers < 1/4 of the image while another class is present form the
+DIF subset. Results go to ``OUT/results.{md,csv,json}`` and ``OUT/figure.png`` (image with
+ground truth, then each method's map, for a few images and both models), each written
+atomically: an interrupted run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xaijax import checkpoints, data, metrics
+from xaijax import methods as methods_registry
+from xaijax.models.preprocess import normalize
+
+__all__ = ["BUNDLED_CLASSIFIERS", "weights_dir", "build_pairs", "run_demo"]
+
+BUNDLED_CLASSIFIERS = ("synthetic_vgg16.safetensors", "synthetic_resnet18.safetensors")
+
+
+def weights_dir() -> Path:
+    """The bundled ``weights/`` folder (override with ``XAIJAX_WEIGHTS``)."""
+    env = os.environ.get("XAIJAX_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """(image, class) pairs of a list of records: indices, classes, regions, DIF flags."""
+
+    image_index: np.ndarray  # (P,) int
+    classes: np.ndarray  # (P,) int
+    regions: np.ndarray  # (P, H, W) bool
+    dif: np.ndarray  # (P,) bool
+
+
+def build_pairs(records: Sequence[data.Record]) -> Pairs:
+    """Every (image, present class) pair, skipping classes whose instances are all difficult."""
+    idx, cls, regions, dif = [], [], [], []
+    for i, r in enumerate(records):
+        present = data.present_classes(r, include_difficult=False)
+        n_present = len(data.present_classes(r, include_difficult=True))
+        for c in present:
+            region = data.class_mask(r, int(c), include_difficult=True)
+            idx.append(i)
+            cls.append(int(c))
+            regions.append(region)
+            dif.append(metrics.is_difficult_pair(region.mean(), n_present))
+    h, w = records[0].image.shape[:2]
+    return Pairs(
+        np.asarray(idx, np.int64),
+        np.asarray(cls, np.int64),
+        np.stack(regions) if regions else np.zeros((0, h, w), bool),
+        np.asarray(dif, bool),
+    )
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _explain_fn(method: Callable[..., jax.Array], model: Any) -> Callable[..., jax.Array]:
+    return jax.jit(lambda v, x, t: method(model, v, x, t))
+
+
+def _run_method(explain, variables, x_all, pairs: Pairs, batch: int, on_batch: Callable[[], None]) -> np.ndarray:
+    """Maps for every pair, in fixed-size batches (the last one padded) so jit compiles once."""
+    maps = []
+    p = len(pairs.classes)
+    for s in range(0, p, batch):
+        sl = slice(s, min(s + batch, p))
+        ii, cc = pairs.image_index[sl], pairs.classes[sl]
+        pad = batch - len(ii)
+        if pad:
+            ii = np.concatenate([ii, np.repeat(ii[-1:], pad)])
+            cc = np.concatenate([cc, np.repeat(cc[-1:], pad)])
+        m = explain(variables, x_all[ii], jnp.asarray(cc))
+        maps.append(np.asarray(m)[: batch - pad])
+        on_batch()
+    return np.concatenate(maps) if maps else np.zeros((0,) + x_all.shape[1:3], np.float32)
+
+
+def run_demo(
+    out: Path,
+    images: int = 100,
+    *,
+    method_names: Sequence[str] | None = None,
+    batch: int = 16,
+    figure_images: int = 4,
+    weights: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo; returns the results dict that is also written to ``out/results.json``."""
+    from tqdm import tqdm
+
+    if images < 1:
+        raise ValueError(f"--images must be at least 1; got {images}")
+    wdir = Path(weights) if weights is not None else weights_dir()
+    paths = [wdir / f for f in BUNDLED_CLASSIFIERS]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"bundled weights file missing: {p} (run from a clone of the repository, or set XAIJAX_WEIGHTS)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"output directory {out} is not writable")
+
+    names = list(method_names) if method_names else methods_registry.names()
+    metric_names = metrics.names()
+    scenes = data.SyntheticScenes()
+    records = [scenes.record("test", i) for i in range(images)]
+    pairs = build_pairs(records)
+    imgs = np.stack([r.image for r in records])
+    num_classes = len(scenes.class_names)
+
+    loaded = []
+    for p in paths:
+        model, variables, info = checkpoints.load(None, p)
+        meta = checkpoints.load_variables(p)[1]
+        loaded.append((p.stem, model, variables, meta.get("preprocess", "torchvision")))
+
+    steps = len(loaded) * len(names) * max(1, -(-len(pairs.classes) // batch))
+    bar = tqdm(total=steps, desc="demo", unit="batch", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    figure_maps: dict[tuple[str, str], np.ndarray] = {}
+    fig_pairs = _figure_pairs(pairs, figure_images)
+    try:
+        for model_name, model, variables, convention in loaded:
+            x_all = normalize(jnp.asarray(imgs), convention)
+            for name in names:
+                bar.set_postfix_str(f"{model_name}: {name}")
+                row: dict[str, Any] = {"model": model_name, "method": name}
+                try:
+                    explain = _explain_fn(methods_registry.get(name), model)
+                    t0 = time.perf_counter()
+                    maps = _run_method(explain, variables, x_all, pairs, batch, lambda: bar.update(1))
+                    row["seconds_per_map"] = round((time.perf_counter() - t0) / max(1, len(maps)), 5)
+                except NotImplementedError as e:
+                    row["error"] = f"not defined: {e}"
+                    bar.update(max(1, -(-len(pairs.classes) // batch)))
+                    rows.append(row)
+                    continue
+                pb = metrics.PairBatch(maps=maps, regions=pairs.regions, classes=pairs.classes, dif=pairs.dif)
+                for mname in metric_names:
+                    metric = metrics.get(mname)
+                    row.update(metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
+                figure_maps[(model_name, name)] = maps[fig_pairs]
+                rows.append(row)
+    finally:
+        bar.close()
+
+    result = {
+        "dataset": {"name": "synthetic", "split": "test", "images": images, "pairs": int(len(pairs.classes)),
+                    "dif_pairs": int(pairs.dif.sum()), "seed": scenes.seed},
+        "models": [m[0] for m in loaded],
+        "methods": names,
+        "metrics": metric_names,
+        "rows": rows,
+    }
+    _write_tables(out, result)
+    _write_figure(out / "figure.png", imgs, records, pairs, fig_pairs, figure_maps, [m[0] for m in loaded], names, scenes.class_names)
+    return result
+
+
+def _figure_pairs(pairs: Pairs, n: int) -> np.ndarray:
+    """The first pair of each of the first ``n`` images."""
+    firsts = []
+    seen: set[int] = set()
+    for k, i in enumerate(pairs.image_index):
+        if int(i) not in seen:
+            seen.add(int(i))
+            firsts.append(k)
+        if len(firsts) == n:
+            break
+    return np.asarray(firsts, np.int64)
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    return cols
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def _write_tables(out: Path, result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    cols = _columns(rows)
+    _atomic_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_text(out / "results.csv", buf.getvalue())
+    d = result["dataset"]
+    lines = [
+        "# xaijax demo — synthetic benchmark",
+        "",
+        f"Split `{d['split']}`, {d['images']} images, {d['pairs']} (image, class) pairs ({d['dif_pairs']} in DIF), "
+        f"data seed {d['seed']}. Pointing game: TorchRay protocol (15 px, per-class mean). "
+        "mIoU: maps binarised at > 0 (positive) and > mean.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    _atomic_text(out / "results.md", "\n".join(lines) + "\n")
+
+
+def _write_figure(path, imgs, records, pairs, fig_pairs, figure_maps, model_names, method_names, class_names) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xaijax.viz import heatmap
+
+    shown = [m for m in method_names if any((mn, m) in figure_maps for mn in model_names)]
+    n_rows = len(model_names) * len(fig_pairs)
+    n_cols = 1 + len(shown)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.7 * n_rows), squeeze=False)
+    for mi, model_name in enumerate(model_names):
+        for pi, k in enumerate(fig_pairs):
+            r = mi * len(fig_pairs) + pi
+            i, c = int(pairs.image_index[k]), int(pairs.classes[k])
+            ax = axes[r, 0]
+            ax.imshow(imgs[i])
+            ax.contour(pairs.regions[k], levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_ylabel(f"{model_name.replace('synthetic_', '')}\n{class_names[c]}", fontsize=7)
+            if r == 0:
+                ax.set_title("image + GT", fontsize=7)
+            for j, name in enumerate(shown):
+                ax = axes[r, j + 1]
+                m = figure_maps.get((model_name, name))
+                if m is not None:
+                    ax.imshow(0.35 * imgs[i] + 0.65 * heatmap(m[pi]))
+                    ax.contour(pairs.regions[k], levels=[0.5], colors="white", linewidths=0.5)
+                if r == 0:
+                    ax.set_title(name, fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
