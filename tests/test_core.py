@@ -77,6 +77,10 @@ def test_targets_and_registry_errors():
         methods.as_seed(jnp.array([0, 7]), 5, 2)
     with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
         methods.as_seed(jnp.ones((2, 4)), 5, 2)
+    with pytest.raises(ValueError, match=r"NHWC batch of shape \(N, H, W, C\); got shape \(4, 4, 3\)"):
+        methods.get("gradient")(None, None, jnp.ones((4, 4, 3)), 0)
+    with pytest.raises(TypeError, match="floating point"):
+        methods.get("gradient")(None, None, jnp.ones((1, 4, 4, 3), jnp.uint8), 0)
     with pytest.raises(ValueError, match="Did you mean gradient"):
         methods.get("gradiant")
     with pytest.raises(ValueError, match="bad hyperparameters"):

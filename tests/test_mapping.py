@@ -106,3 +106,17 @@ def test_torchray_vgg16_layout(tmp_path):
         want = tm(torch.from_numpy(x)).numpy()
     got = np.asarray(model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_imagenet_inception_gets_transform_input_and_aux_keys_are_ignored(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch_ref_densenet_inception import Inception3Ref, randomize_
+
+    tm = randomize_(Inception3Ref(num_classes=1000, width=1 / 16, aux_logits=True))
+    path = tmp_path / "inception.pth"
+    torch.save(tm.state_dict(), path)
+    _, _, info = checkpoints.load_torch_weights("inception_v3", path, width=1 / 16)
+    assert info["model_kwargs"]["transform_input"] is True and info["model_kwargs"]["num_classes"] == 1000
+    assert info["ignored_keys"] and all(k.startswith("AuxLogits.") for k in info["ignored_keys"])
+    _, _, info = checkpoints.load_torch_weights("inception_v3", path, width=1 / 16, transform_input=False)
+    assert info["model_kwargs"]["transform_input"] is False

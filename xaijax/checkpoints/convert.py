@@ -7,7 +7,9 @@
 * :func:`port` — convert a torch checkpoint once and save it natively, with the
   architecture and model configuration in the file's metadata.
 
-Supported sources: torchvision ImageNet state dicts for every zoo architecture, any
+Supported sources: torchvision ImageNet state dicts for every zoo architecture (a
+1000-class Inception-v3 gets ``transform_input=True``, as torchvision builds it for its
+pretrained weights; pass ``transform_input=False`` to override), any
 state dict with torchvision's names (fine-tuned heads with another class count), and
 TorchRay's VOC/COCO VGG16 (Caffe-converted: classifier layers stored as ``classifier.0/2/4``,
 first convolution in BGR order, ceil-mode pooling). TorchRay's Caffe-converted ResNet50 is a
@@ -118,6 +120,9 @@ def load_torch_weights(
         num_classes = num_classes_of(spec.family, sd)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if spec.family == "inception" and num_classes == 1000:
+        # torchvision's ImageNet Inception-v3 weights expect its input re-normalisation
+        kwargs.setdefault("transform_input", True)
     model = registry.get(arch, **kwargs)
     try:
         variables = from_torch_state_dict(model, sd)

@@ -20,7 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["as_seed", "reduce_channels"]
+__all__ = ["as_seed", "check_inputs", "reduce_channels"]
+
+
+def check_inputs(x: jax.Array) -> None:
+    """Raise a readable error unless ``x`` is a floating NHWC batch (N, H, W, C)."""
+    shape = tuple(np.shape(x))
+    if len(shape) != 4:
+        raise ValueError(f"x must be an NHWC batch of shape (N, H, W, C); got shape {shape}")
+    dtype = np.dtype(x.dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"x must be floating point (normalised float32 images); got dtype {dtype}")
 
 
 def as_seed(target: int | jax.Array | np.ndarray, num_outputs: int, batch: int, dtype=jnp.float32) -> jax.Array:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
-from xaijax.methods.base import as_seed, reduce_channels
+from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.registry import register
 
 __all__ = ["Gradient", "input_gradient"]
@@ -21,6 +21,7 @@ __all__ = ["Gradient", "input_gradient"]
 
 def input_gradient(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
     """Gradient of ``sum(seed * model(x))`` w.r.t. ``x``; shape of ``x``."""
+    check_inputs(x)
 
     def score(xx):
         out = model.apply(variables, xx)
