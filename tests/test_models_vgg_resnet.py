@@ -479,11 +479,6 @@ def test_batchnorm_train_mode_matches_torch(train_step):
         np.testing.assert_allclose(new["mean"], mod.running_mean.numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flax's BatchNorm updates the running variance with the biased batch variance, torch with "
-    "the unbiased one (factor n/(n-1)); layers.batch_norm does not correct for it yet",
-)
 def test_batchnorm_train_mode_running_var_matches_torch(train_step):
     for key in _TRAIN_BN:
         new = _stats_at(train_step["stats"], key)

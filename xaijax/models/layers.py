@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "BatchNorm",
     "conv",
     "dense",
     "batch_norm",
@@ -66,13 +67,39 @@ def dense(features: int, bias: bool = True, name: str | None = None) -> nn.Dense
     return nn.Dense(features, use_bias=bias, name=name)
 
 
+class BatchNorm(nn.BatchNorm):
+    """``nn.BatchNorm`` whose running variance is updated like PyTorch's.
+
+    Flax updates the running variance with the biased batch variance, torch with the
+    unbiased one (divided by n - 1); training in xaijax would otherwise drift from torch's
+    statistics. Normalisation itself (biased variance of the batch) is unchanged, and eval
+    mode is exactly Flax's. ``isinstance(m, nn.BatchNorm)`` holds.
+    """
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if ura or self.is_initializing() or not self.is_mutable_collection("batch_stats"):
+            return super().__call__(x, use_running_average=use_running_average, mask=mask)
+        old = self.get_variable("batch_stats", "var")
+        out = super().__call__(x, use_running_average=use_running_average, mask=mask)
+        new = self.get_variable("batch_stats", "var")
+        n = x.size // x.shape[-1] if mask is None else None
+        if n is None:
+            raise NotImplementedError("masked batch statistics are not supported by xaijax's BatchNorm")
+        # new = m*old + (1-m)*v_biased; torch uses v_unbiased = v_biased * n / (n - 1)
+        self.put_variable("batch_stats", "var", new + (new - self.momentum * old) / max(n - 1, 1))
+        return out
+
+
 def batch_norm(train: bool, eps: float = 1e-5, name: str | None = None) -> nn.BatchNorm:
-    """A ``nn.BatchNorm`` matching ``torch.nn.BatchNorm2d`` (momentum 0.1 in torch's sense).
+    """A BatchNorm matching ``torch.nn.BatchNorm2d`` (momentum 0.1 in torch's sense).
 
     In eval mode (``train=False``) it normalises with the running statistics stored in the
-    ``batch_stats`` collection, exactly like a torch module in ``.eval()``.
+    ``batch_stats`` collection, exactly like a torch module in ``.eval()``; in train mode
+    the running statistics follow torch's update (see :class:`BatchNorm`).
     """
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=eps,
