@@ -1,13 +1,39 @@
 """Attribution methods and their registry (``get``, ``names``).
 
 Every method is called as ``method(model, variables, x, target) -> (N, H, W) maps``; see
-:mod:`xaijax.methods.base` for the conventions on inputs and targets.
+:mod:`xaijax.methods.base` for the conventions on inputs and targets. Importing this
+package registers every method; ``names()`` lists them.
 """
 
-from xaijax.methods import baselines, gradient  # noqa: F401  (registers methods)
+from xaijax.methods import baselines, cam, combinators, gradient, gradient_family  # noqa: F401  (registers methods)
 from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.baselines import Center
+from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
+from xaijax.methods.combinators import Smooth, smooth
 from xaijax.methods.gradient import Gradient, input_gradient
+from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
 from xaijax.methods.registry import describe, get, names, register
 
-__all__ = ["Center", "as_seed", "check_inputs", "reduce_channels", "Gradient", "input_gradient", "describe", "get", "names", "register"]
+__all__ = [
+    "Center",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "Gradient",
+    "IntegratedGradients",
+    "ModifiedGradient",
+    "Smooth",
+    "activation_and_gradient",
+    "as_seed",
+    "check_inputs",
+    "default_cam_layer",
+    "describe",
+    "get",
+    "input_gradient",
+    "names",
+    "quadrature",
+    "reduce_channels",
+    "register",
+    "relu_rule_interceptor",
+    "smooth",
+    "upsample_bilinear",
+]
