@@ -7,7 +7,7 @@ intermediate layers are addressed by torchvision's dotted names through
 """
 
 from xaijax.models import densenet, inception, resnet, vgg  # noqa: F401  (register architectures)
-from xaijax.models import layers, preprocess, taps
+from xaijax.models import detector, layers, preprocess, taps
 from xaijax.models.densenet import DenseNet
 from xaijax.models.inception import Inception3
 from xaijax.models.init import random_variables
@@ -22,6 +22,7 @@ __all__ = [
     "ResNet",
     "VGG",
     "get",
+    "detector",
     "layers",
     "names",
     "preprocess",

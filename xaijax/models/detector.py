@@ -9,8 +9,8 @@ Architecture (module paths; ``W`` = ``width``)::
     up      nearest 2x upsampling of layer3 (:class:`Upsample`)                  stride 8
     concat  Concat(layer2, up)                                                   6W channels
     head    conv (3x3, head_width, no bias), bn, relu,
-            objectness (1x1, 1), cls (1x1, num_classes), box (1x1, 4)
-    out     Concat(objectness, cls, box)  -> (N, H/8, W/8, 5 + num_classes)
+            objectness (1x1, 1), cls (1x1, num_classes), box (1x1, 4),
+            out = Concat(objectness, cls, box)  -> (N, H/8, W/8, 5 + num_classes)
 
 The blocks are :mod:`xaijax.models.resnet`'s ``ResLayer``/``BasicBlock``; every
 operation is a named module, so taps, CAM layers and propagation rules address the detector
@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.metrics.detection import batched_nms
 from xaijax.models import layers as L
 from xaijax.models.resnet import BasicBlock, ResLayer
 
@@ -53,6 +54,7 @@ __all__ = [
     "ARCH_NAME",
     "STRIDE",
     "TinyDetector",
+    "DetectionHead",
     "Upsample",
     "cell_centres",
     "encode_boxes",
@@ -282,8 +284,6 @@ def detect(
       per image ``{"boxes": (D, 4) float32, "scores": (D,) float32, "labels": (D,) int32}``
       sorted by decreasing score.
     """
-    from xaijax.metrics.detection import batched_nms
-
     boxes = np.asarray(props["boxes"], np.float32)
     probs = np.asarray(props["class_probs"], np.float32)
     obj = np.asarray(props["objectness"], np.float32)
@@ -317,14 +317,45 @@ def detect(
 OBJECTNESS_PRIOR_BIAS = float(np.log(0.01 / 0.99))
 
 
-def init_variables(model: TinyDetector, key: jax.Array, image_size: tuple[int, int] = (128, 128)) -> dict[str, Any]:
-    """Initial ``params``/``batch_stats`` with the objectness bias set to the 0.01 prior."""
-    variables = model.init(key, jnp.zeros((1, *image_size, 3), jnp.float32))
-    variables = jax.tree_util.tree_map(lambda a: a, dict(variables))  # fresh nested dicts
-    obj = variables["params"]["head"]["objectness"]
-    obj["bias"] = jnp.full_like(obj["bias"], OBJECTNESS_PRIOR_BIAS)
-    obj["kernel"] = obj["kernel"] * 0.1
-    return variables
+def init_variables(model: TinyDetector, seed: int = 0, image_size: tuple[int, int] = (128, 128)) -> dict[str, Any]:
+    """Initial ``params``/``batch_stats`` drawn on the host from ``np.random.default_rng(seed)``.
+
+    torchvision-like: convolution kernels He-normal with fan-out (std ``sqrt(2 / (kh*kw*out))``),
+    the head's 1x1 predictors normal with std 0.01, biases 0 except the objectness bias
+    (prior probability 0.01, RetinaNet-style), BatchNorm scale 1 / bias 0, running mean 0 /
+    variance 1. Shapes come from ``jax.eval_shape`` (nothing is compiled: initialising with
+    ``model.init``'s jitted random initialisers costs seconds of XLA compile time on CPU).
+    Returns nested dicts of float32 NumPy arrays.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, *image_size, 3), jnp.float32))
+    rng = np.random.default_rng(int(seed))
+    predictors = {"objectness", "cls", "box"}
+
+    def make(path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+        leaf = path[-1]
+        if path[0] == "batch_stats":
+            return (np.zeros if leaf == "mean" else np.ones)(shape, np.float32)
+        if leaf == "kernel":
+            if path[-2] in predictors:
+                return rng.normal(0.0, 0.01, shape).astype(np.float32)
+            fan_out = int(np.prod(shape[:-2])) * shape[-1]
+            return rng.normal(0.0, np.sqrt(2.0 / fan_out), shape).astype(np.float32)
+        if leaf == "scale":
+            return np.ones(shape, np.float32)
+        if leaf == "bias" and path[-2] == "objectness":
+            return np.full(shape, OBJECTNESS_PRIOR_BIAS, np.float32)
+        return np.zeros(shape, np.float32)
+
+    def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        out = {}
+        for k in sorted(tree):  # sorted: the draw order does not depend on dict order
+            v = tree[k]
+            out[k] = walk(v, path + (k,)) if isinstance(v, Mapping) else make(path + (k,), tuple(v.shape))
+        return out
+
+    return walk(shapes, ())
 
 
 def assign_targets(
