@@ -5,17 +5,22 @@ Every method is called as ``method(model, variables, x, target) -> (N, H, W) map
 package registers every method; ``names()`` lists them.
 """
 
-from xaijax.methods import baselines, cam, combinators, gradient, gradient_family  # noqa: F401  (registers methods)
+from xaijax.methods import baselines, cam, combinators, gradient, gradient_family, lrp  # noqa: F401  (registers methods)
 from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.baselines import Center
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
 from xaijax.methods.combinators import Smooth, smooth
 from xaijax.methods.gradient import Gradient, input_gradient
 from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
+from xaijax.methods.lrp import CLRP, LRP, SGLRP, ExcitationBackprop
 from xaijax.methods.registry import describe, get, names, register
 
 __all__ = [
+    "CLRP",
     "Center",
+    "ExcitationBackprop",
+    "LRP",
+    "SGLRP",
     "GradCAM",
     "GradCAMPlusPlus",
     "Gradient",

@@ -72,17 +72,22 @@ from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
 from xaijax.propagation.composites import Composite
-from xaijax.propagation.engine import pullback, relevance
+from xaijax.propagation.engine import plan, pullback, relevance
 from xaijax.propagation.rules import Flipped
 
 __all__ = ["LRP", "CLRP", "SGLRP", "ExcitationBackprop", "default_excitation_layer"]
 
 
-def _class_seed(target: Any, out: jax.Array, method: str) -> jax.Array:
+def _seed(model, variables, x, target, composite: Composite, method: str | None = None) -> jax.Array:
+    """The (N, K) seed of ``target``, checked before any propagation (K from the plan).
+
+    ``method``: name of a method that accepts class indices only (for the error message).
+    """
+    n, k = plan(model, variables, x, composite).logits_shape
     t = jnp.asarray(target)
-    if not jnp.issubdtype(t.dtype, jnp.integer):
+    if method is not None and not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"{method} needs class indices as target (an int or an int array of shape (N,)); got a {t.dtype} seed")
-    return as_seed(t, out.shape[-1], out.shape[0], out.dtype)
+    return as_seed(t, k, n, x.dtype)
 
 
 def _per_sample_sum(r: jax.Array) -> jax.Array:
@@ -110,12 +115,17 @@ class LRP:
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         check_inputs(x)
-
-        def output_relevance(out):
-            return as_seed(target, out.shape[-1], out.shape[0], out.dtype) * out
-
-        r = relevance(model, variables, x, output_relevance, C.resolve(self.composite))
+        composite = C.resolve(self.composite)
+        seed = _seed(model, variables, x, target, composite)
+        r = relevance(model, variables, x, lambda out: seed.astype(out.dtype) * out, composite)
         return reduce_channels(r, self.reduce)
+
+
+def _flip_classifier(model, variables, x, composite: Composite) -> Composite:
+    """``composite`` with the classifier (last convolution/dense layer) rule applied to negated weights."""
+    p = plan(model, variables, x, composite)
+    last = [e for e in p.layers if e.kind in ("conv", "dense")][-1]
+    return composite.replace(names=((last.name, Flipped(last.rule)),) + tuple(composite.names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,13 +149,12 @@ class CLRP:
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         check_inputs(x)
         composite = C.resolve(self.composite)
+        onehot = _seed(model, variables, x, target, composite, "clrp")
         out, back = pullback(model, variables, x, composite)
-        onehot = _class_seed(target, out, "clrp")
+        onehot = onehot.astype(out.dtype)
         r_target = back(onehot * jnp.abs(out))
         if self.dual == "negated":
-            last = composite.last if composite.last is not None else composite.dense
-            flipped = composite.replace(last=Flipped(last))
-            _, back_neg = pullback(model, variables, x, flipped)
+            _, back_neg = pullback(model, variables, x, _flip_classifier(model, variables, x, composite))
             r_dual = back_neg(onehot * jnp.abs(out))
         elif self.dual == "logits":
             r_dual = back((1.0 - onehot) * jnp.abs(out))
@@ -171,8 +180,10 @@ class SGLRP:
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         check_inputs(x)
-        out, back = pullback(model, variables, x, C.resolve(self.composite))
-        onehot = _class_seed(target, out, "sglrp")
+        composite = C.resolve(self.composite)
+        onehot = _seed(model, variables, x, target, composite, "sglrp")
+        out, back = pullback(model, variables, x, composite)
+        onehot = onehot.astype(out.dtype)
         y = jax.nn.softmax(out, axis=-1)
         y_t = (onehot * y).sum(-1, keepdims=True)
         r_target = back(onehot * (y_t * (1.0 - y_t) + 1e-8))
@@ -240,11 +251,8 @@ class ExcitationBackprop:
         check_inputs(x)
         layer = default_excitation_layer(model) if self.layer is None else self.layer
         comp = C.contrastive_excitation(self.stabilizer) if self.contrastive else C.excitation(self.stabilizer)
-
-        def output_relevance(out):
-            return as_seed(target, out.shape[-1], out.shape[0], out.dtype)
-
-        r = relevance(model, variables, x, output_relevance, comp, read_at=layer)
+        seed = _seed(model, variables, x, target, comp)
+        r = relevance(model, variables, x, lambda out: seed.astype(out.dtype), comp, read_at=layer)
         if r.ndim != 4:
             raise ValueError(f"Excitation Backprop layer {layer!r} must output an NHWC map; its output has shape {r.shape}")
         s = r.sum(-1)

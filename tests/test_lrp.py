@@ -1,0 +1,277 @@
+"""LRP-family methods: registry, jit/vmap, closed forms for Excitation Backprop, the
+contrastive combinations of CLRP and SGLRP, and the LRP-0 / gradient x input identity."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xaijax import models
+from xaijax.methods import lrp, registry
+from xaijax.models import layers
+from xaijax.propagation import Excitation, Flipped, composites, relevance
+
+LRP_FAMILY = [
+    "lrp-epsilon",
+    "lrp-epsilon-plus",
+    "lrp-epsilon-plus-flat",
+    "lrp-epsilon-gamma-box",
+    "lrp-alpha1-beta0",
+    "lrp-alpha2-beta1",
+    "clrp",
+    "sglrp",
+    "excitation-backprop",
+    "contrastive-excitation-backprop",
+]
+
+
+class Net(nn.Module):
+    """Small bias-free CNN with the zoo's layer kinds: (N, 8, 8, 3) -> 3 logits."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.conv(4, 3, 1, 1, bias=False, name="conv1")(x)
+        h = layers.batch_norm(False, name="bn1")(h)
+        h = layers.ReLU(name="relu1")(h)
+        a = layers.conv(4, 3, 1, 1, bias=False, name="conv2")(h)
+        h = layers.ReLU(name="relu2")(layers.Add(name="add")(a, h))
+        p = layers.MaxPool2d(2, name="pool")(h)
+        c = layers.Concat(name="concat")(p, layers.AvgPool2d(3, 1, 1, name="avg")(p))
+        c = layers.ReLU(name="relu3")(layers.conv(6, 1, bias=False, name="conv3")(c))
+        g = layers.Flatten(name="flatten")(layers.AdaptiveAvgPool2d(1, name="gap")(c))
+        return layers.dense(3, bias=False, name="fc")(g)
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = Net()
+    v = models.random_variables(model, (1, 8, 8, 3), seed=11)
+    rng = np.random.default_rng(0)
+    v["params"]["bn1"]["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32)
+    v["batch_stats"]["bn1"]["var"] = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((3, 8, 8, 3), np.float32))
+    return model, v, x
+
+
+def _method(name):
+    if "excitation" in name:  # the small net has no default Excitation Backprop layer
+        return registry.get(name, layer="pool")
+    return registry.get(name)
+
+
+@pytest.mark.parametrize("name", LRP_FAMILY)
+def test_method_is_jittable_and_samples_are_independent(net, name):
+    """Changing one sample of a batch leaves the other samples' maps unchanged."""
+    model, v, x = net
+    method = jax.jit(_method(name), static_argnums=0)
+    target = jnp.array([0, 2, 1])
+    maps = method(model, v, x, target)
+    other = method(model, v, x.at[0].set(-2.0 * x[0]), target)
+    assert maps.shape == (3, 8, 8) and maps.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(maps)))
+    scale = float(jnp.abs(maps).max())
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(other[1:]), np.asarray(maps[1:]), atol=1e-6 * scale)
+    assert not np.allclose(np.asarray(other[0]), np.asarray(maps[0]), atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("name", ["lrp-epsilon-gamma-box", "contrastive-excitation-backprop"])
+def test_vmap_over_single_samples_equals_the_batch(net, name):
+    model, v, x = net
+    method = _method(name)
+    target = jnp.array([0, 2, 1])
+
+    @jax.jit
+    def both(v, x, target):
+        batched = method(model, v, x, target)
+        one_by_one = jax.vmap(lambda xi, ti: method(model, v, xi[None], ti)[0])(x, target)
+        return batched, one_by_one
+
+    batched, one_by_one = both(v, x, target)
+    np.testing.assert_allclose(np.asarray(one_by_one), np.asarray(batched), atol=1e-5 * float(jnp.abs(batched).max()))
+
+
+def test_lrp_zero_equals_gradient_x_input_method(net):
+    model, v, x = net
+    target = jnp.array([1, 0, 2])
+    seed = jnp.asarray(np.eye(3, dtype=np.float32)[[1, 0, 2]])
+
+    @jax.jit
+    def run(v, x):
+        gxi = jax.grad(lambda xx: (model.apply(v, xx) * seed).sum())(x) * x
+        return registry.get("lrp-epsilon", eps=0.0)(model, v, x, target), gxi.sum(-1)
+
+    r, g = run(v, x)
+    np.testing.assert_allclose(np.asarray(r), np.asarray(g), atol=1e-5 * float(jnp.abs(g).max()))
+
+
+def test_registry_hyperparameters_and_errors(net):
+    assert set(LRP_FAMILY) <= set(registry.names())
+    assert registry.get("lrp-epsilon", composite="alpha2-beta1") == registry.get("lrp-alpha2-beta1")
+    assert registry.get("lrp-epsilon-gamma-box", gamma=0.5).composite.conv.gamma == 0.5
+    assert registry.get("lrp-epsilon-plus", eps=0.1).composite.dense.eps == 0.1
+    assert registry.get("lrp-alpha1-beta0", alpha=3.0, beta=2.0).composite.conv.beta == 2.0
+    with pytest.raises(ValueError, match="bad hyperparameters for method 'lrp-epsilon'"):
+        registry.get("lrp-epsilon", gamma=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        registry.get("lrp-epsilon", eps=0.1, composite="zero")
+    with pytest.raises(ValueError, match="dual must be"):
+        registry.get("clrp", dual="others")
+    model, v, x = net
+    with pytest.raises(ValueError, match="target class 7 is out of range"):
+        registry.get("lrp-epsilon")(model, v, x, 7)
+    with pytest.raises(ValueError, match="clrp needs class indices"):
+        registry.get("clrp")(model, v, x, jnp.ones((3, 3)))
+    with pytest.raises(ValueError, match="NHWC"):
+        registry.get("lrp-epsilon")(model, v, x[0], 0)
+
+
+def test_default_excitation_layers_of_the_zoo():
+    assert lrp.default_excitation_layer(models.get("vgg16")) == "features.23"  # pool4
+    assert lrp.default_excitation_layer(models.get("vgg16_bn")) == "features.33"
+    assert lrp.default_excitation_layer(models.get("vgg11")) == "features.15"
+    assert lrp.default_excitation_layer(models.get("resnet50")) == "layer3"
+    assert lrp.default_excitation_layer(models.get("densenet121")) == "features.denseblock3"
+    assert lrp.default_excitation_layer(models.get("inception_v3")) == "Mixed_6e"
+    with pytest.raises(ValueError, match="pass layer="):
+        lrp.default_excitation_layer(Net())
+
+
+# ------------------------------------------------------ Excitation Backprop, closed form
+
+
+class PixelNet(nn.Module):
+    """1x1 conv (per-pixel dense) -> ReLU -> global average -> dense; (N, 4, 5, 2) -> 3."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.ReLU(name="relu")(layers.conv(4, 1, name="conv")(x))
+        return layers.dense(3, name="fc")(layers.Flatten(name="flatten")(layers.AdaptiveAvgPool2d(1, name="gap")(h)))
+
+
+def test_excitation_backprop_closed_form_and_contrastive_variant():
+    """Read at the ReLU: MWP p_h[a,b,c] = h[a,b,c] w+[c,t] / (HW sum_c' f_c' w+[c',t]) with
+    f the pooled features; c-EB uses (-w)+ for the contrast and clamps at zero."""
+    model = PixelNet()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 5, 2), np.float32))
+    v = models.random_variables(model, x.shape, seed=5)
+    v["params"]["fc"]["bias"] = jnp.array([0.5, -0.5, 0.2])  # EB ignores biases
+    target = jnp.array([2, 0])
+    eb, ceb = jax.jit(
+        lambda v, x: (
+            lrp.ExcitationBackprop(layer="relu")(model, v, x, target),
+            lrp.ExcitationBackprop(layer="relu", contrastive=True)(model, v, x, target),
+        )
+    )(v, x)
+    k, b = np.asarray(v["params"]["conv"]["kernel"][0, 0]), np.asarray(v["params"]["conv"]["bias"])
+    h = np.maximum(np.einsum("nabi,ic->nabc", np.asarray(x), k) + b, 0)
+    f = h.mean((1, 2))
+    w = np.asarray(v["params"]["fc"]["kernel"])
+
+    def mwp(wt):  # wt: (N, C) weights of the target column
+        wp = np.maximum(wt, 0)
+        return (h * wp[:, None, None, :]).sum(-1) / (20 * (f * wp).sum(-1))[:, None, None]
+
+    wt = w[:, np.asarray(target)].T
+    expected = mwp(wt)
+    np.testing.assert_allclose(np.asarray(eb), expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(eb).sum((1, 2)), [1.0, 1.0], rtol=1e-5)  # probability mass
+    np.testing.assert_allclose(np.asarray(ceb), np.maximum(expected - mwp(-wt), 0), rtol=1e-5, atol=1e-8)
+
+
+def test_contrastive_excitation_equals_torchray_two_pass_difference(net):
+    """TorchRay subtracts the flipped-classifier signal at a contrast layer; by linearity that
+    equals EB(normal) - EB(flipped classifier) read at the saliency layer."""
+    model, v, x = net
+    seed = jnp.asarray(np.eye(3, dtype=np.float32)[[0, 1, 2]])
+    eb = composites.excitation()
+    flipped = eb.replace(last=Flipped(Excitation()))
+
+    @jax.jit
+    def run(v, x):
+        pos = relevance(model, v, x, seed, eb, read_at="pool").sum(-1)
+        neg = relevance(model, v, x, seed, flipped, read_at="pool").sum(-1)
+        one_pass = lrp.ExcitationBackprop(layer="pool", contrastive=True, resize=False)(model, v, x, jnp.array([0, 1, 2]))
+        return pos, neg, one_pass
+
+    pos, neg, one_pass = run(v, x)
+    np.testing.assert_allclose(np.asarray(one_pass), np.maximum(np.asarray(pos - neg), 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pos.sum((1, 2))), np.ones(3), rtol=1e-4)
+
+
+def test_excitation_backprop_on_tiny_vgg_reads_pool4_and_conserves_probability():
+    model = models.get("vgg11", num_classes=5, width=1 / 16, hidden=16, pool_size=1)
+    v = models.random_variables(model, (1, 32, 32, 3))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3), np.float32))
+    target = jnp.array([3, 1])
+    small, full = jax.jit(
+        lambda v, x: (
+            lrp.ExcitationBackprop(resize=False)(model, v, x, target),
+            lrp.ExcitationBackprop()(model, v, x, target),
+        )
+    )(v, x)
+    assert small.shape == (2, 2, 2) and full.shape == (2, 32, 32)  # pool4 is stride 16
+    np.testing.assert_allclose(np.asarray(small.sum((1, 2))), [1.0, 1.0], rtol=1e-4)
+    assert float(small.min()) >= 0
+    # bilinear upsampling (half-pixel centres) keeps the mean of a 2x2 map
+    np.testing.assert_allclose(np.asarray(full.mean((1, 2))), np.asarray(small.mean((1, 2))), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ CLRP and SGLRP
+
+
+def test_clrp_is_target_minus_scaled_dual(net):
+    model, v, x = net
+    target = jnp.array([2, 0, 1])
+    comp = composites.zplus_box()
+
+    @jax.jit
+    def run(v, x):
+        onehot = jax.nn.one_hot(target, 3)
+        maps = {d: lrp.CLRP(comp, dual=d)(model, v, x, target) for d in ("uniform", "logits", "negated")}
+        r_t = relevance(model, v, x, lambda out: onehot * jnp.abs(out), comp)
+        r_u = relevance(model, v, x, lambda out: (1 - onehot) * 1.0, comp)  # any positive scale
+        r_n = relevance(model, v, x, lambda out: onehot * jnp.abs(out), comp.replace(last=Flipped(comp.dense)))
+        return maps, r_t, r_u, r_n
+
+    maps, r_t, r_u, r_n = run(v, x)
+
+    st = np.asarray(r_t).sum((1, 2, 3), keepdims=True)
+
+    def expected(r_dual):  # a dual without any relevance (z+ found no positive evidence) is dropped
+        sd = np.asarray(r_dual).sum((1, 2, 3), keepdims=True)
+        return (np.asarray(r_t) - np.asarray(r_dual) * np.where(sd == 0, 0.0, st / np.where(sd == 0, 1, sd))).sum(-1)
+
+    np.testing.assert_allclose(np.asarray(maps["uniform"]), expected(r_u), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(maps["negated"]), expected(r_n), rtol=1e-4, atol=1e-6)
+    scale = float(np.abs(np.asarray(r_t)).sum())
+    live = np.asarray(r_n).sum((1, 2, 3)) != 0
+    assert live.sum() >= 2  # (here one sample's flipped classifier finds no positive evidence)
+    for d, m in maps.items():  # the dual is scaled to the target's total: every map sums to zero
+        keep = live if d == "negated" else np.ones(3, bool)
+        np.testing.assert_allclose(np.asarray(m).sum((1, 2))[keep], 0.0, atol=1e-5 * scale, err_msg=d)
+    assert not np.allclose(np.asarray(maps["uniform"]), np.asarray(maps["logits"]), rtol=1e-3)
+
+
+def test_sglrp_seeds_are_the_softmax_gradient(net):
+    """Without scaling SGLRP is LRP of the softmax gradient d y_t / d z (computed here with
+    jax.jacobian); with scaling each map sums to zero."""
+    model, v, x = net
+    target = jnp.array([1, 2, 0])
+    comp = composites.zplus_box()
+
+    @jax.jit
+    def run(v, x):
+        out = model.apply(v, x)
+        grad_softmax = jax.vmap(lambda z, t: jax.jacobian(jax.nn.softmax)(z)[t])(out, target)
+        ref = relevance(model, v, x, grad_softmax, comp).sum(-1)
+        return (lrp.SGLRP(comp, scaling=False)(model, v, x, target), lrp.SGLRP(comp)(model, v, x, target), ref)
+
+    plain, scaled, ref = run(v, x)
+    scale = float(jnp.abs(ref).max())
+    # the method adds 1e-8 to the target seed (as the reference code does): negligible here
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(ref), atol=1e-4 * scale)
+    np.testing.assert_allclose(np.asarray(scaled).sum((1, 2)), 0.0, atol=1e-4 * float(jnp.abs(scaled).sum()))

@@ -1,0 +1,74 @@
+"""Relevance propagation: rules as custom VJPs of an ordinary jitted Flax forward pass.
+
+* :mod:`~xaijax.propagation.rules` — frozen, hashable rules (epsilon, gamma, alpha-beta,
+  z+, z^B, flat, w^2, excitation, pass, gradient, flipped, contrast);
+* :mod:`~xaijax.propagation.composites` — layer -> rule maps (by name, position, type,
+  kind) and the named composites (epsilon-plus, epsilon-gamma-box, ...);
+* :mod:`~xaijax.propagation.canonizers` — BatchNorm folding;
+* :mod:`~xaijax.propagation.engine` — the interception/custom-VJP machinery:
+  :func:`relevance`, :func:`pullback`, :func:`relevance_trace`, :func:`plan`.
+
+Example::
+
+    from xaijax import propagation as P
+    R = P.relevance(model, variables, x, lambda out: one_hot * out, P.composites.epsilon_plus())
+"""
+
+from xaijax.propagation import canonizers, composites, engine, rules
+from xaijax.propagation.composites import Composite
+from xaijax.propagation.engine import (
+    LayerPlan,
+    LayerRelevance,
+    Plan,
+    layer_kind,
+    plan,
+    pullback,
+    relevance,
+    relevance_trace,
+)
+from xaijax.propagation.rules import (
+    AlphaBeta,
+    Contrast,
+    Epsilon,
+    Excitation,
+    Flat,
+    Flipped,
+    Gamma,
+    Gradient,
+    LayerView,
+    Pass,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+)
+
+__all__ = [
+    "canonizers",
+    "composites",
+    "engine",
+    "rules",
+    "Composite",
+    "LayerPlan",
+    "LayerRelevance",
+    "Plan",
+    "layer_kind",
+    "plan",
+    "pullback",
+    "relevance",
+    "relevance_trace",
+    "AlphaBeta",
+    "Contrast",
+    "Epsilon",
+    "Excitation",
+    "Flat",
+    "Flipped",
+    "Gamma",
+    "Gradient",
+    "LayerView",
+    "Pass",
+    "Rule",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+]

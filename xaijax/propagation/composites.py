@@ -1,0 +1,301 @@
+"""Composites: which rule each layer of a network uses.
+
+A :class:`Composite` is a frozen, hashable value (so a method built from it can be a static
+argument of ``jax.jit``). The rule of a layer is the first match of, in this order:
+
+1. ``names`` — ``{pattern: rule}`` on the dotted torchvision-style layer name, shell-style
+   patterns allowed (``"features.0"``, ``"layer4.*"``), first matching pattern wins;
+2. position — ``first`` / ``last``: the first / last *convolution or dense* layer called
+   in the forward pass (the input layer and the classifier);
+3. ``types`` — ``{module class: rule}`` by ``isinstance`` (also the way to give a rule to a
+   layer type the engine does not know; such layers are treated as generic functions, so
+   only rules that need no weights — Epsilon, Gradient, Pass — apply to them);
+4. ``conv`` / ``dense`` — the rules of the remaining convolutions and dense layers;
+5. ``kinds`` — ``{kind: rule}`` for the other layer kinds, falling back to
+   :data:`DEFAULT_RULES`.
+
+Default rules of the parameter-free layers (:data:`DEFAULT_RULES`):
+
+* ``relu`` — :class:`~xaijax.propagation.rules.Pass` (relevance passes; it is already zero
+  where the activation is zero);
+* ``maxpool`` — :class:`~xaijax.propagation.rules.Gradient`: winner-take-all (the z-rule
+  on a max pool gives the same result: ``x_i * d max / d x_i = max`` for the winner);
+* ``avgpool`` (average and adaptive average pooling) — ``Epsilon(0)``: the z-rule, inputs
+  share in proportion to their values;
+* ``add`` (residual sums) — ``Epsilon(0)``: each branch gets relevance in proportion to its
+  contribution ``x_k / sum_k' x_k'``;
+* ``concat`` — ``Gradient``: relevance is split by channels;
+* ``reshape`` (flatten), ``dropout`` (eval mode), ``identity`` — ``Gradient`` (identity up
+  to shape);
+* ``batchnorm`` — see ``canonize``.
+
+``canonize=True`` (default) folds every eval-mode BatchNorm whose input is the output of a
+convolution or dense layer read by nothing else into that layer
+(:mod:`xaijax.propagation.canonizers`): the layer's rule sees the effective weights and
+bias, and relevance passes through the folded BatchNorm. BatchNorms that follow no such
+layer (DenseNet's pre-activation ``norm1``/``norm``/``norm5``, after concatenations) use the
+``batchnorm`` kind rule, :class:`~xaijax.propagation.rules.Pass` by default; map
+``kinds={"batchnorm": Epsilon(...)}`` to treat them as affine layers whose shift absorbs
+relevance instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Callable, Mapping
+
+from xaijax.propagation.rules import (
+    AlphaBeta,
+    Contrast,
+    Epsilon,
+    Excitation,
+    Flat,
+    Gamma,
+    Gradient,
+    Pass,
+    Rule,
+    ZBox,
+    ZPlus,
+)
+
+__all__ = [
+    "KINDS",
+    "DEFAULT_RULES",
+    "Composite",
+    "zero",
+    "epsilon",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "alpha_beta",
+    "zplus_box",
+    "excitation",
+    "contrastive_excitation",
+    "get",
+    "names",
+    "resolve",
+]
+
+#: Layer kinds the engine recognises (``custom``: a type mapped through ``Composite.types``).
+KINDS = ("conv", "dense", "batchnorm", "relu", "maxpool", "avgpool", "add", "concat", "reshape", "dropout", "identity")
+
+#: Rules of the layer kinds that a composite does not map.
+DEFAULT_RULES: dict[str, Rule] = {
+    "conv": Epsilon(0.0),
+    "dense": Epsilon(0.0),
+    "batchnorm": Pass(),
+    "relu": Pass(),
+    "maxpool": Gradient(),
+    "avgpool": Epsilon(0.0),
+    "add": Epsilon(0.0),
+    "concat": Gradient(),
+    "reshape": Gradient(),
+    "dropout": Gradient(),
+    "identity": Gradient(),
+}
+
+
+def _pairs(value: Any, what: str) -> tuple[tuple[Any, Rule], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for item in items:
+        try:
+            key, rule = item
+        except (TypeError, ValueError):
+            raise ValueError(f"Composite {what} must be a mapping or (key, rule) pairs; got {value!r}") from None
+        if not isinstance(rule, Rule):
+            raise ValueError(f"Composite {what}[{key!r}] must be a Rule, got {rule!r}")
+        out.append((key, rule))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """Layer -> rule mapping (see the module docstring for the precedence).
+
+    Attributes:
+      conv: rule of convolutions (``nn.Conv``).
+      dense: rule of dense layers (``nn.Dense``).
+      first: rule of the first convolution/dense layer (the input layer), or None.
+      last: rule of the last convolution/dense layer (the classifier), or None.
+      kinds: ``{kind: rule}`` for other layer kinds (see :data:`KINDS`).
+      names: ``{pattern: rule}`` by dotted layer name (``fnmatch`` patterns), first match wins.
+      types: ``{module class: rule}`` by ``isinstance``.
+      canonize: fold eval-mode BatchNorm into a directly preceding convolution/dense layer.
+
+    Mappings may be given as dicts; they are stored as tuples of pairs (hashable).
+    """
+
+    conv: Rule = Epsilon(0.0)
+    dense: Rule = Epsilon(0.0)
+    first: Rule | None = None
+    last: Rule | None = None
+    kinds: Any = ()
+    names: Any = ()
+    types: Any = ()
+    canonize: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("conv", "dense"):
+            if not isinstance(getattr(self, field), Rule):
+                raise ValueError(f"Composite {field} must be a Rule, got {getattr(self, field)!r}")
+        for field in ("first", "last"):
+            v = getattr(self, field)
+            if v is not None and not isinstance(v, Rule):
+                raise ValueError(f"Composite {field} must be a Rule or None, got {v!r}")
+        kinds = _pairs(self.kinds, "kinds")
+        for k, _ in kinds:
+            if k not in KINDS:
+                raise ValueError(f"unknown layer kind {k!r} in Composite kinds; known kinds: {', '.join(KINDS)}")
+        names = _pairs(self.names, "names")
+        for k, _ in names:
+            if not isinstance(k, str):
+                raise ValueError(f"Composite names keys must be layer-name patterns (str), got {k!r}")
+        types = _pairs(self.types, "types")
+        for k, _ in types:
+            if not isinstance(k, type):
+                raise ValueError(f"Composite types keys must be module classes, got {k!r}")
+        object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "types", types)
+
+    def replace(self, **changes: Any) -> "Composite":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def rule_for(self, name: str, kind: str, module: Any, *, first: bool = False, last: bool = False) -> Rule | None:
+        """The rule of one layer (None: a layer of unknown type that nothing maps).
+
+        ``module`` is the module or its class (``types`` match by subclass).
+        """
+        cls_ = module if isinstance(module, type) else type(module)
+        for pattern, rule in self.names:
+            if fnmatch.fnmatchcase(name, pattern):
+                return rule
+        if first and self.first is not None:
+            return self.first
+        if last and self.last is not None:
+            return self.last
+        for cls, rule in self.types:
+            if issubclass(cls_, cls):
+                return rule
+        if kind == "conv":
+            return self.conv
+        if kind == "dense":
+            return self.dense
+        for k, rule in self.kinds:
+            if k == kind:
+                return rule
+        return DEFAULT_RULES.get(kind)
+
+
+# ------------------------------------------------------------------- named composites
+
+
+def zero() -> Composite:
+    """LRP-0: the z-rule everywhere (equals gradient x input on bias-free ReLU networks)."""
+    return Composite(Epsilon(0.0), Epsilon(0.0))
+
+
+def epsilon(eps: float = 1e-6) -> Composite:
+    """LRP-epsilon on every convolution and dense layer."""
+    return Composite(Epsilon(eps), Epsilon(eps))
+
+
+def epsilon_plus(eps: float = 1e-6) -> Composite:
+    """z+ (alpha1-beta0) on convolutions, epsilon on dense layers (zennit's EpsilonPlus)."""
+    return Composite(ZPlus(), Epsilon(eps))
+
+
+def epsilon_plus_flat(eps: float = 1e-6) -> Composite:
+    """:func:`epsilon_plus` with the flat rule on the first layer."""
+    return Composite(ZPlus(), Epsilon(eps), first=Flat())
+
+
+def epsilon_gamma_box(
+    eps: float = 1e-6,
+    gamma: float = 0.25,
+    low: float | tuple[float, ...] | None = None,
+    high: float | tuple[float, ...] | None = None,
+) -> Composite:
+    """z^B on the first layer, gamma on convolutions, epsilon on dense layers.
+
+    Bounds default to the ImageNet-normalised range of RGB values in [0, 1].
+    """
+    return Composite(Gamma(gamma), Epsilon(eps), first=ZBox(low, high))
+
+
+def alpha_beta(alpha: float = 1.0, beta: float = 0.0) -> Composite:
+    """Alpha-beta on every convolution and dense layer (Bach et al. 2015)."""
+    rule = AlphaBeta(alpha, beta)
+    return Composite(rule, rule)
+
+
+def zplus_box(low: float | tuple[float, ...] | None = None, high: float | tuple[float, ...] | None = None) -> Composite:
+    """z^B on the first layer and z+ everywhere else (deep Taylor decomposition, bounded).
+
+    The rule set of the CLRP and SGLRP reference implementations.
+    """
+    return Composite(ZPlus(), ZPlus(), first=ZBox(low, high))
+
+
+def excitation(stabilizer: float = 1e-20) -> Composite:
+    """Excitation Backprop as in TorchRay: MWP rule on convolutions and dense layers.
+
+    Average pools and residual sums share in proportion to their inputs, BatchNorm passes the
+    signal unchanged and is not folded, ReLU and max pooling use the ordinary gradient.
+    """
+    rule = Excitation(stabilizer)
+    return Composite(
+        rule,
+        rule,
+        kinds={"relu": Gradient(), "batchnorm": Pass(), "maxpool": Gradient(), "avgpool": Epsilon(0.0), "add": Epsilon(0.0)},
+        canonize=False,
+    )
+
+
+def contrastive_excitation(stabilizer: float = 1e-20) -> Composite:
+    """:func:`excitation` whose classifier layer emits target minus flipped-weights signal."""
+    return excitation(stabilizer).replace(last=Contrast(Excitation(stabilizer)))
+
+
+_NAMED: dict[str, Callable[..., Composite]] = {
+    "zero": zero,
+    "epsilon": epsilon,
+    "epsilon-plus": epsilon_plus,
+    "epsilon-plus-flat": epsilon_plus_flat,
+    "epsilon-gamma-box": epsilon_gamma_box,
+    "alpha-beta": alpha_beta,
+    "alpha1-beta0": lambda: alpha_beta(1.0, 0.0),
+    "alpha2-beta1": lambda: alpha_beta(2.0, 1.0),
+    "zplus-box": zplus_box,
+    "excitation": excitation,
+    "contrastive-excitation": contrastive_excitation,
+}
+
+
+def names() -> list[str]:
+    """Names of the built-in composites."""
+    return sorted(_NAMED)
+
+
+def get(name: str, **kwargs: Any) -> Composite:
+    """Build the built-in composite ``name`` with keyword overrides."""
+    try:
+        factory = _NAMED[name]
+    except KeyError:
+        raise ValueError(f"unknown composite {name!r}; built-in composites: {', '.join(names())}") from None
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for composite {name!r}: {e}") from None
+
+
+def resolve(composite: Composite | str) -> Composite:
+    """A :class:`Composite` from itself or a built-in composite name."""
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, str):
+        return get(composite)
+    raise ValueError(f"composite must be a Composite or a built-in composite name, got {composite!r}")

@@ -1,0 +1,684 @@
+"""The propagation engine: relevance rules as custom VJPs of an ordinary Flax forward pass.
+
+How it works
+------------
+Relevance propagation (LRP, Excitation Backprop, ...) is a backward pass in which every
+layer maps the relevance at its output to relevance at its inputs with its own rule. In JAX
+that is a vector-Jacobian product in which the "cotangent" carries relevance and each
+layer's VJP is replaced:
+
+1. **Plan** (once per model, input shape and composite; cached): the model's ``apply`` is
+   traced abstractly (``jax.eval_shape``) under ``flax.linen.intercept_methods`` to list
+   the leaf layers in call order with their kinds (:data:`KINDS`), shapes and producers.
+   From that the composite assigns each layer its rule (first/last layer, names, types,
+   kinds), BatchNorms that directly follow a convolution/dense layer are marked for folding
+   (:mod:`xaijax.propagation.canonizers`), and unsupported layer types are reported
+   together in one readable error.
+2. **Forward**: inside the traced function, ``model.apply`` runs again under an interceptor
+   that wraps every leaf-layer call in a ``jax.custom_vjp``: the primal is the layer's own
+   computation (an unbound clone of the module applied to the module's variables, passed
+   explicitly so nothing is closed over), the residuals are its inputs, output and
+   variables, and the backward applies the rule (:meth:`Rule.backward`) to the incoming
+   cotangent. A convolution whose BatchNorm is folded is wrapped together with it, at the
+   BatchNorm's call. Container modules (``features``, ``layer1.0``, ...) run unchanged, so
+   the forward values are exactly the model's.
+3. **Backward**: ``jax.vjp`` of that function, pulled back from the output relevance
+   (e.g. the one-hot target times the logits), gives the relevance at the input — or, with
+   ``read_at``, at any named layer's output (a zero "probe" added to that output has the
+   relevance arriving there as its cotangent).
+
+Everything is traced JAX: wrap the calls in ``jax.jit`` (model static) and ``jax.vmap``;
+the interception context is entered inside the traced function and the rule set is
+static. Operations that are not Flax modules (e.g. Inception's ``transform_input``
+rescaling) keep their ordinary derivative, which is the identity for reshapes but scales
+relevance for arithmetic; the zoo models make every other operation a named module.
+
+Samples are independent: no rule mixes the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xaijax.models import layers as L
+from xaijax.models.taps import module_name
+from xaijax.propagation.canonizers import batchnorm_affine, check_eval_batchnorm, fold_batchnorm
+from xaijax.propagation.composites import KINDS, Composite, resolve
+from xaijax.propagation.rules import LayerView, Rule
+
+__all__ = [
+    "KINDS",
+    "layer_kind",
+    "LayerPlan",
+    "Plan",
+    "plan",
+    "LayerRelevance",
+    "pullback",
+    "relevance",
+    "relevance_trace",
+]
+
+Array = jax.Array
+OutputRelevance = Callable[[Array], Array] | Array
+
+_KIND_OF: tuple[tuple[type, str], ...] = (
+    (nn.Conv, "conv"),
+    (nn.Dense, "dense"),
+    (nn.BatchNorm, "batchnorm"),
+    (L.ReLU, "relu"),
+    (L.MaxPool2d, "maxpool"),
+    (L.AvgPool2d, "avgpool"),
+    (L.AdaptiveAvgPool2d, "avgpool"),
+    (L.Flatten, "reshape"),
+    (L.Dropout, "dropout"),
+    (nn.Dropout, "dropout"),
+    (L.Add, "add"),
+    (L.Concat, "concat"),
+    (L.Identity, "identity"),
+)
+
+#: kinds whose output is non-negative when all their inputs are
+_NONNEG_PRESERVING = ("maxpool", "avgpool", "reshape", "dropout", "identity", "concat", "add")
+
+_SUPPORTED = "nn.Conv, nn.Dense, nn.BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Add, Concat, Identity"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The engine's kind of a module (one of :data:`KINDS`), or None for anything else."""
+    for cls, kind in _KIND_OF:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def _mapped_type(module: nn.Module, composite: Composite) -> bool:
+    return any(isinstance(module, cls) for cls, _ in composite.types)
+
+
+def _leaf_kind(module: nn.Module, composite: Composite) -> str | None:
+    kind = layer_kind(module)
+    if kind is None and _mapped_type(module, composite):
+        return "custom"
+    return kind
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One leaf-layer call of the forward pass and the rule it gets.
+
+    Attributes:
+      index: position among the leaf-layer calls.
+      name: dotted layer name.
+      kind: one of :data:`KINDS` or ``"custom"``.
+      type_name: the module's class name.
+      rule: the rule (None for a BatchNorm folded into the preceding layer).
+      in_shapes, out_shape: array shapes of the call.
+      fold: for a convolution/dense layer, the index of the BatchNorm folded into it.
+      folded_into: for a folded BatchNorm, the index of that convolution/dense layer.
+      nonneg: every input is known to be non-negative (produced by a ReLU, or by pooling,
+        reshaping, concatenating or adding such arrays); rules may skip vanishing terms.
+    """
+
+    index: int
+    name: str
+    kind: str
+    type_name: str
+    rule: Rule | None
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shape: tuple[int, ...]
+    fold: int | None = None
+    folded_into: int | None = None
+    nonneg: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Leaf layers with their rules, the output shape of every named module call, and the
+    shape of the model's logits (``logits_shape``, (N, K))."""
+
+    layers: tuple[LayerPlan, ...]
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
+    logits_shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        """One line per layer: name, kind and rule."""
+        lines = []
+        for e in self.layers:
+            rule = f"folded into {self.layers[e.folded_into].name}" if e.folded_into is not None else repr(e.rule)
+            extra = f" (+ {self.layers[e.fold].name})" if e.fold is not None else ""
+            lines.append(f"{e.name or '<root>'}{extra}: {e.kind} -> {rule}")
+        return "\n".join(lines)
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Output shape of the module called ``name`` (readable error if unknown/repeated)."""
+        found = [s for n, s in self.outputs if n == name]
+        if not found:
+            known = [n for n, _ in self.outputs if n]
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(
+                f"unknown layer name {name!r}{hint}. The model has {len(known)} named layers, e.g. "
+                + ", ".join(repr(k) for k in known[:: max(1, len(known) // 8)][:8])
+            )
+        if len(found) > 1:
+            raise ValueError(f"layer {name!r} is called {len(found)} times; relevance cannot be read there")
+        return found[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One leaf-layer call as recorded by the graph trace (composite-independent)."""
+
+    name: str
+    kind: str
+    module_type: type
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shape: tuple[int, ...]
+    nonneg: bool
+    foldable: int | None  # index of a BatchNorm that reads only this layer's output
+
+
+@dataclasses.dataclass(frozen=True)
+class _Graph:
+    calls: tuple[_Call, ...]
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
+    logits_shape: tuple[int, ...]
+
+
+def plan(model: nn.Module, variables: Mapping[str, Any], x: Array, composite: Composite | str = "zero") -> Plan:
+    """Trace ``model`` on the shape of ``x`` and assign every leaf layer its rule.
+
+    The trace (``jax.eval_shape``, no compilation) is cached per model, input and variable
+    shapes and ``composite.types``; assigning rules for another composite is cheap.
+
+    Raises:
+      ValueError: unsupported layer types (all listed), a rule that does not fit its layer,
+        a training-mode BatchNorm/Dropout, or non-array layer inputs.
+    """
+    composite = resolve(composite)
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    var_spec = tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
+    x_spec = (tuple(np.shape(x)), str(x.dtype))
+    key = (model, composite.types, treedef, var_spec, x_spec)
+    try:
+        hash(key)
+    except TypeError:
+        graph = _trace_graph(*key)
+    else:
+        graph = _cached_graph(*key)
+    return _assign_rules(graph, composite)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
+    return _trace_graph(model, types, treedef, var_spec, x_spec)
+
+
+def _trace_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
+    variables = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in var_spec])
+    x = jax.ShapeDtypeStruct(*x_spec)
+    mapped = Composite(types=types)
+
+    calls: list[dict[str, Any]] = []
+    outputs: list[tuple[str, tuple[int, ...]]] = []
+    unknown: list[str] = []
+    stack: list[dict[str, Any]] = []
+    keep: list[Any] = []  # keeps traced arrays alive so their ids stay unique
+    producer: dict[int, int] = {}
+    consumers: dict[int, list[int]] = defaultdict(list)
+    nonneg: set[int] = set()  # ids of arrays known to be >= 0
+    state = {"bypass": 0}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if state["bypass"]:
+            return next_fun(*args, **kwargs)
+        if stack and context.module is not stack[-1]["module"]:
+            stack[-1]["container"] = True
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        module = context.module
+        name = module_name(module)
+        kind = _leaf_kind(module, mapped)
+        if kind is None:
+            frame = {"module": module, "container": False}
+            stack.append(frame)
+            try:
+                out = next_fun(*args, **kwargs)
+            finally:
+                stack.pop()
+            if not frame["container"]:
+                unknown.append(f"{name or '<root>'!r} ({type(module).__name__})")
+            if isinstance(out, jax.Array):
+                outputs.append((name, tuple(out.shape)))
+            return out
+        bad = [type(a).__name__ for a in args if not isinstance(a, jax.Array)]
+        if bad:
+            raise ValueError(f"layer {name!r} is called with non-array positional arguments ({', '.join(bad)})")
+        if kind == "batchnorm":
+            check_eval_batchnorm(module, name)
+        if kind == "dropout" and (getattr(module, "train", False) or getattr(module, "deterministic", True) is False):
+            raise ValueError(f"dropout layer {name!r} is active (training mode); propagation needs an eval-mode model")
+        state["bypass"] += 1
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            state["bypass"] -= 1
+        if not isinstance(out, jax.Array):
+            raise ValueError(f"layer {name!r} returns {type(out).__name__}, not an array")
+        index = len(calls)
+        inputs_nonneg = all(id(a) in nonneg for a in args)
+        if kind == "relu" or (kind in _NONNEG_PRESERVING and inputs_nonneg):
+            nonneg.add(id(out))
+        calls.append(
+            {
+                "name": name,
+                "kind": kind,
+                "module_type": type(module),
+                "in_shapes": tuple(tuple(a.shape) for a in args),
+                "out_shape": tuple(out.shape),
+                "inputs": [id(a) for a in args],
+                "out": id(out),
+                "nonneg": inputs_nonneg,
+            }
+        )
+        for a in args:
+            consumers[id(a)].append(index)
+        producer[id(out)] = index
+        keep.extend(args)
+        keep.append(out)
+        outputs.append((name, tuple(out.shape)))
+        return out
+
+    def run(v, xx):
+        with nn.intercept_methods(interceptor):
+            return model.apply(v, xx)
+
+    out = jax.eval_shape(run, variables, x)
+    if unknown:
+        raise ValueError(
+            "no propagation rule for layer(s) " + ", ".join(unknown) + f". Supported layer types: {_SUPPORTED} "
+            "(and modules that only call those). Give other types a rule with "
+            "Composite(types={MyLayer: Epsilon(0.0)}) (rules without weights: Epsilon, Gradient, Pass)."
+        )
+    if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) != 2:
+        raise ValueError(f"the model must return logits of shape (N, K); got {out}")
+    if not calls:
+        raise ValueError("the model calls no layer the propagation engine can intercept")
+
+    foldable: dict[int, int] = {}
+    for j, c in enumerate(calls):
+        if c["kind"] != "batchnorm" or len(c["inputs"]) != 1:
+            continue
+        i = producer.get(c["inputs"][0])
+        if i is None or calls[i]["kind"] not in ("conv", "dense") or i in foldable:
+            continue
+        if consumers[calls[i]["out"]] == [j]:
+            foldable[i] = j
+    return _Graph(
+        tuple(
+            _Call(c["name"], c["kind"], c["module_type"], c["in_shapes"], c["out_shape"], c["nonneg"], foldable.get(i))
+            for i, c in enumerate(calls)
+        ),
+        tuple(outputs),
+        tuple(out.shape),
+    )
+
+
+def _assign_rules(graph: _Graph, composite: Composite) -> Plan:
+    calls = graph.calls
+    weighted = [i for i, c in enumerate(calls) if c.kind in ("conv", "dense")]
+    first = weighted[0] if weighted else None
+    last = weighted[-1] if weighted else None
+    fold = {i: c.foldable for i, c in enumerate(calls) if c.foldable is not None} if composite.canonize else {}
+    folded_into = {j: i for i, j in fold.items()}
+
+    entries = []
+    for i, c in enumerate(calls):
+        if i in folded_into:
+            rule = None
+        else:
+            rule = composite.rule_for(c.name, c.kind, c.module_type, first=i == first, last=i == last)
+            if rule is None:  # pragma: no cover - custom kinds always have a mapped rule
+                raise ValueError(f"no rule for layer {c.name!r} ({c.module_type.__name__})")
+            out_shape = calls[fold[i]].out_shape if i in fold else c.out_shape
+            rule.check(c.name, c.kind, c.in_shapes, out_shape)
+        entries.append(
+            LayerPlan(
+                index=i,
+                name=c.name,
+                kind=c.kind,
+                type_name=c.module_type.__name__,
+                rule=rule,
+                in_shapes=c.in_shapes,
+                out_shape=c.out_shape,
+                fold=fold.get(i),
+                folded_into=folded_into.get(i),
+                nonneg=c.nonneg,
+            )
+        )
+    return Plan(tuple(entries), graph.outputs, graph.logits_shape)
+
+
+# ----------------------------------------------------------------------- layer views
+
+
+def _view_builder(module: nn.Module, kind: str, kwargs: Mapping[str, Any], name: str, nonneg: bool) -> Callable[[Any], LayerView]:
+    """``params -> LayerView`` for one (unfolded) layer; pure in ``params``."""
+    unbound = module.clone(parent=None)
+
+    def fn_of(params):
+        return lambda *xs: unbound.apply(params, *xs, **kwargs)
+
+    if kind in ("conv", "dense"):
+        nobias = unbound.clone(use_bias=False)
+
+        def op(k, x):
+            return nobias.apply({"params": {"kernel": k}}, x)
+
+        def build(params):
+            p = params["params"]
+            bias = p["bias"] if unbound.use_bias else None
+            return LayerView(name, kind, fn_of(params), op, p["kernel"], bias, nonneg)
+
+        return build
+    if kind == "batchnorm":
+
+        def build(params):
+            dtype = jnp.result_type(*[a.dtype for a in jax.tree_util.tree_leaves(params)])
+            a, c = batchnorm_affine(unbound, params, dtype)
+            return LayerView(name, kind, fn_of(params), lambda k, x: x * k, a, c, nonneg)
+
+        return build
+    return lambda params: LayerView(name, kind, fn_of(params), nonneg=nonneg)
+
+
+def _folded_builder(
+    lin: nn.Module, kind: str, kwargs: Mapping[str, Any], bn: nn.Module, name: str, nonneg: bool
+) -> Callable[[Any], LayerView]:
+    """``params -> LayerView`` of a convolution/dense layer with its BatchNorm folded in."""
+    lin_unbound = lin.clone(parent=None)
+    bn_unbound = bn.clone(parent=None)
+    nobias = lin_unbound.clone(use_bias=False)
+
+    def op(k, x):
+        return nobias.apply({"params": {"kernel": k}}, x)
+
+    def build(params):
+        lp, bp = params["lin"], params["bn"]
+        kernel = lp["params"]["kernel"]
+        bias = lp["params"]["bias"] if lin_unbound.use_bias else None
+        k2, b2 = fold_batchnorm(kernel, bias, bn_unbound, bp)
+
+        def fn(x):
+            return bn_unbound.apply(bp, lin_unbound.apply(lp, x, **kwargs))
+
+        return LayerView(name, kind, fn, op, k2, b2, nonneg)
+
+    return build
+
+
+# ---------------------------------------------------------------------- forward pass
+
+
+class _Runner:
+    """Interceptor state for one traced forward pass (see the module docstring)."""
+
+    def __init__(
+        self,
+        the_plan: Plan,
+        composite: Composite,
+        probes: Mapping[int, tuple[tuple[Array, ...], Array]] | None = None,
+        reads: Mapping[str, Array] | None = None,
+    ):
+        self.plan = the_plan
+        self.composite = composite
+        self.probes = probes or {}
+        self.reads = dict(reads or {})
+        # reading at a folded convolution means reading at its BatchNorm (relevance passes it)
+        for e in the_plan.layers:
+            if e.fold is not None and e.name in self.reads:
+                self.reads[the_plan.layers[e.fold].name] = self.reads.pop(e.name)
+        self.bypass = 0
+        self.index = 0
+        self.pending: dict[int, tuple[LayerPlan, nn.Module, tuple[Array, ...], dict[str, Any]]] = {}
+        self.keep: list[Any] = []
+
+    @contextlib.contextmanager
+    def bypassing(self) -> Iterator[None]:
+        self.bypass += 1
+        try:
+            yield
+        finally:
+            self.bypass -= 1
+
+    def _read(self, name: str, out: Array) -> Array:
+        if name in self.reads:
+            out = out + self.reads[name].astype(out.dtype)
+        return out
+
+    def wrap(self, rule: Rule, build: Callable[[Any], LayerView], params: Any, xs: tuple[Array, ...]) -> Array:
+        runner = self
+
+        @jax.custom_vjp
+        def layer(params, *xs):
+            with runner.bypassing():
+                return build(params).fn(*xs)
+
+        def fwd(params, *xs):
+            with runner.bypassing():
+                out = build(params).fn(*xs)
+            return out, (params, xs, out)
+
+        def bwd(res, R):
+            params, xs, out = res
+            with runner.bypassing():
+                rin = rule.backward(build(params), xs, out, R)
+            rin = tuple(jnp.asarray(r).astype(x.dtype) for r, x in zip(rin, xs))
+            return (jax.tree_util.tree_map(jnp.zeros_like, params),) + rin
+
+        layer.defvjp(fwd, bwd)
+        return layer(params, *xs)
+
+    def __call__(self, next_fun, args, kwargs, context):
+        if self.bypass or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        module = context.module
+        name = module_name(module)
+        kind = _leaf_kind(module, self.composite)
+        if kind is None:
+            return self._read(name, next_fun(*args, **kwargs))
+        if self.index >= len(self.plan.layers) or self.plan.layers[self.index].name != name:
+            raise RuntimeError(
+                f"the forward pass called layer {name!r} where the plan expected "
+                f"{self.plan.layers[self.index].name if self.index < len(self.plan.layers) else 'no more layers'!r}; "
+                "the model's call sequence must not depend on values"
+            )
+        entry = self.plan.layers[self.index]
+        self.index += 1
+        xs = tuple(args)
+        in_probes, out_probe = self.probes.get(entry.index, (None, None))
+        if in_probes is not None:
+            xs = tuple(x + p.astype(x.dtype) for x, p in zip(xs, in_probes))
+
+        if entry.fold is not None:  # convolution/dense whose BatchNorm comes next: wrap both there
+            with self.bypassing():
+                out = next_fun(*xs, **kwargs)
+            self.pending[id(out)] = (entry, module, xs, dict(kwargs))
+            self.keep.append(out)
+            return out
+
+        if entry.folded_into is not None:
+            try:
+                lin_entry, lin_module, lin_xs, lin_kwargs = self.pending.pop(id(args[0]))
+            except KeyError:  # pragma: no cover - guaranteed by the plan
+                raise RuntimeError(f"BatchNorm {name!r} does not receive the output of the layer folded into it") from None
+            build = _folded_builder(lin_module, lin_entry.kind, lin_kwargs, module, lin_entry.name, lin_entry.nonneg)
+            params = {"lin": lin_module.variables, "bn": module.variables}
+            out = self.wrap(lin_entry.rule, build, params, lin_xs)
+            _, out_probe = self.probes.get(lin_entry.index, (None, None))
+        else:
+            build = _view_builder(module, kind, kwargs, name, entry.nonneg)
+            out = self.wrap(entry.rule, build, module.variables, xs)
+        if out_probe is not None:
+            out = out + out_probe.astype(out.dtype)
+        return self._read(name, out)
+
+
+def _forward(model, variables, the_plan, composite, probes=None, reads=None) -> Callable[[Array], Array]:
+    def f(x, probes, reads):
+        runner = _Runner(the_plan, composite, probes, reads)
+        with nn.intercept_methods(runner):
+            out = model.apply(variables, x)
+        if runner.index != len(the_plan.layers):  # pragma: no cover - guarded by the plan
+            raise RuntimeError("the forward pass called fewer layers than planned")
+        return out
+
+    return f
+
+
+def _output_relevance(output_relevance: OutputRelevance, out: Array) -> Array:
+    r = output_relevance(out) if callable(output_relevance) else jnp.asarray(output_relevance)
+    if tuple(r.shape) != tuple(out.shape):
+        raise ValueError(f"output relevance must have the model output's shape {tuple(out.shape)}; got {tuple(r.shape)}")
+    return r.astype(out.dtype)
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def pullback(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    x: Array,
+    composite: Composite | str = "zero",
+    *,
+    read_at: str | None = None,
+) -> tuple[Array, Callable[[Array], Array]]:
+    """One forward pass with rules attached; returns ``(logits, backward)``.
+
+    ``backward(R_out)`` maps an output relevance of the logits' shape (N, K) to the
+    relevance at the input (shape of ``x``) — or at the output of layer ``read_at`` — and
+    may be called several times (e.g. target and contrast seeds) without redoing the
+    forward pass.
+    """
+    composite = resolve(composite)
+    the_plan = plan(model, variables, x, composite)
+    f = _forward(model, variables, the_plan, composite)
+    if read_at is None:
+        out, vjp = jax.vjp(lambda xx: f(xx, None, None), x)
+        return out, lambda r: vjp(_output_relevance(r, out))[0]
+    shape = the_plan.output_shape(read_at)
+    probe = jnp.zeros(shape, x.dtype)
+    out, vjp = jax.vjp(lambda p: f(x, None, {read_at: p}), probe)
+    return out, lambda r: vjp(_output_relevance(r, out))[0]
+
+
+def relevance(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    x: Array,
+    output_relevance: OutputRelevance,
+    composite: Composite | str = "zero",
+    *,
+    read_at: str | None = None,
+) -> Array:
+    """Relevance at the input (or at layer ``read_at``'s output) of ``model`` on ``x``.
+
+    Args:
+      model, variables: a Flax model returning logits (N, K) and its variables (eval mode).
+      x: input batch (any shape the model takes; NHWC for the zoo models).
+      output_relevance: relevance of the logits, an array (N, K) or a function
+        ``logits -> (N, K)`` (e.g. ``lambda out: one_hot * out`` for LRP).
+      composite: a :class:`Composite` or a built-in composite name.
+      read_at: a dotted module name (leaf or container, e.g. ``"features.23"``,
+        ``"layer3"``): return the relevance arriving at that module's output instead.
+
+    Returns:
+      Relevance of ``x``'s shape (or of the layer output's shape), dtype of ``x``.
+    """
+    out, back = pullback(model, variables, x, composite, read_at=read_at)
+    return back(output_relevance)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRelevance:
+    """Relevance around one layer (from :func:`relevance_trace`); a pytree (jit-returnable).
+
+    Attributes:
+      name, kind, rule: the layer and its rule (a folded BatchNorm is listed in ``folded``).
+      inputs: relevance this layer sends to each of its inputs (shapes of the inputs).
+      output: relevance arriving at its output (after the folded BatchNorm, if any).
+    """
+
+    name: str
+    kind: str
+    rule: Rule
+    folded: str | None
+    inputs: tuple[Array, ...]
+    output: Array
+
+    def totals(self) -> tuple[Array, Array]:
+        """Per-sample sums ``(sum of input relevance, output relevance)``, each (N,)."""
+        tin = sum(r.reshape(r.shape[0], -1).sum(-1) for r in self.inputs)
+        tout = self.output.reshape(self.output.shape[0], -1).sum(-1)
+        return tin, tout
+
+
+jax.tree_util.register_dataclass(
+    LayerRelevance, data_fields=["inputs", "output"], meta_fields=["name", "kind", "rule", "folded"]
+)
+
+
+def relevance_trace(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    x: Array,
+    output_relevance: OutputRelevance,
+    composite: Composite | str = "zero",
+) -> tuple[Array, dict[str, LayerRelevance]]:
+    """Input relevance plus the relevance around every layer (to inspect or test rules).
+
+    Returns ``(R_x, {layer name: LayerRelevance})`` in call order (folded BatchNorms are
+    part of their convolution's entry). Zero-valued probes are added to every layer's
+    inputs and output; their cotangents are the relevance there.
+    """
+    composite = resolve(composite)
+    the_plan = plan(model, variables, x, composite)
+    probes = {}
+    for e in the_plan.layers:
+        if e.folded_into is not None:
+            continue
+        out_shape = the_plan.layers[e.fold].out_shape if e.fold is not None else e.out_shape
+        probes[e.index] = (tuple(jnp.zeros(s, x.dtype) for s in e.in_shapes), jnp.zeros(out_shape, x.dtype))
+    f = _forward(model, variables, the_plan, composite)
+    out, vjp = jax.vjp(lambda xx, pr: f(xx, pr, None), x, probes)
+    rx, rp = vjp(_output_relevance(output_relevance, out))
+    trace = {}
+    for e in the_plan.layers:
+        if e.index not in rp:
+            continue
+        rin, rout = rp[e.index]
+        key = e.name if e.name not in trace else f"{e.name}#{e.index}"
+        trace[key] = LayerRelevance(
+            name=e.name,
+            kind=e.kind,
+            rule=e.rule,
+            folded=the_plan.layers[e.fold].name if e.fold is not None else None,
+            inputs=tuple(rin),
+            output=rout,
+        )
+    return rx, trace
+

@@ -1,0 +1,487 @@
+"""Relevance rules: what one layer does with the relevance that reaches its output.
+
+A rule is a frozen, hashable dataclass (its hyperparameters are its fields) with one
+method, :meth:`Rule.backward`, that maps the relevance ``R`` at a layer's output to the
+relevance at each of its inputs. The engine (:mod:`xaijax.propagation.engine`) calls it from
+the backward pass of a ``jax.custom_vjp`` that wraps the layer, so rules are ordinary
+traced JAX code and run under ``jit``/``vmap``.
+
+What a rule sees of a layer is a :class:`LayerView`:
+
+* ``fn(*xs)`` — the layer's own forward function with its real parameters;
+* for *weighted* layers (convolution, dense, batch norm, and a convolution/dense layer with
+  the following batch norm folded in) also ``op(kernel, x)`` — the layer's linear map
+  *without* bias, applied with any kernel — and the ``kernel`` and ``bias`` arrays. Rules
+  that modify weights (z+, gamma, flat, ...) call ``op`` with modified kernels; the
+  transposed map they need is ``jax.vjp`` of ``op`` (the standard "gradient of a modified
+  forward pass" trick of zennit/iNNvestigate, here per layer).
+
+Notation below: a linear layer ``z_j = sum_i x_i w_ij + b_j``; ``R_j`` relevance at output
+``j``; ``W+ = max(W, 0)``, ``W- = min(W, 0)``, ``x+``/``x-`` likewise. Denominators that are
+exactly zero give zero relevance (nothing is divided by zero); ``stabilizer`` adds
+``stabilizer * sign(z)`` (``sign(0) = +1``) to the denominators of the modified rules.
+
+Rules:
+
+===================  ========================================================================
+:class:`Epsilon`     ``R_i = x_i sum_j w_ij R_j / (z_j + eps sign z_j)``; ``eps = 0`` is the
+                     z-rule (LRP-0). Works on any layer that is linear (or positively
+                     homogeneous, e.g. max pooling) in its inputs, several inputs included:
+                     average pools and residual sums use it with ``eps = 0``.
+:class:`Gamma`       epsilon-free LRP-gamma: weights ``W + gamma W+``, bias ``b + gamma b+``
+                     (Montavon et al. 2019).
+:class:`AlphaBeta`   ``alpha`` times the positive and ``beta`` times the negative
+                     contributions, each normalised on its own (Bach et al. 2015). Inputs of
+                     either sign: positive contributions are ``x+ W+`` and ``x- W-`` (plus
+                     ``b+``), negative ones ``x+ W-`` and ``x- W+`` (plus ``b-``), as in
+                     zennit. ``ZPlus()`` is ``AlphaBeta(1, 0)``.
+:class:`ZBox`        z^B for the input layer with bounds ``low <= x <= high``: contributions
+                     ``x_i w_ij - l_i w+_ij - h_i w-_ij`` (biases cancel).
+:class:`Flat`        every input in the receptive field gets an equal share (weights 1, input 1).
+:class:`WSquare`     shares proportional to ``w_ij**2``.
+:class:`Excitation`  Excitation Backprop's marginal winning probability (Zhang et al. 2016,
+                     TorchRay form): ``R_i = x_i sum_j w+_ij R_j / (sum_i' x_i' w+_i'j)``,
+                     no bias, inputs not clamped.
+:class:`Pass`        identity: relevance passes unchanged (ReLU, batch norm in some schemes).
+:class:`Gradient`    the ordinary vector-Jacobian product of the layer (max pooling =
+                     winner-take-all, flatten, concatenation = split by channels, dropout).
+:class:`Flipped`     applies another rule to the layer with negated weights and bias
+                     (contrastive excitation backprop, CLRP's "negated" dual).
+:class:`Contrast`    ``rule(layer) - rule(flipped layer)``: one-pass contrastive signal.
+===================  ========================================================================
+
+Conservation (``sum_i R_i == sum_j R_j``) holds exactly for Gamma, AlphaBeta with
+``alpha - beta = 1``, ZBox, Flat, WSquare, Excitation, Pass, Gradient of linear
+index-moving layers, and Epsilon(0) on bias-free layers, wherever no denominator vanishes;
+biases and ``eps`` absorb relevance otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "LayerView",
+    "Rule",
+    "Epsilon",
+    "Gamma",
+    "AlphaBeta",
+    "ZPlus",
+    "ZBox",
+    "Flat",
+    "WSquare",
+    "Excitation",
+    "Pass",
+    "Gradient",
+    "Flipped",
+    "Contrast",
+    "WEIGHTED_KINDS",
+]
+
+#: Layer kinds that expose ``op``/``kernel``/``bias`` to rules.
+WEIGHTED_KINDS = ("conv", "dense", "batchnorm")
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """A layer as a rule sees it (see the module docstring).
+
+    Attributes:
+      name: dotted layer name (for error messages).
+      kind: ``conv``, ``dense``, ``batchnorm``, ``relu``, ``maxpool``, ``avgpool``, ``add``,
+        ``concat``, ``reshape``, ``dropout``, ``identity`` or ``custom``.
+      fn: ``fn(*xs) -> out``, the layer's forward function with its parameters.
+      op: ``op(kernel, x) -> y``, linear in ``x``, bias-free (weighted layers only).
+      kernel: weight array accepted by ``op`` (weighted layers only).
+      bias: bias added to ``op``'s output, broadcast over the last axis, or None.
+      nonneg: the inputs are known to be non-negative (outputs of ReLUs, or pools and
+        concatenations of those); rules may skip terms that would be zero.
+    """
+
+    name: str
+    kind: str
+    fn: Callable[..., Array]
+    op: Callable[[Array, Array], Array] | None = None
+    kernel: Array | None = None
+    bias: Array | None = None
+    nonneg: bool = False
+
+    def linear(self, rule: "Rule") -> tuple[Callable[[Array, Array], Array], Array, Array | None]:
+        """``(op, kernel, bias)``; a readable error if the layer has no weights."""
+        if self.op is None or self.kernel is None:
+            raise ValueError(
+                f"rule {rule!r} needs a weighted layer (one of {', '.join(WEIGHTED_KINDS)}); "
+                f"layer {self.name!r} is a {self.kind!r} layer"
+            )
+        return self.op, self.kernel, self.bias
+
+    def flipped(self) -> "LayerView":
+        """The same layer with negated weights and bias (``-f``)."""
+        fn = self.fn
+        op = self.op
+        return dataclasses.replace(
+            self,
+            fn=lambda *xs: -fn(*xs),
+            op=op,
+            kernel=None if self.kernel is None else -self.kernel,
+            bias=None if self.bias is None else -self.bias,
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _sign1(z: Array) -> Array:
+    """sign(z) with sign(0) = +1."""
+    return jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+def _stabilize(z: Array, eps: float) -> Array:
+    return z if eps == 0 else z + eps * _sign1(z)
+
+
+def _divide(num: Array, den: Array) -> Array:
+    """num / den with 0 where den == 0 (no NaN/inf, also not in the gradient)."""
+    zero = den == 0
+    return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den)).astype(num.dtype)
+
+
+def _add_bias(z: Array, bias: Array | None) -> Array:
+    return z if bias is None else z + bias
+
+
+def _transpose(op: Callable[[Array, Array], Array], kernel: Array, x: Array, s: Array) -> Array:
+    """``op(kernel, .)^T s``: the transposed linear map applied to ``s`` (shape of ``x``)."""
+    transposed = jax.linear_transpose(lambda xx: op(kernel, xx), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return transposed(s.astype(x.dtype))[0]
+
+
+def _single(xs: Sequence[Array], rule: "Rule", layer: LayerView) -> Array:
+    if len(xs) != 1:
+        raise ValueError(f"rule {rule!r} handles single-input layers; layer {layer.name!r} has {len(xs)} inputs")
+    return xs[0]
+
+
+def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------- rules
+
+
+class Rule:
+    """Base class of relevance rules (subclasses are frozen dataclasses).
+
+    ``needs_weights``: the rule uses ``op``/``kernel``/``bias`` (only weighted layers).
+    """
+
+    needs_weights: ClassVar[bool] = False
+
+    def backward(self, layer: LayerView, xs: tuple[Array, ...], out: Array, R: Array) -> tuple[Array, ...]:
+        """Relevance at each input (shapes of ``xs``) from the relevance ``R`` at ``out``."""
+        raise NotImplementedError
+
+    def check(self, name: str, kind: str, in_shapes: Sequence[tuple[int, ...]], out_shape: tuple[int, ...]) -> None:
+        """Raise a readable ``ValueError`` if the rule cannot handle this layer (plan time)."""
+        if self.needs_weights and kind not in WEIGHTED_KINDS:
+            raise ValueError(
+                f"rule {self!r} needs a weighted layer (one of {', '.join(WEIGHTED_KINDS)}); "
+                f"layer {name!r} is a {kind!r} layer"
+            )
+        if self.needs_weights and len(in_shapes) != 1:
+            raise ValueError(f"rule {self!r} handles single-input layers; layer {name!r} has {len(in_shapes)} inputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-epsilon; ``eps=0`` is the z-rule (LRP-0). Any layer linear in its inputs.
+
+    ``R_k = x_k * J_k^T (R / (z + eps sign z))`` for every input ``k``, where ``J_k`` is the
+    layer's Jacobian with respect to input ``k`` and ``z`` its output (bias included).
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_number("Epsilon eps", self.eps)
+
+    def backward(self, layer, xs, out, R):
+        s = _divide(R, _stabilize(out, self.eps))
+        _, pullback = jax.vjp(layer.fn, *xs)
+        grads = pullback(s.astype(out.dtype))
+        return tuple(x * g for x, g in zip(xs, grads))
+
+
+@dataclasses.dataclass(frozen=True)
+class Gamma(Rule):
+    """LRP-gamma: weights ``W + gamma W+`` and bias ``b + gamma b+``.
+
+    ``R_i = x_i sum_j (w_ij + gamma w+_ij) R_j / z'_j`` with
+    ``z'_j = sum_i x_i (w_ij + gamma w+_ij) + b_j + gamma b+_j``. Meant for non-negative
+    inputs (after a ReLU); applied literally to inputs of either sign.
+    """
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-9
+
+    needs_weights: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_number("Gamma gamma", self.gamma)
+        _check_number("Gamma stabilizer", self.stabilizer)
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, b = layer.linear(self)
+        k2 = k + self.gamma * jnp.maximum(k, 0)
+        b2 = None if b is None else b + self.gamma * jnp.maximum(b, 0)
+        z = _add_bias(op(k2, x), b2)
+        s = _divide(R, _stabilize(z, self.stabilizer))
+        return (x * _transpose(op, k2, x, s),)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-alpha-beta: ``alpha * R(positive part) - beta * R(negative part)``.
+
+    Positive contributions ``x+ W+ + x- W-`` (denominator also gets ``b+``), negative
+    contributions ``x+ W- + x- W+`` (denominator gets ``b-``). Conserving when
+    ``alpha - beta = 1`` and both parts are non-zero. ``AlphaBeta(1, 0)`` is z+.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.0
+    stabilizer: float = 1e-9
+
+    needs_weights: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_number("AlphaBeta alpha", self.alpha)
+        _check_number("AlphaBeta beta", self.beta)
+        _check_number("AlphaBeta stabilizer", self.stabilizer)
+
+    def _part(self, op, kp, kn, b, xp, xn, R):
+        """Relevance of the contributions ``xp kp + xn kn (+ b)``, normalised among themselves.
+
+        ``xn`` is None when the inputs are known to be non-negative (the term vanishes).
+        """
+        z = op(kp, xp) if xn is None else op(kp, xp) + op(kn, xn)
+        s = _divide(R, _stabilize(_add_bias(z, b), self.stabilizer))
+        r = xp * _transpose(op, kp, xp, s)
+        return r if xn is None else r + xn * _transpose(op, kn, xn, s)
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, b = layer.linear(self)
+        kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
+        if layer.nonneg:
+            xp, xn = x, None
+        else:
+            xp, xn = jnp.maximum(x, 0), jnp.minimum(x, 0)
+        r = self.alpha * self._part(op, kp, kn, None if b is None else jnp.maximum(b, 0), xp, xn, R)
+        if self.beta != 0:
+            r = r - self.beta * self._part(op, kn, kp, None if b is None else jnp.minimum(b, 0), xp, xn, R)
+        return (r,)
+
+
+def ZPlus(stabilizer: float = 1e-9) -> AlphaBeta:
+    """The z+ rule: ``AlphaBeta(alpha=1, beta=0)``."""
+    return AlphaBeta(1.0, 0.0, stabilizer)
+
+
+def _bounds(value: float | tuple[float, ...] | None, default: tuple[float, ...], x: Array, which: str, layer: LayerView) -> Array:
+    v = jnp.asarray(default if value is None else value, dtype=x.dtype)
+    if v.ndim == 1 and v.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"ZBox {which} bound has {v.shape[0]} values but layer {layer.name!r} has inputs with "
+            f"{x.shape[-1]} channels (last axis); pass a scalar or one value per channel"
+        )
+    return jnp.broadcast_to(v, x.shape)
+
+
+def _imagenet_bound(which: str) -> tuple[float, ...]:
+    from xaijax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    edge = 0.0 if which == "low" else 1.0
+    return tuple((edge - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+
+
+@dataclasses.dataclass(frozen=True)
+class ZBox(Rule):
+    """z^B rule for the input layer (Montavon et al. 2017) with box bounds.
+
+    ``R_i = sum_j (x_i w_ij - l_i w+_ij - h_i w-_ij) R_j / z_j`` with ``z_j`` the sum of those
+    contributions over ``i`` (biases cancel). ``low``/``high``: a scalar or one value per
+    input channel (last axis). Default (None): the range of RGB values in [0, 1] after
+    ImageNet mean/std normalisation, ``((0 - mean) / std, (1 - mean) / std)``.
+    """
+
+    low: float | tuple[float, ...] | None = None
+    high: float | tuple[float, ...] | None = None
+    stabilizer: float = 1e-9
+
+    needs_weights: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(float(t) for t in v))
+            elif v is not None and not isinstance(v, (int, float, tuple)):
+                raise ValueError(f"ZBox {name} must be a number, a tuple of per-channel numbers or None; got {v!r}")
+        _check_number("ZBox stabilizer", self.stabilizer)
+
+    def check(self, name, kind, in_shapes, out_shape):
+        super().check(name, kind, in_shapes, out_shape)
+        channels = in_shapes[0][-1]
+        for which in ("low", "high"):
+            v = getattr(self, which)
+            n = 3 if v is None else (len(v) if isinstance(v, tuple) else 1)
+            if v is None and channels != 3:
+                raise ValueError(
+                    f"ZBox default bounds are the ImageNet-normalised RGB range (3 channels); layer "
+                    f"{name!r} has {channels} input channels: pass low= and high= explicitly"
+                )
+            if n != 1 and n != channels:
+                raise ValueError(
+                    f"ZBox {which} has {n} values but layer {name!r} has {channels} input channels"
+                )
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        lo = _bounds(self.low, _imagenet_bound("low"), x, "low", layer)
+        hi = _bounds(self.high, _imagenet_bound("high"), x, "high", layer)
+        kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
+        z = op(k, x) - op(kp, lo) - op(kn, hi)
+        s = _divide(R, _stabilize(z, self.stabilizer))
+        r = x * _transpose(op, k, x, s) - lo * _transpose(op, kp, x, s) - hi * _transpose(op, kn, x, s)
+        return (r,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat(Rule):
+    """Flat rule: every input of the receptive field gets an equal share (weights and input 1)."""
+
+    needs_weights: ClassVar[bool] = True
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        return (_shares(op, jnp.ones_like(k), x, R),)
+
+
+@dataclasses.dataclass(frozen=True)
+class WSquare(Rule):
+    """w^2 rule: shares proportional to the squared weights (input replaced by 1)."""
+
+    needs_weights: ClassVar[bool] = True
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        return (_shares(op, k * k, x, R),)
+
+
+def _shares(op, k, x, R):
+    """``R_i = sum_j k_ij R_j / sum_i' k_i'j`` (input-independent shares; padding excluded)."""
+    ones = jnp.ones_like(x)
+    z = op(k, ones)
+    return _transpose(op, k, ones, _divide(R, z))
+
+
+@dataclasses.dataclass(frozen=True)
+class Excitation(Rule):
+    """Excitation Backprop (marginal winning probability), TorchRay's form.
+
+    ``R_i = x_i sum_j w+_ij R_j / (sum_i' x_i' w+_i'j + stabilizer)``: positive weights, no
+    bias, inputs used as they are (non-negative after a ReLU).
+    """
+
+    stabilizer: float = 1e-20
+
+    needs_weights: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_number("Excitation stabilizer", self.stabilizer)
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        kp = jnp.maximum(k, 0)
+        z = op(kp, x) + self.stabilizer
+        return (x * _transpose(op, kp, x, _divide(R, z)),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass(Rule):
+    """Identity: relevance passes unchanged (single input of the output's shape)."""
+
+    def check(self, name, kind, in_shapes, out_shape):
+        if len(in_shapes) != 1 or tuple(in_shapes[0]) != tuple(out_shape):
+            raise ValueError(
+                f"rule Pass() needs a single input of the output's shape; layer {name!r} maps "
+                f"{[tuple(s) for s in in_shapes]} to {tuple(out_shape)}"
+            )
+
+    def backward(self, layer, xs, out, R):
+        return (R.astype(xs[0].dtype),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradient(Rule):
+    """The ordinary vector-Jacobian product of the layer (winner-take-all for max pooling)."""
+
+    def backward(self, layer, xs, out, R):
+        _, pullback = jax.vjp(layer.fn, *xs)
+        return tuple(pullback(R.astype(out.dtype)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Flipped(Rule):
+    """``rule`` applied to the layer with negated weights and bias (``-f``)."""
+
+    rule: Rule = dataclasses.field(default_factory=lambda: Epsilon(0.0))
+
+    @property
+    def needs_weights(self) -> bool:  # type: ignore[override]
+        return True
+
+    def check(self, name, kind, in_shapes, out_shape):
+        Rule.check(self, name, kind, in_shapes, out_shape)
+        self.rule.check(name, kind, in_shapes, out_shape)
+
+    def backward(self, layer, xs, out, R):
+        return self.rule.backward(layer.flipped(), xs, -out, R)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast(Rule):
+    """``rule(layer) - rule(layer with negated weights)`` in one backward pass.
+
+    On the classifier layer this gives contrastive Excitation Backprop (Zhang et al. 2016):
+    the relevance of the target minus that of its "opposite" (flipped classifier weights),
+    propagated together below this layer because propagation is linear in the relevance.
+    """
+
+    rule: Rule = dataclasses.field(default_factory=Excitation)
+
+    @property
+    def needs_weights(self) -> bool:  # type: ignore[override]
+        return True
+
+    def check(self, name, kind, in_shapes, out_shape):
+        Rule.check(self, name, kind, in_shapes, out_shape)
+        self.rule.check(name, kind, in_shapes, out_shape)
+
+    def backward(self, layer, xs, out, R):
+        pos = self.rule.backward(layer, xs, out, R)
+        neg = self.rule.backward(layer.flipped(), xs, -out, R)
+        return tuple(p - n for p, n in zip(pos, neg))
