@@ -126,3 +126,31 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "xaijax.cli", "models"], capture_output=True, text=True, check=True)
     assert re.search(r"^vgg16\s+vgg\s+features\.29", r.stdout, re.M)
     assert re.search(r"^resnet50\s+resnet\s+layer4", r.stdout, re.M)
+
+
+def test_explain_cli_writes_maps_and_overlays(tmp_path, images, capsys):
+    import json
+
+    from xaijax import checkpoints, models
+
+    kw = {"num_classes": 4, "width": 8, "layers": [1, 1, 1, 1]}
+    model = models.get("resnet18", **kw)
+    w = tmp_path / "r.safetensors"
+    checkpoints.save_variables(w, models.random_variables(model, (1, 32, 32, 3)), metadata={"arch": "resnet18", "model_kwargs": json.dumps(kw)})
+    out = tmp_path / "out"
+    argv = ["explain", "--weights", str(w), "--size", str(SIZE), "--method", "gradient", "--param", 'reduce="sum"',
+            "--target", "2", "--out", str(out), str(images[0])]
+    assert cli.main(argv) == 0
+    m = np.load(out / "im0.gradient.npy")
+    assert m.shape == (SIZE, SIZE) and (out / "im0.gradient.png").is_file()
+    # the saved map is the method's output for the same preprocessed image and target
+    from xaijax import methods
+
+    x = normalize(load_image(images[0], SIZE)[None])
+    want = np.asarray(methods.get("gradient", reduce="sum")(model, checkpoints.load(None, w)[1], x, np.array([2])))[0]
+    np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
+    assert "class 2" in capsys.readouterr().out
+    assert cli.main(argv[:-1] + ["--target", "9", str(images[0])]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli.main(["explain", "--weights", str(w), "--method", "gradient", "--param", "nonsense", str(images[0])]) == 2
+    assert "key=value" in capsys.readouterr().err

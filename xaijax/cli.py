@@ -6,6 +6,7 @@ Subcommands::
     xaijax methods                     list attribution methods
     xaijax port --arch A IN.pth OUT    torch checkpoint -> .safetensors / .msgpack
     xaijax predict --arch A --weights W IMAGE...     top-5 classes
+    xaijax explain --weights W --method M IMAGE...  maps (.npy) and overlays (PNG)
     xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
 
@@ -104,6 +105,52 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print((args.out / "results.md").read_text())
 
 
+def _parse_params(items: Sequence[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when possible (numbers, lists, booleans)."""
+    import json
+
+    out = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param expects key=value, got {it!r}")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from xaijax import checkpoints, methods, viz
+    from xaijax.models import registry
+    from xaijax.models.preprocess import load_image, normalize
+
+    method = methods.get(args.method, **_parse_params(args.param))
+    model, variables, info = checkpoints.load(args.arch, args.weights)
+    size = args.size or registry.spec(info["arch"]).input_size
+    convention = args.preprocess or ("caffe" if info.get("source") == "torchray" else "torchvision")
+    explain = jax.jit(method, static_argnums=0)
+    predict = jax.jit(model.apply)
+    out = args.out
+    for path in args.images:
+        img = load_image(path, size)
+        x = normalize(img[None], convention)
+        logits = np.asarray(predict(variables, x))[0]
+        target = int(np.argmax(logits)) if args.target is None else args.target
+        if not 0 <= target < logits.shape[-1]:
+            raise UserError(f"--target {target} is out of range for a model with {logits.shape[-1]} classes")
+        m = np.asarray(explain(model, variables, x, jnp.array([target])))[0]
+        stem = Path(path).stem
+        np.save(out / f"{stem}.{args.method.replace(':', '_')}.npy", m)
+        viz.save_png(out / f"{stem}.{args.method.replace(':', '_')}.png", viz.overlay(img, m))
+        print(f"{path}: class {target} (logit {logits[target]:.3f}) -> {out}/{stem}.{args.method.replace(':', '_')}.png")
+
+
 def _cmd_example(args: argparse.Namespace) -> None:
     from xaijax.example import run_example
 
@@ -149,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=5)
     s.add_argument("images", nargs="+")
     s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("explain", help="attribution maps for images (.npy + overlay PNG per image)")
+    s.add_argument("--arch", default=None, help="architecture (optional for native files, which record it)")
+    s.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .msgpack")
+    s.add_argument("--method", required=True, help="a registered method (see `xaijax methods`)")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
+    s.add_argument("--target", type=int, default=None, help="class index to explain (default: the top class)")
+    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the architecture's)")
+    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
+    s.add_argument("--out", type=_writable_dir, default="results/explain")
+    s.add_argument("images", nargs="+")
+    s.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
     s.add_argument("--images", type=int, default=None, help="held-out images to use (default 100; 12 with --quick)")

@@ -152,7 +152,7 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
         if arch is not None and file_arch is not None and arch != file_arch:
             raise CheckpointMismatchError(f"{path} holds weights for {file_arch!r}, not {arch!r}")
         arch = arch or file_arch
-        kwargs = json.loads(meta.get("model_kwargs", "{}"))
+        kwargs = {k: _tuplify(v) for k, v in json.loads(meta.get("model_kwargs", "{}")).items()}
         kwargs.update(model_kwargs)
         model = registry.get(arch, **kwargs)
         _check_against_model(model, variables, path)
@@ -160,6 +160,11 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
     if arch is None:
         raise ValueError(f"{path}: a torch checkpoint needs an architecture (--arch)")
     return load_torch_weights(arch, path, **model_kwargs)
+
+
+def _tuplify(v: Any) -> Any:
+    """JSON lists -> tuples, so that rebuilt modules stay hashable (a static jit argument)."""
+    return tuple(_tuplify(i) for i in v) if isinstance(v, list) else v
 
 
 def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: Path) -> None:
