@@ -160,3 +160,15 @@ def test_random_variables_he_normal_and_deterministic():
     w = models.random_variables(model, (1, 32, 32, 3), seed=4)
     jax.tree_util.tree_map(np.testing.assert_array_equal, v, w)
     assert jax.jit(model.apply)(v, jnp.ones((2, 32, 32, 3))).shape == (2, 3)
+
+
+def test_taps_capture_batchnorm_layers():
+    """xaijax's BatchNorm calls ``super().__call__``: still one layer, captured once."""
+    model = models.get("resnet18", num_classes=3, width=8)
+    v = models.random_variables(model, (1, 32, 32, 3), seed=2)
+    x = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+    _, acts = taps.forward(model, v, x, capture=["bn1", "conv1"])
+    st = v["batch_stats"]["bn1"]
+    p = v["params"]["bn1"]
+    want = (acts["conv1"] - st["mean"]) / jnp.sqrt(st["var"] + 1e-5) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(acts["bn1"], want, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ Every method is called as ``method(model, variables, x, target) -> (N, H, W) map
 package registers every method; ``names()`` lists them.
 """
 
-from xaijax.methods import baselines, cam, combinators, gradient, gradient_family, lrp  # noqa: F401  (registers methods)
+from xaijax.methods import baselines, cam, cam_extra, combinators, gradient, gradient_family, lrp  # noqa: F401  (registers methods)
 from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.baselines import Center
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear

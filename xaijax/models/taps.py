@@ -52,12 +52,19 @@ def forward(
     add = dict(add or {})
     wanted = set(capture) | set(add)
     captured: dict[str, jax.Array] = {}
+    active: set[str] = set()  # modules being called: a subclass calling super().__call__ is one call
 
     def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
         if context.method_name != "__call__" or not wanted:
-            return out
+            return next_fun(*args, **kwargs)
         name = module_name(context.module)
+        if name in active:
+            return next_fun(*args, **kwargs)
+        active.add(name)
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            active.discard(name)
         if name in wanted:
             if name in captured:
                 raise ValueError(f"layer {name!r} is called more than once; it cannot be tapped")
