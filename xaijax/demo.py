@@ -39,6 +39,8 @@ BUNDLED_CLASSIFIERS = ("synthetic_vgg16.safetensors", "synthetic_resnet18.safete
 DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 8},
     "integrated-gradients": {"steps": 16},
+    "rise": {"n": 500},
+    "ucag-grad-cam": {"n": 4},
 }
 
 

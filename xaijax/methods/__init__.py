@@ -5,7 +5,17 @@ Every method is called as ``method(model, variables, x, target) -> (N, H, W) map
 package registers every method; ``names()`` lists them.
 """
 
-from xaijax.methods import baselines, cam, cam_extra, combinators, gradient, gradient_family, lrp  # noqa: F401  (registers methods)
+from xaijax.methods import (  # noqa: F401  (registers methods)
+    baselines,
+    cam,
+    cam_extra,
+    combinators,
+    gradient,
+    gradient_family,
+    lrp,
+    perturbation,
+    ucag,
+)
 from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.baselines import Center
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
@@ -13,7 +23,9 @@ from xaijax.methods.combinators import Smooth, smooth
 from xaijax.methods.gradient import Gradient, input_gradient
 from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
 from xaijax.methods.lrp import CLRP, LRP, SGLRP, ExcitationBackprop
+from xaijax.methods.perturbation import RISE
 from xaijax.methods.registry import describe, get, names, register
+from xaijax.methods.ucag import Ucag, get_ucag
 
 __all__ = [
     "CLRP",
@@ -26,13 +38,16 @@ __all__ = [
     "Gradient",
     "IntegratedGradients",
     "ModifiedGradient",
+    "RISE",
     "Smooth",
+    "Ucag",
     "activation_and_gradient",
     "as_seed",
     "check_inputs",
     "default_cam_layer",
     "describe",
     "get",
+    "get_ucag",
     "input_gradient",
     "names",
     "quadrature",

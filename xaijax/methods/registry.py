@@ -25,7 +25,16 @@ def register(name: str, factory: Callable[..., Any], summary: str = "") -> None:
 
 
 def get(name: str, **hparams: Any) -> Any:
-    """Build the registered method ``name`` with hyperparameter overrides ``hparams``."""
+    """Build the registered method ``name`` with hyperparameter overrides ``hparams``.
+
+    ``"ucag:<name>"`` wraps any registered method in UCAG (:func:`xaijax.methods.ucag.get_ucag`;
+    hyperparameters prefixed ``ucag_`` configure the wrapper, the rest the base method).
+    """
+    if name.startswith("ucag:"):
+        from xaijax.methods.ucag import get_ucag
+
+        get(name[5:])  # readable error for an unknown base method
+        return get_ucag(name[5:], **hparams)
     try:
         factory, _ = _REGISTRY[name]
     except KeyError:

@@ -1,0 +1,134 @@
+"""RISE against a slow per-mask reference loop, scipy's zoom, and its invariances."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xaijax.methods import perturbation as pt
+from xaijax.methods import registry
+from xaijax.models import layers
+
+H, W = 12, 10
+
+
+class TinyNet(nn.Module):
+    """conv3x3 -> ReLU -> global mean -> dense (4 classes)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.ReLU(name="act")(layers.conv(6, 3, padding=1, name="conv")(x))
+        h = layers.Flatten(name="flatten")(layers.AdaptiveAvgPool2d(1, name="avgpool")(h))
+        return layers.dense(4, name="fc")(h)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = TinyNet()
+    tmpl = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, H, W, 3))))
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map(lambda l: jnp.asarray(rng.normal(size=l.shape), jnp.float32), tmpl)
+    x = jnp.asarray(rng.normal(size=(2, H, W, 3)), jnp.float32)
+    return model, variables, x
+
+
+def test_upsample_matrix_matches_scipy_zoom_mirror():
+    """Our bilinear upsampling = scipy zoom(order=1, mode='mirror', grid_mode=True) = skimage resize(mode='reflect')."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    s, up = 5, 18
+    g = np.random.default_rng(1).random((s, s))
+    u = pt.rise_upsample_matrix(s, up)
+    ref = ndimage.zoom(g, up / s, order=1, mode="mirror", grid_mode=True)
+    assert ref.shape == (up, up)
+    np.testing.assert_allclose(u @ g @ u.T, ref, atol=1e-12)
+    np.testing.assert_allclose(u.sum(1), 1.0)
+
+
+def test_masks_are_cropped_upsampled_grids():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    s, p = 4, 0.5
+    cell = pt.rise_cell_size((H, W), s)
+    assert cell == (3, 3)
+    key = jax.random.key(3)
+    masks = np.asarray(pt.rise_masks(key, jnp.arange(6), (H, W), s, p))
+    grids, shifts = jax.jit(jax.vmap(lambda i: pt.rise_grid_and_shift(key, i, s, p, cell)))(jnp.arange(6))
+    for i in range(6):
+        grid, (dy, dx) = np.asarray(grids[i], np.float64), np.asarray(shifts[i])
+        assert set(np.unique(grid)) <= {0.0, 1.0}
+        assert 0 <= dy < cell[0] and 0 <= dx < cell[1]
+        up = ndimage.zoom(grid, (s + 1) * cell[0] / s, order=1, mode="mirror", grid_mode=True)
+        np.testing.assert_allclose(masks[i], up[dy : dy + H, dx : dx + W], atol=1e-6)
+    # the generator is indexed: a mask does not depend on what is generated with it
+    perm = np.array([4, 1, 5, 0, 3, 2])
+    np.testing.assert_array_equal(np.asarray(pt.rise_masks(key, jnp.asarray(perm), (H, W), s, p)), masks[perm])
+
+
+@pytest.mark.parametrize("score", ["prob", "logit"])
+def test_rise_matches_reference_loop(setup, score):
+    model, variables, x = setup
+    n, s, p, seed = 11, 3, 0.6, 5
+    method = pt.RISE(n=n, s=s, p=p, score=score, seed=seed, chunk=4)  # 3 chunks, last one padded
+    target = jnp.array([1, 3])
+    got = np.asarray(jax.jit(method, static_argnums=0)(model, variables, x, target))
+
+    masks = np.asarray(pt.rise_masks(jax.random.key(seed), jnp.arange(n), (H, W), s, p), np.float64)
+    fwd = jax.jit(lambda xx: model.apply(variables, xx))
+    ref = np.zeros((2, H, W))
+    for i in range(n):  # slow reference: one mask at a time
+        out = np.asarray(fwd(x * masks[i][None, :, :, None]), np.float64)
+        if score == "prob":
+            out = np.exp(out - out.max(-1, keepdims=True))
+            out /= out.sum(-1, keepdims=True)
+        for b, t in enumerate([1, 3]):
+            ref[b] += out[b, t] * masks[i]
+    ref /= n * p
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
+
+
+def test_rise_chunk_batch_jit_independence_and_determinism(setup):
+    model, variables, x = setup
+    base = dict(n=9, s=3, p=0.5, seed=2)
+    ref = np.asarray(pt.RISE(chunk=9, **base)(model, variables, x, 2))  # eager, a single chunk
+    # chunked (3 chunks, last one padded) and jitted: the same masks, the same map
+    jitted = jax.jit(pt.RISE(chunk=4, **base), static_argnums=0)
+    np.testing.assert_allclose(jitted(model, variables, x, 2), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(jitted(model, variables, x, 2)), np.asarray(jitted(model, variables, x, 2)))
+    # a sample's map does not depend on the rest of its batch
+    np.testing.assert_allclose(jitted(model, variables, x[1:], 2)[0], ref[1], rtol=1e-5, atol=1e-7)
+    # masks are deterministic for a seed and differ between seeds
+    m2 = np.asarray(pt.rise_masks(2, jnp.arange(9), (H, W), 3, 0.5))
+    np.testing.assert_array_equal(m2, np.asarray(pt.rise_masks(jax.random.key(2), jnp.arange(9), (H, W), 3, 0.5)))
+    assert np.abs(m2 - np.asarray(pt.rise_masks(3, jnp.arange(9), (H, W), 3, 0.5))).max() > 0.1
+
+
+def test_rise_constant_model_gives_mean_mask_over_p():
+    """A model that ignores its input: map = score * mean_i(M_i) / p, averaging to ~score."""
+
+    class Const(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.zeros((x.shape[0], 4)) + jnp.array([0.0, 1.0, 2.0, 3.0])
+
+    x = jnp.ones((1, H, W, 3))
+    n, s, p = 50, 4, 0.5
+    got = np.asarray(pt.RISE(n=n, s=s, p=p, chunk=16)(Const(), {}, x, 3))
+    prob3 = np.exp(3.0) / np.exp([0.0, 1.0, 2.0, 3.0]).sum()
+    masks = np.asarray(pt.rise_masks(0, jnp.arange(n), (H, W), s, p))
+    np.testing.assert_allclose(got[0], prob3 * masks.mean(0) / p, rtol=1e-5)
+
+
+def test_rise_registered_and_validates():
+    m = registry.get("rise", n=8, chunk=4)
+    assert isinstance(m, pt.RISE) and m.n == 8 and m.s == 7 and m.p == 0.5
+    assert pt.RISE() == pt.RISE(n=4000, s=7, p=0.5, score="prob", seed=0, chunk=100)
+    with pytest.raises(ValueError, match="p"):
+        pt.RISE(p=0.0)
+    with pytest.raises(ValueError, match="score"):
+        pt.RISE(score="sigmoid")
+    with pytest.raises(ValueError, match="s"):
+        pt.RISE(s=1)
+    with pytest.raises(ValueError, match="chunk"):
+        pt.RISE(chunk=0)
