@@ -163,7 +163,7 @@ def test_random_variables_he_normal_and_deterministic():
 
 
 def test_taps_capture_batchnorm_layers():
-    """xaijax's BatchNorm calls ``super().__call__``: still one layer, captured once."""
+    """BatchNorm layers are tapped with their eval-mode output (one call per layer)."""
     model = models.get("resnet18", num_classes=3, width=8)
     v = models.random_variables(model, (1, 32, 32, 3), seed=2)
     x = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))

@@ -68,28 +68,43 @@ def dense(features: int, bias: bool = True, name: str | None = None) -> nn.Dense
 
 
 class BatchNorm(nn.BatchNorm):
-    """``nn.BatchNorm`` whose running variance is updated like PyTorch's.
+    """``nn.BatchNorm`` over the last axis whose running variance is updated like PyTorch's.
 
-    Flax updates the running variance with the biased batch variance, torch with the
-    unbiased one (divided by n - 1); training in xaijax would otherwise drift from torch's
-    statistics. Normalisation itself (biased variance of the batch) is unchanged, and eval
-    mode is exactly Flax's. ``isinstance(m, nn.BatchNorm)`` holds.
+    Same parameters (``scale``, ``bias``), statistics (``mean``, ``var`` in
+    ``batch_stats``), fields and eval-mode output as Flax's ``nn.BatchNorm``, and
+    ``isinstance(m, nn.BatchNorm)`` holds. Two differences: in train mode the running
+    variance is updated with the *unbiased* batch variance (``n / (n - 1)``, as torch does;
+    the batch itself is normalised with the biased one, as in both frameworks), and the
+    computation is written out here in one method, so an interceptor sees exactly one call
+    per layer. ``axis_name``/``mask`` (cross-device / masked statistics) are not supported.
     """
 
     @nn.compact
     def __call__(self, x, use_running_average=None, *, mask=None):
+        if mask is not None or self.axis_name is not None or self.axis != -1:
+            raise NotImplementedError("xaijax's BatchNorm normalises the last axis without masks or axis_name")
         ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        if ura or self.is_initializing() or not self.is_mutable_collection("batch_stats"):
-            return super().__call__(x, use_running_average=use_running_average, mask=mask)
-        old = self.get_variable("batch_stats", "var")
-        out = super().__call__(x, use_running_average=use_running_average, mask=mask)
-        new = self.get_variable("batch_stats", "var")
-        n = x.size // x.shape[-1] if mask is None else None
-        if n is None:
-            raise NotImplementedError("masked batch statistics are not supported by xaijax's BatchNorm")
-        # new = m*old + (1-m)*v_biased; torch uses v_unbiased = v_biased * n / (n - 1)
-        self.put_variable("batch_stats", "var", new + (new - self.momentum * old) / max(n - 1, 1))
-        return out
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
+        if ura:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            mul = mul * scale
+        y = (x - mean) * mul
+        return y + bias if bias is not None else y
 
 
 def batch_norm(train: bool, eps: float = 1e-5, name: str | None = None) -> nn.BatchNorm:
