@@ -11,15 +11,22 @@ Supported sources: torchvision ImageNet state dicts for every zoo architecture (
 1000-class Inception-v3 gets ``transform_input=True``, as torchvision builds it for its
 pretrained weights; pass ``transform_input=False`` to override), any
 state dict with torchvision's names (fine-tuned heads with another class count), and
-TorchRay's VOC/COCO VGG16 (Caffe-converted: classifier layers stored as ``classifier.0/2/4``,
-first convolution in BGR order, ceil-mode pooling). TorchRay's Caffe-converted ResNet50 is a
-different network (stride on the first 1x1 convolution, biased stem, split BatchNorm/Scale
-keys) and raises ``NotImplementedError``.
+TorchRay's Caffe-converted VOC/COCO models:
+
+* VGG16 (``vgg16_{voc,coco}-*.pth.tar``): classifier layers stored as ``classifier.0/2/4``,
+  first convolution in BGR order; built with ``ceil_mode=True`` pooling.
+* ResNet50 (``resnet50_{voc,coco}-*.pth.tar``): each BatchNorm stored as a Caffe
+  BatchNorm + Scale pair (``...bnK.0.running_mean``, ``...bnK.1.weight``,
+  ``...downsample.1.{0,1}.*``), folded back to torchvision's names as TorchRay does; stem
+  ``conv1`` in BGR order and with a bias. The model is built with ``stride_in_1x1=True``,
+  ``stem_bias=True`` and ``caffe_stem_pool=True`` (see :class:`xaijax.models.resnet.ResNet`);
+  BatchNorm keeps torchvision's eps 1e-5, as TorchRay's loader does.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -74,6 +81,30 @@ def _torchray_vgg_to_torchvision(sd: Mapping[str, Any]) -> dict[str, np.ndarray]
     return out  # 4-D (fully convolutional) classifier weights are handled by the mapping
 
 
+_CAFFE_BN = re.compile(r"(^|\.)(bn\d|downsample\.\d)\.[01]\.")
+
+
+def _torchray_resnet_to_torchvision(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """TorchRay's Caffe ResNet50 keys -> torchvision's, stem ``conv1`` BGR -> RGB.
+
+    ``layer1.0.bn2.0.running_var`` -> ``layer1.0.bn2.running_var`` and
+    ``layer2.0.downsample.1.1.weight`` -> ``layer2.0.downsample.1.weight`` (the Caffe
+    BatchNorm "0" and Scale "1" halves of one torch BatchNorm), as TorchRay's
+    ``_load_caffe_resnet50`` renames them. No rescaling: the stored statistics are used as is.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, v in sd.items():
+        name = _CAFFE_BN.sub(r"\1\2.", k)
+        if name in out and not name.endswith("num_batches_tracked"):  # a counter; dropped anyway
+            raise CheckpointMismatchError(f"TorchRay ResNet checkpoint: {k!r} and another key both map to {name!r}")
+        out[name] = np.asarray(v)
+    if "conv1.weight" not in out:
+        raise CheckpointMismatchError("TorchRay ResNet checkpoint has no stem 'conv1.weight'")
+    w = out["conv1.weight"]
+    out["conv1.weight"] = np.ascontiguousarray(w[:, ::-1])  # Caffe BGR -> RGB input channels
+    return out
+
+
 def load_torch_weights(
     arch: str,
     path: str | Path,
@@ -103,14 +134,14 @@ def load_torch_weights(
     source = detect_source(sd)
     kwargs = dict(model_kwargs)
     if source == "torchray":
-        if spec.family != "vgg":
-            raise NotImplementedError(
-                f"{path}: TorchRay's Caffe-converted ResNet50 (stride on the first 1x1 convolution, "
-                "biased stem, split BatchNorm/Scale keys) is not supported yet; torchvision-named "
-                "ResNet checkpoints are"
-            )
-        sd = _torchray_vgg_to_torchvision(sd)
-        kwargs.setdefault("ceil_mode", True)
+        if "features.0.weight" in sd:
+            sd = _torchray_vgg_to_torchvision(sd)
+            kwargs.setdefault("ceil_mode", True)
+        else:
+            sd = _torchray_resnet_to_torchvision(sd)
+            if spec.family == "resnet":
+                for flag in ("stride_in_1x1", "stem_bias", "caffe_stem_pool"):
+                    kwargs.setdefault(flag, True)
     guessed = guess_family(sd)
     if guessed is not None and guessed != spec.family:
         raise CheckpointMismatchError(

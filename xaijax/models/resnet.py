@@ -13,6 +13,12 @@ module (``relu1``, ``relu2`` inside the branch, ``relu`` after the residual ``ad
 layer name is called exactly once per forward pass. The Bottleneck puts the stride on its
 3x3 convolution (torchvision's "v1.5").
 
+Caffe-converted ResNets (TorchRay's VOC/COCO ResNet50, the original Caffe layout, "v1")
+differ in three places, each a :class:`ResNet` switch that defaults to torchvision's
+behaviour: ``stride_in_1x1`` (the first block of ``layer2``..``layer4`` strides its 1x1
+``conv1``; its 3x3 ``conv2`` has stride 1), ``stem_bias`` (``conv1`` of the stem has a bias)
+and ``caffe_stem_pool`` (the stem max-pool is 3x3/2, padding 0, ``ceil_mode=True``).
+
 Conventions: inputs NHWC float (N, H, W, 3), outputs logits (N, num_classes). At default
 settings the parameters have torchvision's shapes transposed (conv kernels HWIO, the ``fc``
 kernel (in, out)). ``layer4`` is the default CAM layer.
@@ -74,6 +80,7 @@ class BasicBlock(nn.Module):
     groups: int = 1
     base_width: int = 64
     train: bool = False
+    stride_in_1x1: bool = False  # no effect: the stride is already on the first convolution
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,6 +108,10 @@ class Bottleneck(nn.Module):
     The inner width is ``int(planes * base_width / 64) * groups`` (torchvision's rule, so
     ResNeXt / wide ResNets use the same block). Input NHWC (N, H, W, C_in); output
     (N, ceil(H/stride), ceil(W/stride), 4 * planes).
+
+    ``stride_in_1x1=False`` puts the stride on the 3x3 ``conv2`` (torchvision's "v1.5");
+    ``True`` puts it on the 1x1 ``conv1`` (the original Caffe "v1", as in TorchRay's
+    Caffe-converted ResNet50). The output shape is the same either way.
     """
 
     expansion: ClassVar[int] = 4
@@ -110,6 +121,7 @@ class Bottleneck(nn.Module):
     groups: int = 1
     base_width: int = 64
     train: bool = False
+    stride_in_1x1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -120,10 +132,11 @@ class Bottleneck(nn.Module):
                 f"(planes={self.planes}, width_per_group={self.base_width}, groups={self.groups}); it must be >= 1"
             )
         out_ch = self.planes * self.expansion
-        out = L.conv(inner, 1, 1, 0, bias=False, name="conv1")(x)
+        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        out = L.conv(inner, 1, s1, 0, bias=False, name="conv1")(x)
         out = L.batch_norm(self.train, name="bn1")(out)
         out = L.ReLU(name="relu1")(out)
-        out = _conv3x3(inner, self.stride, self.groups, name="conv2")(out)
+        out = _conv3x3(inner, s3, self.groups, name="conv2")(out)
         out = L.batch_norm(self.train, name="bn2")(out)
         out = L.ReLU(name="relu2")(out)
         out = L.conv(out_ch, 1, 1, 0, bias=False, name="conv3")(out)
@@ -141,7 +154,8 @@ Block = Union[type[BasicBlock], type[Bottleneck]]
 class ResLayer(nn.Module):
     """One ResNet stage (torchvision's ``layerN`` Sequential): blocks named "0", "1", ...
 
-    The first block carries the stride (and the projection shortcut where needed).
+    The first block carries the stride (and the projection shortcut where needed);
+    ``stride_in_1x1`` is passed on to every block.
     """
 
     block: Block
@@ -151,6 +165,7 @@ class ResLayer(nn.Module):
     groups: int = 1
     base_width: int = 64
     train: bool = False
+    stride_in_1x1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -161,6 +176,7 @@ class ResLayer(nn.Module):
                 groups=self.groups,
                 base_width=self.base_width,
                 train=self.train,
+                stride_in_1x1=self.stride_in_1x1,
                 name=str(i),
             )(x)
         return x
@@ -177,6 +193,11 @@ class ResNet(nn.Module):
         has ``width * 2**i`` planes. Small values give tiny variants.
       groups, width_per_group: ResNeXt / wide-ResNet knobs of the Bottleneck (1, 64).
       train: BatchNorm uses batch statistics (``mutable=["batch_stats"]``).
+      stride_in_1x1: Bottleneck stride on the 1x1 ``conv1`` instead of the 3x3 ``conv2``
+        (Caffe "v1"; no effect on BasicBlock). Default ``False`` (torchvision).
+      stem_bias: the stem ``conv1`` has a bias (Caffe). Default ``False`` (torchvision).
+      caffe_stem_pool: stem max-pool 3x3/2 with padding 0 and ``ceil_mode=True`` (Caffe)
+        instead of 3x3/2 with padding 1 (torchvision). Default ``False``.
 
     ``__call__(x)``: x NHWC float (N, H, W, 3) -> logits (N, num_classes).
     """
@@ -188,6 +209,9 @@ class ResNet(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     train: bool = False
+    stride_in_1x1: bool = False
+    stem_bias: bool = False
+    caffe_stem_pool: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -202,10 +226,13 @@ class ResNet(nn.Module):
             )
         if x.ndim != 4:
             raise ValueError(f"ResNet expects an NHWC batch (N, H, W, C), got an array of shape {x.shape}")
-        x = L.conv(self.width, 7, 2, 3, bias=False, name="conv1")(x)
+        x = L.conv(self.width, 7, 2, 3, bias=self.stem_bias, name="conv1")(x)
         x = L.batch_norm(self.train, name="bn1")(x)
         x = L.ReLU(name="relu")(x)
-        x = L.MaxPool2d(3, 2, 1, name="maxpool")(x)
+        if self.caffe_stem_pool:
+            x = L.MaxPool2d(3, 2, 0, ceil_mode=True, name="maxpool")(x)
+        else:
+            x = L.MaxPool2d(3, 2, 1, name="maxpool")(x)
         for i, n in enumerate(self.layers):
             x = ResLayer(
                 self.block,
@@ -215,6 +242,7 @@ class ResNet(nn.Module):
                 groups=self.groups,
                 base_width=self.width_per_group,
                 train=self.train,
+                stride_in_1x1=self.stride_in_1x1,
                 name=f"layer{i + 1}",
             )(x)
         x = L.AdaptiveAvgPool2d(1, name="avgpool")(x)
