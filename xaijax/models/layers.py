@@ -160,6 +160,15 @@ def _windows(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int]) -> 
     return out
 
 
+def _blocks(x: jax.Array, k: tuple[int, int]) -> jax.Array:
+    """NHWC -> (N, H//kh, kh, W//kw, kw, C): non-overlapping windows (floor: edges dropped)."""
+    n, h, w, c = x.shape
+    oh, ow = h // k[0], w // k[1]
+    if oh < 1 or ow < 1:
+        raise ValueError(f"pooling window {k} does not fit a {h}x{w} feature map: the input image is too small")
+    return x[:, : oh * k[0], : ow * k[1], :].reshape(n, oh, k[0], ow, k[1], c)
+
+
 def _ceil_extra(size: int, k: int, s: int, p: int) -> int:
     """Extra bottom/right padding that turns floor into PyTorch's ``ceil_mode`` output size."""
     out_floor = (size + 2 * p - k) // s + 1
@@ -192,14 +201,7 @@ class MaxPool2d(nn.Module):
         if self.ceil_mode:
             extra = (_ceil_extra(x.shape[1], k[0], s[0], p[0]), _ceil_extra(x.shape[2], k[1], s[1], p[1]))
         if k == s and p == (0, 0) and extra == (0, 0):
-            n, h, w, c = x.shape
-            oh, ow = h // k[0], w // k[1]
-            if oh < 1 or ow < 1:
-                raise ValueError(
-                    f"pooling window {k} does not fit a {h}x{w} feature map: the input image is too small"
-                )
-            x = x[:, : oh * k[0], : ow * k[1], :]
-            return x.reshape(n, oh, k[0], ow, k[1], c).max(axis=(2, 4))
+            return _blocks(x, k).max(axis=(2, 4))
         if p != (0, 0) or extra != (0, 0):
             pads = ((0, 0), (p[0], p[0] + extra[0]), (p[1], p[1] + extra[1]), (0, 0))
             x = jnp.pad(x, pads, constant_values=-jnp.inf)
@@ -219,14 +221,7 @@ class AvgPool2d(nn.Module):
         s = _pair(self.stride if self.stride is not None else self.kernel)
         p = _pair(self.padding)
         if k == s and p == (0, 0):
-            n, h, w, c = x.shape
-            oh, ow = h // k[0], w // k[1]
-            if oh < 1 or ow < 1:
-                raise ValueError(
-                    f"pooling window {k} does not fit a {h}x{w} feature map: the input image is too small"
-                )
-            x = x[:, : oh * k[0], : ow * k[1], :]
-            return x.reshape(n, oh, k[0], ow, k[1], c).mean(axis=(2, 4))
+            return _blocks(x, k).mean(axis=(2, 4))
         if p != (0, 0):
             x = jnp.pad(x, ((0, 0), (p[0], p[0]), (p[1], p[1]), (0, 0)))
         return sum(_windows(x, k, s)) / (k[0] * k[1])
