@@ -163,8 +163,7 @@ def run_demo(
     loaded = []
     for p in paths:
         model, variables, info = checkpoints.load(None, p)
-        meta = checkpoints.load_variables(p)[1]
-        loaded.append((p.stem, model, variables, meta.get("preprocess", "torchvision")))
+        loaded.append((p.stem, model, variables, info["metadata"].get("preprocess", "torchvision")))
 
     steps = len(loaded) * len(names) * max(1, -(-len(pairs.classes) // batch))
     bar = tqdm(total=steps, desc="demo", unit="batch", disable=not progress)

@@ -169,8 +169,8 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
 
     Native files (``.safetensors``/``.msgpack`` written by :func:`port` or
     :func:`xaijax.checkpoints.save_variables` with ``arch`` metadata) rebuild the model from
-    their metadata; ``arch`` may then be ``None`` and, if given, must agree. Torch files need
-    ``arch``. Returns ``(model, variables, info)``.
+    their metadata; ``arch`` may then be ``None`` and, if given, must agree (``info["metadata"]``
+    holds the file's string metadata). Torch files need ``arch``. Returns ``(model, variables, info)``.
     """
     path = Path(path)
     if not path.is_file():
@@ -187,7 +187,8 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
         kwargs.update(model_kwargs)
         model = registry.get(arch, **kwargs)
         _check_against_model(model, variables, path)
-        return model, variables, {"arch": arch, "source": meta.get("source", "native"), "model_kwargs": kwargs}
+        info = {"arch": arch, "source": meta.get("source", "native"), "model_kwargs": kwargs, "metadata": dict(meta)}
+        return model, variables, info
     if arch is None:
         raise ValueError(f"{path}: a torch checkpoint needs an architecture (--arch)")
     return load_torch_weights(arch, path, **model_kwargs)
