@@ -1,23 +1,31 @@
 """Train a small zoo classifier on the synthetic scenes benchmark and bundle it in ``weights/``.
 
-    python experiments/train_classifier.py --arch vgg16 --steps 600 --batch 32 --seed 0 \\
-        --out weights/synthetic_vgg16.safetensors
+The bundled files were made with (see their model cards for results and timings)::
 
-Multi-label sigmoid BCE, AdamW with linear warm-up and cosine decay, He-normal init,
+    python experiments/train_classifier.py --arch vgg16 --steps 1200 --batch 32 --seed 0 --cache \
+        --train-bn --out weights/synthetic_vgg16.safetensors
+    python experiments/train_classifier.py --arch resnet18 --steps 1200 --batch 32 --seed 0 --cache \
+        --out weights/synthetic_resnet18.safetensors
+
+Multi-label sigmoid BCE, AdamW with linear warm-up (5%) and cosine decay, He-normal init,
 random horizontal flips; inputs normalised with the "torchvision" convention (ImageNet mean
 and std), which is how native checkpoints are read by ``xaijax.checkpoints.load`` and the
 CLI. Batch ``s`` holds the training records ``s * B .. s * B + B - 1`` (mod 10,000), generated
-on the fly in a background thread, so a run is a pure function of its arguments: the same
-command on the same software reproduces the weights file byte for byte (the metadata holds
-no timings). Validation mAP (first ``--val-images`` of the val split) is printed every
+on the fly in a background thread (``--cache`` keeps them in memory, about 2 GB, so later
+epochs cost nothing), so a run is a pure function of its arguments: the same command on the
+same software reproduces the weights bit for bit and the same metadata (it holds no timings
+and no output path; only the order of the metadata entries in the safetensors header varies). Validation mAP (first ``--val-images`` of the val split) is printed every
 ``--eval-every`` steps; at the end the model is evaluated on the whole test split, saved
 atomically with its metadata, and a model card (``--card``, default: the output path with
-``.md``) is written with the per-class AP table, chance level, wall time and sha256.
+``.md``) is written with the per-class AP table, chance level, timings and sha256.
 
 Architectures (the zoo's own VGG16 / ResNet-18 code at small widths):
 
-* ``vgg16``: 13 conv layers, no BatchNorm, width 1/8 (8..64 channels), global average pool
-  (``pool_size=1``), hidden 128, no dropout.
+* ``vgg16``: 13 conv layers, width 1/8 (8..64 channels), global average pool
+  (``pool_size=1``), hidden 128, no dropout. With ``--train-bn`` the ``vgg16_bn`` variant is
+  trained and its BatchNorm folded into the convolutions afterwards, so the saved model is
+  a plain VGG16 without BatchNorm (exact in eval mode). Without it, plain VGG16 is trained
+  directly with He init plus a data-dependent init, which learns far more slowly.
 * ``resnet18``: BasicBlocks (2, 2, 2, 2), width 16 (16..128 channels).
 """
 
@@ -158,9 +166,12 @@ def command_line(args: argparse.Namespace, with_out: bool = True) -> str:
     return " ".join(parts)
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, skip_header: bool = False) -> str:
+    """sha256 of a file; with ``skip_header``, of a safetensors file's data after its JSON header."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
+        if skip_header:
+            fh.seek(8 + int.from_bytes(fh.read(8), "little"))
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -209,8 +220,11 @@ used nothing (the final step is saved); val mAP was only monitored.
 {info['command']}
 ```
 
-reproduces this file byte for byte on the same software (jax {jax.__version__}, CPU); the
-metadata holds no timings. Multi-label sigmoid BCE; AdamW (peak lr {info['lr']:g}, weight
+reproduces the weights exactly on the same software (jax {jax.__version__}, CPU): the same
+tensors, bit for bit, and the same metadata (it holds no timings and no output path). The
+tensor data section of the file is then byte-identical (sha256 below); the sha256 of the
+whole file can still differ, because the safetensors writer emits the metadata entries of
+the header in an order that varies from run to run. Multi-label sigmoid BCE; AdamW (peak lr {info['lr']:g}, weight
 decay {args.weight_decay:g} on kernels only, gradient clipping at global norm 1), linear
 warm-up over {info['warmup_steps']} steps then cosine decay to 0; {info['init_text']};
 {args.steps} steps of batch {args.batch}; seed {args.seed} (init and flips).
@@ -223,9 +237,11 @@ Time on this machine ({info['cpu_count']} CPU cores, {platform.machine()}):
 | whole run (incl. start-up and the test evaluation) | {info['total_seconds'] / 60:.1f} min | {info['total_cpu_seconds'] / 60:.1f} min |
 
 The machine was shared with other jobs during the run (1-minute load average
-{info['load_start']:.1f} at the start, {info['load_end']:.1f} at the end, on 2 cores), so the
-wall clock overstates the cost; on a dedicated 2-core machine the wall time is at most the
-process CPU time (the run always keeps at least one core busy).
+{info['load_mean']:.1f} on average and up to {info['load_max']:.1f} during training, on 2
+cores), so the wall clock overstates the cost. On a dedicated 2-core machine the wall time
+is at most the process CPU time (the run always keeps at least one core busy) and about
+0.7 times it: XLA runs parts of each step on both cores (about 1.4 CPU-seconds per
+wall-second were measured on the quiet machine).
 
 ## Held-out results (test split, {info['test_images']} images)
 
@@ -241,7 +257,9 @@ process CPU time (the run always keeps at least one core busy).
 
 ## File
 
-- `{args.out.name}`: {info['file_size']:,} bytes, sha256 `{info['sha256']}`
+- `{args.out.name}`: {info['file_size']:,} bytes, float32 tensors; sha256 of the file
+  `{info['sha256']}`; sha256 of its tensor data section (everything after the header)
+  `{info['data_sha256']}`
 - metadata keys: {', '.join(f'`{k}`' for k in sorted(info['metadata_keys']))}
 """
     tmp = path.with_name(f".{path.name}.tmp")
@@ -253,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     c_start = time.process_time()
-    load_start = os.getloadavg()[0]
+    loads = [os.getloadavg()[0]]  # 1-minute load average, sampled every 10 steps
     cfg = CONFIGS[args.arch]
     kwargs = model_kwargs_of(args)
     lr = args.lr if args.lr is not None else cfg["lr"]
@@ -290,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         state, metrics = step_fn(state, images, targets)
         if step % 10 == 0 or step == args.steps:
             losses.append(float(metrics["loss"]))
+            loads.append(os.getloadavg()[0])
             bar.set_postfix(loss=f"{losses[-1]:.4f}", val_map=f"{last_val:.3f}")
         if step % eval_every == 0 or step == args.steps:
             last_val = val_map()
@@ -348,8 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "total_cpu_seconds": time.process_time() - c_start,
-        "load_start": load_start,
-        "load_end": os.getloadavg()[0],
+        "load_mean": float(np.mean(loads)),
+        "load_max": float(np.max(loads)),
         "init_text": INIT_TEXT[init],
         "train_note": TRAIN_NOTES.get(train_arch, "").format(fold_error=fold_error or 0.0),
         "total_seconds": total_seconds,
@@ -362,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_map": last_val,
         "file_size": args.out.stat().st_size,
         "sha256": sha256_of(args.out),
+        "data_sha256": sha256_of(args.out, skip_header=args.out.suffix == ".safetensors"),
         "metadata_keys": list(metadata),
         "losses": losses,
         "train_arch": train_arch,
@@ -369,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     card = args.card or args.out.with_suffix(".md")
     write_card(card, args, info)
-    summary = {k: info[k] for k in ("arch", "num_params", "test_map", "chance_map", "val_map", "train_seconds", "train_cpu_seconds", "total_seconds", "file_size", "sha256")}
+    summary = {k: info[k] for k in ("arch", "num_params", "test_map", "chance_map", "val_map", "train_seconds", "train_cpu_seconds", "total_seconds", "file_size", "sha256", "data_sha256")}
     print(json.dumps(summary, indent=1), flush=True)
     return info
 

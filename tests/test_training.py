@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -317,6 +318,7 @@ def test_bundled_weights_reach_their_recorded_map(name, test_head):
     assert res["map"] > chance + 0.5 and recorded >= 0.75
     if meta["arch"] == "vgg16":  # shipped as plain VGG16 (BatchNorm folded away after training)
         assert "batch_stats" not in variables and len(variables["params"]["features"]) == 13
-    # the card states the same held-out mAP as the file's metadata
+    # the card describes this very file: its held-out mAP and its sha256
     card = path.with_suffix(".md").read_text()
     assert f"{recorded:.4f}" in card
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in card
