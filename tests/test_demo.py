@@ -97,8 +97,35 @@ def test_demo_cli_errors(weights, tmp_path, capsys, monkeypatch):
     assert "unknown method 'gradiant'" in err(["demo", "--methods", "gradiant", "--out", str(tmp_path / "b")])
     monkeypatch.setenv("XAIJAX_WEIGHTS", str(tmp_path / "nowhere"))
     assert "bundled weights file missing" in err(["demo", "--out", str(tmp_path / "c")])
+    assert "unknown bundled model 'vgg'" in err(["demo", "--models", "vgg", "--out", str(tmp_path / "d")])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit) as e:  # argparse: usage + one error line, exit 2
         cli.main(["demo", "--out", str(blocker / "sub")])
     assert e.value.code == 2 and "cannot create output directory" in capsys.readouterr().err
+
+
+def test_demo_model_subset_and_hparams(weights, tmp_path):
+    res = demo.run_demo(
+        tmp_path / "q", 2, method_names=["integrated-gradients"], batch=2, weights=weights, progress=False,
+        models=["synthetic_resnet18"], hparams={"integrated-gradients": {"steps": 3}},
+    )
+    assert [(r["model"], r["method"], r["hparams"]) for r in res["rows"]] == [("synthetic_resnet18", "integrated-gradients", "steps=3")]
+    assert res["models"] == ["synthetic_resnet18"]
+
+
+def test_demo_skips_methods_of_other_kinds(weights, tmp_path, monkeypatch):
+    import dataclasses
+    from typing import ClassVar
+
+    @dataclasses.dataclass(frozen=True)
+    class PairwiseThing:
+        kind: ClassVar[str] = "similarity"
+
+    monkeypatch.setitem(methods.registry._REGISTRY, "pairwise-thing", (PairwiseThing, "test only"))
+    assert methods.kind("pairwise-thing") == "similarity" and methods.kind("gradient") == "attribution"
+    res = demo.run_demo(tmp_path / "k", 1, method_names=["center", "pairwise-thing"], weights=weights, progress=False,
+                        models=["synthetic_vgg16"])
+    assert [r["method"] for r in res["rows"]] == ["center"]
+    assert "pairwise-thing" in res["skipped_methods"]
+    assert "`pairwise-thing`: kind 'similarity'" in (tmp_path / "k" / "results.md").read_text()

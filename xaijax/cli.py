@@ -92,14 +92,18 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from xaijax.demo import run_demo
 
-    images = args.images if args.images is not None else (12 if args.quick else 100)
+    from xaijax import demo
+
+    images = args.images if args.images is not None else (demo.QUICK_IMAGES if args.quick else 100)
+    chosen = [m.strip() for m in args.models.split(",")] if args.models else (list(demo.QUICK_MODELS) if args.quick else None)
     names = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if names:
         from xaijax import methods
 
         for n in names:
             methods.get(n)  # readable error for unknown names before any work
-    result = run_demo(args.out, images, method_names=names, batch=args.batch)
+    hp = demo.QUICK_HPARAMS if args.quick else demo.DEMO_HPARAMS
+    result = run_demo(args.out, images, method_names=names, batch=args.batch, models=chosen, hparams=hp)
     d = result["dataset"]
     print(f"{d['images']} images, {d['pairs']} pairs; wrote {args.out}/results.md, results.csv, results.json, figure.png")
     print((args.out / "results.md").read_text())
@@ -210,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
-    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 100; 12 with --quick)")
-    s.add_argument("--quick", action="store_true", help="a fast run (about a minute on a laptop CPU)")
+    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 100; 8 with --quick)")
+    s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, cheaper sampling settings (a minute or two)")
+    s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18; synthetic_resnet18 with --quick)")
     s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
     s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
     s.add_argument("--out", type=_writable_dir, default="results/demo")

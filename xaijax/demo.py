@@ -43,6 +43,17 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "ucag-grad-cam": {"n": 4},
 }
 
+#: ``--quick``: one model, few images, and cheaper settings still (about a minute of CPU).
+QUICK_MODELS = ("synthetic_resnet18",)
+QUICK_IMAGES = 8
+QUICK_HPARAMS: dict[str, dict[str, Any]] = {
+    **DEMO_HPARAMS,
+    "smoothgrad": {"n": 4},
+    "integrated-gradients": {"steps": 8},
+    "rise": {"n": 200},
+    "ucag-grad-cam": {"n": 3},
+}
+
 
 def weights_dir() -> Path:
     """The bundled ``weights/`` folder (override with ``XAIJAX_WEIGHTS``)."""
@@ -137,14 +148,36 @@ def run_demo(
     figure_images: int = 4,
     weights: Path | None = None,
     progress: bool = True,
+    models: Sequence[str] | None = None,
+    hparams: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the results dict that is also written to ``out/results.json``."""
+    """Run the demo; returns the results dict that is also written to ``out/results.json``.
+
+    Args:
+      out: output folder (created).
+      images: number of held-out test images (the first ``images`` of the split).
+      method_names: methods to run (default: every registered method of kind
+        ``"attribution"``; methods of other kinds, e.g. BiLRP or D-RISE, are listed in the
+        results as skipped).
+      batch: maps computed per jitted call.
+      figure_images: images shown in the figure (per model).
+      weights: folder with the bundled weights (default :func:`weights_dir`).
+      models: bundled classifiers to use, by file stem (default: all of
+        :data:`BUNDLED_CLASSIFIERS`).
+      hparams: per-method hyperparameter overrides (default :data:`DEMO_HPARAMS`).
+    """
     from tqdm import tqdm
 
     if images < 1:
         raise ValueError(f"--images must be at least 1; got {images}")
     wdir = Path(weights) if weights is not None else weights_dir()
-    paths = [wdir / f for f in BUNDLED_CLASSIFIERS]
+    stems = [Path(f).stem for f in BUNDLED_CLASSIFIERS]
+    chosen = list(models) if models else stems
+    unknown = [m for m in chosen if m not in stems]
+    if unknown:
+        raise ValueError(f"unknown bundled model {unknown[0]!r}; choose from {', '.join(stems)}")
+    paths = [wdir / f"{m}.safetensors" for m in chosen]
+    hparams = DEMO_HPARAMS if hparams is None else hparams
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"bundled weights file missing: {p} (run from a clone of the repository, or set XAIJAX_WEIGHTS)")
@@ -152,7 +185,10 @@ def run_demo(
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output directory {out} is not writable")
 
-    names = list(method_names) if method_names else methods_registry.names()
+    candidates = list(method_names) if method_names else methods_registry.names()
+    kinds = {n: methods_registry.kind(n) for n in candidates}
+    names = [n for n in candidates if kinds[n] == "attribution"]
+    skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k != "attribution"}
     metric_names = metrics.names()
     scenes = data.SyntheticScenes()
     records = [scenes.record("test", i) for i in range(images)]
@@ -175,7 +211,7 @@ def run_demo(
             x_all = normalize(jnp.asarray(imgs), convention)
             for name in names:
                 bar.set_postfix_str(f"{model_name}: {name}")
-                hp = DEMO_HPARAMS.get(name, {})
+                hp = hparams.get(name, {})
                 row: dict[str, Any] = {"model": model_name, "method": name, "hparams": _hp_str(hp)}
                 try:
                     explain = _explain_fn(methods_registry.get(name, **hp), model)
@@ -201,6 +237,7 @@ def run_demo(
                     "dif_pairs": int(pairs.dif.sum()), "seed": scenes.seed},
         "models": [m[0] for m in loaded],
         "methods": names,
+        "skipped_methods": skipped,
         "metrics": metric_names,
         "rows": rows,
     }
@@ -262,6 +299,9 @@ def _write_tables(out: Path, result: dict[str, Any]) -> None:
         "|" + "---|" * len(cols),
     ]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    if result.get("skipped_methods"):
+        lines += ["", "Not run (they explain something other than one classifier decision per image):"]
+        lines += [f"- `{n}`: {why}" for n, why in result["skipped_methods"].items()]
     _atomic_text(out / "results.md", "\n".join(lines) + "\n")
 
 

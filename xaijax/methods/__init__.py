@@ -24,7 +24,7 @@ from xaijax.methods.gradient import Gradient, input_gradient
 from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
 from xaijax.methods.lrp import CLRP, LRP, SGLRP, ExcitationBackprop
 from xaijax.methods.perturbation import RISE
-from xaijax.methods.registry import describe, get, names, register
+from xaijax.methods.registry import describe, get, kind, names, register
 from xaijax.methods.ucag import Ucag, get_ucag
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "get",
     "get_ucag",
     "input_gradient",
+    "kind",
     "names",
     "quadrature",
     "reduce_channels",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-__all__ = ["register", "get", "names", "describe"]
+__all__ = ["register", "get", "names", "describe", "kind"]
 
 _REGISTRY: dict[str, tuple[Callable[..., Any], str]] = {}
 
@@ -58,3 +58,12 @@ def describe(name: str) -> str:
     if not get_ok:
         get(name)  # raises the readable error
     return _REGISTRY[name][1]
+
+
+def kind(name: str) -> str:
+    """What a registered method explains: ``"attribution"`` (the default: ``method(model,
+    variables, x, target) -> (N, H, W)`` maps of image classifiers), or another kind declared
+    by the method class's ``kind`` attribute (``"similarity"`` for BiLRP, ``"detection"`` for
+    D-RISE), whose call signatures differ. The demo and the evaluation experiments run the
+    attribution methods only."""
+    return str(getattr(get(name), "kind", "attribution"))
