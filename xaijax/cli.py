@@ -155,6 +155,28 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         print(f"{path}: class {target} (logit {logits[target]:.3f}) -> {out}/{stem}.{args.method.replace(':', '_')}.png")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from xaijax.evaluation import EvalConfig, run_experiment
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    hparams: dict[str, dict] = {}
+    for item in args.param:
+        method, sep, kv = item.partition(":")
+        if not sep or method not in names:
+            raise UserError(f"--param expects METHOD:key=value with METHOD one of --methods ({', '.join(names)}); got {item!r}")
+        hparams.setdefault(method, {}).update(_parse_params([kv]))
+    out = args.out or Path("results") / "eval" / f"{args.experiment}-{args.dataset}"
+    cfg = EvalConfig(
+        experiment=args.experiment, out=Path(out), methods=tuple(names), dataset=args.dataset, data_dir=args.data_dir,
+        split=args.split, size=args.size, arch=args.arch, weights=args.weights, preprocess=args.preprocess,
+        hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images,
+        shard_index=args.shard_index, shard_count=args.shard_count,
+    )
+    run_experiment(cfg, progress=not args.no_progress)
+    print(f"wrote {out}/results.md, results.csv, results.json")
+    print((Path(out) / "results.md").read_text())
+
+
 def _cmd_example(args: argparse.Namespace) -> None:
     from xaijax.example import run_example
 
@@ -221,6 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
     s.add_argument("--out", type=_writable_dir, default="results/demo")
     s.set_defaults(func=_cmd_demo)
+
+    from xaijax.evaluation import DATASETS, EXPERIMENTS
+
+    s = sub.add_parser("eval", help="evaluation experiments (the research's tables); resumable, data-parallel")
+    s.add_argument("experiment", choices=EXPERIMENTS)
+    s.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    s.add_argument("--data-dir", default=None, help="dataset folder (not needed for synthetic)")
+    s.add_argument("--split", default=None, help="dataset split (default: test)")
+    s.add_argument("--size", type=int, default=None, help="square image side (default 128 synthetic, 224 otherwise)")
+    s.add_argument("--arch", default=None, help="architecture (needed for .pth weights)")
+    s.add_argument("--weights", default=None, help="weights file (default for synthetic: the bundled VGG16-style model)")
+    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
+    s.add_argument("--methods", required=True, help="comma-separated method names")
+    s.add_argument("--param", action="append", default=[], help="METHOD:key=value hyperparameter override (repeatable)")
+    s.add_argument("--seeds", choices=["labels", "predicted"], default="labels", help="L: all GT classes; P: GT classes the model predicts")
+    s.add_argument("--batch", type=int, default=16, help="images (and maps) per jitted call")
+    s.add_argument("--devices", type=int, default=None, help="local devices to shard over (default: all)")
+    s.add_argument("--images", type=int, default=None, help="evaluate only the first N images")
+    s.add_argument("--shard-index", type=int, default=0, help="multi-host: this process's slice")
+    s.add_argument("--shard-count", type=int, default=1, help="multi-host: number of processes")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--out", default=None, help="output folder (default results/eval/EXPERIMENT-DATASET); rerun to resume")
+    s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("example", help="end-to-end example: model, weights, predict, explain, PNG")
     s.add_argument("--out", type=_writable_dir, default="results/example")

@@ -12,9 +12,6 @@ atomically: an interrupted run leaves no half-written file.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import tempfile
 import time
@@ -28,6 +25,7 @@ import numpy as np
 
 from xaijax import checkpoints, data, metrics
 from xaijax import methods as methods_registry
+from xaijax.evaluation.tables import write_tables
 from xaijax.models.preprocess import normalize
 
 __all__ = ["BUNDLED_CLASSIFIERS", "weights_dir", "build_pairs", "run_demo"]
@@ -73,16 +71,15 @@ class Pairs:
 
 def build_pairs(records: Sequence[data.Record]) -> Pairs:
     """Every (image, present class) pair, skipping classes whose instances are all difficult."""
+    from xaijax.evaluation.runner import image_pairs
+
     idx, cls, regions, dif = [], [], [], []
     for i, r in enumerate(records):
-        present = data.present_classes(r, include_difficult=False)
-        n_present = len(data.present_classes(r, include_difficult=True))
-        for c in present:
-            region = data.class_mask(r, int(c), include_difficult=True)
+        for c, region, d in image_pairs(r):
             idx.append(i)
-            cls.append(int(c))
+            cls.append(c)
             regions.append(region)
-            dif.append(metrics.is_difficult_pair(region.mean(), n_present))
+            dif.append(d)
     h, w = records[0].image.shape[:2]
     return Pairs(
         np.asarray(idx, np.int64),
@@ -90,17 +87,6 @@ def build_pairs(records: Sequence[data.Record]) -> Pairs:
         np.stack(regions) if regions else np.zeros((0, h, w), bool),
         np.asarray(dif, bool),
     )
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _explain_fn(method: Callable[..., jax.Array], model: Any) -> Callable[..., jax.Array]:
@@ -263,46 +249,20 @@ def _figure_pairs(pairs: Pairs, n: int) -> np.ndarray:
     return np.asarray(firsts, np.int64)
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    cols: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
-    return cols
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1 else f"{v:.3g}"
-    return "" if v is None else str(v)
-
-
 def _write_tables(out: Path, result: dict[str, Any]) -> None:
-    rows = result["rows"]
-    cols = _columns(rows)
-    _atomic_text(out / "results.json", json.dumps(result, indent=2) + "\n")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    _atomic_text(out / "results.csv", buf.getvalue())
     d = result["dataset"]
-    lines = [
+    header = [
         "# xaijax demo — synthetic benchmark",
         "",
         f"Split `{d['split']}`, {d['images']} images, {d['pairs']} (image, class) pairs ({d['dif_pairs']} in DIF), "
         f"data seed {d['seed']}. Pointing game: TorchRay protocol (15 px, per-class mean). "
         "mIoU: maps binarised at > 0 (positive) and > mean.",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
     ]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    footer: list[str] = []
     if result.get("skipped_methods"):
-        lines += ["", "Not run (they explain something other than one classifier decision per image):"]
-        lines += [f"- `{n}`: {why}" for n, why in result["skipped_methods"].items()]
-    _atomic_text(out / "results.md", "\n".join(lines) + "\n")
+        footer += ["", "Not run (they explain something other than one classifier decision per image):"]
+        footer += [f"- `{n}`: {why}" for n, why in result["skipped_methods"].items()]
+    write_tables(out, result["rows"], header, result, footer)
 
 
 def _write_figure(path, imgs, records, pairs, fig_pairs, figure_maps, model_names, method_names, class_names) -> None:

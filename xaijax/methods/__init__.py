@@ -7,6 +7,7 @@ package registers every method; ``names()`` lists them.
 
 from xaijax.methods import (  # noqa: F401  (registers methods)
     baselines,
+    bilrp,
     cam,
     cam_extra,
     combinators,
@@ -18,6 +19,7 @@ from xaijax.methods import (  # noqa: F401  (registers methods)
 )
 from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.baselines import Center
+from xaijax.methods.bilrp import BiLRP, BiLRPResult, bilrp_composite, plot_bilrp
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
 from xaijax.methods.combinators import Smooth, smooth
 from xaijax.methods.gradient import Gradient, input_gradient
@@ -28,6 +30,10 @@ from xaijax.methods.registry import describe, get, kind, names, register
 from xaijax.methods.ucag import Ucag, get_ucag
 
 __all__ = [
+    "BiLRP",
+    "BiLRPResult",
+    "bilrp_composite",
+    "plot_bilrp",
     "CLRP",
     "Center",
     "ExcitationBackprop",

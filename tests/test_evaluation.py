@@ -1,0 +1,204 @@
+"""Evaluation experiments: results store, resume after a kill, sharding, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xaijax import checkpoints, cli, data, methods, metrics, models
+from xaijax.evaluation import EvalConfig, ResultsStore, StoreMismatchError, run_experiment
+from xaijax.evaluation.runner import image_pairs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    kw = {"num_classes": 12, "width": 8}
+    m = models.get("resnet18", **kw)
+    v = models.random_variables(m, (1, 128, 128, 3), seed=3)
+    path = tmp_path_factory.mktemp("w") / "tiny_resnet18.safetensors"
+    checkpoints.save_variables(path, v, metadata={"arch": "resnet18", "model_kwargs": json.dumps(kw)})
+    return path
+
+
+# --- results store ---------------------------------------------------------------------
+
+
+def test_store_round_trip_dedup_and_mismatch(tmp_path):
+    p = tmp_path / "s.jsonl"
+    s = ResultsStore(p, {"a": 1, "b": [1, 2]})
+    s.append([{"index": 3, "v": 0.5}, {"index": 1, "v": 0.25}])
+    s.append([{"index": 3, "v": 99.0}])  # already stored: ignored, never counted twice
+    s2 = ResultsStore(p, {"b": [1, 2], "a": 1})  # same config, other key order
+    assert s2.done() == {1, 3}
+    assert [r["v"] for r in s2.rows()] == [0.25, 0.5]
+    with pytest.raises(StoreMismatchError, match=r"different configuration \(a: stored 1, now 2\)"):
+        ResultsStore(p, {"a": 2, "b": [1, 2]})
+    (tmp_path / "junk.jsonl").write_text("hello\n")
+    with pytest.raises(StoreMismatchError, match="not an xaijax results store"):
+        ResultsStore(tmp_path / "junk.jsonl", {})
+
+
+def test_store_cuts_a_torn_last_line(tmp_path):
+    p = tmp_path / "s.jsonl"
+    s = ResultsStore(p, {"k": 0})
+    s.append([{"index": 0, "v": 1.0}])
+    with open(p, "a") as f:
+        f.write('{"index": 1, "v": 2.')  # the process died mid-write
+    s = ResultsStore(p, {"k": 0})
+    assert s.done() == {0}
+    s.append([{"index": 1, "v": 2.5}])
+    lines = p.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2]) == {"index": 1, "v": 2.5}
+
+
+# --- pointing experiment -----------------------------------------------------------------
+
+
+def test_pointing_experiment_matches_a_direct_computation(tiny_weights, tmp_path):
+    cfg = EvalConfig("pointing", tmp_path / "ev", ("center", "gradient"), weights=str(tiny_weights), images=5, batch=2)
+    res = run_experiment(cfg, progress=False)
+    assert [r["method"] for r in res["rows"]] == ["center", "gradient"]
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == [
+        "pointing-center.jsonl", "pointing-gradient.jsonl", "results.csv", "results.json", "results.md"
+    ]
+    # independent recomputation for the centre baseline
+    recs = data.SyntheticScenes().records("test", 0, 5)
+    pairs = [(c, reg, d) for r in recs for c, reg, d in image_pairs(r)]
+    classes = np.asarray([c for c, _, _ in pairs])
+    regions = np.stack([reg for _, reg, _ in pairs])
+    dif = np.asarray([d for _, _, d in pairs])
+    maps = np.asarray(methods.get("center")(None, None, np.zeros((len(pairs), 128, 128, 3), np.float32), 0))
+    pg = metrics.PointingGame(12)
+    pg.update(classes, metrics.pointing_hits(maps, regions), dif)
+    row = res["rows"][0]
+    assert row["pairs"] == len(pairs) and row["images"] == 5 and row["skipped_images"] == 0
+    assert row["pointing_all"] == pytest.approx(pg.result()["all"])
+    assert row["pointing_dif"] == pytest.approx(pg.result()["dif"])
+    # every class present in each image (non-difficult) is one pair
+    expected = sum(len(data.present_classes(r, include_difficult=False)) for r in recs)
+    assert row["pairs"] == expected
+    # a rerun resumes: nothing recomputed, same table
+    res2 = run_experiment(cfg, progress=False)
+    _same_rows(res2["rows"], res["rows"], rel=0)
+    # extending the image count evaluates only the new images
+    res3 = run_experiment(EvalConfig("pointing", tmp_path / "ev", ("center",), weights=str(tiny_weights), images=7, batch=2), progress=False)
+    assert res3["rows"][0]["images"] == 7
+    # another configuration in the same folder is refused
+    with pytest.raises(StoreMismatchError, match="refusing to mix"):
+        run_experiment(EvalConfig("pointing", tmp_path / "ev", ("center",), weights=str(tiny_weights), images=5, seeds="predicted"), progress=False)
+
+
+def test_predicted_seeds_keep_only_predicted_classes(tiny_weights, tmp_path):
+    res_l = run_experiment(EvalConfig("pointing", tmp_path / "l", ("center",), weights=str(tiny_weights), images=4), progress=False)
+    res_p = run_experiment(EvalConfig("pointing", tmp_path / "p", ("center",), weights=str(tiny_weights), images=4, seeds="predicted"), progress=False)
+    model, v, _ = checkpoints.load(None, tiny_weights)
+    from xaijax.models.preprocess import normalize
+
+    recs = data.SyntheticScenes().records("test", 0, 4)
+    logits = np.asarray(model.apply(v, normalize(np.stack([r.image for r in recs]), "torchvision")))
+    expected = sum(1 for k, r in enumerate(recs) for c in data.present_classes(r, include_difficult=False) if logits[k, c] > 0)
+    assert res_p["rows"][0]["pairs"] == expected <= res_l["rows"][0]["pairs"]
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from xaijax.evaluation import store
+    calls = {"n": 0}
+    orig = store.ResultsStore.append
+    def append(self, rows):
+        rows = list(rows)
+        if calls["n"] == 2:  # third batch: half a line reaches the disk, then the process dies
+            with open(self.path, "a") as f:
+                f.write('{"index": ' + str(rows[0]["index"]) + ', "pa')
+            os.kill(os.getpid(), signal.SIGKILL)
+        calls["n"] += 1
+        orig(self, rows)
+    store.ResultsStore.append = append
+    from xaijax import cli
+    sys.exit(cli.main(sys.argv[1:]))
+    """
+)
+
+
+def _eval_args(weights: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "pointing", "--methods", "gradient", "--weights", str(weights), "--images", "9", "--batch", "2",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_table(tiny_weights, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *_eval_args(tiny_weights, out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == -9, proc.stderr
+    assert not (out / "results.json").exists()
+    assert ResultsStore(out / "pointing-gradient.jsonl", json.loads((out / "pointing-gradient.jsonl").read_text().splitlines()[0])["config"]).done() == {0, 1, 2, 3}
+    assert cli.main(_eval_args(tiny_weights, out)) == 0
+    assert cli.main(_eval_args(tiny_weights, tmp_path / "clean")) == 0
+    killed = json.loads((out / "results.json").read_text())
+    clean = json.loads((tmp_path / "clean" / "results.json").read_text())
+    _same_rows(killed["rows"], clean["rows"], rel=0)
+    assert len((out / "pointing-gradient.jsonl").read_text().splitlines()) == 1 + 9
+
+
+SHARD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    assert len(jax.local_devices()) == 4, jax.local_devices()
+    from xaijax import cli
+    for d, out in (("4", sys.argv[2]), ("1", sys.argv[3])):
+        assert cli.main(["eval", "pointing", "--methods", "gradient,grad-cam", "--weights", sys.argv[1], "--images", "5",
+                         "--batch", "3", "--devices", d, "--no-progress", "--out", out]) == 0
+    """
+)
+
+
+def test_sharded_run_equals_single_device(tiny_weights, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    a, b = tmp_path / "four", tmp_path / "one"
+    proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, str(tiny_weights), str(a), str(b)], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("pointing-gradient.jsonl", "pointing-grad-cam.jsonl"):
+        ra = [json.loads(x) for x in (a / name).read_text().splitlines()[1:]]
+        rb = [json.loads(x) for x in (b / name).read_text().splitlines()[1:]]
+        assert [r["index"] for r in ra] == [r["index"] for r in rb] == list(range(5))
+        for x, y in zip(ra, rb):
+            for p, q in zip(x["pairs"], y["pairs"]):
+                assert p["class"] == q["class"] and p["hit"] == q["hit"]
+                assert p["iou_mean"] == pytest.approx(q["iou_mean"], abs=1e-6)
+    _same_rows(json.loads((a / "results.json").read_text())["rows"], json.loads((b / "results.json").read_text())["rows"])
+
+
+def _same_rows(xs: list[dict], ys: list[dict], rel: float = 1e-5) -> None:
+    """Tables equal up to float32 summation order (NaN, e.g. an undefined density, equals NaN)."""
+    assert [sorted(x) for x in xs] == [sorted(y) for y in ys]
+    for x, y in zip(xs, ys):
+        for k in x:
+            if isinstance(x[k], float):
+                assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-7, nan_ok=True), k
+            else:
+                assert x[k] == y[k], k
+
+
+def test_eval_cli_errors(tiny_weights, tmp_path, capsys):
+    def err(argv):
+        code = cli.main(argv)
+        e = capsys.readouterr().err.strip()
+        assert code == 2 and e.startswith("xaijax: error:") and "\n" not in e, e
+        return e
+
+    base = ["eval", "pointing", "--weights", str(tiny_weights), "--out", str(tmp_path / "e"), "--no-progress"]
+    assert "unknown method 'gradiant'" in err([*base, "--methods", "gradiant"])
+    assert "--param expects METHOD:key=value" in err([*base, "--methods", "gradient", "--param", "steps=3"])
+    assert "--devices must be between 1 and" in err([*base, "--methods", "gradient", "--devices", "99"])
+    assert "needs --data-dir" in err(["eval", "pointing", "--dataset", "voc07", "--methods", "gradient", "--weights", str(tiny_weights)])
+    assert "--images must be at least 1" in err([*base, "--methods", "gradient", "--images", "0"])

@@ -1,0 +1,65 @@
+"""Data parallelism over local devices with ``jax.sharding``: one code path from 1 CPU to 8 GPUs.
+
+An explanation function ``fn(variables, x, target)`` is jitted with the variables replicated
+and the batch dimension of ``x``, ``target`` and the result split over a 1-D device mesh
+(axis ``"data"``). Batches are padded to a multiple of the device count and the padding is
+cut off again, so the caller never sees it. Samples are independent in every xaijax method,
+so a sharded run gives the same maps as a single-device run.
+
+Multi-host (several machines): call ``jax.distributed.initialize()`` in every process
+before anything else (see the JAX documentation on multi-process setups); the mesh below then
+uses the process's local devices, and each process evaluates its own slice of the dataset
+(``shard_index``/``shard_count`` in :func:`xaijax.evaluation.runner.run_experiment`), with
+one results store per process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["make_mesh", "DataParallel"]
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D mesh (axis ``"data"``) over the first ``devices`` local devices (default: all)."""
+    local = jax.local_devices()
+    n = len(local) if devices is None else int(devices)
+    if not 1 <= n <= len(local):
+        raise ValueError(f"--devices must be between 1 and {len(local)} (local {local[0].platform} devices); got {devices}")
+    return Mesh(np.asarray(local[:n]), ("data",))
+
+
+class DataParallel:
+    """``fn(variables, x, target) -> maps`` jitted over a device mesh, batch split along ``"data"``.
+
+    Call it with host arrays of any batch size; it pads to a multiple of the device count,
+    runs, and returns a NumPy array without the padding.
+    """
+
+    def __init__(self, fn: Callable[..., Any], mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.n = mesh.devices.size
+        self._rep = NamedSharding(mesh, PartitionSpec())
+        self._split = NamedSharding(mesh, PartitionSpec("data"))
+        self._fn = jax.jit(fn, in_shardings=(self._rep, self._split, self._split), out_shardings=self._split)
+        self._variables = None
+        self._placed = None
+
+    def _place_variables(self, variables: Any) -> Any:
+        if self._variables is not variables:
+            self._placed = jax.device_put(variables, self._rep)
+            self._variables = variables
+        return self._placed
+
+    def __call__(self, variables: Any, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+        b = x.shape[0]
+        pad = (-b) % self.n
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
+            target = np.concatenate([target, np.repeat(target[-1:], pad, 0)])
+        out = self._fn(self._place_variables(variables), jax.device_put(x, self._split), jax.device_put(target, self._split))
+        return np.asarray(out)[:b]
