@@ -202,3 +202,47 @@ def test_eval_cli_errors(tiny_weights, tmp_path, capsys):
     assert "--devices must be between 1 and" in err([*base, "--methods", "gradient", "--devices", "99"])
     assert "needs --data-dir" in err(["eval", "pointing", "--dataset", "voc07", "--methods", "gradient", "--weights", str(tiny_weights)])
     assert "--images must be at least 1" in err([*base, "--methods", "gradient", "--images", "0"])
+
+
+def test_model_metric_experiments_match_direct_computations(tiny_weights, tmp_path):
+    model, v, _ = checkpoints.load(None, tiny_weights)
+    from xaijax.models.preprocess import normalize
+
+    recs = data.SyntheticScenes().records("test", 0, 3)
+    x = np.asarray(normalize(np.stack([r.image for r in recs]), "torchvision"))
+    pairs = [(k, c) for k, r in enumerate(recs) for c, _, _ in image_pairs(r)]
+    xs = x[[k for k, _ in pairs]]
+    cls = np.asarray([c for _, c in pairs], np.int32)
+    maps = np.asarray(methods.get("center")(None, None, xs, 0))
+    fn = metrics.classifier_fn(model, v)
+    res = run_experiment(EvalConfig("insdel", tmp_path / "i", ("center",), weights=str(tiny_weights), images=3), progress=False)
+    row = res["rows"][0]
+    assert row["deletion_auc"] == pytest.approx(float(np.mean(metrics.get_model_metric("deletion")(fn, xs, maps, cls)["auc"])), rel=1e-5)
+    assert row["insertion_auc"] == pytest.approx(float(np.mean(metrics.get_model_metric("insertion")(fn, xs, maps, cls)["auc"])), rel=1e-5)
+    assert len(res["curves"]["center"]["deletion"]) == 128 * 128 // (8 * 128) + 1
+    assert (tmp_path / "i" / "curves.png").stat().st_size > 1000
+    res = run_experiment(EvalConfig("region-insertion", tmp_path / "r", ("center",), weights=str(tiny_weights), images=3), progress=False)
+    direct = metrics.get_model_metric("region-insertion")(fn, xs, maps, cls)
+    assert res["rows"][0]["region_insertion_auc"] == pytest.approx(float(np.mean(direct["auc"])))
+    # segmentation with top-1 targets: one pair per image, the union of all objects as foreground
+    res = run_experiment(EvalConfig("segmentation", tmp_path / "s", ("center",), weights=str(tiny_weights), images=3, seeds="top1"), progress=False)
+    fg = np.stack([r.masks.any(0) for r in recs])
+    cmaps = np.asarray(methods.get("center")(None, None, x, 0))
+    seg = metrics.get("fgbg-miou")
+    vals = seg(metrics.PairBatch(maps=cmaps, regions=fg, classes=np.zeros(3, np.int64), dif=np.zeros(3, bool)))
+    assert res["rows"][0]["pairs"] == 3
+    assert res["rows"][0]["fgbg_miou"] == pytest.approx(seg.summarize(vals, np.zeros(3, np.int64), np.zeros(3, bool), 12)["fgbg_miou"])
+
+
+def test_sanity_experiment_of_a_model_independent_map_is_perfectly_stable(tiny_weights, tmp_path):
+    # the centre baseline ignores the weights: every randomisation step leaves the map unchanged
+    res = run_experiment(EvalConfig("sanity", tmp_path / "c", ("center", "gradient"), weights=str(tiny_weights), images=2), progress=False)
+    c = res["curves"]["center"]
+    assert c["layers"][0] == "fc" and len(c["layers"]) == len(c["ssim"]) > 5
+    np.testing.assert_allclose(c["spearman"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(c["ssim"], 1.0, atol=1e-6)
+    g = res["curves"]["gradient"]
+    assert min(g["spearman_abs"]) < 0.9  # a gradient does depend on the weights
+    lines = (tmp_path / "c" / "sanity_layers.csv").read_text().splitlines()
+    assert lines[0] == "method,step,layer,spearman,spearman_abs,ssim" and len(lines) == 1 + 2 * len(c["layers"])
+    assert (tmp_path / "c" / "sanity.png").stat().st_size > 1000

@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
     s.add_argument("--methods", required=True, help="comma-separated method names")
     s.add_argument("--param", action="append", default=[], help="METHOD:key=value hyperparameter override (repeatable)")
-    s.add_argument("--seeds", choices=["labels", "predicted"], default="labels", help="L: all GT classes; P: GT classes the model predicts")
+    s.add_argument("--seeds", choices=["labels", "predicted", "top1"], default="labels",
+                   help="L: all GT classes; P: GT classes the model predicts; top1: the predicted class vs all objects")
     s.add_argument("--batch", type=int, default=16, help="images (and maps) per jitted call")
     s.add_argument("--devices", type=int, default=None, help="local devices to shard over (default: all)")
     s.add_argument("--images", type=int, default=None, help="evaluate only the first N images")

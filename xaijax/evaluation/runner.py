@@ -15,6 +15,32 @@ Experiments
     multi-label heads of the VOC/COCO/synthetic models). The class region is the union of the
     class's instance masks (VOC: its boxes). DIF: pairs whose class covers less than a quarter
     of the image while another class is present.
+``segmentation``
+    Foreground/background mIoU (ImageNet-segmentation protocol: the map thresholded at its
+    mean, IoU of foreground and of background with the ground truth, averaged).
+``density``
+    Positive and negative map density relative to the object region (UCAG; see
+    :mod:`xaijax.metrics.density` for the definition xaijax uses).
+``insdel``
+    Deletion and insertion AUC (UCAG protocol, :mod:`xaijax.metrics.faithfulness`); all steps
+    of one image in one batched forward pass. Writes ``curves.png`` (mean curves per method).
+``region-insertion``
+    MoRF region insertion 1..20 % of the pixels: top-1 accuracy per step and its AUC; writes
+    ``curves.png``.
+``sanity``
+    Cascading randomisation (Adebayo et al. 2018) from the top layer down: Spearman rank
+    correlation (signed and absolute) and SSIM between the trained model's map and each
+    step's, per layer; writes ``sanity.png`` and a per-layer table ``sanity_layers.csv``.
+
+Targets (``seeds``): ``"labels"`` (L) explains every ground-truth class of an image against
+its region; ``"predicted"`` (P) only those the model predicts (sigmoid > 0.5);
+``"top1"`` explains the model's top-1 class against the union of all objects (one pair per
+image: the single-label ImageNet protocols of the segmentation, deletion/insertion and
+sanity experiments). ``imagenet-seg`` always uses ``"top1"`` (its masks carry no class).
+
+Maps are computed data-parallel over the local devices; the model-based metrics
+(deletion/insertion, region insertion) and the sanity check's randomised maps run jitted on
+the default device.
 """
 
 from __future__ import annotations
@@ -40,7 +66,17 @@ from xaijax.models.preprocess import normalize
 
 __all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs"]
 
-EXPERIMENTS = ("pointing",)
+#: experiment -> (pair metrics, model-based metrics); ``sanity`` is run on its own.
+EXPERIMENT_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "pointing": (("pointing-game", "miou", "energy-pointing"), ()),
+    "segmentation": (("fgbg-miou",), ()),
+    "density": (("map-density",), ()),
+    "insdel": ((), ("deletion", "insertion")),
+    "region-insertion": ((), ("region-insertion",)),
+    "sanity": ((), ()),
+}
+EXPERIMENTS = tuple(EXPERIMENT_METRICS)
+SEEDS = ("labels", "predicted", "top1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +116,15 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def image_pairs(record: data.Record, predicted: np.ndarray | None = None) -> list[tuple[int, np.ndarray, bool]]:
-    """(class, region, dif) for every pair of one image (see the module docstring)."""
+def image_pairs(record: data.Record, predicted: np.ndarray | None = None, top1: int | None = None) -> list[tuple[int, np.ndarray, bool]]:
+    """(class, region, dif) for every pair of one image (see the module docstring).
+
+    ``predicted``: (K,) bool, keep only predicted classes; ``top1``: one pair, that class
+    against the union of all objects.
+    """
+    if top1 is not None:
+        region = record.masks.any(0) if len(record.masks) else np.zeros(record.image.shape[:2], bool)
+        return [(int(top1), region, False)]
     present = data.present_classes(record, include_difficult=False)
     n_present = len(data.present_classes(record, include_difficult=True))
     out = []
@@ -96,8 +139,8 @@ def image_pairs(record: data.Record, predicted: np.ndarray | None = None) -> lis
 def _check(cfg: EvalConfig) -> None:
     if cfg.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {cfg.experiment!r}; choose from {', '.join(EXPERIMENTS)}")
-    if cfg.seeds not in ("labels", "predicted"):
-        raise ValueError(f"seeds must be 'labels' (all ground-truth classes, L) or 'predicted' (P); got {cfg.seeds!r}")
+    if cfg.seeds not in SEEDS:
+        raise ValueError(f"seeds must be 'labels' (all ground-truth classes, L), 'predicted' (P) or 'top1'; got {cfg.seeds!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be at least 1; got {cfg.batch}")
     if cfg.images is not None and cfg.images < 1:
@@ -140,7 +183,10 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     n_images = len(ds) if cfg.images is None else min(cfg.images, len(ds))
     indices = list(range(cfg.shard_index, n_images, cfg.shard_count))
     mesh = make_mesh(cfg.devices)
-    pair_metrics = {n: metrics.get(n) for n in metrics.names()}
+    seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
+    pair_names, model_names = EXPERIMENT_METRICS[cfg.experiment]
+    pair_metrics = {n: metrics.get(n) for n in pair_names}
+    model_metrics = {n: metrics.get_model_metric(n) for n in model_names}
     base_config = {
         "experiment": cfg.experiment,
         "dataset": cfg.dataset,
@@ -150,12 +196,15 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "arch": type(model).__name__,
         "weights_sha256": _file_digest(wpath),
         "preprocess": convention,
-        "seeds": cfg.seeds,
-        "metrics": sorted(pair_metrics),
+        "seeds": seeds,
+        "metrics": sorted(pair_metrics) + sorted(model_metrics),
         "shard": [cfg.shard_index, cfg.shard_count],
     }
     forward = jax.jit(lambda v, x: model.apply(v, x))
+    model_fn = metrics.faithfulness.classifier_fn(model, variables)
+    ctx = _Context(model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg)
     rows = []
+    extras: dict[str, Any] = {}
     for name in cfg.methods:
         hp = cfg.hparams.get(name, {})
         store = ResultsStore(out / f"{cfg.experiment}-{name}.jsonl", {**base_config, "method": name, "hparams": hp})
@@ -166,29 +215,47 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         try:
             for s in range(0, len(todo), cfg.batch):
                 chunk = todo[s : s + cfg.batch]
-                store.append(_evaluate_chunk(ds, chunk, model, variables, convention, explain, forward, pair_metrics, cfg))
+                store.append(_evaluate_chunk(ds, chunk, explain, method, ctx))
                 bar.update(len(chunk))
         finally:
             bar.close()
-        rows.append(_summarize(name, hp, store, pair_metrics, num_classes))
+        row, extra = _summarize(name, hp, store, pair_metrics, model_metrics, num_classes)
+        rows.append(row)
+        extras[name] = extra
     result = {
         "experiment": cfg.experiment,
         "dataset": {"name": cfg.dataset, "split": cfg.split, "size": cfg.size, "images": len(indices)},
         "model": {"arch": base_config["arch"], "weights": str(wpath), "weights_sha256": base_config["weights_sha256"]},
-        "seeds": cfg.seeds,
+        "seeds": seeds,
         "rows": rows,
+        "curves": {n: e for n, e in extras.items() if e},
     }
     header = [
         f"# xaijax eval {cfg.experiment} — {cfg.dataset}",
         "",
         f"Model {base_config['arch']} (`{wpath.name}`, sha256 {base_config['weights_sha256'][:12]}), preprocessing "
-        f"{convention}; {len(indices)} images; seeds {cfg.seeds}; metrics {', '.join(sorted(pair_metrics))}.",
+        f"{convention}; {len(indices)} images; seeds {seeds}; metrics {', '.join(base_config['metrics']) or 'cascading randomisation'}.",
     ]
-    write_tables(out, result["rows"], header, result)
+    footer = _figures(out, cfg.experiment, result["curves"])
+    write_tables(out, result["rows"], header, result, footer)
     return result
 
 
-def _evaluate_chunk(ds, chunk, model, variables, convention, explain, forward, pair_metrics, cfg) -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    model: Any
+    variables: Any
+    convention: str
+    forward: Callable[..., Any]
+    model_fn: Any
+    pair_metrics: dict[str, Any]
+    model_metrics: dict[str, Any]
+    seeds: str
+    cfg: EvalConfig
+
+
+def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context) -> list[dict[str, Any]]:
+    cfg = ctx.cfg
     rows: list[dict[str, Any]] = []
     records = []
     for i in chunk:
@@ -198,26 +265,36 @@ def _evaluate_chunk(ds, chunk, model, variables, convention, explain, forward, p
             rows.append({"index": i, "skipped": f"{type(e).__name__}: {e}"})
     if not records:
         return rows
-    x = np.asarray(normalize(jnp.asarray(np.stack([r.image for _, r in records])), convention))
-    predicted = None
-    if cfg.seeds == "predicted":
-        predicted = np.asarray(forward(variables, x)) > 0.0
-    per_image = [image_pairs(r, None if predicted is None else predicted[k]) for k, (_, r) in enumerate(records)]
+    x = np.asarray(normalize(jnp.asarray(np.stack([r.image for _, r in records])), ctx.convention))
+    logits = np.asarray(ctx.forward(ctx.variables, x)) if ctx.seeds != "labels" else None
+    per_image = []
+    for k, (_, r) in enumerate(records):
+        if ctx.seeds == "top1":
+            per_image.append(image_pairs(r, top1=int(np.argmax(logits[k]))))
+        else:
+            per_image.append(image_pairs(r, None if logits is None else logits[k] > 0.0))
     img_of = np.asarray([k for k, ps in enumerate(per_image) for _ in ps], np.int64)
     classes = np.asarray([c for ps in per_image for c, _, _ in ps], np.int64)
     values: dict[str, np.ndarray] = {}
     if len(classes):
-        maps = np.concatenate(
-            [explain(variables, x[img_of[s : s + cfg.batch]], classes[s : s + cfg.batch].astype(np.int32)) for s in range(0, len(classes), cfg.batch)]
-        )
-        batch = metrics.PairBatch(
-            maps=maps,
-            regions=np.stack([reg for ps in per_image for _, reg, _ in ps]),
-            classes=classes,
-            dif=np.asarray([d for ps in per_image for _, _, d in ps], bool),
-        )
-        for m in pair_metrics.values():
-            values.update({k: np.asarray(v) for k, v in m(batch).items()})
+        xs = x[img_of]
+        if cfg.experiment == "sanity":
+            values = _sanity_values(method, ctx, xs, classes)
+        else:
+            maps = np.concatenate(
+                [explain(ctx.variables, xs[s : s + cfg.batch], classes[s : s + cfg.batch].astype(np.int32)) for s in range(0, len(classes), cfg.batch)]
+            )
+            batch = metrics.PairBatch(
+                maps=maps,
+                regions=np.stack([reg for ps in per_image for _, reg, _ in ps]),
+                classes=classes,
+                dif=np.asarray([d for ps in per_image for _, _, d in ps], bool),
+            )
+            for m in ctx.pair_metrics.values():
+                values.update({k: np.asarray(v) for k, v in m(batch).items()})
+            for n, m in ctx.model_metrics.items():
+                out = m(ctx.model_fn, xs, maps, classes.astype(np.int32))
+                values.update({f"{n}.{k}": np.asarray(v) for k, v in out.items()})
     for k, (i, r) in enumerate(records):
         sel = np.flatnonzero(img_of == k)
         pairs = [
@@ -228,12 +305,28 @@ def _evaluate_chunk(ds, chunk, model, variables, convention, explain, forward, p
     return rows
 
 
+def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+    res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes.astype(np.int32), seed=0)
+    return {
+        "sanity.spearman": res.spearman.T,  # (pairs, layers)
+        "sanity.spearman_abs": res.spearman_abs.T,
+        "sanity.ssim": res.ssim.T,
+        "sanity.layers": np.broadcast_to(np.asarray(res.layers, object), (len(classes), len(res.layers))),
+    }
+
+
 def _py(v: Any) -> Any:
+    if isinstance(v, str):
+        return v
     v = np.asarray(v)
+    if v.ndim:
+        return [_py(e) for e in v]
+    if v.dtype.kind in "OUS":
+        return str(v)
     return bool(v) if v.dtype == bool else float(v)
 
 
-def _summarize(name: str, hp: dict[str, Any], store: ResultsStore, pair_metrics, num_classes: int) -> dict[str, Any]:
+def _summarize(name, hp, store: ResultsStore, pair_metrics, model_metrics, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     stored = list(store.rows())
     pairs = [p for r in stored for p in r.get("pairs", [])]
     row: dict[str, Any] = {
@@ -243,12 +336,82 @@ def _summarize(name: str, hp: dict[str, Any], store: ResultsStore, pair_metrics,
         "skipped_images": sum(1 for r in stored if "skipped" in r),
         "pairs": len(pairs),
     }
+    extra: dict[str, Any] = {}
     if not pairs:
-        return row
+        return row, extra
     classes = np.asarray([p["class"] for p in pairs], np.int64)
     dif = np.asarray([p["dif"] for p in pairs], bool)
+    keys = [k for k in pairs[0] if k not in ("class", "dif")]
+    plain = {k: np.asarray([p[k] for p in pairs]) for k in keys if "." not in k}
     for m in pair_metrics.values():
-        keys = [k for k in pairs[0] if k not in ("class", "dif")]
-        vals = {k: np.asarray([p[k] for p in pairs]) for k in keys}
-        row.update(m.summarize(vals, classes, dif, num_classes))
-    return row
+        row.update(m.summarize(plain, classes, dif, num_classes))
+    for n, m in model_metrics.items():
+        vals = {k.split(".", 1)[1]: np.asarray([p[k] for p in pairs], np.float64) for k in keys if k.startswith(n + ".")}
+        row.update(m.summarize(vals))
+        for curve_key in ("curve", "correct"):
+            if curve_key in vals:
+                extra[n] = np.nanmean(vals[curve_key], 0).tolist()
+    if "sanity.ssim" in keys:
+        extra["layers"] = pairs[0]["sanity.layers"]
+        for k in ("spearman", "spearman_abs", "ssim"):
+            per_layer = np.nanmean(np.asarray([p[f"sanity.{k}"] for p in pairs], np.float64), 0)
+            extra[k] = per_layer.tolist()
+            row[f"{k}_top_layer"] = float(per_layer[0])
+            row[f"{k}_all_layers"] = float(per_layer[-1])
+    return row, extra
+
+
+def _figures(out: Path, experiment: str, curves: dict[str, dict[str, Any]]) -> list[str]:
+    """Curve figures of the experiments that have curves; returns Markdown lines naming them."""
+    if not curves:
+        return []
+    from matplotlib.figure import Figure
+
+    from xaijax.evaluation.tables import atomic_bytes
+
+    if experiment == "sanity":
+        keys = [("spearman_abs", "Spearman (abs)"), ("spearman", "Spearman (signed)"), ("ssim", "SSIM")]
+        fig = Figure(figsize=(13, 3.8))
+        for j, (k, label) in enumerate(keys):
+            ax = fig.add_subplot(1, 3, j + 1)
+            for name, c in curves.items():
+                ax.plot(range(len(c[k])), c[k], marker="o", ms=3, label=name)
+                ticks = c["layers"]
+            ax.set_xticks(range(len(ticks)))
+            ax.set_xticklabels(ticks, rotation=90, fontsize=6)
+            ax.set_title(f"{label} vs trained map", fontsize=9)
+            ax.set_ylim(-1.05, 1.05)
+            ax.axhline(0, color="grey", lw=0.5)
+        fig.axes[0].legend(fontsize=6)
+        fig.suptitle("cascading randomisation, top layer first (cumulative)", fontsize=9)
+        fig.tight_layout()
+        name = "sanity.png"
+        from xaijax.evaluation.tables import atomic_text
+
+        lines = ["method,step,layer,spearman,spearman_abs,ssim"]
+        for mname, c in curves.items():
+            for s, layer in enumerate(c["layers"]):
+                lines.append(f"{mname},{s + 1},{layer},{c['spearman'][s]:.6g},{c['spearman_abs'][s]:.6g},{c['ssim'][s]:.6g}")
+        atomic_text(out / "sanity_layers.csv", "\n".join(lines) + "\n")
+    else:
+        metric_names = sorted({m for c in curves.values() for m in c})
+        fig = Figure(figsize=(4.2 * len(metric_names), 3.6))
+        for j, m in enumerate(metric_names):
+            ax = fig.add_subplot(1, len(metric_names), j + 1)
+            for name, c in curves.items():
+                if m in c:
+                    y = np.asarray(c[m])
+                    xs = np.arange(1, len(y) + 1) if m == "region-insertion" else np.linspace(0, 1, len(y))
+                    ax.plot(xs, y, label=name)
+            ax.set_xlabel("% of pixels inserted" if m == "region-insertion" else "fraction of pixels changed")
+            ax.set_ylabel("top-1 accuracy" if m == "region-insertion" else "target probability")
+            ax.set_title(m, fontsize=9)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        name = "curves.png"
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_bytes(out / name, buf.getvalue())
+    return ["", f"Figure: `{name}`."]

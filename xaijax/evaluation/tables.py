@@ -14,19 +14,24 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["atomic_text", "write_tables", "markdown_table"]
+__all__ = ["atomic_text", "atomic_bytes", "write_tables", "markdown_table"]
 
 
-def atomic_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
+def atomic_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder + rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
+    atomic_bytes(path, text.encode())
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -10,6 +10,7 @@ from xaijax.methods import (  # noqa: F401  (registers methods)
     bilrp,
     cam,
     cam_extra,
+    cam_variants,
     combinators,
     gradient,
     gradient_family,
@@ -21,6 +22,7 @@ from xaijax.methods.base import as_seed, check_inputs, reduce_channels
 from xaijax.methods.baselines import Center
 from xaijax.methods.bilrp import BiLRP, BiLRPResult, bilrp_composite, plot_bilrp
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
+from xaijax.methods.cam_variants import CAM, LayerCAM, ScoreCAM, XGradCAM
 from xaijax.methods.combinators import Smooth, smooth
 from xaijax.methods.gradient import Gradient, input_gradient
 from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
@@ -30,6 +32,10 @@ from xaijax.methods.registry import describe, get, kind, names, register
 from xaijax.methods.ucag import Ucag, get_ucag
 
 __all__ = [
+    "CAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "XGradCAM",
     "BiLRP",
     "BiLRPResult",
     "bilrp_composite",
