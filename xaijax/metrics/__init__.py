@@ -1,7 +1,37 @@
-"""Evaluation metrics: pointing game, mIoU, detection mAP, and the registry the demo iterates over."""
+"""Evaluation metrics: pointing game (hit and energy), mIoU, map density, deletion /
+insertion, region insertion, sanity checks, detection mAP, and the registries the demo
+iterates over (pair metrics: :func:`names`; model-based metrics: :func:`model_metric_names`)."""
 
-from xaijax.metrics import detection, iou, pointing
+from xaijax.metrics import density, detection, energy, faithfulness, iou, pointing, sanity
+from xaijax.metrics.faithfulness import classifier_fn
 from xaijax.metrics.pointing import PointingGame, is_difficult_pair, pointing_hits
-from xaijax.metrics.registry import PairBatch, get, names, register
+from xaijax.metrics.registry import (
+    PairBatch,
+    get,
+    get_model_metric,
+    model_metric_names,
+    names,
+    register,
+    register_model_metric,
+)
 
-__all__ = ["PairBatch", "PointingGame", "detection", "get", "iou", "is_difficult_pair", "names", "pointing", "pointing_hits", "register"]
+__all__ = [
+    "PairBatch",
+    "PointingGame",
+    "classifier_fn",
+    "density",
+    "detection",
+    "energy",
+    "faithfulness",
+    "get",
+    "get_model_metric",
+    "iou",
+    "is_difficult_pair",
+    "model_metric_names",
+    "names",
+    "pointing",
+    "pointing_hits",
+    "register",
+    "register_model_metric",
+    "sanity",
+]

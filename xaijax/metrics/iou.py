@@ -7,6 +7,20 @@ Two binarisations, both reported by the research (its ".43/.49" cells):
 
 For a pair (map, region), IoU = |B & R| / |B | R| (0 when both are empty). The dataset
 number is the mean over classes of the per-class mean IoU.
+
+ImageNet-segmentation protocol (Guillaumin et al.'s 4,276 foreground masks, as used by RAP,
+RSP and the seed's objectness table): :func:`foreground_background_iou` thresholds a map
+(at its mean by default), takes the IoU of the predicted foreground with the ground-truth
+foreground **and** of the predicted background with the ground-truth background, and
+averages the two. :func:`summarize_foreground_background` reports that mean averaged over
+images (``miou_images``) and, as the public evaluation scripts derived from Chefer et al.'s
+``imagenet_seg_eval.py`` (e.g. ``agf/imagenet_seg_eval.py`` in KU-HJH/UCAG) accumulate it,
+from intersections and unions summed over the whole dataset (``miou_pixels``).
+
+Dense-CRF refinement (the seed's "+ CRF" rows) is not implemented: the usual binding,
+``pydensecrf``, has had no release since 2018 (1.0rc3) and ships no wheels for current
+Pythons; the 2024 fork ``pydensecrf2`` is source-only (C++/Cython build). Asking for
+``crf=True`` raises :class:`NotImplementedError` saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +29,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["binarize", "iou", "class_mean"]
+__all__ = [
+    "binarize",
+    "iou",
+    "class_mean",
+    "threshold_maps",
+    "foreground_background_iou",
+    "summarize_foreground_background",
+    "CRF_UNAVAILABLE",
+]
+
+#: Message of the NotImplementedError raised for ``crf=True``.
+CRF_UNAVAILABLE = (
+    "dense-CRF refinement is not available in xaijax: pydensecrf, the usual binding of "
+    "Kraehenbuehl's dense CRF, is unmaintained since 2018 (last release 1.0rc3, no wheels "
+    "for Python 3.11), and its fork pydensecrf2 is a source-only C++ build that xaijax does "
+    "not depend on; evaluate with crf=False"
+)
 
 
 def binarize(maps: jax.Array, threshold: str = "mean") -> jax.Array:
@@ -51,3 +81,75 @@ def class_mean(values: np.ndarray, classes: np.ndarray, num_classes: int) -> flo
     if not present.any():
         return float("nan")
     return float((sums[present] / counts[present]).mean())
+
+
+def threshold_maps(maps: jax.Array, threshold: str | float = "mean") -> jax.Array:
+    """(N, H, W) maps -> (N, H, W) bool foreground.
+
+    ``threshold`` is ``"mean"`` (strictly above the map's own mean), ``"positive"``
+    (strictly above 0), or a float ``t`` (strictly above ``t`` after min-max normalising
+    each map to [0, 1]; a constant map has no foreground).
+    """
+    if isinstance(threshold, str):
+        return binarize(maps, threshold)
+    maps = jnp.asarray(maps, jnp.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W); got {maps.shape}")
+    t = float(threshold)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"a numeric threshold applies to min-max normalised maps and must lie in [0, 1]; got {t}")
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    norm = jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+    return (norm > t) & (span > 0)
+
+
+def foreground_background_iou(
+    maps: jax.Array, masks: jax.Array, threshold: str | float = "mean", *, crf: bool = False
+) -> dict[str, jax.Array]:
+    """Foreground and background IoU of thresholded maps with ground-truth foreground masks.
+
+    Args:
+      maps: (N, H, W) maps at mask resolution.
+      masks: (N, H, W) bool ground-truth foreground.
+      threshold: see :func:`threshold_maps` (``"mean"`` is the protocol's default).
+      crf: dense-CRF refinement; not available (raises :class:`NotImplementedError`).
+
+    Returns:
+      per-image ``iou_fg``, ``iou_bg``, ``miou`` = (iou_fg + iou_bg) / 2 (float, (N,)), and
+      the integer counts ``inter_fg``, ``union_fg``, ``inter_bg``, ``union_bg`` (N,) for
+      dataset-level accumulation. An empty union gives IoU 0, as :func:`iou` does.
+    """
+    if crf:
+        raise NotImplementedError(CRF_UNAVAILABLE)
+    masks = jnp.asarray(masks, bool)
+    pred = threshold_maps(maps, threshold)
+    if pred.shape != masks.shape:
+        raise ValueError(f"maps and masks must have the same shape (N, H, W); got {pred.shape} and {masks.shape}")
+    out: dict[str, jax.Array] = {}
+    for name, p, g in (("fg", pred, masks), ("bg", ~pred, ~masks)):
+        inter = jnp.sum(p & g, axis=(1, 2))
+        union = jnp.sum(p | g, axis=(1, 2))
+        out[f"inter_{name}"], out[f"union_{name}"] = inter, union
+        out[f"iou_{name}"] = jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0)
+    out["miou"] = (out["iou_fg"] + out["iou_bg"]) / 2
+    return out
+
+
+def summarize_foreground_background(values: dict[str, np.ndarray]) -> dict[str, float]:
+    """Dataset numbers from :func:`foreground_background_iou` values (concatenated over batches).
+
+    ``miou_images``: mean over images of the per-image fg/bg mean IoU. ``miou_pixels``: the
+    mean over {fg, bg} of (sum of intersections / sum of unions) over the dataset.
+    ``iou_fg``/``iou_bg``: per-image means of each part.
+    """
+    v = {k: np.asarray(a) for k, a in values.items()}
+    if v["miou"].size == 0:
+        return {"miou_images": float("nan"), "miou_pixels": float("nan"), "iou_fg": float("nan"), "iou_bg": float("nan")}
+    pix = [v[f"inter_{n}"].sum() / max(int(v[f"union_{n}"].sum()), 1) for n in ("fg", "bg")]
+    return {
+        "miou_images": float(v["miou"].mean()),
+        "miou_pixels": float(np.mean(pix)),
+        "iou_fg": float(v["iou_fg"].mean()),
+        "iou_bg": float(v["iou_bg"].mean()),
+    }

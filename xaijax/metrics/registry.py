@@ -1,23 +1,51 @@
-"""Registry of *localisation* metrics that score maps against ground-truth regions.
+"""Registries of evaluation metrics: *pair* metrics and *model-based* metrics.
 
-A registered metric evaluates a :class:`PairBatch` — one row per (image, class) pair — and
-returns per-pair values; ``summarize`` turns all values of a run into the dataset numbers.
-The demo and the evaluation experiments iterate over :func:`names`, so a new metric shows
-up in every table once it is registered here.
+Pair metrics score maps against ground-truth regions. A registered pair metric evaluates
+a :class:`PairBatch` — one row per (image, class) pair — and returns per-pair values;
+``summarize`` turns all values of a run into the dataset numbers. The demo and the
+evaluation experiments iterate over :func:`names`, so a new metric shows up in every table
+once it is registered here.
+
+Model-based metrics (deletion, insertion, region insertion) also need the classifier. They
+share one call::
+
+    metric = get_model_metric("deletion")            # or with overrides: step_pixels=512
+    values = metric(model_fn, images, maps, targets)  # per-image arrays, e.g. values["auc"]: (N,)
+    row.update(metric.summarize(values))              # e.g. {"deletion_auc": 0.11}
+
+where ``model_fn(x) -> logits`` takes images in the model's input space (normalised NHWC),
+``images`` are those normalised images (N, H, W, C), ``maps`` (N, H, W) and ``targets``
+(N,) ints. Build ``model_fn`` once per model with
+:func:`xaijax.metrics.faithfulness.classifier_fn` (``classifier_fn(model, variables)``)
+and reuse it: the compiled program is cached per function. Values from several batches
+are concatenated along axis 0 before ``summarize``. :func:`model_metric_names` lists them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from xaijax.metrics import density as _density
+from xaijax.metrics import energy as _energy
+from xaijax.metrics import faithfulness as _faith
 from xaijax.metrics import iou as _iou
 from xaijax.metrics import pointing as _pointing
 
-__all__ = ["PairBatch", "PairMetric", "register", "get", "names"]
+__all__ = [
+    "PairBatch",
+    "PairMetric",
+    "register",
+    "get",
+    "names",
+    "ModelMetric",
+    "register_model_metric",
+    "get_model_metric",
+    "model_metric_names",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +100,56 @@ class MeanIoUMetric:
         return {f"miou_{t}": _iou.class_mean(values[f"iou_{t}"], classes, num_classes) for t in ("positive", "mean")}
 
 
+@dataclasses.dataclass(frozen=True)
+class EnergyPointingMetric:
+    """Energy-based pointing game (share of positive map energy in the class region); see :mod:`xaijax.metrics.energy`."""
+
+    def __call__(self, batch: PairBatch) -> dict[str, np.ndarray]:
+        return {"energy": np.asarray(_energy.energy_fraction(batch.maps, batch.regions))}
+
+    def summarize(self, values, classes, dif, num_classes):
+        return {
+            "energy_pointing_all": _energy.class_mean_all(values["energy"], classes, num_classes),
+            "energy_pointing_dif": _energy.class_mean_all(values["energy"], classes, num_classes, subset=dif),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class MapDensityMetric:
+    """Positive / negative map density in the class region; see :mod:`xaijax.metrics.density`."""
+
+    baseline: str = "mean"
+    reference: str = "image"
+
+    def __call__(self, batch: PairBatch) -> dict[str, np.ndarray]:
+        d = _density.map_density(batch.maps, batch.regions, baseline=self.baseline, reference=self.reference)
+        return {k: np.asarray(v) for k, v in d.items()}
+
+    def summarize(self, values, classes, dif, num_classes):
+        return _density.summarize_density(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForegroundBackgroundIoUMetric:
+    """Foreground/background mean IoU of maps thresholded at their mean (ImageNet-seg protocol)."""
+
+    threshold: str | float = "mean"
+
+    def __call__(self, batch: PairBatch) -> dict[str, np.ndarray]:
+        v = _iou.foreground_background_iou(batch.maps, batch.regions, self.threshold)
+        return {k: np.asarray(a) for k, a in v.items()}
+
+    def summarize(self, values, classes, dif, num_classes):
+        s = _iou.summarize_foreground_background(values)
+        return {"fgbg_miou": s["miou_images"], "fgbg_miou_pixels": s["miou_pixels"]}
+
+
 _REGISTRY: dict[str, Callable[[], PairMetric]] = {
     "pointing-game": PointingGameMetric,
     "miou": MeanIoUMetric,
+    "energy-pointing": EnergyPointingMetric,
+    "map-density": MapDensityMetric,
+    "fgbg-miou": ForegroundBackgroundIoUMetric,
 }
 
 
@@ -98,3 +173,45 @@ def get(name: str) -> PairMetric:
 def names() -> list[str]:
     """Registered metric names, sorted."""
     return sorted(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- model-based metrics
+
+
+class ModelMetric(Protocol):
+    def __call__(self, model_fn: Callable[[Any], Any], images: Any, maps: Any, targets: Any) -> dict[str, np.ndarray]: ...
+
+    def summarize(self, values: dict[str, np.ndarray]) -> dict[str, float]: ...
+
+
+_MODEL_REGISTRY: dict[str, Callable[..., ModelMetric]] = {
+    "deletion": _faith.Deletion,
+    "insertion": _faith.Insertion,
+    "region-insertion": _faith.RegionInsertion,
+}
+
+
+def register_model_metric(name: str, factory: Callable[..., ModelMetric]) -> None:
+    """Add a model-based metric (``factory(**overrides)`` builds it)."""
+    if name in _MODEL_REGISTRY:
+        raise ValueError(f"model metric {name!r} is already registered")
+    _MODEL_REGISTRY[name] = factory
+
+
+def get_model_metric(name: str, **overrides: Any) -> ModelMetric:
+    """Build the registered model-based metric ``name`` (keyword overrides of its settings)."""
+    try:
+        factory = _MODEL_REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_MODEL_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model metric {name!r}; registered: {', '.join(model_metric_names())}.{hint}") from None
+    try:
+        return factory(**overrides)
+    except TypeError as e:
+        raise ValueError(f"bad settings for model metric {name!r}: {e}") from None
+
+
+def model_metric_names() -> list[str]:
+    """Registered model-based metric names, sorted."""
+    return sorted(_MODEL_REGISTRY)
