@@ -56,6 +56,17 @@ def test_demo_writes_tables_and_figure(weights, tmp_path):
     assert row["pointing_all"] == pytest.approx(pg.result()["all"])
     assert row["pointing_dif"] == pytest.approx(pg.result()["dif"])
     assert res["dataset"]["pairs"] == len(pairs.classes)
+    # model-based metrics on the first pairs, recomputed directly for the centre baseline
+    k = res["model_metric_pairs"]
+    assert k == min(24, len(pairs.classes))
+    model, v, _ = checkpoints.load(None, weights / "synthetic_vgg16.safetensors")
+    from xaijax.models.preprocess import normalize
+
+    x = np.asarray(normalize(np.stack([r.image for r in recs]), "torchvision"))[pairs.image_index[:k]]
+    fn = metrics.classifier_fn(model, v)
+    for name, col in (("deletion", "deletion_auc"), ("insertion", "insertion_auc"), ("region-insertion", "region_insertion_auc")):
+        direct = metrics.get_model_metric(name)(fn, x, c[:k], pairs.classes[:k].astype(np.int32))["auc"]
+        assert row[col] == pytest.approx(float(np.mean(direct)), rel=1e-5), col
     md = (out / "results.md").read_text()
     assert "| synthetic_resnet18 | gradient |" in md
     from PIL import Image

@@ -103,7 +103,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         for n in names:
             methods.get(n)  # readable error for unknown names before any work
     hp = demo.QUICK_HPARAMS if args.quick else demo.DEMO_HPARAMS
-    result = run_demo(args.out, images, method_names=names, batch=args.batch, models=chosen, hparams=hp)
+    result = run_demo(args.out, images, method_names=names, batch=args.batch, models=chosen, hparams=hp,
+                      model_metric_pairs=demo.QUICK_MODEL_METRIC_PAIRS if args.quick else 24)
     d = result["dataset"]
     print(f"{d['images']} images, {d['pairs']} pairs; wrote {args.out}/results.md, results.csv, results.json, figure.png")
     print((args.out / "results.md").read_text())

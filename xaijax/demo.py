@@ -44,6 +44,7 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
 #: ``--quick``: one model, few images, and cheaper settings still (about a minute of CPU).
 QUICK_MODELS = ("synthetic_resnet18",)
 QUICK_IMAGES = 8
+QUICK_MODEL_METRIC_PAIRS = 8
 QUICK_HPARAMS: dict[str, dict[str, Any]] = {
     **DEMO_HPARAMS,
     "smoothgrad": {"n": 4},
@@ -136,6 +137,7 @@ def run_demo(
     progress: bool = True,
     models: Sequence[str] | None = None,
     hparams: dict[str, dict[str, Any]] | None = None,
+    model_metric_pairs: int = 24,
 ) -> dict[str, Any]:
     """Run the demo; returns the results dict that is also written to ``out/results.json``.
 
@@ -151,6 +153,9 @@ def run_demo(
       models: bundled classifiers to use, by file stem (default: all of
         :data:`BUNDLED_CLASSIFIERS`).
       hparams: per-method hyperparameter overrides (default :data:`DEMO_HPARAMS`).
+      model_metric_pairs: the model-based metrics (deletion, insertion, region insertion:
+        tens of forward passes per map) score the first this many pairs; the localisation
+        metrics score all pairs.
     """
     from tqdm import tqdm
 
@@ -176,6 +181,7 @@ def run_demo(
     names = [n for n in candidates if kinds[n] == "attribution"]
     skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k != "attribution"}
     metric_names = metrics.names()
+    model_metric_names = metrics.model_metric_names()
     scenes = data.SyntheticScenes()
     records = [scenes.record("test", i) for i in range(images)]
     pairs = build_pairs(records)
@@ -195,6 +201,7 @@ def run_demo(
     try:
         for model_name, model, variables, convention in loaded:
             x_all = normalize(jnp.asarray(imgs), convention)
+            model_fn = metrics.classifier_fn(model, variables)
             for name in names:
                 bar.set_postfix_str(f"{model_name}: {name}")
                 hp = hparams.get(name, {})
@@ -213,6 +220,12 @@ def run_demo(
                 for mname in metric_names:
                     metric = metrics.get(mname)
                     row.update(metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
+                k = min(model_metric_pairs, len(pairs.classes))
+                if k:
+                    for mname in model_metric_names:
+                        metric = metrics.get_model_metric(mname)
+                        sel = pairs.image_index[:k]
+                        row.update(metric.summarize(metric(model_fn, x_all[sel], maps[:k], jnp.asarray(pairs.classes[:k], jnp.int32))))
                 figure_maps[(model_name, name)] = maps[fig_pairs]
                 rows.append(row)
     finally:
@@ -225,6 +238,8 @@ def run_demo(
         "methods": names,
         "skipped_methods": skipped,
         "metrics": metric_names,
+        "model_metrics": model_metric_names,
+        "model_metric_pairs": min(model_metric_pairs, int(len(pairs.classes))),
         "rows": rows,
     }
     _write_tables(out, result)
@@ -256,7 +271,9 @@ def _write_tables(out: Path, result: dict[str, Any]) -> None:
         "",
         f"Split `{d['split']}`, {d['images']} images, {d['pairs']} (image, class) pairs ({d['dif_pairs']} in DIF), "
         f"data seed {d['seed']}. Pointing game: TorchRay protocol (15 px, per-class mean). "
-        "mIoU: maps binarised at > 0 (positive) and > mean.",
+        "mIoU: maps binarised at > 0 (positive) and > mean. Energy pointing: share of the positive map inside the "
+        "region. Density: see `xaijax.metrics.density`. Deletion/insertion (UCAG protocol, AUC of the target's "
+        f"softmax probability) and MoRF region insertion (1-20 %) on the first {result['model_metric_pairs']} pairs.",
     ]
     footer: list[str] = []
     if result.get("skipped_methods"):
