@@ -169,6 +169,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     out = args.out or Path("results") / "eval" / f"{args.experiment}-{args.dataset}"
     cfg = EvalConfig(
         experiment=args.experiment, out=Path(out), methods=tuple(names), dataset=args.dataset, data_dir=args.data_dir,
+        boxes_dir=args.boxes_dir,
         split=args.split, size=args.size, arch=args.arch, weights=args.weights, preprocess=args.preprocess,
         hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images,
         shard_index=args.shard_index, shard_count=args.shard_count,
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("experiment", choices=EXPERIMENTS)
     s.add_argument("--dataset", choices=DATASETS, default="synthetic")
     s.add_argument("--data-dir", default=None, help="dataset folder (not needed for synthetic)")
+    s.add_argument("--boxes-dir", default=None, help="imagenet-val: folder of ILSVRC2012 validation bounding-box XMLs")
     s.add_argument("--split", default=None, help="dataset split (default: test)")
     s.add_argument("--size", type=int, default=None, help="square image side (default 128 synthetic, 224 otherwise)")
     s.add_argument("--arch", default=None, help="architecture (needed for .pth weights)")

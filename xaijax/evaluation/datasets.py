@@ -16,7 +16,7 @@ from xaijax.data.synthetic import SyntheticScenes
 
 __all__ = ["Dataset", "DATASETS", "open_dataset", "resize_record"]
 
-DATASETS = ("synthetic", "voc07", "voc07-tfds", "coco14", "imagenet-seg")
+DATASETS = ("synthetic", "voc07", "voc07-tfds", "coco14", "imagenet-seg", "imagenet-val")
 
 
 class Dataset(Protocol):
@@ -67,14 +67,18 @@ def resize_record(r: Record, size: int) -> Record:
     )
 
 
-def open_dataset(name: str, data_dir: str | Path | None = None, split: str | None = None, size: int | None = None) -> Any:
+def open_dataset(
+    name: str, data_dir: str | Path | None = None, split: str | None = None, size: int | None = None, boxes_dir: str | Path | None = None
+) -> Any:
     """Open dataset ``name`` (one of :data:`DATASETS`).
 
     Args:
       name: ``"synthetic"`` (bundled, no ``data_dir``), ``"voc07"`` (a ``VOCdevkit`` folder or
         the folder holding it), ``"voc07-tfds"`` (a prepared TFDS ``voc/2007``: the TFDS data
         dir, read without TensorFlow), ``"coco14"`` (a folder with ``annotations/instances_val2014.json``
-        and ``val2014/``), ``"imagenet-seg"`` (the ``gtsegs_ijcv.mat`` file or its folder).
+        and ``val2014/``), ``"imagenet-seg"`` (the ``gtsegs_ijcv.mat`` file or its folder),
+        ``"imagenet-val"`` (ImageNet validation images in class folders; with ``boxes_dir``,
+        the ILSVRC2012 validation bounding-box XMLs).
       split: dataset split (synthetic: ``test``/``val``/``train``; VOC: ``test``...).
       size: square side every image is resized to (default: 128 for synthetic, 224 otherwise).
     """
@@ -84,12 +88,14 @@ def open_dataset(name: str, data_dir: str | Path | None = None, split: str | Non
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if data_dir is None:
         raise ValueError(f"dataset {name!r} needs --data-dir (the folder with the dataset files)")
-    return _open_real(name, Path(data_dir), split, size or 224)
+    return _open_real(name, Path(data_dir), split, size or 224, boxes_dir)
 
 
-def _open_real(name: str, data_dir: Path, split: str | None, size: int) -> Any:
-    from xaijax.data import coco, imagenet_seg, voc
+def _open_real(name: str, data_dir: Path, split: str | None, size: int, boxes_dir: str | Path | None) -> Any:
+    from xaijax.data import coco, imagenet_seg, imagenet_val, voc
 
+    if name == "imagenet-val":
+        return imagenet_val.open_imagenet_val(data_dir, size=size, boxes_dir=boxes_dir)
     if name == "voc07":
         return voc.open_voc(data_dir, split or "test", year=2007, size=size)
     if name == "voc07-tfds":

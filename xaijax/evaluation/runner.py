@@ -94,6 +94,7 @@ class EvalConfig:
     methods: tuple[str, ...]
     dataset: str = "synthetic"
     data_dir: str | None = None
+    boxes_dir: str | None = None
     split: str | None = None
     size: int | None = None
     arch: str | None = None
@@ -175,7 +176,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     _check(cfg)
-    ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, cfg.size)
+    ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, cfg.size, cfg.boxes_dir)
     wpath, model, variables, convention = _load_model(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +192,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "experiment": cfg.experiment,
         "dataset": cfg.dataset,
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+        "boxes_dir": str(Path(cfg.boxes_dir).resolve()) if cfg.boxes_dir else None,
         "split": cfg.split,
         "size": cfg.size,
         "arch": type(model).__name__,
