@@ -167,7 +167,8 @@ def _load_model(cfg: EvalConfig):
     else:
         path = Path(cfg.weights)
     model, variables, info = checkpoints.load(cfg.arch, path)
-    convention = cfg.preprocess or info.get("metadata", {}).get("preprocess") or "torchvision"
+    default = "caffe" if info.get("source") == "torchray" else "torchvision"
+    convention = cfg.preprocess or info.get("metadata", {}).get("preprocess") or default
     return path, model, variables, convention
 
 
