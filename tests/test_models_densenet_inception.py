@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shape_helpers import expected_flax_shapes
+
 from xaijax.models import densenet, inception, registry, taps
 
 # --------------------------------------------------------------------------------------
@@ -83,31 +85,6 @@ def _call_counts(model: nn.Module, variables: Any, x: Any) -> collections.Counte
 
     jax.eval_shape(run, variables, x)
     return counts
-
-
-def _expected_flax_shapes(state_dict: dict[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Independent statement of the layout contract: torch state-dict shapes -> Flax shapes."""
-    out = {}
-    for key, v in state_dict.items():
-        *mod, leaf = key.split(".")
-        shape = tuple(v.shape)
-        if leaf == "num_batches_tracked" or key.startswith("AuxLogits."):
-            continue
-        if leaf == "weight" and len(shape) == 4:
-            out[("params", *mod, "kernel")] = (shape[2], shape[3], shape[1], shape[0])
-        elif leaf == "weight" and len(shape) == 2:
-            out[("params", *mod, "kernel")] = (shape[1], shape[0])
-        elif leaf == "weight":
-            out[("params", *mod, "scale")] = shape
-        elif leaf == "bias":
-            out[("params", *mod, "bias")] = shape
-        elif leaf == "running_mean":
-            out[("batch_stats", *mod, "mean")] = shape
-        elif leaf == "running_var":
-            out[("batch_stats", *mod, "var")] = shape
-        else:
-            raise AssertionError(f"unexpected torch key {key}")
-    return out
 
 
 @contextlib.contextmanager
@@ -350,7 +327,7 @@ def test_full_size_variable_shapes_equal_torch_reference(name):
     else:
         tm = ref.Inception3Ref(aux_logits=True)
     sd = tm.state_dict()
-    want = _expected_flax_shapes(sd)
+    want = expected_flax_shapes(sd, ("AuxLogits.",))
     got = {k: tuple(a.shape) for k, a in _flat(_full_size(name)[1]).items()}
     assert set(got) == set(want), (sorted(set(got) ^ set(want)))[:10]
     assert {k: (got[k], want[k]) for k in got if got[k] != want[k]} == {}
@@ -463,7 +440,7 @@ def test_ported_variables_equal_torch_weights(case):
     """The porter put each torch tensor at its torchvision-named Flax path, transposed."""
     flat = _flat(case["variables"])
     sd = case["state_dict"]
-    want = _expected_flax_shapes(sd)
+    want = expected_flax_shapes(sd, ("AuxLogits.",))
     assert set(flat) == set(want)
     conv_key = next(k for k, v in sd.items() if v.ndim == 4)
     *mod, _ = conv_key.split(".")

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shape_helpers import expected_flax_shapes
+
 from xaijax.models import layers, registry, resnet, taps, vgg
 
 VGG_CAM = {
@@ -171,31 +173,6 @@ def _porter():
     return from_torch_state_dict
 
 
-def _expected_flax_shapes(state_dict) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """torchvision state-dict shapes -> flax variable paths/shapes (OIHW->HWIO, (o,i)->(i,o))."""
-    out = {}
-    for key, t in state_dict.items():
-        *mod, leaf = key.split(".")
-        shape = tuple(t.shape)
-        if leaf == "num_batches_tracked":
-            continue
-        if leaf == "weight" and len(shape) == 4:
-            out[("params", *mod, "kernel")] = (shape[2], shape[3], shape[1], shape[0])
-        elif leaf == "weight" and len(shape) == 2:
-            out[("params", *mod, "kernel")] = (shape[1], shape[0])
-        elif leaf == "weight":
-            out[("params", *mod, "scale")] = shape
-        elif leaf == "bias":
-            out[("params", *mod, "bias")] = shape
-        elif leaf == "running_mean":
-            out[("batch_stats", *mod, "mean")] = shape
-        elif leaf == "running_var":
-            out[("batch_stats", *mod, "var")] = shape
-        else:
-            raise AssertionError(f"unexpected state-dict key {key}")
-    return out
-
-
 def _torch_full_size(ref, name: str):
     import torch
 
@@ -212,7 +189,7 @@ def _torch_full_size(ref, name: str):
 def test_param_shapes_equal_torchvision_layout(ref, name):
     sd = _torch_full_size(ref, name).state_dict()
     got = _flat_shapes(_abstract_variables(registry.get(name)))
-    assert got == _expected_flax_shapes(sd)
+    assert got == expected_flax_shapes(sd)
     if name == "vgg16":  # torchvision's published parameter count
         assert sum(int(np.prod(s)) for s in got.values()) == 138_357_544
     if name == "resnet50":

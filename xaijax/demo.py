@@ -39,6 +39,7 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "integrated-gradients": {"steps": 16},
     "rise": {"n": 500},
     "ucag-grad-cam": {"n": 4},
+    "extremal-perturbation": {"max_iter": 100},
 }
 
 #: ``--quick``: one model, few images, and cheaper settings still (about a minute of CPU).
@@ -51,6 +52,7 @@ QUICK_HPARAMS: dict[str, dict[str, Any]] = {
     "integrated-gradients": {"steps": 8},
     "rise": {"n": 200},
     "ucag-grad-cam": {"n": 3},
+    "extremal-perturbation": {"max_iter": 30},
 }
 
 

@@ -12,10 +12,14 @@ from xaijax.methods import (  # noqa: F401  (registers methods)
     cam_extra,
     cam_variants,
     combinators,
+    contrast,
+    drise,
+    extremal,
     gradient,
     gradient_family,
     lrp,
     perturbation,
+    rsp,
     ucag,
 )
 from xaijax.methods.base import as_seed, check_inputs, reduce_channels
@@ -24,14 +28,27 @@ from xaijax.methods.bilrp import BiLRP, BiLRPResult, bilrp_composite, plot_bilrp
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
 from xaijax.methods.cam_variants import CAM, LayerCAM, ScoreCAM, XGradCAM
 from xaijax.methods.combinators import Smooth, smooth
+from xaijax.methods.contrast import Contrast, contrast, get_contrast
+from xaijax.methods.drise import DRise, detector_function
+from xaijax.methods.extremal import ExtremalPerturbation, ExtremalResult
 from xaijax.methods.gradient import Gradient, input_gradient
 from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
 from xaijax.methods.lrp import CLRP, LRP, SGLRP, ExcitationBackprop
 from xaijax.methods.perturbation import RISE
+from xaijax.methods.rsp import RSP, ContrastiveRSP
 from xaijax.methods.registry import describe, get, kind, names, register
 from xaijax.methods.ucag import Ucag, get_ucag
 
 __all__ = [
+    "Contrast",
+    "ContrastiveRSP",
+    "DRise",
+    "ExtremalPerturbation",
+    "ExtremalResult",
+    "RSP",
+    "contrast",
+    "detector_function",
+    "get_contrast",
     "CAM",
     "LayerCAM",
     "ScoreCAM",

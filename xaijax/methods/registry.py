@@ -27,9 +27,15 @@ def register(name: str, factory: Callable[..., Any], summary: str = "") -> None:
 def get(name: str, **hparams: Any) -> Any:
     """Build the registered method ``name`` with hyperparameter overrides ``hparams``.
 
-    ``"ucag:<name>"`` wraps any registered method in UCAG (:func:`xaijax.methods.ucag.get_ucag`;
+    ``"contrast:<name>"`` makes any seed-accepting method contrastive
+    (:func:`xaijax.methods.contrast.get_contrast`). ``"ucag:<name>"`` wraps any registered method in UCAG (:func:`xaijax.methods.ucag.get_ucag`;
     hyperparameters prefixed ``ucag_`` configure the wrapper, the rest the base method).
     """
+    if name.startswith("contrast:"):
+        from xaijax.methods.contrast import get_contrast
+
+        get(name[9:])  # readable error for an unknown base method
+        return get_contrast(name[9:], **hparams)
     if name.startswith("ucag:"):
         from xaijax.methods.ucag import get_ucag
 

@@ -58,6 +58,7 @@ from xaijax.propagation.rules import (
     ZBox,
     ZPlus,
 )
+from xaijax.propagation.rsp_rules import RSPAdd, RSPBatchNorm, RSPConv, RSPInput, RSPShifted
 
 __all__ = [
     "KINDS",
@@ -72,6 +73,7 @@ __all__ = [
     "zplus_box",
     "excitation",
     "contrastive_excitation",
+    "rsp",
     "get",
     "names",
     "resolve",
@@ -260,6 +262,34 @@ def contrastive_excitation(stabilizer: float = 1e-20) -> Composite:
     return excitation(stabilizer).replace(last=Contrast(Excitation(stabilizer)))
 
 
+def rsp() -> Composite:
+    """Stage 2 of Relative Sectional Propagation (Nam et al. 2021), from the reference code.
+
+    First convolution: :class:`~xaijax.propagation.rsp_rules.RSPInput` (z^B with per-sample
+    image bounds); other convolutions: :class:`~xaijax.propagation.rsp_rules.RSPConv`
+    (sectional weight-gradient kernels, doubled and uniformly shifted for kernels larger
+    than 1x1); ReLU passes; max/average pooling: z-rule on ``x + 1e-9``; residual sums: split
+    by ``max(x_k, 0) + 1e-9``; BatchNorm is *not* folded (the reference propagates the
+    convolution with its own weights and passes relevance through the BatchNorm where its
+    input is nonzero). RSP starts at the CAM layer (``seed_at``), so dense layers (the
+    classifier) are never reached; they get the z-rule only so that the plan is complete.
+    """
+    return Composite(
+        conv=RSPConv(),
+        dense=Epsilon(0.0),
+        first=RSPInput(),
+        kinds={
+            "relu": Pass(),
+            "maxpool": RSPShifted(),
+            "avgpool": RSPShifted(),
+            "add": RSPAdd(),
+            "batchnorm": RSPBatchNorm(),
+            "concat": Gradient(),
+        },
+        canonize=False,
+    )
+
+
 _NAMED: dict[str, Callable[..., Composite]] = {
     "zero": zero,
     "epsilon": epsilon,
@@ -272,6 +302,7 @@ _NAMED: dict[str, Callable[..., Composite]] = {
     "zplus-box": zplus_box,
     "excitation": excitation,
     "contrastive-excitation": contrastive_excitation,
+    "rsp": rsp,
 }
 
 

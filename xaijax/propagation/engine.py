@@ -25,7 +25,11 @@ layer's VJP is replaced:
 3. **Backward**: ``jax.vjp`` of that function, pulled back from the output relevance
    (e.g. the one-hot target times the logits), gives the relevance at the input — or, with
    ``read_at``, at any named layer's output (a zero "probe" added to that output has the
-   relevance arriving there as its cotangent).
+   relevance arriving there as its cotangent). With ``seed_at`` the function returns a
+   named layer's output instead of the logits, so the backward pass *starts* there with a
+   relevance of that layer's output shape (CAM-seeded methods such as RSP); the rule of
+   that layer itself (and everything below it) applies, the layers above it are not
+   propagated.
 
 Everything is traced JAX: wrap the calls in ``jax.jit`` (model static) and ``jax.vmap``;
 the interception context is entered inside the traced function and the rule set is
@@ -442,15 +446,20 @@ class _Runner:
         composite: Composite,
         probes: Mapping[int, tuple[tuple[Array, ...], Array]] | None = None,
         reads: Mapping[str, Array] | None = None,
+        capture: str | None = None,
     ):
         self.plan = the_plan
         self.composite = composite
         self.probes = probes or {}
         self.reads = dict(reads or {})
+        self.capture = capture
+        self.captured: Array | None = None
         # reading at a folded convolution means reading at its BatchNorm (relevance passes it)
         for e in the_plan.layers:
             if e.fold is not None and e.name in self.reads:
                 self.reads[the_plan.layers[e.fold].name] = self.reads.pop(e.name)
+            if e.fold is not None and e.name == self.capture:
+                self.capture = the_plan.layers[e.fold].name
         self.bypass = 0
         self.index = 0
         self.pending: dict[int, tuple[LayerPlan, nn.Module, tuple[Array, ...], dict[str, Any]]] = {}
@@ -467,6 +476,10 @@ class _Runner:
     def _read(self, name: str, out: Array) -> Array:
         if name in self.reads:
             out = out + self.reads[name].astype(out.dtype)
+        if self.capture is not None and name == self.capture:
+            if self.captured is not None:  # pragma: no cover - Plan.output_shape rejects repeated layers
+                raise RuntimeError(f"layer {name!r} is called more than once; the backward pass cannot start there")
+            self.captured = out
         return out
 
     def wrap(self, rule: Rule, build: Callable[[Any], LayerView], params: Any, xs: tuple[Array, ...]) -> Array:
@@ -537,23 +550,38 @@ class _Runner:
         return self._read(name, out)
 
 
-def _forward(model, variables, the_plan, composite, probes=None, reads=None) -> Callable[[Array], Array]:
+def _forward(model, variables, the_plan, composite, capture: str | None = None) -> Callable[..., Array]:
+    """``f(x, probes, reads)``: the forward pass with rules attached; returns the logits, or the
+    output of layer ``capture`` (where the backward pass then starts)."""
+
     def f(x, probes, reads):
-        runner = _Runner(the_plan, composite, probes, reads)
+        runner = _Runner(the_plan, composite, probes, reads, capture)
         with nn.intercept_methods(runner):
             out = model.apply(variables, x)
         if runner.index != len(the_plan.layers):  # pragma: no cover - guarded by the plan
             raise RuntimeError("the forward pass called fewer layers than planned")
+        if capture is not None:
+            if runner.captured is None:  # pragma: no cover - guarded by Plan.output_shape
+                raise RuntimeError(f"layer {capture!r} was not called in the forward pass")
+            return runner.captured
         return out
 
     return f
 
 
-def _output_relevance(output_relevance: OutputRelevance, out: Array) -> Array:
+def _output_relevance(output_relevance: OutputRelevance, out: Array, seed_at: str | None = None) -> Array:
     r = output_relevance(out) if callable(output_relevance) else jnp.asarray(output_relevance)
     if tuple(r.shape) != tuple(out.shape):
-        raise ValueError(f"output relevance must have the model output's shape {tuple(out.shape)}; got {tuple(r.shape)}")
+        where = "the model output's" if seed_at is None else f"layer {seed_at!r}'s output"
+        raise ValueError(f"output relevance must have {where} shape {tuple(out.shape)}; got {tuple(r.shape)}")
     return r.astype(out.dtype)
+
+
+def _check_seed_at(the_plan: Plan, seed_at: str | None) -> None:
+    if seed_at is not None:
+        if not isinstance(seed_at, str) or not seed_at:
+            raise ValueError(f"seed_at must be a dotted layer name, got {seed_at!r}")
+        the_plan.output_shape(seed_at)  # readable error if unknown or called more than once
 
 
 # ------------------------------------------------------------------------ public API
@@ -566,6 +594,7 @@ def pullback(
     composite: Composite | str = "zero",
     *,
     read_at: str | None = None,
+    seed_at: str | None = None,
 ) -> tuple[Array, Callable[[Array], Array]]:
     """One forward pass with rules attached; returns ``(logits, backward)``.
 
@@ -573,17 +602,23 @@ def pullback(
     relevance at the input (shape of ``x``) — or at the output of layer ``read_at`` — and
     may be called several times (e.g. target and contrast seeds) without redoing the
     forward pass.
+
+    ``seed_at``: a dotted layer name (leaf or container). The backward pass then starts at
+    that layer's output: the first value returned is that layer's output (not the logits)
+    and ``backward`` takes a relevance of its shape. The layer's own rule applies to the
+    seed; layers above it are not propagated.
     """
     composite = resolve(composite)
     the_plan = plan(model, variables, x, composite)
-    f = _forward(model, variables, the_plan, composite)
+    _check_seed_at(the_plan, seed_at)
+    f = _forward(model, variables, the_plan, composite, seed_at)
     if read_at is None:
         out, vjp = jax.vjp(lambda xx: f(xx, None, None), x)
-        return out, lambda r: vjp(_output_relevance(r, out))[0]
+        return out, lambda r: vjp(_output_relevance(r, out, seed_at))[0]
     shape = the_plan.output_shape(read_at)
     probe = jnp.zeros(shape, x.dtype)
     out, vjp = jax.vjp(lambda p: f(x, None, {read_at: p}), probe)
-    return out, lambda r: vjp(_output_relevance(r, out))[0]
+    return out, lambda r: vjp(_output_relevance(r, out, seed_at))[0]
 
 
 def relevance(
@@ -594,6 +629,7 @@ def relevance(
     composite: Composite | str = "zero",
     *,
     read_at: str | None = None,
+    seed_at: str | None = None,
 ) -> Array:
     """Relevance at the input (or at layer ``read_at``'s output) of ``model`` on ``x``.
 
@@ -605,11 +641,14 @@ def relevance(
       composite: a :class:`Composite` or a built-in composite name.
       read_at: a dotted module name (leaf or container, e.g. ``"features.23"``,
         ``"layer3"``): return the relevance arriving at that module's output instead.
+      seed_at: a dotted module name: start the backward pass at that module's output
+        instead of the logits; ``output_relevance`` then has (or, as a function, maps that
+        layer's output to) the layer output's shape. ``read_at`` must lie below it.
 
     Returns:
       Relevance of ``x``'s shape (or of the layer output's shape), dtype of ``x``.
     """
-    out, back = pullback(model, variables, x, composite, read_at=read_at)
+    out, back = pullback(model, variables, x, composite, read_at=read_at, seed_at=seed_at)
     return back(output_relevance)
 
 
@@ -648,24 +687,29 @@ def relevance_trace(
     x: Array,
     output_relevance: OutputRelevance,
     composite: Composite | str = "zero",
+    *,
+    seed_at: str | None = None,
 ) -> tuple[Array, dict[str, LayerRelevance]]:
     """Input relevance plus the relevance around every layer (to inspect or test rules).
 
     Returns ``(R_x, {layer name: LayerRelevance})`` in call order (folded BatchNorms are
     part of their convolution's entry). Zero-valued probes are added to every layer's
-    inputs and output; their cotangents are the relevance there.
+    inputs and output; their cotangents are the relevance there. ``seed_at``: start the
+    backward pass at that layer's output (see :func:`relevance`); layers above it then
+    report zero relevance.
     """
     composite = resolve(composite)
     the_plan = plan(model, variables, x, composite)
+    _check_seed_at(the_plan, seed_at)
     probes = {}
     for e in the_plan.layers:
         if e.folded_into is not None:
             continue
         out_shape = the_plan.layers[e.fold].out_shape if e.fold is not None else e.out_shape
         probes[e.index] = (tuple(jnp.zeros(s, x.dtype) for s in e.in_shapes), jnp.zeros(out_shape, x.dtype))
-    f = _forward(model, variables, the_plan, composite)
+    f = _forward(model, variables, the_plan, composite, seed_at)
     out, vjp = jax.vjp(lambda xx, pr: f(xx, pr, None), x, probes)
-    rx, rp = vjp(_output_relevance(output_relevance, out))
+    rx, rp = vjp(_output_relevance(output_relevance, out, seed_at))
     trace = {}
     for e in the_plan.layers:
         if e.index not in rp:

@@ -1,0 +1,226 @@
+"""Relevance rules of Relative Sectional Propagation (RSP; Nam, Choi & Lee, AAAI 2021).
+
+Stage 2 of RSP ("sectional propagation") carries a signed relevance from the CAM layer
+down to the input. These are the per-layer rules, written from the authors' reference code
+(``wjNam/Relative_Sectional_Propagation``, ``modules/layers.py``, the ``RSP_relprop``
+methods); the method itself is :mod:`xaijax.methods.rsp`. Where the code and the paper
+differ, the code is followed. Notation per sample: ``x`` a layer's input, ``R`` the
+relevance at its output, ``R+ = max(R, 0)`` the positive section and ``R- = max(-R, 0)``
+the negative one (as a magnitude); ``a / b`` is 0 where ``b == 0`` ("safe divide", as in
+the reference).
+
+=======================  ======================================================================
+:class:`RSPConv`         Hidden convolutions. With ``x1 = max(x, 0)``, the kernels are the
+                         *weight gradients* of the two sections, ``G+ = dW <op(W, x1), R+>``
+                         and ``G- = dW <op(W, x1), R->`` (the layer's own weights are not
+                         used, only its geometry: kernel size, stride, padding). With
+                         ``Za = op(G+, x1) [R+ != 0]``, ``Zb = op(G-, x1) [R- != 0]``::
+
+                             C1 = x1 * op(G+)^T (R+ / Za)
+                             C2 = x1 * op(G-)^T (R- / Zb)
+
+                         1x1 kernels: ``R_in = C1 - C2``. Larger kernels:
+                         ``C = 2 (C1 - C2)``, then the *uniform shift*
+                         ``R_in = C - [C != 0] * sum(R) / #{C != 0}``: every nonzero entry
+                         moves down by the same amount so the total is ``sum(R)`` again,
+                         and near-zero relevance turns negative.
+:class:`RSPInput`        The first convolution: z^B with per-sample scalar bounds ``l =
+                         min(x)``, ``h = max(x)`` over the whole image (all pixels and
+                         channels): ``R_i = sum_j (x_i w_ij - l w+_ij - h w-_ij) R_j / Z_j``,
+                         no bias, no stabiliser.
+:class:`RSPShifted`      Max / average pooling: the z-rule on ``x + 1e-9``
+                         (``R_i = (x_i + d) * dfn/dx_i * R / fn(x + d)``).
+:class:`RSPAdd`          Residual sums: each input gets ``(max(x_k, 0) + 1e-9) / sum_k'
+                         (max(x_k', 0) + 1e-9)`` of the relevance.
+:class:`RSPBatchNorm`    A BatchNorm that is not folded: relevance passes where
+                         ``x * scale != 0`` (the reference subtracts a share of the bias and
+                         adds it back, which cancels), zero elsewhere.
+=======================  ======================================================================
+
+ReLU passes relevance unchanged (:class:`~xaijax.propagation.rules.Pass`); see
+:func:`xaijax.propagation.composites.rsp` for the full layer -> rule map.
+
+Conservation: every rule passes on exactly the relevance it receives, except where a
+denominator vanishes (e.g. a receptive field whose inputs are all zero while its relevance
+is not), where that relevance is dropped.
+
+Batch independence (a deliberate difference): the reference computes the weight-gradient
+kernels ``G+``/``G-`` with ``torch.autograd.grad`` on the whole batch, i.e. summed over the
+samples (it is run with batch size 1); here they are computed per sample (``vmap``), so a
+sample's relevance never depends on the others. (Before splitting the sections the
+reference also sums the relevance over batch and channels, ``rel_sum``, and recombines
+``(rel_sum > 0) R + (rel_sum <= 0) R``; the two masks are complementary, so that step is
+an identity and is omitted.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from xaijax.propagation.rules import LayerView, Rule
+
+__all__ = ["RSPConv", "RSPInput", "RSPShifted", "RSPAdd", "RSPBatchNorm", "SHIFT"]
+
+Array = jax.Array
+
+#: The small constant the reference adds to pooled inputs and residual-sum inputs.
+SHIFT = 1e-9
+
+
+def _divide(num: Array, den: Array) -> Array:
+    """``num / den`` with 0 where ``den == 0`` (the reference's ``safe_divide``); no NaN in the VJP."""
+    zero = den == 0
+    return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den)).astype(num.dtype)
+
+
+def _transpose(op: Callable[[Array, Array], Array], kernel: Array, x: Array, s: Array) -> Array:
+    """``op(kernel, .)^T s`` (shape of ``x``)."""
+    transposed = jax.linear_transpose(lambda xx: op(kernel, xx), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return transposed(s.astype(x.dtype))[0]
+
+
+def _single(xs: Sequence[Array], rule: Rule, layer: LayerView) -> Array:
+    if len(xs) != 1:
+        raise ValueError(f"rule {rule!r} handles single-input layers; layer {layer.name!r} has {len(xs)} inputs")
+    return xs[0]
+
+
+def _per_sample(f: Callable[[Array, Array], Array], x: Array, R: Array) -> Array:
+    """Apply ``f(x_n, R_n)`` (each with a batch axis of 1) to every sample separately."""
+    return jax.vmap(lambda xn, rn: f(xn[None], rn[None])[0])(x, R)
+
+
+def sectional_conv(op: Callable[[Array, Array], Array], kernel: Array, x: Array, R: Array, pointwise: bool) -> Array:
+    """RSP's convolution rule for ONE sample (batch axis of size 1); see :class:`RSPConv`.
+
+    Args:
+      op: ``op(kernel, x)``, the layer's bias-free linear map.
+      kernel: an array of the kernel's shape (only its shape matters: the rule's kernels are
+        the weight gradients of the two sections).
+      x: the layer input (1, H, W, C_in); its positive part is used.
+      R: relevance at the output (1, h, w, C_out).
+      pointwise: 1x1 kernel (no doubling, no shift).
+
+    Returns:
+      Relevance at the input (1, H, W, C_in).
+    """
+    x1 = jnp.maximum(x, 0)
+    rp = jnp.maximum(R, 0).astype(x1.dtype)
+    rn = jnp.maximum(-R, 0).astype(x1.dtype)
+    sections = jnp.stack([rp, rn])
+    # weight gradients of both sections in one batched kernel-VJP: G+ and G-
+    _, kernel_vjp = jax.vjp(lambda k: op(k, x1), kernel)
+    (grads,) = jax.vmap(kernel_vjp)(sections)
+    # both sections' forward and transposed maps as one convolution (kernels stacked)
+    z, pull = jax.vjp(lambda xx: jax.vmap(op, in_axes=(0, None))(grads, xx), x1)
+    z = z * (sections != 0)  # Za = op(G+, x1) [R+ != 0], Zb = op(G-, x1) [R- != 0]
+    signed = jnp.stack([rp, -rn])
+    (back,) = pull(_divide(signed, z).astype(z.dtype))
+    diff = x1 * back  # C1 - C2
+    if pointwise:
+        return diff
+    c = 2.0 * diff
+    nonzero = (c != 0).astype(c.dtype)
+    shift = _divide(R.sum().astype(c.dtype), nonzero.sum())
+    return c - shift * nonzero
+
+
+@dataclasses.dataclass(frozen=True)
+class RSPConv(Rule):
+    """RSP's sectional rule for hidden convolutions (see the module docstring).
+
+    The 1x1 path (no doubling, no shift) is taken when the kernel's height (its first
+    spatial axis) is 1 — the reference's test (``weight.shape[2] == 1`` on an OIHW kernel);
+    for the square kernels of VGG and ResNet that is "kernel size 1".
+    """
+
+    needs_weights: ClassVar[bool] = True
+
+    def check(self, name, kind, in_shapes, out_shape):
+        if kind != "conv":
+            raise ValueError(f"rule {self!r} applies to convolutions; layer {name!r} is a {kind!r} layer")
+        super().check(name, kind, in_shapes, out_shape)
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        pointwise = k.shape[0] == 1
+        return (_per_sample(lambda xn, rn: sectional_conv(op, k, xn, rn, pointwise), x, R),)
+
+
+@dataclasses.dataclass(frozen=True)
+class RSPInput(Rule):
+    """RSP's input-layer rule: z^B with per-sample bounds ``min(x)``, ``max(x)`` of the image.
+
+    ``R_i = sum_j (x_i w_ij - l w+_ij - h w-_ij) R_j / Z_j`` with ``Z_j`` the sum of those
+    terms over ``i`` (0 where ``Z_j == 0``); ``l``, ``h`` are the minimum and maximum of the
+    sample's whole input (all pixels and channels). Bias ignored, no stabiliser.
+    """
+
+    needs_weights: ClassVar[bool] = True
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        axes = tuple(range(1, x.ndim))
+        lo = jnp.broadcast_to(x.min(axis=axes, keepdims=True), x.shape)
+        hi = jnp.broadcast_to(x.max(axis=axes, keepdims=True), x.shape)
+        kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
+        z = op(k, x) - op(kp, lo) - op(kn, hi)
+        s = _divide(R, z)
+        return (x * _transpose(op, k, x, s) - lo * _transpose(op, kp, x, s) - hi * _transpose(op, kn, x, s),)
+
+
+@dataclasses.dataclass(frozen=True)
+class RSPShifted(Rule):
+    """z-rule on inputs shifted by ``shift`` (pooling layers in RSP).
+
+    ``R = (x + d) * J^T (R_out / fn(x + d))`` with ``J`` the Jacobian of the layer at
+    ``x + d``; max pooling gives winner-take-all, average pooling shares in proportion to
+    ``x + d``.
+    """
+
+    shift: float = SHIFT
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer) + jnp.asarray(self.shift, xs[0].dtype)
+        z, pull = jax.vjp(layer.fn, x)
+        (g,) = pull(_divide(R.astype(z.dtype), z))
+        return (x * g,)
+
+
+@dataclasses.dataclass(frozen=True)
+class RSPAdd(Rule):
+    """Residual sums: input ``k`` gets ``R * (max(x_k, 0) + d) / sum_k' (max(x_k', 0) + d)``."""
+
+    shift: float = SHIFT
+
+    def backward(self, layer, xs, out, R):
+        d = jnp.asarray(self.shift, xs[0].dtype)
+        parts = [jnp.maximum(x, 0) + d for x in xs]
+        z = parts[0]
+        for p in parts[1:]:
+            z = z + p
+        s = _divide(R.astype(z.dtype), z)
+        return tuple(p * s for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class RSPBatchNorm(Rule):
+    """A BatchNorm not folded into a convolution: relevance passes where ``x * scale != 0``."""
+
+    needs_weights: ClassVar[bool] = True
+
+    def check(self, name, kind, in_shapes, out_shape):
+        if kind != "batchnorm":
+            raise ValueError(f"rule {self!r} applies to BatchNorm layers; layer {name!r} is a {kind!r} layer")
+        super().check(name, kind, in_shapes, out_shape)
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        _, a, _ = layer.linear(self)
+        return (jnp.where(x * a != 0, R, 0.0).astype(x.dtype),)
