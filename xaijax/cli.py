@@ -8,6 +8,8 @@ Subcommands::
     xaijax predict --arch A --weights W IMAGE...     top-5 classes
     xaijax explain --weights W --method M IMAGE...  maps (.npy) and overlays (PNG)
     xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
+    xaijax eval EXPERIMENT --methods M,...   the research's tables (resumable, data-parallel)
+    xaijax visualize --weights W --layer L --units 0:16 --out DIR   natural pre-images (PNG grid + .npy + .json)
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
 
 Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
@@ -96,7 +98,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     images = args.images if args.images is not None else (demo.QUICK_IMAGES if args.quick else 100)
     chosen = [m.strip() for m in args.models.split(",")] if args.models else (list(demo.QUICK_MODELS) if args.quick else None)
-    names = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    names = [m.strip() for m in args.methods.split(",")] if args.methods else (list(demo.QUICK_METHODS) if args.quick else None)
     if names:
         from xaijax import methods
 
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
     s.add_argument("--images", type=int, default=None, help="held-out images to use (default 100; 8 with --quick)")
-    s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, cheaper sampling settings (a minute or two)")
+    s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, one method per family, cheaper sampling settings (a minute or two)")
     s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18; synthetic_resnet18 with --quick)")
     s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
     s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
@@ -270,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", default=None, help="output folder (default results/eval/EXPERIMENT-DATASET); rerun to resume")
     s.set_defaults(func=_cmd_eval)
+
+    from xaijax.features.cli import add_visualize_parser
+
+    add_visualize_parser(sub)
 
     s = sub.add_parser("example", help="end-to-end example: model, weights, predict, explain, PNG")
     s.add_argument("--out", type=_writable_dir, default="results/example")

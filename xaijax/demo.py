@@ -42,8 +42,10 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "extremal-perturbation": {"max_iter": 100},
 }
 
-#: ``--quick``: one model, few images, and cheaper settings still (about a minute of CPU).
+#: ``--quick``: one model, few images, one representative method per family and cheaper
+#: settings (a minute or two of CPU, most of it compilation); the default runs every method.
 QUICK_MODELS = ("synthetic_resnet18",)
+QUICK_METHODS = ("center", "gradient", "integrated-gradients", "grad-cam", "lrp-epsilon-plus", "rsp", "rise", "ucag-grad-cam")
 QUICK_IMAGES = 8
 QUICK_MODEL_METRIC_PAIRS = 8
 QUICK_HPARAMS: dict[str, dict[str, Any]] = {

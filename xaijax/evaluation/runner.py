@@ -284,8 +284,12 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context) -> list[dict[str,
         if cfg.experiment == "sanity":
             values = _sanity_values(method, ctx, xs, classes)
         else:
+            # fixed-size pair batches (the last one padded) so that each method compiles once
             maps = np.concatenate(
-                [explain(ctx.variables, xs[s : s + cfg.batch], classes[s : s + cfg.batch].astype(np.int32)) for s in range(0, len(classes), cfg.batch)]
+                [
+                    explain(ctx.variables, *_pad(cfg.batch, xs[s : s + cfg.batch], classes[s : s + cfg.batch].astype(np.int32)))[: len(classes[s : s + cfg.batch])]
+                    for s in range(0, len(classes), cfg.batch)
+                ]
             )
             batch = metrics.PairBatch(
                 maps=maps,
@@ -296,8 +300,13 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context) -> list[dict[str,
             for m in ctx.pair_metrics.values():
                 values.update({k: np.asarray(v) for k, v in m(batch).items()})
             for n, m in ctx.model_metrics.items():
-                out = m(ctx.model_fn, xs, maps, classes.astype(np.int32))
-                values.update({f"{n}.{k}": np.asarray(v) for k, v in out.items()})
+                parts = []
+                for s in range(0, len(classes), cfg.batch):
+                    sl = slice(s, s + cfg.batch)
+                    k = len(classes[sl])
+                    out = m(ctx.model_fn, *_pad(cfg.batch, xs[sl], maps[sl], classes[sl].astype(np.int32)))
+                    parts.append({key: np.asarray(v)[:k] for key, v in out.items()})
+                values.update({f"{n}.{key}": np.concatenate([q[key] for q in parts]) for key in parts[0]})
     for k, (i, r) in enumerate(records):
         sel = np.flatnonzero(img_of == k)
         pairs = [
@@ -306,6 +315,14 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context) -> list[dict[str,
         ]
         rows.append({"index": i, "image_id": r.image_id, "pairs": pairs})
     return rows
+
+
+def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each array padded along axis 0 to ``size`` rows by repeating its last row."""
+    n = len(arrays[0])
+    if n >= size:
+        return arrays
+    return tuple(np.concatenate([a, np.repeat(a[-1:], size - n, 0)]) for a in arrays)
 
 
 def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from xaijax.methods import (  # noqa: F401  (registers methods)
     gradient_family,
     lrp,
     perturbation,
+    rap,
     rsp,
     ucag,
 )
@@ -35,11 +36,13 @@ from xaijax.methods.gradient import Gradient, input_gradient
 from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
 from xaijax.methods.lrp import CLRP, LRP, SGLRP, ExcitationBackprop
 from xaijax.methods.perturbation import RISE
+from xaijax.methods.rap import RAP
 from xaijax.methods.rsp import RSP, ContrastiveRSP
 from xaijax.methods.registry import describe, get, kind, names, register
 from xaijax.methods.ucag import Ucag, get_ucag
 
 __all__ = [
+    "RAP",
     "Contrast",
     "ContrastiveRSP",
     "DRise",

@@ -156,10 +156,54 @@ def _add_bias(z: Array, bias: Array | None) -> Array:
     return z if bias is None else z + bias
 
 
-def _transpose(op: Callable[[Array, Array], Array], kernel: Array, x: Array, s: Array) -> Array:
-    """``op(kernel, .)^T s``: the transposed linear map applied to ``s`` (shape of ``x``)."""
-    transposed = jax.linear_transpose(lambda xx: op(kernel, xx), jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return transposed(s.astype(x.dtype))[0]
+def _linear_many(
+    op: Callable[[Array, Array], Array], kernels: Sequence[Array], x: Array
+) -> tuple[Array, Callable[[Array], Array]]:
+    """Several kernels applied to the same ``x`` as one operation.
+
+    Returns ``(z, transpose)``: ``z[b] = op(kernels[b], x)`` stacked on a new leading axis,
+    and ``transpose(s) = sum_b op(kernels[b], .)^T s[b]`` (shape of ``x``). ``vmap`` over the
+    kernels folds them into the output-feature axis of a single convolution / matrix product
+    (grouped convolutions included), so the input is read once and XLA runs one (wider)
+    kernel instead of several. Dense kernels are applied one by one (memory-bound products).
+    """
+    if kernels[0].ndim > 2 and len(kernels) > 1:  # convolution kernels: one wider convolution
+        stacked = jnp.stack([jnp.asarray(k) for k in kernels])
+        z, pull = jax.vjp(lambda xx: jax.vmap(op, in_axes=(0, None))(stacked, xx), x)
+        return z, lambda s: pull(jnp.asarray(s).astype(z.dtype))[0]
+    # dense kernels (and single kernels): separate products; stacking large dense kernels
+    # only adds a copy of the weights to a memory-bound operation
+    zs, pulls = zip(*(jax.vjp(lambda xx, k=k: op(k, xx), x) for k in kernels))
+    z = jnp.stack(zs)
+
+    def transpose(s: Array) -> Array:
+        s = jnp.asarray(s).astype(z.dtype)
+        return sum(pull(s[i])[0] for i, pull in enumerate(pulls))
+
+    return z, transpose
+
+
+def _box(op: Callable[[Array, Array], Array], k: Array, x: Array, lo: Array, hi: Array, R: Array, stabilizer: float) -> Array:
+    """z^B: ``x T_k(s) - lo T_{k+}(s) - hi T_{k-}(s)``, ``s = R / (op(k, x) - op(k+, lo) - op(k-, hi))``.
+
+    The three products are one operation: inputs ``[x, lo, hi]`` against kernels ``[k, -k+,
+    -k-]``, concatenated along the input-channel axis (an ordinary convolution / matrix product
+    with three times the input channels), or batched with ``vmap`` for grouped convolutions.
+    """
+    kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
+    ks = (k, -kp, -kn)
+    xs = (x, lo.astype(x.dtype), hi.astype(x.dtype))
+    if k.ndim >= 2 and k.shape[-2] == x.shape[-1]:  # not grouped: concatenate input channels
+        kc, xc = jnp.concatenate(ks, axis=-2), jnp.concatenate(xs, axis=-1)
+        z, pull = jax.vjp(lambda xx: op(kc, xx), xc)
+        g = pull(_divide(R, _stabilize(z, stabilizer)).astype(z.dtype))[0]
+        c = x.shape[-1]
+        return sum(a * g[..., i * c:(i + 1) * c] for i, a in enumerate(xs))
+    kst, xst = jnp.stack(ks), jnp.stack(xs)
+    zs, pull = jax.vjp(lambda xx: jax.vmap(op)(kst, xx), xst)
+    s = _divide(R, _stabilize(zs.sum(0), stabilizer)).astype(zs.dtype)
+    g = pull(jnp.broadcast_to(s, zs.shape))[0]
+    return (xst * g).sum(0)
 
 
 def _single(xs: Sequence[Array], rule: "Rule", layer: LayerView) -> Array:
@@ -242,9 +286,9 @@ class Gamma(Rule):
         op, k, b = layer.linear(self)
         k2 = k + self.gamma * jnp.maximum(k, 0)
         b2 = None if b is None else b + self.gamma * jnp.maximum(b, 0)
-        z = _add_bias(op(k2, x), b2)
-        s = _divide(R, _stabilize(z, self.stabilizer))
-        return (x * _transpose(op, k2, x, s),)
+        z, pull = jax.vjp(lambda xx: op(k2, xx), x)
+        s = _divide(R, _stabilize(_add_bias(z, b2), self.stabilizer))
+        return (x * pull(s.astype(z.dtype))[0],)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,28 +311,35 @@ class AlphaBeta(Rule):
         _check_number("AlphaBeta beta", self.beta)
         _check_number("AlphaBeta stabilizer", self.stabilizer)
 
-    def _part(self, op, kp, kn, b, xp, xn, R):
-        """Relevance of the contributions ``xp kp + xn kn (+ b)``, normalised among themselves.
-
-        ``xn`` is None when the inputs are known to be non-negative (the term vanishes).
-        """
-        z = op(kp, xp) if xn is None else op(kp, xp) + op(kn, xn)
-        s = _divide(R, _stabilize(_add_bias(z, b), self.stabilizer))
-        r = xp * _transpose(op, kp, xp, s)
-        return r if xn is None else r + xn * _transpose(op, kn, xn, s)
-
     def backward(self, layer, xs, out, R):
         x = _single(xs, self, layer)
         op, k, b = layer.linear(self)
         kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
+        bp = None if b is None else jnp.maximum(b, 0)
+        bn = None if b is None else jnp.minimum(b, 0)
+        # one stacked operation for the W+ and W- products (W+ only when beta == 0), and one
+        # transposed operation for both relevance shares
+        kernels = (kp, kn) if self.beta != 0 else (kp,)
+        xp = x if layer.nonneg else jnp.maximum(x, 0)
+        zp, tp = _linear_many(op, kernels, xp)
         if layer.nonneg:
-            xp, xn = x, None
-        else:
-            xp, xn = jnp.maximum(x, 0), jnp.minimum(x, 0)
-        r = self.alpha * self._part(op, kp, kn, None if b is None else jnp.maximum(b, 0), xp, xn, R)
-        if self.beta != 0:
-            r = r - self.beta * self._part(op, kn, kp, None if b is None else jnp.minimum(b, 0), xp, xn, R)
-        return (r,)
+            pos = _add_bias(zp[0], bp)
+            s_pos = self.alpha * _divide(R, _stabilize(pos, self.stabilizer))
+            if self.beta == 0:
+                return (xp * tp(s_pos[None]),)
+            neg = _add_bias(zp[1], bn)
+            s_neg = -self.beta * _divide(R, _stabilize(neg, self.stabilizer))
+            return (xp * tp(jnp.stack([s_pos, s_neg])),)
+        xn = jnp.minimum(x, 0)
+        zn, tn = _linear_many(op, (kn, kp) if self.beta != 0 else (kn,), xn)  # x- W- (positive), x- W+ (negative)
+        pos = _add_bias(zp[0] + zn[0], bp)
+        s_pos = self.alpha * _divide(R, _stabilize(pos, self.stabilizer))
+        if self.beta == 0:
+            return (xp * tp(s_pos[None]) + xn * tn(s_pos[None]),)
+        neg = _add_bias(zp[1] + zn[1], bn)
+        s_neg = -self.beta * _divide(R, _stabilize(neg, self.stabilizer))
+        s = jnp.stack([s_pos, s_neg])
+        return (xp * tp(s) + xn * tn(s),)
 
 
 def ZPlus(stabilizer: float = 1e-9) -> AlphaBeta:
@@ -359,11 +410,7 @@ class ZBox(Rule):
         op, k, _ = layer.linear(self)
         lo = _bounds(self.low, _imagenet_bound("low"), x, "low", layer)
         hi = _bounds(self.high, _imagenet_bound("high"), x, "high", layer)
-        kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
-        z = op(k, x) - op(kp, lo) - op(kn, hi)
-        s = _divide(R, _stabilize(z, self.stabilizer))
-        r = x * _transpose(op, k, x, s) - lo * _transpose(op, kp, x, s) - hi * _transpose(op, kn, x, s)
-        return (r,)
+        return (_box(op, k, x, lo, hi, R, self.stabilizer),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,9 +439,8 @@ class WSquare(Rule):
 
 def _shares(op, k, x, R):
     """``R_i = sum_j k_ij R_j / sum_i' k_i'j`` (input-independent shares; padding excluded)."""
-    ones = jnp.ones_like(x)
-    z = op(k, ones)
-    return _transpose(op, k, ones, _divide(R, z))
+    z, pull = jax.vjp(lambda xx: op(k, xx), jnp.ones_like(x))
+    return pull(_divide(R, z).astype(z.dtype))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,8 +462,8 @@ class Excitation(Rule):
         x = _single(xs, self, layer)
         op, k, _ = layer.linear(self)
         kp = jnp.maximum(k, 0)
-        z = op(kp, x) + self.stabilizer
-        return (x * _transpose(op, kp, x, _divide(R, z)),)
+        z, pull = jax.vjp(lambda xx: op(kp, xx), x)
+        return (x * pull(_divide(R, z + self.stabilizer).astype(z.dtype))[0],)
 
 
 @dataclasses.dataclass(frozen=True)
