@@ -292,3 +292,11 @@ def test_tile_grid_layout():
     g = tile_grid(tiles, gap=1)
     assert g.shape == (2 * 3 - 1, 3 * 4 - 1, 3)  # 3 columns, 2 rows, 1 px gaps
     assert g[0, 0, 0] == 0 and g[0, 4, 0] == 0.25 and g[3, 4, 0] == 1.0 and g[3, 8, 0] == 1.0  # last cell empty
+
+
+def test_visualize_is_wired_into_the_cli(tmp_path, capsys):
+    from xaijax import cli
+
+    code = cli.main(["visualize", "--weights", str(tmp_path / "missing.safetensors"), "--layer", "features.0", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("xaijax: error:") and "missing.safetensors" in err and "\n" not in err
