@@ -5,15 +5,18 @@ Subpackages:
   checkpoints  safe PyTorch checkpoint reading, porting, native save/load
   propagation  relevance rules as custom VJPs, composites, the engine
   methods      attribution methods and their registry
-  metrics      pointing game, mIoU and the metric registry
-  data         the record format and the synthetic benchmark
+  metrics      pointing game, mIoU, energy pointing, deletion/insertion, region insertion,
+               map density, sanity checks, and the metric registries
+  data         the record format, the synthetic benchmark, VOC / COCO / ImageNet loaders
+  evaluation   ``xaijax eval``: resumable, data-parallel experiments and their tables
+  features     feature visualisation (natural pre-images) and neuron-concept dissection
   viz          heatmaps, overlays, PNG writing
 
 Conventions: images are NHWC float32; a method is called as
 ``method(model, variables, x, target) -> (N, H, W) maps``.
 """
 
-from xaijax import checkpoints, data, methods, metrics, models, propagation, viz
+from xaijax import checkpoints, data, evaluation, features, methods, metrics, models, propagation, viz
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "data", "methods", "metrics", "models", "propagation", "viz", "__version__"]
+__all__ = ["checkpoints", "data", "evaluation", "features", "methods", "metrics", "models", "propagation", "viz", "__version__"]
