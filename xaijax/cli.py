@@ -10,6 +10,7 @@ Subcommands::
     xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
     xaijax eval EXPERIMENT --methods M,...   the research's tables (resumable, data-parallel)
     xaijax visualize --weights W --layer L --units 0:16 --out DIR   natural pre-images (PNG grid + .npy + .json)
+    xaijax dissect --dataset synthetic|broden --layer L --out DIR   neuron-concept labels and formulas
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
 
 Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
@@ -274,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_eval)
 
     from xaijax.features.cli import add_visualize_parser
+    from xaijax.features.dissect_cli import add_dissect_parser
 
     add_visualize_parser(sub)
+    add_dissect_parser(sub)
 
     s = sub.add_parser("example", help="end-to-end example: model, weights, predict, explain, PNG")
     s.add_argument("--out", type=_writable_dir, default="results/example")
