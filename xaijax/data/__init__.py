@@ -12,7 +12,9 @@ no TensorFlow needed), :func:`open_coco` (instances JSON + images, pycocotools) 
 
 from xaijax.data import synthetic
 from xaijax.data._base import CorruptImageError, DatasetLayoutError, SkippedImageWarning
+from xaijax.data.broden import BrodenDataset, open_broden
 from xaijax.data.coco import COCODataset, open_coco
+from xaijax.data.imagenet_val import ImageNetValDataset, open_imagenet_val
 from xaijax.data.imagenet_seg import ImageNetSegDataset, open_imagenet_seg
 from xaijax.data.records import (
     Record,
@@ -27,6 +29,10 @@ from xaijax.data.synthetic import SyntheticScenes
 from xaijax.data.voc import VOC_CLASSES, VOCDataset, VOCTFDSDataset, open_voc, open_voc_tfds
 
 __all__ = [
+    "BrodenDataset",
+    "ImageNetValDataset",
+    "open_broden",
+    "open_imagenet_val",
     "COCODataset",
     "CorruptImageError",
     "DatasetLayoutError",

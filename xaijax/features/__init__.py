@@ -7,9 +7,15 @@
 * :func:`alpha_norm`, :func:`total_variation`, :func:`project_pixel_norm` — the paper's
   natural-image regularisers and bounded-range projection.
 
-The ``visualize`` command line lives in :mod:`xaijax.features.cli`.
+Neuron-concept explanations (Network Dissection; Compositional Explanations of Neurons):
+:func:`dissect` / :class:`DissectConfig` / :class:`DissectResult` in
+:mod:`xaijax.features.dissect`.
+
+The ``visualize`` and ``dissect`` command lines live in :mod:`xaijax.features.cli` and
+:mod:`xaijax.features.dissect_cli`.
 """
 
+from xaijax.features.dissect import DissectConfig, DissectResult, StreamingQuantile, dissect
 from xaijax.features.visualize import (
     PreImage,
     PreImageResult,
@@ -24,6 +30,10 @@ from xaijax.features.visualize import (
 )
 
 __all__ = [
+    "DissectConfig",
+    "DissectResult",
+    "StreamingQuantile",
+    "dissect",
     "PreImage",
     "PreImageResult",
     "alpha_norm",
