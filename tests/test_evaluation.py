@@ -246,3 +246,4 @@ def test_sanity_experiment_of_a_model_independent_map_is_perfectly_stable(tiny_w
     lines = (tmp_path / "c" / "sanity_layers.csv").read_text().splitlines()
     assert lines[0] == "method,step,layer,spearman,spearman_abs,ssim" and len(lines) == 1 + 2 * len(c["layers"])
     assert (tmp_path / "c" / "sanity.png").stat().st_size > 1000
+    assert (tmp_path / "c" / "sanity-gradient.png").stat().st_size > 1000

@@ -30,7 +30,8 @@ Experiments
 ``sanity``
     Cascading randomisation (Adebayo et al. 2018) from the top layer down: Spearman rank
     correlation (signed and absolute) and SSIM between the trained model's map and each
-    step's, per layer; writes ``sanity.png`` and a per-layer table ``sanity_layers.csv``.
+    step's, per layer; writes ``sanity.png`` (per-layer curves), ``sanity-METHOD.png`` (the
+    first image's maps as the layers are randomised) and a per-layer table ``sanity_layers.csv``.
 
 Targets (``seeds``): ``"labels"`` (L) explains every ground-truth class of an image against
 its region; ``"predicted"`` (P) only those the model predicts (sigmoid > 0.5);
@@ -218,7 +219,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         try:
             for s in range(0, len(todo), cfg.batch):
                 chunk = todo[s : s + cfg.batch]
-                store.append(_evaluate_chunk(ds, chunk, explain, method, ctx))
+                store.append(_evaluate_chunk(ds, chunk, explain, method, ctx, name))
                 bar.update(len(chunk))
         finally:
             bar.close()
@@ -257,7 +258,7 @@ class _Context:
     cfg: EvalConfig
 
 
-def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context) -> list[dict[str, Any]]:
+def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -> list[dict[str, Any]]:
     cfg = ctx.cfg
     rows: list[dict[str, Any]] = []
     records = []
@@ -282,7 +283,8 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context) -> list[dict[str,
     if len(classes):
         xs = x[img_of]
         if cfg.experiment == "sanity":
-            values = _sanity_values(method, ctx, xs, classes)
+            first = records[0][0] == 0
+            values = _sanity_values(method, ctx, xs, classes, Path(cfg.out) / f"sanity-{name}.png" if first else None)
         else:
             # fixed-size pair batches (the last one padded) so that each method compiles once
             maps = np.concatenate(
@@ -325,8 +327,17 @@ def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate([a, np.repeat(a[-1:], size - n, 0)]) for a in arrays)
 
 
-def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray, grid: Path | None) -> dict[str, np.ndarray]:
     res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes.astype(np.int32), seed=0)
+    if grid is not None:  # the map grid (trained model, then each cascade step) of the dataset's first image
+        import io
+
+        from xaijax.evaluation.tables import atomic_bytes
+
+        fig = metrics.sanity.plot_cascade_grid(res, None, images=(0,), max_columns=12)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        atomic_bytes(grid, buf.getvalue())
     return {
         "sanity.spearman": res.spearman.T,  # (pairs, layers)
         "sanity.spearman_abs": res.spearman_abs.T,
