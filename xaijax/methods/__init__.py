@@ -29,7 +29,7 @@ from xaijax.methods.bilrp import BiLRP, BiLRPResult, bilrp_composite, plot_bilrp
 from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
 from xaijax.methods.cam_variants import CAM, LayerCAM, ScoreCAM, XGradCAM
 from xaijax.methods.combinators import Smooth, smooth
-from xaijax.methods.contrast import Contrast, contrast, get_contrast
+from xaijax.methods.contrast import Contrast, get_contrast  # the combinator itself: xaijax.methods.contrast.contrast
 from xaijax.methods.drise import DRise, detector_function
 from xaijax.methods.extremal import ExtremalPerturbation, ExtremalResult
 from xaijax.methods.gradient import Gradient, input_gradient
@@ -49,7 +49,6 @@ __all__ = [
     "ExtremalPerturbation",
     "ExtremalResult",
     "RSP",
-    "contrast",
     "detector_function",
     "get_contrast",
     "CAM",
