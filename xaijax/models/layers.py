@@ -181,9 +181,10 @@ def _ceil_extra(size: int, k: int, s: int, p: int) -> int:
 class MaxPool2d(nn.Module):
     """Max pooling with PyTorch semantics (``-inf`` padding, floor or ceil output size).
 
-    The non-overlapping 2x2/stride-2 case is computed as reshape + max, every other case as a
-    maximum over strided slices; both have the same gradients as ``lax.reduce_window`` but
-    avoid its slow backward pass on CPU. ``ceil_mode=True`` matches
+    The non-overlapping 2x2/stride-2 case is computed from a reshape, every other case from
+    strided slices; the maximum's gradient goes to the first maximal entry of each window
+    (row-major), exactly as ``lax.reduce_window`` and ``torch.nn.MaxPool2d``, without the slow
+    backward pass of ``reduce_window`` on CPU. ``ceil_mode=True`` matches
     ``torch.nn.MaxPool2d(..., ceil_mode=True)`` (used by Caffe-converted models).
     """
 
@@ -201,11 +202,26 @@ class MaxPool2d(nn.Module):
         if self.ceil_mode:
             extra = (_ceil_extra(x.shape[1], k[0], s[0], p[0]), _ceil_extra(x.shape[2], k[1], s[1], p[1]))
         if k == s and p == (0, 0) and extra == (0, 0):
-            return _blocks(x, k).max(axis=(2, 4))
+            b = _blocks(x, k)  # (N, OH, kh, OW, kw, C) -> window positions first, row-major
+            n, oh, _, ow, _, c = b.shape
+            return _first_max(b.transpose(2, 4, 0, 1, 3, 5).reshape(k[0] * k[1], n, oh, ow, c))
         if p != (0, 0) or extra != (0, 0):
             pads = ((0, 0), (p[0], p[0] + extra[0]), (p[1], p[1] + extra[1]), (0, 0))
             x = jnp.pad(x, pads, constant_values=-jnp.inf)
-        return jnp.max(jnp.stack(_windows(x, k, s), axis=0), axis=0)
+        return _first_max(jnp.stack(_windows(x, k, s), axis=0))
+
+
+def _first_max(stacked: jax.Array) -> jax.Array:
+    """Maximum over axis 0 whose gradient goes entirely to the *first* maximal entry.
+
+    That is PyTorch's (and ``lax.reduce_window``'s) max-pooling gradient; a plain ``max``
+    reduction would split it equally among tied entries (all-zero windows after a ReLU tie),
+    which changes Grad-CAM++, Excitation Backprop and every other method that reads
+    gradients at pooled layers. The selection is a one-hot ``where``, so the backward pass is
+    an elementwise select (no scatter), as fast as the plain reduction's.
+    """
+    first = jax.nn.one_hot(jnp.argmax(stacked, axis=0), stacked.shape[0], axis=0, dtype=bool)
+    return jnp.where(first, stacked, jnp.zeros((), stacked.dtype)).sum(axis=0)
 
 
 class AvgPool2d(nn.Module):

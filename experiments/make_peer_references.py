@@ -1,0 +1,495 @@
+"""Record reference maps of the PyTorch peers (zennit, Captum, TorchRay, pytorch-grad-cam).
+
+Writes ``tests/fixtures/peer_refs_vgg.npz`` and ``tests/fixtures/peer_refs_resnet.npz``:
+tiny VGG16-style and ResNet (Bottleneck) models with seeded random weights, two small
+images, and the maps the peers compute for them. ``tests/test_peer_references.py`` reloads
+the arrays with numpy only (no torch), ports the weights with
+:func:`xaijax.checkpoints.from_torch_state_dict` and compares xaijax's methods with them.
+
+The peers are never a dependency of xaijax or of CI. They live in their own virtualenv,
+``/work/peer-venv``, built with (see ``experiments/PEERS.md`` for why torch is 2.14.1)::
+
+    python3.11 -m venv /work/peer-venv
+    /work/peer-venv/bin/pip install torch==2.13.0            # CPU build (as in the main venv)
+    /work/peer-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    /work/peer-venv/bin/pip install zennit captum grad-cam torchray
+    /work/peer-venv/bin/pip install -e /work/main            # xaijax + jax in the same process
+
+Every peer imports ``torchvision`` at import time, and the registry's torchvision wheels
+are linked against the CUDA build of torch (``libc10_cuda.so``), so none of them loads
+beside the CPU-only torch 2.13.0; torch 2.14.1 + torchvision 0.29.1 (CUDA build, run on
+the CPU here) is the pairing that imports.
+
+Run (about a minute)::
+
+    /work/peer-venv/bin/python experiments/make_peer_references.py
+
+npz layout (all float32 unless noted):
+
+* ``meta``: a JSON string (provenance: versions, model configuration, hyperparameters,
+  what each stored map is and which transformation makes it comparable);
+* ``x``: inputs, NHWC (N, H, W, 3), already "normalised" (standard normal noise);
+* ``target``: int64 (N,) class indices;
+* ``sd/<torch key>``: the torch state dict (torchvision names; BatchNorm
+  ``num_batches_tracked`` int64), random weights with random biases and BN statistics;
+* ``sd_nobias/<torch key>``: only for the keys that differ in the bias-free variant used
+  for the z+ composites (conv biases, BN ``bias`` and ``running_mean`` set to 0);
+* ``out/<method>/<peer>``: the peer's map, (N, H, W) at input size unless ``meta`` says
+  otherwise;
+* ``rise_masks``: the (M, H, W) masks TorchRay was given (generated with
+  :func:`xaijax.methods.perturbation.rise_masks`, so xaijax's RISE with the same seed uses
+  the very same masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny models: xaijax constructors (the torch side is built to match)
+TINY = {
+    "vgg": {"arch": "vgg16", "kwargs": {"width": 1 / 16, "num_classes": 5, "hidden": 32, "pool_size": 1}},
+    "resnet": {"arch": "resnet50", "kwargs": {"width": 4, "num_classes": 5, "layers": [1, 1, 1, 1]}},
+}
+SIZE = 48  # input side in pixels
+TARGETS = np.array([1, 3], np.int64)
+IG_STEPS = 16
+RISE = {"n": 16, "s": 4, "p": 0.5, "seed": 3}
+ZPLUS_STABILIZER = 1e-9  # xaijax's AlphaBeta default; zennit is given the same value
+EPS = 1e-6  # LRP-epsilon (both libraries' default)
+
+
+# --------------------------------------------------------------------------------------
+# models shared with bench_peers.py
+# --------------------------------------------------------------------------------------
+
+
+def cam_layer(family: str, depth: str = "vgg16") -> str:
+    """Default CAM layer (xaijax's): last ReLU of VGG16 ``features.29``, ResNet ``layer4``."""
+    return "features.29" if family == "vgg" else "layer4"
+
+
+def eb_layers(family: str) -> tuple[str, str, str]:
+    """TorchRay's (saliency layer, contrast layer, classifier layer) for Excitation Backprop."""
+    if family == "vgg":
+        return "features.23", "classifier.4", "classifier.6"
+    return "layer3", "avgpool", "fc"
+
+
+def torch_model(family: str, num_classes: int, width: float | int = 1.0, hidden: int = 4096, pool_size: int = 7,
+                layers: tuple[int, ...] = (3, 4, 6, 3)):
+    """A torchvision VGG16 / ResNet (Bottleneck) with torchvision's classes, optionally tiny.
+
+    Tiny variants are built from torchvision's own ``VGG``/``ResNet``/``Bottleneck`` classes
+    (TorchRay and zennit recognise ResNet blocks by class) with the channel counts of the
+    matching xaijax constructor. All ReLUs are made non-inplace (Captum's hooks need it;
+    the maths is unchanged).
+    """
+    import torch.nn as tnn
+    from torchvision.models import resnet as tvr
+    from torchvision.models import vgg as tvv
+
+    if family == "vgg":
+        cfg = [v if v == "M" else max(1, int(v * width)) for v in tvv.cfgs["D"]]
+        m = tvv.VGG.__new__(tvv.VGG)
+        tnn.Module.__init__(m)
+        m.features = tvv.make_layers(cfg, batch_norm=False)
+        m.avgpool = tnn.AdaptiveAvgPool2d((pool_size, pool_size))
+        c = cfg[-2]
+        m.classifier = tnn.Sequential(
+            tnn.Linear(c * pool_size * pool_size, hidden), tnn.ReLU(True), tnn.Dropout(),
+            tnn.Linear(hidden, hidden), tnn.ReLU(True), tnn.Dropout(), tnn.Linear(hidden, num_classes),
+        )
+    else:
+        w = int(width)
+        m = tvr.ResNet.__new__(tvr.ResNet)
+        tnn.Module.__init__(m)
+        m._norm_layer, m.inplanes, m.dilation, m.groups, m.base_width = tnn.BatchNorm2d, w, 1, 1, 64
+        m.conv1 = tnn.Conv2d(3, w, 7, 2, 3, bias=False)
+        m.bn1 = tnn.BatchNorm2d(w)
+        m.relu = tnn.ReLU(True)
+        m.maxpool = tnn.MaxPool2d(3, 2, 1)
+        for i, n in enumerate(layers):
+            setattr(m, f"layer{i + 1}", m._make_layer(tvr.Bottleneck, w * 2**i, n, stride=1 if i == 0 else 2))
+        m.avgpool = tnn.AdaptiveAvgPool2d((1, 1))
+        m.fc = tnn.Linear(w * 8 * 4, num_classes)
+    for mod in m.modules():
+        if isinstance(mod, tnn.ReLU):
+            mod.inplace = False
+    return m.eval()
+
+
+def randomize_state_dict(sd: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Random biases (N(0, 0.1)) and BN statistics (scale, var ~ U(0.5, 1.5); bias, mean ~ N(0, 0.1)).
+
+    xaijax's :func:`random_variables` gives He-normal kernels but zero biases and identity
+    BatchNorm, which would hide every bias-related difference (FullGrad's bias terms, the
+    epsilon rule's bias absorption): this fills them with random values.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in sd.items():
+        v = np.asarray(v)
+        if k.endswith("num_batches_tracked"):
+            out[k] = v
+        elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
+            out[k] = rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+        elif k.endswith(".bias") or k.endswith("running_mean"):
+            out[k] = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+        else:
+            out[k] = v.astype(np.float32)
+    return out
+
+
+def bias_free(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The state dict with every *convolution-side* bias removed: conv biases, BN ``bias`` and
+    ``running_mean`` set to 0 (so the BN-folded conv has no bias); dense biases kept."""
+    out = dict(sd)
+    for k, v in sd.items():
+        is_bn = k.rsplit(".", 1)[0] + ".running_var" in sd
+        conv_bias = k.endswith(".bias") and (k.rsplit(".", 1)[0] + ".weight") in sd and sd[k.rsplit(".", 1)[0] + ".weight"].ndim == 4
+        if conv_bias or (is_bn and (k.endswith(".bias") or k.endswith("running_mean"))):
+            out[k] = np.zeros_like(v)
+    return out
+
+
+def xaijax_model(family: str, **overrides: Any):
+    """The xaijax zoo model matching :data:`TINY` (or overrides, e.g. full size)."""
+    from xaijax import models
+
+    spec = TINY[family]
+    kw = dict(spec["kwargs"])
+    kw.update(overrides)
+    return models.get(spec["arch"], **kw)
+
+
+def make_weights(family: str, model, size: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded random torch-named state dict for the xaijax ``model`` (He kernels + random biases)."""
+    from xaijax import models
+    from xaijax.checkpoints import to_torch_state_dict
+
+    v = models.random_variables(model, (1, size, size, 3), seed=seed)
+    return randomize_state_dict(to_torch_state_dict(model, v), seed + 1000)
+
+
+def load_torch(m, sd: dict[str, np.ndarray]):
+    import torch
+
+    m.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
+    return m.eval()
+
+
+# --------------------------------------------------------------------------------------
+# peer calls (x: NCHW torch tensor, targets: int64 tensor (N,)); each returns numpy (N, H, W)
+# --------------------------------------------------------------------------------------
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+def onehot_seed(out, targets):
+    import torch
+
+    return torch.nn.functional.one_hot(targets, out.shape[-1]).to(out.dtype)
+
+
+def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: int = IG_STEPS,
+                 sg_n: int = 50, sg_noise: float = 0.15, ig_baseline: np.ndarray | None = None,
+                 side: dict | None = None) -> dict[str, dict[str, Callable]]:
+    """``{method: {peer: fn(model, x, targets) -> (N, H, W) numpy}}`` for one model family.
+
+    Only the definitions are set here; the map each peer returns is its own (normalised
+    or not); ``meta`` in the fixtures and bench_peers.py say how they are compared.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cam = cam_layer(family)
+    sal_layer, contrast_layer, classifier_layer = eb_layers(family)
+
+    def get(m, name):
+        mod = m
+        for p in name.split("."):
+            mod = getattr(mod, p)
+        return mod
+
+    def captum_saliency(m, x, t):
+        from captum.attr import Saliency
+
+        return _np(Saliency(m).attribute(x, target=t, abs=True).amax(1))
+
+    def torchray_gradient(m, x, t):
+        from torchray.attribution.gradient import gradient
+
+        return _np(gradient(m, x.clone(), t)[:, 0])
+
+    def captum_ixg(m, x, t):
+        from captum.attr import InputXGradient
+
+        return _np(InputXGradient(m).attribute(x, target=t).sum(1))
+
+    def captum_guided(m, x, t):
+        from captum.attr import GuidedBackprop
+
+        return _np(GuidedBackprop(m).attribute(x, target=t).abs().amax(1))
+
+    def torchray_guided(m, x, t):
+        from torchray.attribution.guided_backprop import guided_backprop
+
+        return _np(guided_backprop(m, x.clone(), t)[:, 0])
+
+    def captum_ig(method, baseline: np.ndarray | None = None):
+        def fn(m, x, t):
+            from captum.attr import IntegratedGradients
+
+            b = 0.0 if baseline is None else torch.from_numpy(np.ascontiguousarray(baseline.transpose(0, 3, 1, 2)))
+            a = IntegratedGradients(m).attribute(x, baselines=b, target=t, n_steps=ig_steps, method=method,
+                                                 internal_batch_size=None)
+            return _np(a.sum(1))
+
+        return fn
+
+    def captum_smoothgrad(m, x, t):
+        from captum.attr import NoiseTunnel, Saliency
+
+        span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+        # Captum's stdevs is absolute: give it xaijax's fraction of each sample's range
+        stdevs = tuple(float(sg_noise * s) for s in span) if len(span) > 1 else float(sg_noise * span[0])
+        a = NoiseTunnel(Saliency(m)).attribute(x, nt_type="smoothgrad", nt_samples=sg_n, stdevs=stdevs, target=t,
+                                               abs=True, nt_samples_batch_size=sg_n)
+        # NoiseTunnel averages the per-channel |grad|, xaijax averages the channel max:
+        # both are reported as computed (the maps are stochastic anyway)
+        return _np(a.amax(1))
+
+    def captum_layer_gradcam(m, x, t):
+        from captum.attr import LayerGradCam
+
+        a = LayerGradCam(m, get(m, cam)).attribute(x, target=t, relu_attributions=True)
+        return _np(F.interpolate(a, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0])
+
+    def pgc(cls_name, layer: str | None = None):
+        def fn(m, x, t):
+            import pytorch_grad_cam as P
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+            cls = getattr(P, cls_name)
+            layers = [] if cls_name == "FullGrad" else [get(m, layer or cam)]
+            with cls(model=m, target_layers=layers) as c:
+                res = c(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in t]).astype(np.float32)
+                if cls_name == "FullGrad" and side is not None:
+                    # pytorch-grad-cam's own raw terms: |bias * dS/dz| summed over channels, per layer
+                    grads = [g.cpu().numpy() for g in c.activations_and_grads.gradients]
+                    side["fullgrad_terms"] = [np.abs(b[None, :, None, None] * g).sum(1).astype(np.float32)
+                                              for b, g in zip(c.bias_data, grads)]
+            return res
+
+        return fn
+
+    def zennit(kind: str):
+        def fn(m, x, t):
+            from zennit.attribution import Gradient as ZGradient
+            from zennit.composites import EpsilonPlus, EpsilonPlusFlat, LayerMapComposite, layer_map_base
+            from zennit.rules import Epsilon
+            from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+            from zennit.types import Convolution
+
+            canon = [ResNetCanonizer()] if family == "resnet" else [VGGCanonizer()]
+            if kind == "epsilon":
+                comp = LayerMapComposite(
+                    layer_map=layer_map_base(ZPLUS_STABILIZER)
+                    + [(Convolution, Epsilon(EPS)), (torch.nn.Linear, Epsilon(EPS))],
+                    canonizers=canon,
+                )
+            elif kind == "epsilon-plus":
+                comp = EpsilonPlus(epsilon=EPS, stabilizer=ZPLUS_STABILIZER, canonizers=canon)
+            else:
+                comp = EpsilonPlusFlat(epsilon=EPS, stabilizer=ZPLUS_STABILIZER, canonizers=canon)
+            xx = x.clone().requires_grad_(True)
+            with ZGradient(model=m, composite=comp) as attributor:
+                # output relevance = target logit (xaijax's LRP seed * logits)
+                _, rel = attributor(xx, attr_output=lambda out: out * onehot_seed(out, t))
+            return _np(rel.sum(1))
+
+        return fn
+
+    def torchray_eb(m, x, t):
+        from torchray.attribution.excitation_backprop import excitation_backprop, update_resnet
+
+        if family == "resnet":
+            update_resnet(m)
+        return _np(excitation_backprop(m, x.clone(), t, saliency_layer=sal_layer, resize=False)[:, 0])
+
+    def torchray_ceb(m, x, t):
+        from torchray.attribution.excitation_backprop import contrastive_excitation_backprop, update_resnet
+
+        if family == "resnet":
+            update_resnet(m)
+        s = contrastive_excitation_backprop(m, x.clone(), t, saliency_layer=sal_layer, contrast_layer=contrast_layer,
+                                            classifier_layer=classifier_layer, resize=False)
+        return _np(s[:, 0])
+
+    def torchray_rise(m, x, t):
+        from torchray.attribution.rise import rise
+
+        class ProbLogit(torch.nn.Module):
+            """logit(softmax(f(x))): TorchRay's sigmoid of it is the softmax probability."""
+
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, z):
+                return torch.logit(torch.softmax(self.inner(z).double(), -1)).float()
+
+        masks = torch.from_numpy(np.ascontiguousarray(rise_masks))[:, None]
+        s = rise(ProbLogit(m), x, filter_masks=masks, num_masks=len(masks), batch_size=min(len(masks), 256))
+        return _np(s[torch.arange(len(t)), t])
+
+    def torchray_extremal(m, x, t):
+        from torchray.attribution.extremal_perturbation import extremal_perturbation
+
+        maps = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=[0.1], max_iter=800)[0] for i in range(len(t))]
+        return _np(torch.cat(maps)[:, 0])
+
+    methods: dict[str, dict[str, Callable]] = {
+        "gradient": {"captum": captum_saliency, "torchray": torchray_gradient},
+        "gradient-x-input": {"captum": captum_ixg},
+        "guided-backprop": {"captum": captum_guided, "torchray": torchray_guided},
+        "integrated-gradients": {"captum": captum_ig("gausslegendre")},
+        "integrated-gradients-trapezoid": {"captum": captum_ig("riemann_trapezoid", ig_baseline)},
+        "smoothgrad": {"captum": captum_smoothgrad},
+        "grad-cam": {"captum": captum_layer_gradcam, "pytorch-grad-cam": pgc("GradCAM")},
+        "grad-cam-plus-plus": {"pytorch-grad-cam": pgc("GradCAMPlusPlus")},
+        # VGG: the conv before the CAM ReLU, where max-pool tie-breaking cannot matter
+        "grad-cam-plus-plus@features.28": {"pytorch-grad-cam": pgc("GradCAMPlusPlus", "features.28")},
+        "fullgrad": {"pytorch-grad-cam": pgc("FullGrad")},
+        "lrp-epsilon": {"zennit": zennit("epsilon")},
+        "lrp-epsilon-plus": {"zennit": zennit("epsilon-plus")},
+        "lrp-epsilon-plus-flat": {"zennit": zennit("epsilon-plus-flat")},
+        "excitation-backprop": {"torchray": torchray_eb},
+        "contrastive-excitation-backprop": {"torchray": torchray_ceb},
+        "extremal-perturbation": {"torchray": torchray_extremal},
+    }
+    if rise_masks is not None:
+        methods["rise"] = {"torchray": torchray_rise}
+    return methods
+
+
+#: methods recorded in the fixtures (smoothgrad and extremal perturbation are stochastic or
+#: slow: benchmark only)
+RECORDED = (
+    "gradient", "gradient-x-input", "guided-backprop", "integrated-gradients", "integrated-gradients-trapezoid",
+    "grad-cam", "grad-cam-plus-plus", "grad-cam-plus-plus@features.28", "fullgrad", "lrp-epsilon", "lrp-epsilon-plus", "lrp-epsilon-plus-flat",
+    "excitation-backprop", "contrastive-excitation-backprop", "rise",
+)
+
+#: state dict used per method (z+ composites run on the bias-free variant, see bias_free)
+NOBIAS_METHODS = ("lrp-epsilon-plus", "lrp-epsilon-plus-flat")
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for p in ("torch", "torchvision", "zennit", "captum", "grad-cam", "torchray", "jax", "jaxlib", "flax", "numpy"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def record(family: str, out_path: str, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    from xaijax.methods.perturbation import rise_masks
+
+    torch.manual_seed(seed)
+    model = xaijax_model(family)
+    sd = make_weights(family, model, SIZE, seed)
+    sd_nb = bias_free(sd)
+    kw = TINY[family]["kwargs"]
+    if family == "vgg":
+        tm = lambda: torch_model("vgg", kw["num_classes"], kw["width"], kw["hidden"], kw["pool_size"])  # noqa: E731
+    else:
+        tm = lambda: torch_model("resnet", kw["num_classes"], kw["width"], layers=tuple(kw["layers"]))  # noqa: E731
+    rng = np.random.default_rng(seed + 7)
+    x = rng.standard_normal((len(TARGETS), SIZE, SIZE, 3)).astype(np.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    t = torch.from_numpy(TARGETS)
+    masks = np.asarray(rise_masks(RISE["seed"], np.arange(RISE["n"]), (SIZE, SIZE), RISE["s"], RISE["p"]), np.float32)
+    ig_baseline = (0.5 * rng.standard_normal((1, SIZE, SIZE, 3))).astype(np.float32)
+    side: dict = {}
+    methods = peer_methods(family, masks if family == "vgg" else None, ig_baseline=ig_baseline, side=side)
+    if family != "vgg":
+        del methods["grad-cam-plus-plus@features.28"]
+    arrays: dict[str, np.ndarray] = {"x": x, "target": TARGETS, "ig_baseline": ig_baseline}
+    arrays.update({f"sd/{k}": v for k, v in sd.items()})
+    arrays.update({f"sd_nobias/{k}": v for k, v in sd_nb.items() if not np.array_equal(v, sd[k])})
+    if family == "vgg":
+        arrays["rise_masks"] = masks
+    logits = load_torch(tm(), sd)(xt).detach().numpy()
+    arrays["logits"] = logits.astype(np.float32)
+    done = {}
+    for name in RECORDED:
+        if name not in methods:
+            continue
+        for peer, fn in methods[name].items():
+            m = load_torch(tm(), sd_nb if name in NOBIAS_METHODS else sd)  # fresh model: peers patch modules
+            arrays[f"out/{name}/{peer}"] = fn(m, xt.clone(), t)
+            done.setdefault(name, []).append(peer)
+            print(f"{family}: {name} / {peer}: {arrays[f'out/{name}/{peer}'].shape}", flush=True)
+    for i, term in enumerate(side.get("fullgrad_terms", [])):
+        arrays[f"fullgrad_terms/{i:02d}"] = term
+    meta = {
+        "family": family,
+        "xaijax_constructor": TINY[family],
+        "input_size": SIZE,
+        "seed": seed,
+        "versions": versions(),
+        "recorded": done,
+        "hyperparameters": {"ig_steps": IG_STEPS, "rise": RISE, "zplus_stabilizer": ZPLUS_STABILIZER, "eps": EPS,
+                            "cam_layer": cam_layer(family), "eb_layers": eb_layers(family)},
+        "notes": {
+            "weights": "He-normal kernels (xaijax random_variables), random biases and BN statistics (randomize_state_dict)",
+            "lrp": "zennit Gradient attributor with attr_output = one_hot * logits; channel sum; ResNetCanonizer/VGGCanonizer",
+            "zplus": "z+ composites run on sd with sd_nobias overrides (zennit's ZPlus drops biases, xaijax counts b+)",
+            "pytorch-grad-cam": "maps are min-max normalised (x - min) / (max + 1e-7) after cv2 bilinear resize",
+            "excitation-backprop": "TorchRay at the saliency layer, resize=False (layer resolution)",
+            "integrated-gradients-trapezoid": "baseline ig_baseline (a zero baseline puts a node where max-pool ties make the gradient ambiguous)",
+            "fullgrad_terms": "pytorch-grad-cam's |bias * dS/dz| summed over channels, per Conv2d/BatchNorm2d with bias, in module order",
+            "rise": "TorchRay rise with filter_masks = rise_masks, model wrapped as logit(softmax(f)); TorchRay divides by N, not N*p",
+        },
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = out_path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out_path)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "fixtures"))
+    ap.add_argument("--families", nargs="+", default=["vgg", "resnet"], choices=["vgg", "resnet"])
+    args = ap.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    for fam in args.families:
+        path = os.path.join(args.out_dir, f"peer_refs_{fam}.npz")
+        record(fam, path)
+        print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
