@@ -37,9 +37,11 @@ def test_store_round_trip_dedup_and_mismatch(tmp_path):
     s = ResultsStore(p, {"a": 1, "b": [1, 2]})
     s.append([{"index": 3, "v": 0.5}, {"index": 1, "v": 0.25}])
     s.append([{"index": 3, "v": 99.0}])  # already stored: ignored, never counted twice
+    s.close()
     s2 = ResultsStore(p, {"b": [1, 2], "a": 1})  # same config, other key order
     assert s2.done() == {1, 3}
     assert [r["v"] for r in s2.rows()] == [0.25, 0.5]
+    s2.close()
     with pytest.raises(StoreMismatchError, match=r"different configuration \(a: stored 1, now 2\)"):
         ResultsStore(p, {"a": 2, "b": [1, 2]})
     (tmp_path / "junk.jsonl").write_text("hello\n")
@@ -47,10 +49,25 @@ def test_store_round_trip_dedup_and_mismatch(tmp_path):
         ResultsStore(tmp_path / "junk.jsonl", {})
 
 
+def test_store_refuses_a_damaged_middle_line_and_a_second_writer(tmp_path):
+    p = tmp_path / "s.jsonl"
+    s = ResultsStore(p, {"k": 0})
+    s.append([{"index": 0, "v": 1.0}, {"index": 1, "v": 2.0}])
+    with pytest.raises(StoreMismatchError, match="another process"):
+        ResultsStore(p, {"k": 0})
+    s.close()
+    lines = p.read_text().splitlines()
+    p.write_text("\n".join([lines[0], '{"oops": 1}', *lines[1:]]) + "\n")
+    with pytest.raises(StoreMismatchError, match="damaged at line 2"):
+        ResultsStore(p, {"k": 0})
+    assert len(p.read_text().splitlines()) == 4  # nothing was cut
+
+
 def test_store_cuts_a_torn_last_line(tmp_path):
     p = tmp_path / "s.jsonl"
     s = ResultsStore(p, {"k": 0})
     s.append([{"index": 0, "v": 1.0}])
+    s.close()
     with open(p, "a") as f:
         f.write('{"index": 1, "v": 2.')  # the process died mid-write
     s = ResultsStore(p, {"k": 0})
@@ -67,7 +84,7 @@ def test_pointing_experiment_matches_a_direct_computation(tiny_weights, tmp_path
     cfg = EvalConfig("pointing", tmp_path / "ev", ("center", "gradient"), weights=str(tiny_weights), images=5, batch=2)
     res = run_experiment(cfg, progress=False)
     assert [r["method"] for r in res["rows"]] == ["center", "gradient"]
-    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir() if not p.name.endswith(".lock")) == [
         "pointing-center.jsonl", "pointing-gradient.jsonl", "results.csv", "results.json", "results.md"
     ]
     # independent recomputation for the centre baseline

@@ -37,12 +37,14 @@ def test_pointing_first_maximum_and_shape_check():
 
 def test_pointing_game_per_class_mean_and_dif():
     pg = metrics.PointingGame(num_classes=3)
-    # class 0: 3 hits of 4; class 1: 0 of 1; class 2: no pairs (counts 0 in the mean)
+    # class 0: 3 hits of 4; class 1: 0 of 1; class 2: no pairs (left out of the mean)
     pg.update(np.array([0, 0, 0, 0, 1]), np.array([1, 1, 1, 0, 0], bool), np.array([0, 1, 1, 0, 1], bool))
     r = pg.result()
-    assert r["per_class_all"] == [0.75, 0.0, 0.0]
-    assert r["all"] == pytest.approx(0.25)
-    assert r["per_class_dif"] == [1.0, 0.0, 0.0] and r["dif"] == pytest.approx(1 / 3)
+    np.testing.assert_equal(r["per_class_all"], [0.75, 0.0, np.nan])
+    assert r["all"] == pytest.approx(0.375)
+    np.testing.assert_equal(r["per_class_dif"], [1.0, 0.0, np.nan])
+    assert r["dif"] == pytest.approx(0.5)
+    assert np.isnan(metrics.PointingGame(num_classes=2).result()["all"])
     assert (r["pairs_all"], r["pairs_dif"]) == (5, 3)
     with pytest.raises(ValueError, match="out of range"):
         pg.update(np.array([3]), np.array([True]))

@@ -43,10 +43,10 @@ def test_energy_pointing_registry_class_means():
     v = m(batch)
     np.testing.assert_allclose(v["energy"], [1.0, 0.25, 0.0, 0.5], rtol=1e-6)
     s = m.summarize(v, classes, dif, num_classes=3)
-    # ALL: class 0 mean 0.625, class 1 mean 0.25, class 2 absent -> 0; mean over 3 classes
-    assert s["energy_pointing_all"] == pytest.approx((0.625 + 0.25 + 0.0) / 3)
+    # ALL: class 0 mean 0.625, class 1 mean 0.25, class 2 has no pairs and is left out
+    assert s["energy_pointing_all"] == pytest.approx((0.625 + 0.25) / 2)
     # DIF: class 0 -> 0.25 (pair 1), class 1 -> 0.0 (pair 2)
-    assert s["energy_pointing_dif"] == pytest.approx(0.25 / 3)
+    assert s["energy_pointing_dif"] == pytest.approx(0.25 / 2)
 
 
 # ----------------------------------------------------------------------------- fg/bg mIoU

@@ -4,8 +4,8 @@ classifiers, on the held-out split of the synthetic benchmark, offline on a CPU.
 For each test image and each class present in it (classes whose every instance is marked
 difficult are skipped, as in VOC), the method explains that class; the map is scored
 against the class's ground-truth region (union of its visible instance masks). Pointing
-game pairs whose class covers < 1/4 of the image while another class is present form the
-DIF subset. Results go to ``OUT/results.{md,csv,json}`` and ``OUT/figure.png`` (image with
+game pairs whose class's boxes cover < 1/4 of the image while another class is present form
+the DIF subset. Results go to ``OUT/results.{md,csv,json}`` and ``OUT/figure.png`` (image with
 ground truth, then each method's map, for a few images and both models), each written
 atomically: an interrupted run leaves no half-written file.
 """

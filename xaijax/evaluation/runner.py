@@ -13,8 +13,8 @@ Experiments
     image (classes whose every instance is marked difficult are skipped, as in VOC), or with
     ``seeds="predicted"`` only those the model also predicts (sigmoid of the logit > 0.5, the
     multi-label heads of the VOC/COCO/synthetic models). The class region is the union of the
-    class's instance masks (VOC: its boxes). DIF: pairs whose class covers less than a quarter
-    of the image while another class is present.
+    class's instance masks (VOC: its boxes). DIF: pairs whose class's boxes cover less than a
+    quarter of the image while another class is present.
 ``segmentation``
     Foreground/background mIoU (ImageNet-segmentation protocol: the map thresholded at its
     mean, IoU of foreground and of background with the ground truth, averaged).
@@ -61,7 +61,7 @@ from xaijax import checkpoints, data, metrics
 from xaijax import methods as methods_registry
 from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
-from xaijax.evaluation.store import ResultsStore
+from xaijax.evaluation.store import ResultsStore, StoreMismatchError
 from xaijax.evaluation.tables import write_tables
 from xaijax.models.preprocess import normalize
 
@@ -134,7 +134,8 @@ def image_pairs(record: data.Record, predicted: np.ndarray | None = None, top1: 
         if predicted is not None and not predicted[int(c)]:
             continue
         region = data.class_mask(record, int(c), include_difficult=True)
-        out.append((int(c), region, bool(metrics.is_difficult_pair(region.mean(), n_present))))
+        box_area = data.class_box_mask(record, int(c), include_difficult=True).mean()  # the DIF rule is about boxes
+        out.append((int(c), region, bool(metrics.is_difficult_pair(box_area, n_present))))
     return out
 
 
@@ -212,7 +213,9 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     for name in cfg.methods:
         hp = cfg.hparams.get(name, {})
         store = ResultsStore(out / f"{cfg.experiment}-{name}.jsonl", {**base_config, "method": name, "hparams": hp})
-        todo = [i for i in indices if i not in store.done()]
+        done = store.done()
+        _check_image_ids(store, ds, done)
+        todo = [i for i in indices if i not in done]
         method = methods_registry.get(name, **hp)
         explain = DataParallel(lambda v, x, t, method=method: method(model, v, x, t), mesh)
         bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.experiment} {name}", unit="img", disable=not progress)
@@ -223,7 +226,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 bar.update(len(chunk))
         finally:
             bar.close()
-        row, extra = _summarize(name, hp, store, pair_metrics, model_metrics, num_classes)
+        row, extra = _summarize(name, hp, store, set(indices), pair_metrics, model_metrics, num_classes)
+        store.close()
         rows.append(row)
         extras[name] = extra
     result = {
@@ -319,6 +323,28 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
     return rows
 
 
+def _image_id(ds: Any, index: int) -> str | None:
+    """The dataset's id of image ``index`` without decoding it, where the dataset can say."""
+    if hasattr(ds, "image_id"):
+        return ds.image_id(index)
+    return None
+
+
+def _check_image_ids(store: ResultsStore, ds: Any, done: set[int]) -> None:
+    """Refuse to resume when stored rows name other images than the dataset now has at their index
+    (a changed split list, an image folder that gained files, ...)."""
+    for row in store.rows():
+        if "image_id" not in row:
+            continue
+        i = int(row["index"])
+        now = _image_id(ds, i) if i < len(ds) else None
+        if now is not None and now != row["image_id"]:
+            raise StoreMismatchError(
+                f"{store.path}: image {i} was {row['image_id']!r} when stored but is {now!r} now (the dataset changed); "
+                "delete the file (or use another --out folder) to start fresh"
+            )
+
+
 def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Each array padded along axis 0 to ``size`` rows by repeating its last row."""
     n = len(arrays[0])
@@ -357,8 +383,8 @@ def _py(v: Any) -> Any:
     return bool(v) if v.dtype == bool else float(v)
 
 
-def _summarize(name, hp, store: ResultsStore, pair_metrics, model_metrics, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    stored = list(store.rows())
+def _summarize(name, hp, store: ResultsStore, indices: set[int], pair_metrics, model_metrics, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    stored = [r for r in store.rows() if r["index"] in indices]  # this run's images only
     pairs = [p for r in stored for p in r.get("pairs", [])]
     row: dict[str, Any] = {
         "method": name,

@@ -13,7 +13,7 @@ Each run writes a JSON-lines file:
 
 Lines are appended and flushed (``fsync``) after each batch of images, so a killed run loses
 at most the batch in flight. On reopening, a torn last line (the process died mid-write) is
-cut off, images already stored are reported by :meth:`ResultsStore.done`, and an index that
+cut off (a damaged line anywhere else is refused, never silently dropped with what follows), images already stored are reported by :meth:`ResultsStore.done`, and an index that
 somehow appears twice is counted once (the first line wins), so no image is ever counted
 twice.
 """
@@ -39,6 +39,25 @@ def _canonical(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, sort_keys=True))
 
 
+def _lock(path: Path) -> Any:
+    """An exclusive advisory lock on ``path.lock`` held while the store is open (POSIX);
+    a second process writing the same store is refused instead of interleaving lines."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        return None
+    fh = open(path.with_name(path.name + ".lock"), "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise StoreMismatchError(
+            f"{path} is being written by another process; run one process per results store "
+            "(multi-host runs: one --out folder or --shard-index per process)"
+        ) from None
+    return fh
+
+
 class ResultsStore:
     """Append-only per-image results with a configuration header (see module docstring).
 
@@ -52,6 +71,7 @@ class ResultsStore:
         self.config = _canonical(config)
         self._rows: dict[int, dict[str, Any]] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.path)
         if self.path.exists() and self.path.stat().st_size > 0:
             self._load()
         else:
@@ -81,7 +101,9 @@ class ResultsStore:
                 "Delete the file (or use another --out folder) to start fresh"
             )
         good_end = len(lines[0]) + 1
-        for line in lines[1:]:
+        body = lines[1:]
+        last = max((k for k, line in enumerate(body) if line.strip()), default=-1)
+        for k, line in enumerate(body):
             if not line.strip():
                 good_end += len(line) + 1
                 continue
@@ -89,7 +111,12 @@ class ResultsStore:
                 row = json.loads(line)
                 idx = int(row["index"])
             except Exception:
-                break  # a torn write: everything from here on is discarded
+                if k == last:
+                    break  # a torn final write (the process died mid-line): cut it off
+                raise StoreMismatchError(
+                    f"{self.path} is damaged at line {k + 2} (not a result row); refusing to resume from it. "
+                    "Repair or delete the file (or use another --out folder) to start fresh"
+                ) from None
             self._rows.setdefault(idx, row)
             good_end += len(line) + 1
         good_end = min(good_end, len(raw))
@@ -99,6 +126,16 @@ class ResultsStore:
                 if good_end and not raw[:good_end].endswith(b"\n"):
                     f.seek(0, os.SEEK_END)
                     f.write(b"\n")
+
+    def close(self) -> None:
+        """Release the store's lock (also released when the process exits)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def done(self) -> set[int]:
         """Indices of the images already stored (evaluated or skipped)."""

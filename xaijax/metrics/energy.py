@@ -16,7 +16,7 @@ is the same number. xaijax takes the positive part explicitly so that signed map
 (LRP, RAP, gradients) give a fraction in [0, 1] rather than a ratio of signed sums.
 
 Aggregation as in that code: per-class mean of the pair values, then the mean over **all**
-classes (a class without pairs counts 0, the TorchRay convention the pointing game uses
+classes (a class without pairs is left out, the convention the pointing game uses
 too); ALL uses every pair, DIF the pointing game's difficult subset.
 """
 
@@ -50,7 +50,8 @@ def energy_fraction(maps: jax.Array, regions: jax.Array) -> jax.Array:
 
 
 def class_mean_all(values: np.ndarray, classes: np.ndarray, num_classes: int, subset: np.ndarray | None = None) -> float:
-    """Mean over all ``num_classes`` of the per-class mean of ``values`` (absent classes count 0).
+    """Mean over the classes with pairs of the per-class mean of ``values`` (absent classes are
+    left out, as in :class:`xaijax.metrics.PointingGame`; NaN when no class has pairs).
 
     Args:
       values: (P,) per-pair values.
@@ -69,4 +70,5 @@ def class_mean_all(values: np.ndarray, classes: np.ndarray, num_classes: int, su
         raise ValueError(f"class index out of range [0, {num_classes})")
     sums = np.bincount(classes, weights=values, minlength=num_classes)
     counts = np.bincount(classes, minlength=num_classes)
-    return float((sums / np.maximum(counts, 1)).mean())
+    present = counts > 0
+    return float((sums[present] / counts[present]).mean()) if present.any() else float("nan")

@@ -91,18 +91,26 @@ class PointingGame:
 
     @staticmethod
     def _acc(h: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return h / np.maximum(t, 1)
+        return np.where(t > 0, h / np.maximum(t, 1), np.nan)
+
+    @staticmethod
+    def _mean(acc: np.ndarray) -> float:
+        ok = ~np.isnan(acc)
+        return float(acc[ok].mean()) if ok.any() else float("nan")
 
     def result(self) -> dict[str, float | list[float]]:
         """``{"all": mean accuracy, "dif": mean accuracy on DIF, "per_class_all": [...], ...}``.
 
-        As in TorchRay, the mean is over all classes, and a class without pairs counts 0.
+        The mean is over the classes that have at least one pair (a class without pairs has
+        accuracy NaN and is left out; NaN when no class has pairs). On a full VOC/COCO test set
+        every class has pairs and this is TorchRay's mean over all classes; on a small run it
+        keeps absent classes from counting as misses.
         """
         acc = self._acc(self.hits, self.totals)
         dif = self._acc(self.dif_hits, self.dif_totals)
         return {
-            "all": float(acc.mean()),
-            "dif": float(dif.mean()),
+            "all": self._mean(acc),
+            "dif": self._mean(dif),
             "per_class_all": acc.tolist(),
             "per_class_dif": dif.tolist(),
             "pairs_all": int(self.totals.sum()),
