@@ -41,8 +41,16 @@ def test_pointing_on_a_vocdevkit_counts_the_corrupt_image(voc_root, weights, tmp
     res = _run(["eval", "pointing", "--dataset", "voc07", "--data-dir", voc_root, "--weights", str(weights[20]),
                 "--methods", "grad-cam,center"], tmp_path / "voc")
     for row in res["rows"]:
-        assert row["images"] == 2 and row["skipped_images"] == 1 and row["pairs"] >= 1
+        # 000001: dog (its person is only "difficult": skipped); 000002: car, tvmonitor; 000003: corrupt
+        assert row["images"] == 2 and row["skipped_images"] == 1 and row["pairs"] == 3
         assert 0.0 <= row["pointing_all"] <= 1.0
+    # maps are scored at each image's native resolution: the centre baseline points at the
+    # middle of the 60x40 and 50x30 originals, inside the dog's and the car's boxes
+    lines = (tmp_path / "voc" / "pointing-center.jsonl").read_text().splitlines()[1:]
+    rows = [json.loads(x) for x in lines]
+    assert [r["image_id"] for r in rows] == ["000001", "000002", "000003"] and "skipped" in rows[2]
+    hits = {r["image_id"]: [p["hit"] for p in r.get("pairs", [])] for r in rows}
+    assert hits["000001"] == [True] and hits["000002"][0] is True
 
 
 def test_pointing_on_coco(coco_files, weights, tmp_path):

@@ -264,3 +264,21 @@ def test_sanity_experiment_of_a_model_independent_map_is_perfectly_stable(tiny_w
     assert lines[0] == "method,step,layer,spearman,spearman_abs,ssim" and len(lines) == 1 + 2 * len(c["layers"])
     assert (tmp_path / "c" / "sanity.png").stat().st_size > 1000
     assert (tmp_path / "c" / "sanity-gradient.png").stat().st_size > 1000
+
+
+def test_native_resolution_maps_and_torchray_smoothing():
+    from scipy import ndimage
+
+    from xaijax.evaluation.runner import POINTING_SMOOTH, _gaussian_smooth, _to_native
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(2, 20, 30)).astype(np.float32)
+    want = np.stack([ndimage.gaussian_filter(x.astype(np.float64), 2.5, mode="nearest", truncate=4.0) for x in m])
+    np.testing.assert_allclose(_gaussian_smooth(m, 2.5), want, atol=1e-5)
+    up = _to_native(np.ones((1, 8, 8), np.float32), (24, 16), 0.0)
+    assert up.shape == (1, 24, 16) and np.allclose(up, 1.0)
+    peak = np.zeros((1, 8, 8), np.float32)
+    peak[0, 2, 6] = 1.0  # row 2, column 6 of 8 -> near row 7, column 12 of a 24 x 16 original
+    r, c = np.unravel_index(_to_native(peak, (24, 16), 0.0)[0].argmax(), (24, 16))
+    assert abs(r - 7.5) <= 1.5 and abs(c - 12.5) <= 1.5
+    assert set(POINTING_SMOOTH) == {"gradient", "deconvnet", "guided-backprop"}

@@ -103,6 +103,7 @@ class EvalConfig:
     preprocess: str | None = None
     hparams: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     seeds: str = "labels"
+    pointing_smooth: bool = True
     batch: int = 16
     devices: int | None = None
     images: int | None = None
@@ -139,7 +140,14 @@ def image_pairs(record: data.Record, predicted: np.ndarray | None = None, top1: 
     return out
 
 
+def model_size(cfg: EvalConfig) -> int:
+    """Side of the square model input: ``cfg.size``, else 128 (synthetic) or 224."""
+    return int(cfg.size) if cfg.size else (128 if cfg.dataset == "synthetic" else 224)
+
+
 def _check(cfg: EvalConfig) -> None:
+    if cfg.size is not None and cfg.size < 1:
+        raise ValueError(f"--size must be a positive number of pixels; got {cfg.size}")
     if cfg.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {cfg.experiment!r}; choose from {', '.join(EXPERIMENTS)}")
     if cfg.seeds not in SEEDS:
@@ -179,7 +187,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     _check(cfg)
-    ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, cfg.size, cfg.boxes_dir)
+    ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
     wpath, model, variables, convention = _load_model(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,8 +204,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
         "boxes_dir": str(Path(cfg.boxes_dir).resolve()) if cfg.boxes_dir else None,
-        "split": cfg.split,
-        "size": cfg.size,
+        "split": cfg.split or ("test" if cfg.dataset in ("synthetic", "voc07", "voc07-tfds") else None),
+        "size": model_size(cfg),
         "arch": type(model).__name__,
         "weights_sha256": _file_digest(wpath),
         "preprocess": convention,
@@ -207,12 +215,15 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     }
     forward = jax.jit(lambda v, x: model.apply(v, x))
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
-    ctx = _Context(model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg)
+    ctx = _Context(model_size(cfg), model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg)
     rows = []
     extras: dict[str, Any] = {}
     for name in cfg.methods:
         hp = cfg.hparams.get(name, {})
-        store = ResultsStore(out / f"{cfg.experiment}-{name}.jsonl", {**base_config, "method": name, "hparams": hp})
+        store = ResultsStore(
+            out / f"{cfg.experiment}-{name.replace(':', '_')}.jsonl",
+            {**base_config, "method": name, "hparams": hp, "pointing_smooth": POINTING_SMOOTH.get(name, 0.0) if cfg.pointing_smooth else 0.0},
+        )
         done = store.done()
         _check_image_ids(store, ds, done)
         todo = [i for i in indices if i not in done]
@@ -232,7 +243,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         extras[name] = extra
     result = {
         "experiment": cfg.experiment,
-        "dataset": {"name": cfg.dataset, "split": cfg.split, "size": cfg.size, "images": len(indices)},
+        "dataset": {"name": cfg.dataset, "split": base_config["split"], "size": model_size(cfg), "images": len(indices)},
         "model": {"arch": base_config["arch"], "weights": str(wpath), "weights_sha256": base_config["weights_sha256"]},
         "seeds": seeds,
         "rows": rows,
@@ -251,6 +262,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
+    size: int
     model: Any
     variables: Any
     convention: str
@@ -270,10 +282,10 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
         try:
             records.append((i, ds[i]))
         except (OSError, ValueError) as e:  # undecodable image: counted, never fatal
-            rows.append({"index": i, "skipped": f"{type(e).__name__}: {e}"})
+            rows.append({"index": i, "image_id": _image_id(ds, i), "skipped": f"{type(e).__name__}: {e}"})
     if not records:
         return rows
-    x = np.asarray(normalize(jnp.asarray(np.stack([r.image for _, r in records])), ctx.convention))
+    x = np.asarray(normalize(jnp.asarray(np.stack([_model_input(r.image, ctx.size) for _, r in records])), ctx.convention))
     logits = np.asarray(ctx.forward(ctx.variables, x)) if ctx.seeds != "labels" else None
     per_image = []
     for k, (_, r) in enumerate(records):
@@ -297,14 +309,23 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
                     for s in range(0, len(classes), cfg.batch)
                 ]
             )
-            batch = metrics.PairBatch(
-                maps=maps,
-                regions=np.stack([reg for ps in per_image for _, reg, _ in ps]),
-                classes=classes,
-                dif=np.asarray([d for ps in per_image for _, _, d in ps], bool),
-            )
-            for m in ctx.pair_metrics.values():
-                values.update({k: np.asarray(v) for k, v in m(batch).items()})
+            # localisation metrics at each image's native resolution (TorchRay resizes the map
+            # back to the original image before pointing), one image at a time
+            smooth = POINTING_SMOOTH.get(name, 0.0) if cfg.pointing_smooth else 0.0
+            parts: list[dict[str, np.ndarray]] = []
+            for k, ps in enumerate(per_image):
+                if not ps:
+                    continue
+                sel = np.flatnonzero(img_of == k)
+                native = np.stack([reg for _, reg, _ in ps])
+                m_native = _to_native(maps[sel], native.shape[1:], smooth)
+                batch = metrics.PairBatch(maps=m_native, regions=native, classes=classes[sel], dif=np.asarray([d for _, _, d in ps], bool))
+                part: dict[str, np.ndarray] = {}
+                for m in ctx.pair_metrics.values():
+                    part.update({key: np.asarray(v) for key, v in m(batch).items()})
+                parts.append(part)
+            if parts:
+                values.update({key: np.concatenate([q[key] for q in parts]) for key in parts[0]})
             for n, m in ctx.model_metrics.items():
                 parts = []
                 for s in range(0, len(classes), cfg.batch):
@@ -321,6 +342,45 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
         ]
         rows.append({"index": i, "image_id": r.image_id, "pairs": pairs})
     return rows
+
+
+#: TorchRay's pointing-game benchmark smooths these methods' maps (a Gaussian with sigma =
+#: 0.02 x the longer image side) before taking the maximum (``smooth=0.02`` in its
+#: ``examples/attribution_benchmark.py``); ``EvalConfig.pointing_smooth=False`` turns it off.
+POINTING_SMOOTH = {"gradient": 0.02, "deconvnet": 0.02, "guided-backprop": 0.02}
+
+
+def _model_input(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) image in [0, 1] resized (bilinear) to the model's ``size`` x ``size`` input."""
+    if image.shape[:2] == (size, size):
+        return image
+    from PIL import Image
+
+    chans = [np.asarray(Image.fromarray(image[..., c]).resize((size, size), Image.BILINEAR)) for c in range(3)]
+    return np.clip(np.stack(chans, -1), 0.0, 1.0).astype(np.float32)
+
+
+def _gaussian_smooth(m: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (P, H, W) maps, truncated at 4 sigma, replicated borders."""
+    r = max(1, int(np.ceil(4 * sigma)))
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    g /= g.sum()
+    out = m.astype(np.float64)
+    for axis in (1, 2):
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        padded = np.pad(out, pad, mode="edge")
+        out = sum(g[j] * np.take(padded, np.arange(j, j + out.shape[axis]), axis=axis) for j in range(2 * r + 1))
+    return out.astype(np.float32)
+
+
+def _to_native(maps: np.ndarray, hw: tuple[int, int], smooth: float) -> np.ndarray:
+    """Maps (P, S, S) resized (bilinear) to the image's native ``hw``, then optionally smoothed."""
+    if maps.shape[1:] != tuple(hw):
+        maps = np.asarray(jax.image.resize(jnp.asarray(maps), (maps.shape[0], *hw), "bilinear"))
+    if smooth:
+        maps = _gaussian_smooth(maps, smooth * max(hw))
+    return maps
 
 
 def _image_id(ds: Any, index: int) -> str | None:
