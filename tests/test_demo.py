@@ -110,6 +110,7 @@ def test_demo_cli_errors(weights, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XAIJAX_WEIGHTS", str(tmp_path / "nowhere"))
     assert "bundled weights file missing" in err(["demo", "--out", str(tmp_path / "c")])
     assert "unknown bundled model 'vgg'" in err(["demo", "--models", "vgg", "--out", str(tmp_path / "d")])
+    assert "--batch must be at least 1" in err(["demo", "--batch", "0", "--out", str(tmp_path / "e")])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit) as e:  # argparse: usage + one error line, exit 2

@@ -206,6 +206,14 @@ def _same_rows(xs: list[dict], ys: list[dict], rel: float = 1e-5) -> None:
                 assert x[k] == y[k], k
 
 
+def test_eval_param_for_a_prefixed_method(tiny_weights, tmp_path):
+    assert cli.main(["eval", "pointing", "--methods", "ucag:gradient", "--param", "ucag:gradient:ucag_n=2", "--weights", str(tiny_weights),
+                     "--images", "1", "--no-progress", "--out", str(tmp_path / "u")]) == 0
+    res = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert res["rows"][0]["method"] == "ucag:gradient" and res["rows"][0]["hparams"] == "ucag_n=2"
+    assert (tmp_path / "u" / "pointing-ucag_gradient.jsonl").is_file()
+
+
 def test_eval_cli_errors(tiny_weights, tmp_path, capsys):
     def err(argv):
         code = cli.main(argv)
@@ -219,6 +227,7 @@ def test_eval_cli_errors(tiny_weights, tmp_path, capsys):
     assert "--devices must be between 1 and" in err([*base, "--methods", "gradient", "--devices", "99"])
     assert "needs --data-dir" in err(["eval", "pointing", "--dataset", "voc07", "--methods", "gradient", "--weights", str(tiny_weights)])
     assert "--images must be at least 1" in err([*base, "--methods", "gradient", "--images", "0"])
+    assert "--size must be a positive" in err([*base, "--methods", "gradient", "--size", "0"])
 
 
 def test_model_metric_experiments_match_direct_computations(tiny_weights, tmp_path):

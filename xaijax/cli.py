@@ -97,7 +97,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     from xaijax import demo
 
-    images = args.images if args.images is not None else (demo.QUICK_IMAGES if args.quick else 100)
+    images = args.images if args.images is not None else (demo.QUICK_IMAGES if args.quick else demo.DEFAULT_IMAGES)
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1; got {args.batch}")
     chosen = [m.strip() for m in args.models.split(",")] if args.models else (list(demo.QUICK_MODELS) if args.quick else None)
     names = [m.strip() for m in args.methods.split(",")] if args.methods else (list(demo.QUICK_METHODS) if args.quick else None)
     if names:
@@ -165,8 +167,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     hparams: dict[str, dict] = {}
     for item in args.param:
-        method, sep, kv = item.partition(":")
-        if not sep or method not in names:
+        lhs, eq, val = item.partition("=")
+        method, sep, key = lhs.rpartition(":")  # METHOD may itself hold a colon (ucag:..., contrast:...)
+        kv = f"{key}={val}"
+        if not eq or not sep or method not in names:
             raise UserError(f"--param expects METHOD:key=value with METHOD one of --methods ({', '.join(names)}); got {item!r}")
         hparams.setdefault(method, {}).update(_parse_params([kv]))
     out = args.out or Path("results") / "eval" / f"{args.experiment}-{args.dataset}"
@@ -241,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
-    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 100; 8 with --quick)")
+    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 40; 8 with --quick)")
     s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, one method per family, cheaper sampling settings (a minute or two)")
     s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18; synthetic_resnet18 with --quick)")
     s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
@@ -286,14 +290,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _enable_compilation_cache() -> None:
+    """Persist XLA compilations between runs (``XAIJAX_JAX_CACHE``: a folder, or ``0`` to disable;
+    default ``~/.cache/xaijax/jax``): a second ``demo``/``eval`` run skips most compile time."""
+    import os
+
+    where = os.environ.get("XAIJAX_JAX_CACHE", str(Path.home() / ".cache" / "xaijax" / "jax"))
+    if where in ("", "0"):
+        return
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except (OSError, AttributeError, ValueError):
+        pass  # an unwritable cache folder only costs compile time
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     import os
 
+    if args.func in (_cmd_demo, _cmd_eval, _cmd_explain):
+        _enable_compilation_cache()
+
     try:
         args.func(args)
-    except (UserError, OSError, NotImplementedError, ValueError, TypeError) as e:
+    except (UserError, OSError, NotImplementedError, ValueError, TypeError, ImportError) as e:
         if os.environ.get("XAIJAX_DEBUG"):
             raise
         msg = str(e).strip() or type(e).__name__

@@ -41,6 +41,9 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "extremal-perturbation": {"max_iter": 100},
 }
 
+#: Held-out images of a default ``xaijax demo`` run.
+DEFAULT_IMAGES = 40
+
 #: ``--quick``: one model, few images, one representative method per family and cheaper
 #: settings (a minute or two of CPU, most of it compilation); the default runs every method.
 QUICK_MODELS = ("synthetic_resnet18",)
@@ -131,7 +134,7 @@ def _run_method(
 
 def run_demo(
     out: Path,
-    images: int = 100,
+    images: int = DEFAULT_IMAGES,
     *,
     method_names: Sequence[str] | None = None,
     batch: int = 16,
@@ -164,6 +167,8 @@ def run_demo(
 
     if images < 1:
         raise ValueError(f"--images must be at least 1; got {images}")
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1; got {batch}")
     wdir = Path(weights) if weights is not None else weights_dir()
     stems = [Path(f).stem for f in BUNDLED_CLASSIFIERS]
     chosen = list(models) if models else stems
