@@ -142,3 +142,11 @@ def test_demo_skips_methods_of_other_kinds(weights, tmp_path, monkeypatch):
     assert [r["method"] for r in res["rows"]] == ["center"]
     assert "pairwise-thing" in res["skipped_methods"]
     assert "`pairwise-thing`: kind 'similarity'" in (tmp_path / "k" / "results.md").read_text()
+
+
+def test_demo_records_methods_undefined_for_a_model(weights, tmp_path):
+    # CAM needs a global-average-pool + linear head: defined for ResNet, not for VGG's FC head
+    res = demo.run_demo(tmp_path / "cam", 1, method_names=["cam"], weights=weights, progress=False)
+    by_model = {r["model"]: r for r in res["rows"]}
+    assert "not defined for this model" in by_model["synthetic_vgg16"]["error"] and "CAM" in by_model["synthetic_vgg16"]["error"]
+    assert "error" not in by_model["synthetic_resnet18"] and "pointing_all" in by_model["synthetic_resnet18"]

@@ -220,8 +220,11 @@ def run_demo(
                     maps, t_first, per_map = _run_method(explain, variables, x_all, pairs, batch, lambda: bar.update(1))
                     row["first_batch_s"] = round(t_first, 3)
                     row["ms_per_map"] = round(1000 * per_map, 2)
-                except NotImplementedError as e:
-                    row["error"] = f"not defined: {e}"
+                except (NotImplementedError, ValueError) as e:
+                    # a method that is not defined for this architecture (CAM on VGG's fully
+                    # connected head, RSP on DenseNet, ...) says so with one of these; the
+                    # demo's own inputs are valid, so the row records the reason and goes on
+                    row["error"] = f"not defined for this model: {str(e).splitlines()[0][:300]}"
                     bar.update(max(1, -(-len(pairs.classes) // batch)))
                     rows.append(row)
                     continue
