@@ -52,6 +52,13 @@ class GapNet(nn.Module):
         return layers.dense(3, name="fc")(h)
 
 
+def _maxpool2(h):
+    """2x2/stride-2 max pooling with torch's gradient (``lax.reduce_window``), as the zoo's MaxPool2d."""
+    from jax import lax
+
+    return lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
 def _vars(model, shape, seed):
     tmpl = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
     rng = np.random.default_rng(seed)
@@ -111,7 +118,7 @@ def _tiny_functional(p, s, x, per_loc):
     c = p["bn1"]["bias"] - s["bn1"]["mean"] * a
     h = jax.nn.relu(z1 * a + c + per_loc["bn1"])
     n, hh, ww, ch = h.shape
-    h = h.reshape(n, hh // 2, 2, ww // 2, 2, ch).max((2, 4))
+    h = _maxpool2(h)  # torch semantics: a tie's gradient goes to the first maximum
     h = jax.nn.relu(_conv(h, p["conv2"]["kernel"]) + p["conv2"]["bias"] + per_loc["conv2"])
     out = h.reshape(n, -1) @ p["fc"]["kernel"] + p["fc"]["bias"] + per_loc["fc"]
     return out, {"conv1": p["conv1"]["bias"], "bn1": c, "conv2": p["conv2"]["bias"], "fc": p["fc"]["bias"]}
@@ -212,7 +219,7 @@ def _virtual_layer_norms(p, s, x, target, layer, virtual):
         if layer == "relu1":
             h = insert(h, w)
         n, hh, ww, ch = h.shape
-        h = h.reshape(n, hh // 2, 2, ww // 2, 2, ch).max((2, 4))
+        h = _maxpool2(h)  # torch semantics: a tie's gradient goes to the first maximum
         h = jax.nn.relu(_conv(h, p["conv2"]["kernel"]) + p["conv2"]["bias"])
         if layer == "act":
             h = insert(h, w)

@@ -46,6 +46,13 @@ class TwoConvNet(nn.Module):
         return layers.dense(N_CLASSES, name="fc")(h)
 
 
+def _maxpool2(h):
+    """2x2/stride-2 max pooling with torch's gradient (``lax.reduce_window``), as the zoo's MaxPool2d."""
+    from jax import lax
+
+    return lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
 def _conv(x, p):
     y = jax.lax.conv_general_dilated(
         x, p["kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -63,7 +70,7 @@ def _explicit(params, head):
 
     def act2_of(a1):
         n, h, w, c = a1.shape
-        pooled = a1.reshape(n, h // 2, 2, w // 2, 2, c).max((2, 4))
+        pooled = _maxpool2(a1)  # torch semantics: a tie's gradient goes to the first maximum
         return jax.nn.relu(_conv(pooled, params["conv2"]))
 
     def acts(x):
