@@ -129,6 +129,28 @@ def markdown(results: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown_compare(results: list[dict], before: list[dict], names: list[str]) -> str:
+    """Like :func:`markdown`, each cell ``before -> after`` where ``before`` has the configuration."""
+    old = {(r["arch"], r["batch"], r["size"]): r for r in before}
+    cols = [f"{r['arch']} b{r['batch']} {r['size']}px" for r in results]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def cell(r: dict, name: str | None) -> str:
+        o = old.get((r["arch"], r["batch"], r["size"]))
+        if name is None:
+            new = f"{r['gradient_median_s']:.3f}"
+            return f"{o['gradient_median_s']:.3f} / {new}" if o else new
+        new = f"{r['methods'][name]['ratio_to_gradient']:.2f}x"
+        if o and name in o["methods"]:
+            return f"{o['methods'][name]['ratio_to_gradient']:.2f}x -> {new}"
+        return new
+
+    lines.append("| gradient (s) | " + " | ".join(cell(r, None) for r in results) + " |")
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(cell(r, name) for r in results) + " |")
+    return "\n".join(lines)
+
+
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -146,6 +168,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the method list")
     ap.add_argument("--out", default="experiments/results/bench_propagation.json")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="a JSON written by this script for an earlier version of the code: its ratios are "
+        "stored under 'baseline' and shown next to the new ones (before -> after)",
+    )
     args = ap.parse_args()
 
     archs = (args.archs or ("vgg16" if args.quick else "vgg16,resnet50")).split(",")
@@ -166,6 +194,10 @@ def main() -> None:
             results.append(bench(arch, batch, size, repeats, names))
             print(markdown(results[-1:], names), flush=True)
     table = markdown(results, names)
+    baseline = None
+    if args.baseline:
+        baseline = json.loads(Path(args.baseline).read_text())
+        table = markdown_compare(results, baseline["results"], names)
     payload = {
         "what": "propagation method time / jitted input-gradient time (median of paired repeats)",
         "quick": args.quick,
@@ -177,6 +209,7 @@ def main() -> None:
         "imported_modules": loaded,
         "skipped": skipped,
         "results": results,
+        "baseline": baseline,
         "markdown": table,
     }
     _write_json(Path(args.out), payload)

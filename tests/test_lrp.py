@@ -275,3 +275,18 @@ def test_sglrp_seeds_are_the_softmax_gradient(net):
     # the method adds 1e-8 to the target seed (as the reference code does): negligible here
     np.testing.assert_allclose(np.asarray(plain), np.asarray(ref), atol=1e-4 * scale)
     np.testing.assert_allclose(np.asarray(scaled).sum((1, 2)), 0.0, atol=1e-4 * float(jnp.abs(scaled).sum()))
+
+
+def test_flat_first_layer_conserves_on_full_vgg16_under_jit():
+    """Regression: XLA on CPU used to fold the flat rule's constant all-ones convolution into
+    the channel sum and return ~1e27 on full-size VGG16 (found by the zennit comparison)."""
+    from xaijax import methods as _methods
+    from xaijax import models as _models
+
+    m = _models.get("vgg16")
+    v = _models.random_variables(m, (1, 112, 112, 3), seed=0)  # zero biases: relevance is conserved
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 112, 112, 3)).astype(np.float32))
+    logits = m.apply(v, x)
+    t = jnp.array([int(jnp.argmax(logits))])
+    r = jax.jit(lambda vv, xx: _methods.get("lrp-epsilon-plus-flat")(m, vv, xx, t))(v, x)
+    assert float(r.sum()) == pytest.approx(float(logits[0, t[0]]), rel=1e-3)

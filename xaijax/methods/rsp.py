@@ -218,12 +218,17 @@ class ContrastiveRSP:
     Attributes:
       layer: CAM layer (as for :class:`RSP`).
       hostile: None (all other classes) or the number ``k`` of highest-scoring other classes.
-      chunk: hostile classes whose gradients are computed together (memory vs. speed; the
-        result does not depend on it).
+      chunk: classes (reverse mode) or channels (forward mode) whose gradients are computed
+        together (memory vs. speed; the result does not depend on it).
       reduce: channel reduction.
 
     ``target``: class indices (int or int array (N,)). Needs a model with at least 2 outputs.
-    Cost: one backward pass through the layers above the CAM layer per hostile class.
+    Cost: stage 1 needs, per hostile class ``c``, only the channel means of the gradient
+    ``dS_c/dA`` (the map's maximum and the sum over classes follow from them exactly, see
+    :func:`_hostile_sum`). They come from one linearisation of the layers above the CAM layer:
+    in reverse mode one pass per hostile class, or — when all other classes are hostile and
+    the CAM layer has fewer channels than the model has classes (VGG: 512 < 1000) — in forward
+    mode, one pass per channel.
     """
 
     layer: str | None = None
@@ -252,7 +257,11 @@ class ContrastiveRSP:
             out, a = taps.forward(model, variables, x, capture=[name], add={name: delta})
             return out, a[name]
 
-        out, vjp_fn, a = jax.vjp(head, jnp.zeros(shape.shape, shape.dtype), has_aux=True)
+        zeros = jnp.zeros(shape.shape, shape.dtype)
+        # one forward pass; its linearisation gives the target's gradient (transposed) and
+        # the hostile classes' channel-mean gradients (forward or reverse mode, whichever
+        # needs fewer passes through the head above the CAM layer)
+        out, lin, a = jax.linearize(head, zeros, has_aux=True)
         _check_map(a, name)
         n, k = out.shape
         if k < 2:
@@ -261,17 +270,24 @@ class ContrastiveRSP:
         if m > k - 1:
             raise ValueError(f"contrastive-rsp hostile={m} exceeds the {k - 1} classes other than the target")
         onehot = as_seed(t, k, n, out.dtype)  # validates shape and range
+        lin_t = jax.linear_transpose(lin, zeros)
 
-        def cam_of(cls: Array) -> Array:
-            (g,) = vjp_fn(jax.nn.one_hot(cls, k, dtype=out.dtype))
-            return gradient_activation_map(a, g)
-
-        cam_t = cam_of(jnp.argmax(onehot, axis=-1))
-        if self.hostile is None:  # the other classes in index order
-            idx = jnp.argsort(onehot, axis=-1, stable=True)[:, : k - 1]
-        else:
+        (g_t,) = lin_t(onehot)
+        cam_t = gradient_activation_map(a, g_t)
+        if self.hostile is None:  # every other class
+            weights = 1.0 - onehot
+            idx = None
+        else:  # the m highest-scoring other classes
             idx = jax.lax.top_k(jnp.where(onehot > 0, -jnp.inf, out), m)[1]
-        return name, relative_seed(cam_t, _sum_over_classes(cam_of, idx, self.chunk, a), m)
+            weights = None
+        channels = a.shape[-1]
+        if idx is None and channels < k:
+            wmean = _channel_means_forward(lin, a, self.chunk)  # (N, K, C), all classes
+        else:
+            classes = jnp.argsort(onehot, axis=-1, stable=True)[:, : k - 1] if idx is None else idx
+            wmean = _channel_means_reverse(lin_t, classes, k, out.dtype, self.chunk)  # (N, m, C)
+            weights = jnp.ones(classes.shape, out.dtype)
+        return name, relative_seed(cam_t, _hostile_sum(a, wmean, weights), m)
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: Array, target: Any) -> Array:
         name, seed = self.seed(model, variables, x, target)
@@ -279,22 +295,49 @@ class ContrastiveRSP:
         return reduce_channels(r, self.reduce)
 
 
-def _sum_over_classes(cam_of: Callable[[Array], Array], idx: Array, chunk: int, like: Array) -> Array:
-    """``sum_j cam_of(idx[:, j])`` in chunks of ``chunk`` classes (``lax.scan``; memory O(chunk))."""
-    n, m = idx.shape
-    c = min(chunk, m)
-    steps = -(-m // c)
-    pad = steps * c - m
-    cls = jnp.pad(idx, ((0, 0), (0, pad))).T.reshape(steps, c, n)
-    valid = (jnp.arange(steps * c) < m).reshape(steps, c).astype(like.dtype)
+def _channel_means_forward(lin: Callable[[Array], Array], a: Array, chunk: int) -> Array:
+    """``mean_hw dS_c/dA[..., k]`` for every class ``c`` and channel ``k``, (N, K, C), in
+    forward mode: one tangent per channel (ones on that channel at every position), ``chunk``
+    channels at a time. ``lin``: the linearised map from an offset of the CAM layer's output
+    (N, h, w, C) to the logits (N, K)."""
+    n, h, w, c = a.shape
+    eye = jnp.eye(c, dtype=a.dtype)
 
-    def body(acc, inp):
-        cl, ok = inp
-        cams = jax.vmap(cam_of)(cl)  # (c, N, h, w, C)
-        return acc + jnp.tensordot(ok, cams, axes=1), None
+    def one(kk: Array) -> Array:
+        return lin(jnp.broadcast_to(eye[kk], a.shape))  # (N, K)
 
-    total, _ = jax.lax.scan(body, jnp.zeros_like(like), (cls, valid))
-    return total
+    d = jax.lax.map(one, jnp.arange(c), batch_size=min(chunk, c))  # (C, N, K)
+    return jnp.moveaxis(d, 0, -1) / jnp.asarray(h * w, a.dtype)
+
+
+def _channel_means_reverse(lin_t: Callable, classes: Array, k: int, dtype: Any, chunk: int) -> Array:
+    """``mean_hw dS_c/dA`` for the classes ``classes`` (N, m), (N, m, C), in reverse mode,
+    ``chunk`` classes at a time."""
+    m = classes.shape[1]
+
+    def one(cls: Array) -> Array:
+        (g,) = lin_t(jax.nn.one_hot(cls, k, dtype=dtype))
+        return g.mean(axis=(1, 2))  # (N, C)
+
+    d = jax.lax.map(one, classes.T, batch_size=min(chunk, m))  # (m, N, C)
+    return jnp.moveaxis(d, 0, 1)
+
+
+def _hostile_sum(a: Array, wmean: Array, weights: Array) -> Array:
+    """``sum_c weights_c * gradient_activation_map(a, g_c)`` from the channel means ``wmean``
+    (N, m, C) of the gradients ``g_c``, without forming the m maps.
+
+    The map of class ``c`` is ``a * w_c / (max(a * w_c) + 1e-9)`` (0 where the denominator is
+    0); the maximum over positions and channels is ``max_k w_ck * (max_hw a_k if w_ck >= 0
+    else min_hw a_k)`` (multiplying by a constant is monotone, also in floating point, so this
+    is the same number), and the sum over classes factors as ``a * sum_c weights_c w_c /
+    (max_c + 1e-9)``.
+    """
+    amax = a.max(axis=(1, 2))[:, None, :]  # (N, 1, C)
+    amin = a.min(axis=(1, 2))[:, None, :]
+    top = jnp.maximum(wmean * amax, wmean * amin).max(-1, keepdims=True)  # (N, m, 1)
+    coef = (weights[..., None] * _divide(wmean, top + jnp.asarray(EPS, a.dtype))).sum(1)  # (N, C)
+    return a * coef[:, None, None, :]
 
 
 register("rsp", RSP, "Relative Sectional Propagation (Nam et al. 2021), seeded at the CAM layer")

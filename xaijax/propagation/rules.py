@@ -422,7 +422,7 @@ class Flat(Rule):
     def backward(self, layer, xs, out, R):
         x = _single(xs, self, layer)
         op, k, _ = layer.linear(self)
-        return (_shares(op, jnp.ones_like(k), x, R),)
+        return (_shares(op, k * 0 + 1, x, R),)  # data-dependent ones: see _shares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,8 +438,14 @@ class WSquare(Rule):
 
 
 def _shares(op, k, x, R):
-    """``R_i = sum_j k_ij R_j / sum_i' k_i'j`` (input-independent shares; padding excluded)."""
-    z, pull = jax.vjp(lambda xx: op(k, xx), jnp.ones_like(x))
+    """``R_i = sum_j k_ij R_j / sum_i' k_i'j`` (input-independent shares; padding excluded).
+
+    The all-ones input (and the flat rule's all-ones kernel) are built as ``x * 0 + 1`` rather
+    than as constants: with constant ones, XLA on CPU folds the count convolution into a following channel reduction and
+    returns garbage (relevance of 1e27 for VGG16 at 112 px under ``jit`` when the result is
+    summed over channels); a data-dependent operand keeps the arithmetic as written.
+    """
+    z, pull = jax.vjp(lambda xx: op(k, xx), x * 0 + 1)
     return pull(_divide(R, z).astype(z.dtype))[0]
 
 
