@@ -8,14 +8,14 @@
   natural-image regularisers and bounded-range projection.
 
 Neuron-concept explanations (Network Dissection; Compositional Explanations of Neurons):
-:func:`dissect` / :class:`DissectConfig` / :class:`DissectResult` in
-:mod:`xaijax.features.dissect`.
+:func:`xaijax.features.dissect.dissect` with :class:`DissectConfig`, returning a
+:class:`DissectResult`.
 
 The ``visualize`` and ``dissect`` command lines live in :mod:`xaijax.features.cli` and
 :mod:`xaijax.features.dissect_cli`.
 """
 
-from xaijax.features.dissect import DissectConfig, DissectResult, StreamingQuantile, dissect
+from xaijax.features.dissect import DissectConfig, DissectResult, StreamingQuantile  # run it: xaijax.features.dissect.dissect
 from xaijax.features.visualize import (
     PreImage,
     PreImageResult,
@@ -33,7 +33,6 @@ __all__ = [
     "DissectConfig",
     "DissectResult",
     "StreamingQuantile",
-    "dissect",
     "PreImage",
     "PreImageResult",
     "alpha_norm",
