@@ -38,7 +38,7 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "integrated-gradients": {"steps": 16},
     "rise": {"n": 500},
     "ucag-grad-cam": {"n": 4},
-    "extremal-perturbation": {"max_iter": 100},
+    "extremal-perturbation": {"max_iter": 40},
 }
 
 #: Held-out images of a default ``xaijax demo`` run.
