@@ -173,7 +173,7 @@ SHARD_SCRIPT = textwrap.dedent(
     assert len(jax.local_devices()) == 4, jax.local_devices()
     from xaijax import cli
     for d, out in (("4", sys.argv[2]), ("1", sys.argv[3])):
-        assert cli.main(["eval", "pointing", "--methods", "gradient,grad-cam", "--weights", sys.argv[1], "--images", "5",
+        assert cli.main(["eval", "pointing", "--methods", "gradient,rsp", "--weights", sys.argv[1], "--images", "5",
                          "--batch", "3", "--devices", d, "--no-progress", "--out", out]) == 0
     """
 )
@@ -184,7 +184,8 @@ def test_sharded_run_equals_single_device(tiny_weights, tmp_path):
     a, b = tmp_path / "four", tmp_path / "one"
     proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, str(tiny_weights), str(a), str(b)], capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("pointing-gradient.jsonl", "pointing-grad-cam.jsonl"):
+    # RSP's per-sample weight-gradient convolutions were mis-partitioned by a plain sharded jit
+    for name in ("pointing-gradient.jsonl", "pointing-rsp.jsonl"):
         ra = [json.loads(x) for x in (a / name).read_text().splitlines()[1:]]
         rb = [json.loads(x) for x in (b / name).read_text().splitlines()[1:]]
         assert [r["index"] for r in ra] == [r["index"] for r in rb] == list(range(5))

@@ -1,8 +1,8 @@
 """Data parallelism over local devices with ``jax.sharding``: one code path from 1 CPU to 8 GPUs.
 
-An explanation function ``fn(variables, x, target)`` is jitted with the variables replicated
-and the batch dimension of ``x``, ``target`` and the result split over a 1-D device mesh
-(axis ``"data"``). Batches are padded to a multiple of the device count and the padding is
+An explanation function ``fn(variables, x, target)`` runs under ``jax.shard_map`` on a 1-D
+device mesh (axis ``"data"``): the variables replicated, each device explaining its slice of
+the batch, the result gathered along the batch. Batches are padded to a multiple of the device count and the padding is
 cut off again, so the caller never sees it. Samples are independent in every xaijax method,
 so a sharded run gives the same maps as a single-device run.
 
@@ -45,7 +45,14 @@ class DataParallel:
         self.n = mesh.devices.size
         self._rep = NamedSharding(mesh, PartitionSpec())
         self._split = NamedSharding(mesh, PartitionSpec("data"))
-        self._fn = jax.jit(fn, in_shardings=(self._rep, self._split, self._split), out_shardings=self._split)
+        # shard_map: each device runs ``fn`` on its own slice of the batch (the methods are
+        # per-sample independent), so XLA never has to partition a method's internals across
+        # devices. (Letting the SPMD partitioner split the batch of a plain jit gave wrong maps
+        # for RSP, whose per-sample weight-gradient convolutions become batch-grouped
+        # convolutions; shard_map keeps every method's arithmetic exactly as on one device.)
+        spec_rep, spec_split = PartitionSpec(), PartitionSpec("data")
+        local = jax.shard_map(fn, mesh=mesh, in_specs=(spec_rep, spec_split, spec_split), out_specs=spec_split, check_vma=False)
+        self._fn = jax.jit(local, in_shardings=(self._rep, self._split, self._split), out_shardings=self._split)
         self._variables = None
         self._placed = None
 
