@@ -117,6 +117,13 @@ def test_insdel_region_insertion_density_sanity_on_imagenet_val(imagenet_val, we
     assert (tmp_path / "san" / "sanity.png").is_file() and res["rows"][0]["images"] == 1
 
 
+def test_localisation_on_imagenet_val_needs_boxes(imagenet_val, weights, tmp_path, capsys):
+    code = cli.main(["eval", "density", "--dataset", "imagenet-val", "--data-dir", str(imagenet_val / "val"),
+                     "--weights", str(weights[2]), "--methods", "gradient", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "needs --boxes-dir" in err and "\n" not in err
+
+
 def test_missing_dataset_layout_is_one_clear_error(tmp_path, weights, capsys):
     code = cli.main(["eval", "pointing", "--dataset", "voc07", "--data-dir", str(tmp_path), "--weights", str(weights[20]),
                      "--methods", "gradient", "--out", str(tmp_path / "o")])

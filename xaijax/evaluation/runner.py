@@ -158,6 +158,11 @@ def _check(cfg: EvalConfig) -> None:
         raise ValueError(f"--images must be at least 1; got {cfg.images}")
     if not cfg.methods:
         raise ValueError("no methods given")
+    if cfg.dataset == "imagenet-val" and cfg.boxes_dir is None and cfg.experiment in ("pointing", "segmentation", "density"):
+        raise ValueError(
+            f"the {cfg.experiment} experiment scores maps against object regions: imagenet-val needs --boxes-dir "
+            "(the ILSVRC2012 validation box XMLs); without it each image's object is the whole image"
+        )
     if not 0 <= cfg.shard_index < cfg.shard_count:
         raise ValueError(f"shard_index must be in [0, shard_count); got {cfg.shard_index} of {cfg.shard_count}")
     for m in cfg.methods:
