@@ -325,7 +325,8 @@ def _write_figure(path, imgs, records, pairs, fig_pairs, figure_maps, model_name
                 ax.contour(pairs.regions[k], levels=[0.5], colors="white", linewidths=0.5)
     axes[0, 0].set_ylabel("image + GT", fontsize=7)
     for row, name in enumerate(shown, start=1):
-        axes[row, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+        label = name if len(name) <= 18 else name.replace("-", "-\n", 1)  # long names on two lines
+        axes[row, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
