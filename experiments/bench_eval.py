@@ -19,7 +19,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         load.append(os.getloadavg()[0])
     import jax
 
+    from xaijax.atomic import atomic_text
+
     result = {
         "benchmark": "xaijax eval pointing, images/s",
         "jax": jax.__version__,
@@ -79,10 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_text(args.out, json.dumps(result, indent=2) + "\n")
     print("| model | method | devices | images | pairs | s | images/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

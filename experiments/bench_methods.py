@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax import methods, models
+from xaijax.atomic import atomic_text
 from xaijax.methods.cam import GradCAM
 from xaijax.methods.perturbation import RISE, rise_masks
 from xaijax.methods.ucag import Ucag
@@ -334,10 +334,7 @@ def markdown(payload: dict) -> str:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax import methods, models
+from xaijax.atomic import atomic_text
 
 METHODS = [
     "lrp-epsilon",
@@ -153,10 +153,7 @@ def markdown_compare(results: list[dict], before: list[dict], names: list[str]) 
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def main() -> None:

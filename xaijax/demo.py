@@ -301,7 +301,7 @@ def _write_figure(path, imgs, records, pairs, fig_pairs, figure_maps, model_name
 
     from matplotlib.figure import Figure
 
-    from xaijax.evaluation.tables import atomic_bytes
+    from xaijax.atomic import atomic_bytes
     from xaijax.viz import heatmap
 
     shown = [m for m in method_names if any((mn, m) in figure_maps for mn in model_names)]

@@ -74,6 +74,16 @@ def normalize_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
+def check_indices(indices: Sequence[int], n: int) -> list[int]:
+    """``indices`` as a list of ints, each in ``[0, n)``; a ``ValueError`` names the first bad one."""
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
+            raise ValueError(f"indices: expected integers in [0, {n}), got {i!r}")
+        out.append(int(i))
+    return out
+
+
 def require_path(path: str | os.PathLike, what: str, *, is_dir: bool) -> str:
     """Return ``path`` as str, or raise :class:`DatasetLayoutError` naming it and ``what`` it is."""
     path = os.fspath(path)

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from xaijax.data._base import DatasetLayoutError, normalize_size
+from xaijax.data._base import DatasetLayoutError, check_indices, normalize_size
 
 __all__ = ["BRODEN_CATEGORIES", "BrodenDataset", "decode_label_png", "open_broden"]
 
@@ -212,13 +212,7 @@ class BrodenDataset:
         return len(self._rows)
 
     def _check(self, indices: Sequence[int]) -> list[int]:
-        n = len(self)
-        out = []
-        for i in indices:
-            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
-                raise ValueError(f"indices: expected integers in [0, {n}), got {i!r}")
-            out.append(int(i))
-        return out
+        return check_indices(indices, len(self))
 
     def image_id(self, i: int) -> str:
         return self._rows[self._check([i])[0]]["image"]

@@ -52,6 +52,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from xaijax.data._base import check_indices
 from xaijax.data.synthetic import CLASS_STYLES, SPLITS, Scene, SyntheticScenes
 
 __all__ = [
@@ -263,13 +264,7 @@ class SyntheticConcepts:
         return int(total - self.start if self.count is None else self.count)
 
     def _check(self, indices: Sequence[int]) -> list[int]:
-        n = len(self)
-        out = []
-        for i in indices:
-            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
-                raise ValueError(f"indices: expected integers in [0, {n}), got {i!r}")
-            out.append(int(i))
-        return out
+        return check_indices(indices, len(self))
 
     def image_id(self, i: int) -> str:
         return f"synthetic-s{self.scenes.seed}-{self.split}-{self.start + self._check([i])[0]:06d}"

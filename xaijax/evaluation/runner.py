@@ -423,7 +423,7 @@ def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray, g
     if grid is not None:  # the map grid (trained model, then each cascade step) of the dataset's first image
         import io
 
-        from xaijax.evaluation.tables import atomic_bytes
+        from xaijax.atomic import atomic_bytes
 
         fig = metrics.sanity.plot_cascade_grid(res, None, images=(0,), max_columns=12)
         buf = io.BytesIO()
@@ -489,7 +489,7 @@ def _figures(out: Path, experiment: str, curves: dict[str, dict[str, Any]]) -> l
         return []
     from matplotlib.figure import Figure
 
-    from xaijax.evaluation.tables import atomic_bytes
+    from xaijax.atomic import atomic_bytes
 
     if experiment == "sanity":
         keys = [("spearman_abs", "Spearman (abs)"), ("spearman", "Spearman (signed)"), ("ssim", "SSIM")]
@@ -508,7 +508,7 @@ def _figures(out: Path, experiment: str, curves: dict[str, dict[str, Any]]) -> l
         fig.suptitle("cascading randomisation, top layer first (cumulative)", fontsize=9)
         fig.tight_layout()
         name = "sanity.png"
-        from xaijax.evaluation.tables import atomic_text
+        from xaijax.atomic import atomic_text
 
         lines = ["method,step,layer,spearman,spearman_abs,ssim"]
         for mname, c in curves.items():

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import math
 import os
 import tempfile
@@ -72,6 +73,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xaijax.atomic import atomic_bytes, atomic_text
 
 __all__ = [
     "DissectConfig",
@@ -936,17 +939,10 @@ def dissect(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_tables(result: DissectResult, out: str | os.PathLike, image_ids: Callable[[int], str] | None = None,
                  stem: str = "dissect") -> dict[str, Path]:
     """Write ``<stem>.csv`` (all columns) and ``<stem>.md`` (summary + table); returns the paths."""
     import csv
-    import io
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -956,7 +952,7 @@ def write_tables(result: DissectResult, out: str | os.PathLike, image_ids: Calla
     wr.writeheader()
     for r in rows:
         wr.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    _atomic_write(out / f"{stem}.csv", buf.getvalue())
+    atomic_text(out / f"{stem}.csv", buf.getvalue())
     s = result.summary()
     cfg = result.config
     lines = [
@@ -979,7 +975,7 @@ def write_tables(result: DissectResult, out: str | os.PathLike, image_ids: Calla
         lines.append(
             f"| {r['unit']} | {r['concept']} | {r['category']} | {r['iou']:.4f} | {r['formula']} | {r['formula_iou']:.4f} |"
         )
-    _atomic_write(out / f"{stem}.md", "\n".join(lines) + "\n")
+    atomic_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     return {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
 
 
@@ -1042,7 +1038,7 @@ def save_figure(
     fig.subplots_adjust(left=0.005, right=0.995, top=1 - 0.3 / (rows * 1.45 + 0.3), bottom=0.005, wspace=0.03, hspace=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_bytes(path, buf.getvalue())
     return path

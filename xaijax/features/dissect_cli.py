@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from xaijax.atomic import atomic_text
+from xaijax.features.cli import _out_dir, parse_units
 
 __all__ = ["add_dissect_parser", "cmd_dissect", "BUNDLED_VGG16"]
 
@@ -39,22 +41,7 @@ BUNDLED_VGG16 = Path(__file__).resolve().parents[2] / "weights" / "synthetic_vgg
 
 
 def _units(spec: str | None) -> list[int] | None:
-    if spec is None:
-        return None
-    from xaijax.features.cli import parse_units
-
-    return parse_units(spec)
-
-
-def _out_dir(p: str) -> Path:
-    path = Path(p)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create output directory {p}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"output directory {p} is not writable")
-    return path
+    return None if spec is None else parse_units(spec)
 
 
 def cmd_dissect(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,9 +104,7 @@ def cmd_dissect(args: argparse.Namespace) -> dict[str, Any]:
         "units": res.rows(dataset.image_id),
         "beams": [[{"formula": D.formula_to_str(f, res.concept_names), "iou": i} for f, i in b] for b in res.beams],
     }
-    tmp = out / "dissect.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out / "dissect.json")
+    atomic_text(out / "dissect.json", json.dumps(record, indent=1) + "\n")
     print(paths["md"].read_text())
     print(f"wrote {out}/dissect.csv, dissect.md, dissect.json, dissect.png ({record['seconds']} s)")
     return summary

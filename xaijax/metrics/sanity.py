@@ -266,20 +266,17 @@ def cascading_randomization(
 def _save(fig, path: str | os.PathLike | None) -> None:
     if path is None:
         return
-    import tempfile
+    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from xaijax.atomic import atomic_bytes
+
     FigureCanvasAgg(fig)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".png", dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
+    atomic_bytes(path, buf.getvalue())
 
 
 def plot_cascade(result: CascadeResult, path: str | os.PathLike | None = None, title: str = ""):
