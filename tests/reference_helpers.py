@@ -1,8 +1,12 @@
-"""Shared test helper: the Flax variable shapes a torchvision state dict should map to."""
+"""Shared test helpers: reference computations several test files use."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def expected_flax_shapes(state_dict: dict[str, Any], skip_prefixes: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -30,3 +34,24 @@ def expected_flax_shapes(state_dict: dict[str, Any], skip_prefixes: tuple[str, .
         else:
             raise AssertionError(f"unexpected state-dict key {key}")
     return out
+
+
+def as_f64(tree: Any) -> Any:
+    """Every array of ``tree`` as a float64 jax array (use with the ``x64`` fixture)."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
+
+
+def conv_matrix(kernel: np.ndarray, size: tuple[int, int], stride: int, pad: int) -> np.ndarray:
+    """(in, out) matrix of a zero-padded 2D convolution on NHWC-flattened inputs/outputs."""
+    kh, kw, cin, cout = kernel.shape
+    H, W = size
+    oh, ow = (H + 2 * pad - kh) // stride + 1, (W + 2 * pad - kw) // stride + 1
+    M = np.zeros((H, W, cin, oh, ow, cout))
+    for p in range(oh):
+        for q in range(ow):
+            for a in range(kh):
+                for c in range(kw):
+                    i, j = p * stride - pad + a, q * stride - pad + c
+                    if 0 <= i < H and 0 <= j < W:
+                        M[i, j, :, p, q, :] = kernel[a, c]
+    return M.reshape(H * W * cin, oh * ow * cout)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shape_helpers import expected_flax_shapes
+from reference_helpers import expected_flax_shapes
 
 from xaijax.models import densenet, inception, registry, taps
 

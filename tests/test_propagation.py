@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_helpers import as_f64 as _f64, conv_matrix
 
 from xaijax import models
 from xaijax.models import layers
@@ -30,19 +31,6 @@ from xaijax.propagation import (
     relevance,
     relevance_trace,
 )
-
-
-@pytest.fixture
-def x64():
-    """Enable float64 for one test and restore the previous setting."""
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
-def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
 
 
 # ------------------------------------------------------------ reference formulas (numpy)
@@ -180,22 +168,6 @@ def test_hand_numbers_single_dense_layer(x64):
     np.testing.assert_allclose(run(ZBox(-3.0, 3.0, 0.0)), np.array([5.0, 6.0, 4.0]) / 15 * -2.5, rtol=1e-12)
     # excitation: positive weights (1, 3, 0), no bias: x w+ = (2, -3, 0), z = -1
     np.testing.assert_allclose(run(Excitation(0.0)), [5.0, -7.5, 0.0], rtol=1e-12)
-
-
-def conv_matrix(kernel: np.ndarray, size: tuple[int, int], stride: int, pad: int) -> np.ndarray:
-    """(in, out) matrix of a zero-padded 2D convolution on NHWC-flattened inputs/outputs."""
-    kh, kw, cin, cout = kernel.shape
-    H, W = size
-    oh, ow = (H + 2 * pad - kh) // stride + 1, (W + 2 * pad - kw) // stride + 1
-    M = np.zeros((H, W, cin, oh, ow, cout))
-    for p in range(oh):
-        for q in range(ow):
-            for a in range(kh):
-                for c in range(kw):
-                    i, j = p * stride - pad + a, q * stride - pad + c
-                    if 0 <= i < H and 0 <= j < W:
-                        M[i, j, :, p, q, :] = kernel[a, c]
-    return M.reshape(H * W * cin, oh * ow * cout)
 
 
 class ConvFc(nn.Module):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_helpers import as_f64 as _f64, conv_matrix
 
 from xaijax import models
 from xaijax.methods import rap as rap_module
@@ -18,18 +19,6 @@ from xaijax.propagation import Composite, relevance, relevance_trace
 from xaijax.propagation.relative_rules import AbsoluteInfluence, Relative, RelativeBox, rap_composite
 
 RAP = rap_module.RAP
-
-
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
-def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
 
 
 # -------------------------------------------------------------- hand-computed numbers
@@ -166,22 +155,6 @@ def ref_box(x, W, R):
     H = np.broadcast_to(x.max(-1, keepdims=True), x.shape)
     S = sdiv(R, x @ W - L @ pw - H @ nw)
     return x * (S @ W.T) - L * (S @ pw.T) - H * (S @ nw.T)
-
-
-def conv_matrix(kernel: np.ndarray, size: tuple[int, int], stride: int, pad: int) -> np.ndarray:
-    """(in, out) matrix of a zero-padded 2D convolution on NHWC-flattened inputs/outputs."""
-    kh, kw, cin, cout = kernel.shape
-    H, W = size
-    oh, ow = (H + 2 * pad - kh) // stride + 1, (W + 2 * pad - kw) // stride + 1
-    M = np.zeros((H, W, cin, oh, ow, cout))
-    for p in range(oh):
-        for q in range(ow):
-            for a in range(kh):
-                for c in range(kw):
-                    i, j = p * stride - pad + a, q * stride - pad + c
-                    if 0 <= i < H and 0 <= j < W:
-                        M[i, j, :, p, q, :] = kernel[a, c]
-    return M.reshape(H * W * cin, oh * ow * cout)
 
 
 class TinyCNN(nn.Module):

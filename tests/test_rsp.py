@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_helpers import as_f64 as _f64
 
 from xaijax import models
 from xaijax.methods import rsp
@@ -16,18 +17,6 @@ from xaijax.models import layers as L
 from xaijax.models import taps
 from xaijax.propagation import LayerView, composites, relevance, relevance_trace
 from xaijax.propagation.rsp_rules import RSPAdd, RSPConv, RSPInput, RSPShifted
-
-
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
-def _f64(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
 
 
 # ----------------------------------------------------------------- numpy references
