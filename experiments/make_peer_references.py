@@ -203,11 +203,24 @@ def onehot_seed(out, targets):
 
 def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: int = IG_STEPS,
                  sg_n: int = 50, sg_noise: float = 0.15, ig_baseline: np.ndarray | None = None,
-                 side: dict | None = None) -> dict[str, dict[str, Callable]]:
+                 side: dict | None = None, sg_eps: np.ndarray | None = None,
+                 ep_areas: tuple[float, ...] = (0.1,), ep_iter: int = 800) -> dict[str, dict[str, Callable]]:
     """``{method: {peer: fn(model, x, targets) -> (N, H, W) numpy}}`` for one model family.
 
     Only the definitions are set here; the map each peer returns is its own (normalised
     or not); ``meta`` in the fixtures and bench_peers.py say how they are compared.
+
+    Every function also runs on a float64 model with a float64 input (``model.double()``,
+    ``x.double()``, under :func:`float64_defaults`), for bench_peers.py's float64 reference;
+    the returned map is rounded to float32 (a relative change <= 6e-8).
+
+    ``side``: when given, pytorch-grad-cam's FullGrad stores its raw terms there
+    (``fullgrad_terms``: per biased Conv2d/BatchNorm2d ``sum_c |b_c dS/dz_c|``, (N, h, w);
+    ``fullgrad_input``: ``|dS/dx * x|``, (N, C, H, W)). ``sg_eps``: the standard-normal
+    patterns (n, H, W, C) of :class:`xaijax.methods.combinators.Smooth` (see
+    :func:`smoothgrad_eps`); adds ``smoothgrad-shared-noise`` (Captum with that very
+    noise). ``ep_areas``/``ep_iter``: areas and iterations of
+    ``extremal-perturbation-masks`` (TorchRay, masks (N, A, H, W)).
     """
     import torch
     import torch.nn.functional as F
@@ -283,6 +296,14 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
             cls = getattr(P, cls_name)
             layers = [] if cls_name == "FullGrad" else [get(m, layer or cam)]
             with cls(model=m, target_layers=layers) as c:
+                if cls_name == "FullGrad" and side is not None:
+                    inner = c.compute_cam_per_layer
+
+                    def capture(input_tensor, *a, **k):  # its input term |dS/dx * x|, before post-processing
+                        side["fullgrad_input"] = (input_tensor.grad * input_tensor).detach().abs().cpu().numpy()
+                        return inner(input_tensor, *a, **k)
+
+                    c.compute_cam_per_layer = capture
                 res = c(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in t]).astype(np.float32)
                 if cls_name == "FullGrad" and side is not None:
                     # pytorch-grad-cam's own raw terms: |bias * dS/dz| summed over channels, per layer
@@ -347,9 +368,9 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
                 self.inner = inner
 
             def forward(self, z):
-                return torch.logit(torch.softmax(self.inner(z).double(), -1)).float()
+                return torch.logit(torch.softmax(self.inner(z).double(), -1)).to(z.dtype)
 
-        masks = torch.from_numpy(np.ascontiguousarray(rise_masks))[:, None]
+        masks = torch.from_numpy(np.ascontiguousarray(rise_masks))[:, None].to(x.dtype)
         s = rise(ProbLogit(m), x, filter_masks=masks, num_masks=len(masks), batch_size=min(len(masks), 256))
         return _np(s[torch.arange(len(t)), t])
 
@@ -358,6 +379,57 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
 
         maps = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=[0.1], max_iter=800)[0] for i in range(len(t))]
         return _np(torch.cat(maps)[:, 0])
+
+    def captum_smoothgrad_shared(m, x, t):
+        """Captum's NoiseTunnel(Saliency) with xaijax's noise: raw gradients (abs=False), channel sum.
+
+        Captum draws all its noise in one ``torch.normal(0, stdev_expanded)`` call of shape
+        (N * n, C, H, W) and adds it to ``x.repeat_interleave(n, 0)`` (sample-major):
+        ``torch.normal`` is replaced during the call by xaijax's ``sigma_i * eps_j``
+        (``sigma_i = noise * (max x_i - min x_i)``, computed in ``x``'s dtype as Smooth does).
+        """
+        from captum.attr import NoiseTunnel, Saliency
+
+        n = sg_eps.shape[0]
+        eps = torch.from_numpy(np.ascontiguousarray(sg_eps.transpose(0, 3, 1, 2))).to(x.dtype)  # (n, C, H, W)
+        span = x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))
+        sigma = torch.tensor(sg_noise, dtype=x.dtype) * span  # (N,)
+        noise = (sigma[:, None, None, None, None] * eps[None]).reshape(-1, *x.shape[1:])  # (N * n, C, H, W)
+        real_normal = torch.normal
+
+        def shared_normal(mean, std, *a, **k):
+            if tuple(std.shape) != tuple(noise.shape) or a or k:
+                raise RuntimeError(f"unexpected torch.normal call {tuple(std.shape)} (expected {tuple(noise.shape)})")
+            return noise.clone()
+
+        torch.normal = shared_normal
+        try:
+            a = NoiseTunnel(Saliency(m)).attribute(x, nt_type="smoothgrad", nt_samples=n, stdevs=1.0, target=t,
+                                                   abs=False, nt_samples_batch_size=n)
+        finally:
+            torch.normal = real_normal
+        return _np(a.sum(1))
+
+    def torchray_extremal_masks(m, x, t):
+        """TorchRay's masks, (N, A, H, W): one call per image (TorchRay explains one image)."""
+        import contextlib
+        import types
+
+        import torchray.utils as tru
+        from torchray.attribution.extremal_perturbation import extremal_perturbation
+
+        with contextlib.ExitStack() as stack:
+            if x.dtype == torch.float64:
+                # TorchRay's blur (utils.imsmooth) builds its taps in float32 and F.conv2d refuses
+                # mixed dtypes: cast the taps to the image's dtype (the taps stay float32-rounded)
+                real_f = tru.F
+                tru.F = types.SimpleNamespace(
+                    pad=real_f.pad,
+                    conv2d=lambda inp, w, *a, **k: real_f.conv2d(inp, w.to(inp.dtype), *a, **k))
+                stack.callback(setattr, tru, "F", real_f)
+            maps = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=list(ep_areas), max_iter=ep_iter)[0][:, 0]
+                    for i in range(len(t))]
+        return _np(torch.stack(maps))
 
     methods: dict[str, dict[str, Callable]] = {
         "gradient": {"captum": captum_saliency, "torchray": torchray_gradient},
@@ -378,9 +450,39 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
         "contrastive-excitation-backprop": {"torchray": torchray_ceb},
         "extremal-perturbation": {"torchray": torchray_extremal},
     }
+    methods["extremal-perturbation-masks"] = {"torchray": torchray_extremal_masks}
     if rise_masks is not None:
         methods["rise"] = {"torchray": torchray_rise}
+    if sg_eps is not None:
+        methods["smoothgrad-shared-noise"] = {"captum": captum_smoothgrad_shared}
     return methods
+
+
+def smoothgrad_eps(n: int, shape_hwc: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """The standard-normal patterns (n, H, W, C) float32 that
+    :class:`xaijax.methods.combinators.Smooth` draws for one image shape (shared by the batch)."""
+    import jax
+
+    return np.asarray(jax.random.normal(jax.random.key(seed), (n,) + tuple(shape_hwc), dtype=np.float32))
+
+
+def float64_defaults():
+    """Context manager: torch's default dtype float64 (peers' own tensors, e.g. TorchRay's
+    extremal-perturbation parameters, Captum's step sizes, follow the float64 model)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+    return ctx()
 
 
 #: methods recorded in the fixtures (smoothgrad and extremal perturbation are stochastic or

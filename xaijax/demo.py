@@ -215,11 +215,13 @@ def run_demo(
                 bar.set_postfix_str(f"{model_name}: {name}")
                 hp = hparams.get(name, {})
                 row: dict[str, Any] = {"model": model_name, "method": name, "hparams": _hp_str(hp)}
+                t_method = time.perf_counter()
                 try:
                     explain = _explain_fn(methods_registry.get(name, **hp), model)
                     maps, t_first, per_map = _run_method(explain, variables, x_all, pairs, batch, lambda: bar.update(1))
                     row["first_batch_s"] = round(t_first, 3)
                     row["ms_per_map"] = round(1000 * per_map, 2)
+                    row["method_s"] = round(time.perf_counter() - t_method, 2)
                 except (NotImplementedError, ValueError) as e:
                     # a method that is not defined for this architecture (CAM on VGG's fully
                     # connected head, RSP on DenseNet, ...) says so with one of these; the
@@ -233,11 +235,13 @@ def run_demo(
                     metric = metrics.get(mname)
                     row.update(metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
                 k = min(model_metric_pairs, len(pairs.classes))
+                t_metrics = time.perf_counter()
                 if k:
                     for mname in model_metric_names:
                         metric = metrics.get_model_metric(mname)
                         sel = pairs.image_index[:k]
                         row.update(metric.summarize(metric(model_fn, x_all[sel], maps[:k], jnp.asarray(pairs.classes[:k], jnp.int32))))
+                row["model_metrics_s"] = round(time.perf_counter() - t_metrics, 2)
                 figure_maps[(model_name, name)] = maps[fig_pairs]
                 rows.append(row)
     finally:

@@ -136,38 +136,71 @@ def mask_geometry(shape: tuple[int, int], step: int, sigma: float) -> MaskGeomet
     return MaskGeometry(tuple(shape), step, sigma, margin, padding, radius, shape_in, shape_out, crop)
 
 
-def _window(n_out: int, g: MaskGeometry, n_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per axis: one-hot selection (D, n_out, n_in + 2P) of padded grid indices and offsets (n_out, D).
+def _window_weights(g: MaskGeometry) -> np.ndarray:
+    """Kernel values ``K(|u - margin - step * i| / sigma)`` as ``(step, step, D * D)`` float32.
 
-    Output pixel ``u`` and window slot ``k`` read padded grid index ``u // step + k``, i.e.
-    grid point ``i = u // step + k - P``, whose centre is at ``margin + step * i``; the
-    second array is the signed pixel distance ``u - (margin + step * i)``.
+    Output pixel ``u = step * a + r`` (``0 <= r < step``) and window slot ``k`` read padded
+    grid index ``a + k``, i.e. grid point ``i = a + k - P`` centred at ``margin + step * i``:
+    the signed distance ``r - margin - step * (k - P)`` depends on ``r`` and ``k`` only, so
+    one ``step x step`` tile of weights serves every grid cell.
     """
     d = 2 * g.radius + 1
-    u = np.arange(n_out)
-    idx = u[:, None] // g.step + np.arange(d)[None, :]  # (n_out, D), padded index
-    sel = np.zeros((d, n_out, n_in + 2 * g.padding), np.float32)
-    sel[np.arange(d)[:, None], u[None, :], idx.T] = 1.0
-    dist = u[:, None] - (g.margin + g.step * (idx - g.padding))
-    return sel, dist
+    r, k = np.arange(g.step), np.arange(d)
+    dist = r[:, None] - (g.margin + g.step * (k[None, :] - g.padding))  # (step, D)
+    delta = np.sqrt(dist[:, None, :, None] ** 2 + dist[None, :, None, :] ** 2) / g.sigma  # (r, s, k, l)
+    return np.exp(-2.0 * np.maximum(delta - 0.5, 0.0) ** 2).reshape(g.step, g.step, d * d).astype(np.float32)
+
+
+def _smooth_max_values(win: jax.Array, weight: jax.Array) -> jax.Array:
+    """``v = win[a, :, b, :, j] * weight[:, :, j]`` (grid cell a, b; pixel r, s; slot j)."""
+    return win[:, None, :, None, :] * weight[None, :, None, :, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _smooth_max(win: jax.Array, weight: jax.Array, coldness: float) -> jax.Array:
+    """Smooth max ``sum_j v_j softmax(c v)_j`` over the last axis of the window values.
+
+    ``win`` (mh, mw, J) window of grid values per grid cell, ``weight`` (step, step, J):
+    returns (mh, step, mw, step). A custom VJP, ``dv = g softmax(c v) (1 + c (v - f))``,
+    keeps the backward pass to one fused pass over the (large) values on CPU.
+    """
+    v = _smooth_max_values(win, weight)
+    e = jnp.exp(coldness * (v - v.max(-1, keepdims=True)))
+    return (v * e).sum(-1) / e.sum(-1)
+
+
+def _smooth_max_fwd(win, weight, coldness):
+    f = _smooth_max(win, weight, coldness)
+    return f, (win, weight, f)
+
+
+def _smooth_max_bwd(coldness, res, g):
+    win, weight, f = res
+    v = _smooth_max_values(win, weight)
+    e = jnp.exp(coldness * (v - v.max(-1, keepdims=True)))
+    gv = (g / e.sum(-1))[..., None] * e * (1.0 + coldness * (v - f[..., None]))
+    return (gv * weight[None, :, None, :, :]).sum((1, 3)), jnp.zeros_like(weight)
+
+
+_smooth_max.defvjp(_smooth_max_fwd, _smooth_max_bwd)
 
 
 def extremal_mask(pm: jax.Array, g: MaskGeometry, coldness: float = 20.0) -> tuple[jax.Array, jax.Array]:
     """Smooth mask from parameters ``pm`` (h_in, w_in): ``(cropped (H, W), full shape_out)``.
 
-    See the module docstring; ``vmap`` over leading axes of ``pm`` for several masks.
+    See the module docstring; ``vmap`` over leading axes of ``pm`` for several masks. The
+    ``(2R + 1)^2`` grid values each output pixel sees are read as shifted slices of the padded
+    grid (one slice per window slot), broadcast over the ``step x step`` pixels of a grid cell
+    and weighted by :func:`_window_weights`.
     """
     if tuple(pm.shape) != tuple(g.shape_in):
         raise ValueError(f"extremal mask parameters must have shape {g.shape_in}, got {pm.shape}")
-    sy, dy = _window(g.shape_out[0], g, g.shape_in[0])
-    sx, dx = _window(g.shape_out[1], g, g.shape_in[1])
-    delta = np.sqrt(dy[:, :, None, None] ** 2 + dx[None, None, :, :] ** 2) / g.sigma  # (Ho, D, Wo, D)
-    weight = jnp.asarray(np.exp(-2.0 * np.maximum(delta - 0.5, 0.0) ** 2), jnp.float32)
+    d, st = 2 * g.radius + 1, g.step
+    ho, wo = g.shape_out
+    mh, mw = -(-ho // st), -(-wo // st)  # grid cells that cover the full mask
     padded = jnp.pad(pm.astype(jnp.float32), g.padding)
-    vals = jnp.einsum("kya,ab,lxb->ykxl", sy, padded, sx, precision=jax.lax.Precision.HIGHEST) * weight
-    ho, d, wo, _ = vals.shape
-    vals = vals.transpose(0, 2, 1, 3).reshape(ho, wo, d * d)
-    full = (vals * jax.nn.softmax(coldness * vals, axis=-1)).sum(-1)
+    win = jnp.stack([padded[k : k + mh, l : l + mw] for k in range(d) for l in range(d)], axis=-1)  # (mh, mw, J)
+    full = _smooth_max(win, jnp.asarray(_window_weights(g)), float(coldness)).reshape(mh * st, mw * st)[:ho, :wo]
     full = _clamp01(full)
     c = g.crop
     return full[c : c + g.shape[0], c : c + g.shape[1]], full
