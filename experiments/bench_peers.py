@@ -124,7 +124,8 @@ def xaijax_methods(cfg: dict[str, Any]) -> dict[str, tuple[Any, Callable[[np.nda
         "rise": (RISE(n=rise["n"], s=rise["s"], p=rise["p"], seed=rise["seed"], chunk=min(rise["n"], 16)),
                  lambda m: m * rise["p"], "exact", "rise"),
         # (N, A, H, W): one mask per area, as TorchRay returns them
-        "extremal-perturbation": (lambda mo, v, x, t: ep.masks(mo, v, x, t), ident, "optimisation",
+        # ExtremalResult: masks (N, A, H, W), one per area as TorchRay returns them, and the energy history
+        "extremal-perturbation": (lambda mo, v, x, t: ep.optimise(mo, v, x, t), ident, "optimisation",
                                   "extremal-perturbation-masks"),
     }
     return out
@@ -185,6 +186,28 @@ def _smoothgrad_given_noise(model, v, x, t, eps, noise: float) -> np.ndarray:
     span = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None]
     f = jax.jit(lambda vv, xx, tt: grad(model, vv, xx, tt))
     return np.mean([np.asarray(f(v, x + noise * span * e[None], t)) for e in eps], axis=0)
+
+
+def _energy_divergence(ours_hist, hist32, hist64) -> dict[str, Any]:
+    """Extremal perturbation energy histories: xaijax ``(reward, regul)`` each (T, N, A); TorchRay's
+    per image (A, 2, T) lists. Error at iteration 0 and the first iteration whose reward or regulariser
+    is off by more than 1e-4 (relative to the float64 value) for xaijax and for TorchRay float32."""
+    r64 = np.stack([h[:, 0].T for h in hist64], 1)  # (T, N, A)
+    g64 = np.stack([h[:, 1].T for h in hist64], 1)
+
+    def rel(a, b):
+        return np.abs(a - b).max(axis=(1, 2)) / np.abs(b).max(axis=(1, 2))  # per iteration
+
+    def first_off(r, g):
+        off = np.nonzero(np.maximum(rel(r, r64), rel(g, g64)) > 1e-4)[0]
+        return int(off[0]) if len(off) else None
+
+    xr, xg = ours_hist
+    out = {"energy_it0_err": float(max(rel(xr, r64)[0], rel(xg, g64)[0])), "first_iter_off_xaijax": first_off(xr, xg)}
+    if hist32:
+        out["first_iter_off_peer_f32"] = first_off(np.stack([h[:, 0].T for h in hist32], 1),
+                                                   np.stack([h[:, 1].T for h in hist32], 1))
+    return out
 
 
 def _pgc_terms(side: dict) -> list[np.ndarray]:
@@ -270,15 +293,23 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
             v = variables_nb if nobias else variables
             fn = jax.jit(lambda vv, xx, t, _m=method: _m(model, vv, xx, t))
             load0 = os.getloadavg()
-            tx, ours = _median_time(lambda: fn(v, xj, tj).block_until_ready(), cfg["repeats"])
+            tx, ours = _median_time(lambda: jax.block_until_ready(fn(v, xj, tj)), cfg["repeats"])
+            ours_hist = None
+            if kind == "optimisation":  # ExtremalResult: masks (N, A, H, W) and the energy history
+                ours, ours_hist = ours.masks, (np.asarray(ours.reward), np.asarray(ours.regul))
             ours = transform(np.asarray(ours))
             for peer, pfn in peers.get(peer_key, {}).items():
                 if peer == "torchray" and name in ("gradient", "guided-backprop") and not args.all_peers:
                     continue  # same algorithm as Captum's; --all-peers times it too
                 sdict = sd_nb if nobias else sd
+                # zennit on ResNet: the same network with BatchNorm eps folded into running_var, on which
+                # zennit's BatchNorm merge is exact (see make_peer_references.fold_bn_eps)
+                prep = R.fold_bn_eps if (peer == "zennit" and family == "resnet") else (lambda m_: m_)
                 tm = torch_nb if nobias else torch_full
                 if name in PATCHING:
-                    tm = R.load_torch(tmodel(), sdict)  # these peers patch the model
+                    tm = prep(R.load_torch(tmodel(), sdict))  # these peers patch the model
+                if kind == "optimisation":
+                    pfn = peers_side[peer_key][peer]  # also stores the energy history (side)
                 tp, theirs = _median_time(lambda: pfn(tm, xt, tt), cfg["repeats"])
                 # the float64 reference: a fresh float64 model (peers patch modules), not timed
                 theirs64, note = None, ""
@@ -287,7 +318,12 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     fn64 = R.peer_methods(family, masks, side=side64, **pkw)[peer_key][peer]
                     try:
                         with R.float64_defaults():
-                            theirs64 = fn64(R.load_torch(tmodel(), sdict).double(), xt.double(), tt)
+                            theirs64 = fn64(prep(R.load_torch(tmodel(), sdict).double()), xt.double(), tt)
+                            if peer == "zennit" and family == "resnet":  # as zennit runs it: the BN eps kept
+                                asis = fn64(R.load_torch(tmodel(), sdict).double(), xt.double(), tt)
+                                note += (f"; zennit given the network with BatchNorm eps folded into running_var "
+                                         f"(its BN merge leaves x/sqrt(1+eps)); unfolded: err vs peer f64 "
+                                         f"{rel_err(ours, asis):.1e}")
                     except Exception as e:  # noqa: BLE001 - reported in the row
                         note = f"peer float64 run failed ({type(e).__name__}: {str(e)[:120]}); float32 reference"
                         print(f"  {note}", flush=True)
@@ -318,7 +354,8 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 # If they agree to ~1e-12 both libraries compute the same function and the float32 gap is
                 # the input's conditioning (a ReLU / max-pool decision that float32 rounding flips).
                 x64err = None
-                if theirs64 is not None and (args.xaijax_f64 == "always" or (args.xaijax_f64 == "auto" and not agrees)):
+                want64 = args.xaijax_f64 == "always" or (args.xaijax_f64 == "auto" and not agrees)
+                if theirs64 is not None and want64 and kind != "optimisation":  # (extremal: float32 inside)
                     try:
                         if kind == "raw terms":
                             ours64 = _in_x64(lambda: _fullgrad_terms(model, _f64(v), _f64(xj), tj)[0])
@@ -333,12 +370,29 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                         x64err = compare(ours64, theirs64_cmp)
                     except Exception as e:  # noqa: BLE001 - reported in the row
                         note += f"; xaijax float64 run failed ({type(e).__name__}: {str(e)[:120]})"
-                    if x64err is not None and not agrees:
-                        if x64err <= X64_SAME:
-                            note += (f"; float64: xaijax = peer to {x64err:.0e}, so the float32 gap is the input's "
-                                     f"conditioning (peer f32 vs f64 {drift:.0e})")
-                        else:
-                            note += f"; float64: xaijax vs peer {x64err:.1e} (definitions differ)"
+                if theirs64 is not None and not agrees:
+                    if name == "contrastive-excitation-backprop":
+                        from xaijax.methods.lrp import ExcitationBackprop
+
+                        eb = np.asarray(jax.jit(lambda vv, xx, t: ExcitationBackprop(resize=False)(model, vv, xx, t))(
+                            v, xj, tj))
+                        ratio = float(np.abs(eb).max() / np.abs(theirs64).max())
+                        extra["cancellation"] = ratio
+                        note += (f"; c-EB = EB(target) - EB(flipped classifier), two probability maps that cancel: "
+                                 f"max|EB| / max|c-EB| = {ratio:.1e}, so vs max|EB| the error is {err64 / ratio:.0e}")
+                    if kind == "optimisation" and ours_hist is not None and "extremal_hist" in side64:
+                        extra.update(_energy_divergence(ours_hist, side.get("extremal_hist"), side64["extremal_hist"]))
+                        note += (f"; energies at iteration 0 agree to {extra['energy_it0_err']:.0e}; "
+                                 f"first iteration off by > 1e-4 from TorchRay float64: xaijax "
+                                 f"{extra['first_iter_off_xaijax']}, TorchRay float32 {extra['first_iter_off_peer_f32']} "
+                                 f"(the area regulariser's sort and the network's ReLUs make the gradient "
+                                 f"discontinuous; rounding picks a side and the SGD trajectories drift apart)")
+                if x64err is not None and not agrees:
+                    if x64err <= X64_SAME:
+                        note += (f"; float64: xaijax = peer to {x64err:.0e}, so the float32 gap is the input's "
+                                 f"conditioning (peer f32 vs f64 {drift:.0e})")
+                    else:
+                        note += f"; float64: xaijax vs peer {x64err:.1e} (definitions differ)"
                 row = {
                     "model": arch, "batch": b, "size": size, "method": name, "peer": peer,
                     "peer_s": tp, "xaijax_s": tx, "ratio": tp / tx, "comparison": kind,
@@ -352,7 +406,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 print(f"{arch} b={b} {name:32s} {peer:16s} peer {tp:8.3f}s xaijax {tx:8.3f}s ratio {tp / tx:6.2f} "
                       f"{kind}: vs f32 {f(err32)} vs f64 {f(err64)} peer32-64 {f(drift)} x64 {f(x64err)}"
                       + (f" final map {f(extra['final_map_err_peer_f32'])}/{f(extra['final_map_err_peer_f64'])}"
-                         if extra else "")
+                         if "final_map_err_peer_f32" in extra else "")
                       + f" load {os.getloadavg()[0]:.1f}", flush=True)
             del fn
             jax.clear_caches()

@@ -427,9 +427,11 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
                     pad=real_f.pad,
                     conv2d=lambda inp, w, *a, **k: real_f.conv2d(inp, w.to(inp.dtype), *a, **k))
                 stack.callback(setattr, tru, "F", real_f)
-            maps = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=list(ep_areas), max_iter=ep_iter)[0][:, 0]
+            runs = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=list(ep_areas), max_iter=ep_iter)
                     for i in range(len(t))]
-        return _np(torch.stack(maps))
+        if side is not None:  # energy history per image: (A, 2, T), [:, 0] reward, [:, 1] area regulariser
+            side["extremal_hist"] = [h.detach().double().numpy() for _, h in runs]
+        return _np(torch.stack([mk[:, 0] for mk, _ in runs]))
 
     methods: dict[str, dict[str, Callable]] = {
         "gradient": {"captum": captum_saliency, "torchray": torchray_gradient},
@@ -456,6 +458,25 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
     if sg_eps is not None:
         methods["smoothgrad-shared-noise"] = {"captum": captum_smoothgrad_shared}
     return methods
+
+
+def fold_bn_eps(model):
+    """The same network with every BatchNorm's ``eps`` folded into ``running_var`` (``eps = 0``).
+
+    In exact arithmetic the function is unchanged. zennit's ``MergeBatchNorm`` (used by its
+    ``ResNetCanonizer``) merges a BatchNorm into the preceding convolution and then sets the
+    BatchNorm's statistics to ``running_var = 1, running_mean = 0, weight = 1, bias = 0`` but
+    keeps its ``eps``: the "identity" left behind computes ``x / sqrt(1 + eps)`` (1 - 5e-6 for
+    eps = 1e-5), so zennit explains a slightly different network (every merged BatchNorm
+    scales its output). With ``eps = 0`` the merge is exact.
+    """
+    import torch
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.eps != 0:
+            mod.running_var.data += mod.eps
+            mod.eps = 0.0
+    return model
 
 
 def smoothgrad_eps(n: int, shape_hwc: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -59,7 +59,7 @@ def test_demo_writes_tables_and_figure(weights, tmp_path):
     assert res["dataset"]["pairs"] == len(pairs.classes)
     # model-based metrics on the first pairs, recomputed directly for the centre baseline
     k = res["model_metric_pairs"]
-    assert k == min(24, len(pairs.classes))
+    assert k == min(demo.DEFAULT_MODEL_METRIC_PAIRS, len(pairs.classes))
     model, v, _ = checkpoints.load(None, weights / "synthetic_vgg16.safetensors")
     from xaijax.models.preprocess import normalize
 

@@ -108,8 +108,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         for n in names:
             methods.get(n)  # readable error for unknown names before any work
     hp = demo.QUICK_HPARAMS if args.quick else demo.DEMO_HPARAMS
+    mm_pairs = args.model_metric_pairs
+    if mm_pairs is None:
+        mm_pairs = demo.QUICK_MODEL_METRIC_PAIRS if args.quick else demo.DEFAULT_MODEL_METRIC_PAIRS
+    if mm_pairs < 0:
+        raise UserError(f"--model-metric-pairs must be >= 0; got {mm_pairs}")
     result = run_demo(args.out, images, method_names=names, batch=args.batch, models=chosen, hparams=hp,
-                      model_metric_pairs=demo.QUICK_MODEL_METRIC_PAIRS if args.quick else 24)
+                      model_metric_pairs=mm_pairs)
     d = result["dataset"]
     print(f"{d['images']} images, {d['pairs']} pairs; wrote {args.out}/results.md, results.csv, results.json, figure.png")
     print((args.out / "results.md").read_text())
@@ -245,11 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
-    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 40; 8 with --quick)")
+    s.add_argument("--images", type=int, default=None, help="held-out images to use (default 20; 8 with --quick)")
     s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, one method per family, cheaper sampling settings (a minute or two)")
     s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18; synthetic_resnet18 with --quick)")
     s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
     s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
+    s.add_argument("--model-metric-pairs", type=int, default=None,
+                   help="(image, class) pairs scored by deletion / insertion / region insertion (default 8; all pairs get the localisation metrics)")
     s.add_argument("--out", type=_writable_dir, default="results/demo")
     s.set_defaults(func=_cmd_demo)
 

@@ -36,13 +36,18 @@ BUNDLED_CLASSIFIERS = ("synthetic_vgg16.safetensors", "synthetic_resnet18.safete
 DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 8},
     "integrated-gradients": {"steps": 16},
-    "rise": {"n": 500},
+    "rise": {"n": 200},
     "ucag-grad-cam": {"n": 4},
-    "extremal-perturbation": {"max_iter": 40},
+    "extremal-perturbation": {"max_iter": 20},
 }
 
-#: Held-out images of a default ``xaijax demo`` run.
-DEFAULT_IMAGES = 40
+#: Held-out images of a default ``xaijax demo`` run (20 images: 31 (image, class) pairs,
+#: two batches of 16 per method; ``--images`` scales up).
+DEFAULT_IMAGES = 20
+
+#: Pairs scored by the model-based metrics (deletion, insertion, region insertion: about 55
+#: forward passes per pair) in a default run; the localisation metrics score every pair.
+DEFAULT_MODEL_METRIC_PAIRS = 8
 
 #: ``--quick``: one model, few images, one representative method per family and cheaper
 #: settings (a minute or two of CPU, most of it compilation); the default runs every method.
@@ -54,9 +59,9 @@ QUICK_HPARAMS: dict[str, dict[str, Any]] = {
     **DEMO_HPARAMS,
     "smoothgrad": {"n": 4},
     "integrated-gradients": {"steps": 8},
-    "rise": {"n": 200},
+    "rise": {"n": 100},
     "ucag-grad-cam": {"n": 3},
-    "extremal-perturbation": {"max_iter": 30},
+    "extremal-perturbation": {"max_iter": 10},
 }
 
 
@@ -143,7 +148,7 @@ def run_demo(
     progress: bool = True,
     models: Sequence[str] | None = None,
     hparams: dict[str, dict[str, Any]] | None = None,
-    model_metric_pairs: int = 24,
+    model_metric_pairs: int = DEFAULT_MODEL_METRIC_PAIRS,
 ) -> dict[str, Any]:
     """Run the demo; returns the results dict that is also written to ``out/results.json``.
 
@@ -169,6 +174,8 @@ def run_demo(
         raise ValueError(f"--images must be at least 1; got {images}")
     if batch < 1:
         raise ValueError(f"--batch must be at least 1; got {batch}")
+    if model_metric_pairs < 0:
+        raise ValueError(f"--model-metric-pairs must be >= 0; got {model_metric_pairs}")
     wdir = Path(weights) if weights is not None else weights_dir()
     stems = [Path(f).stem for f in BUNDLED_CLASSIFIERS]
     chosen = list(models) if models else stems
