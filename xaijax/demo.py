@@ -36,9 +36,10 @@ BUNDLED_CLASSIFIERS = ("synthetic_vgg16.safetensors", "synthetic_resnet18.safete
 DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 8},
     "integrated-gradients": {"steps": 16},
-    "rise": {"n": 200},
+    "rise": {"n": 150},
     "ucag-grad-cam": {"n": 4},
     "extremal-perturbation": {"max_iter": 20},
+    "cameras": {"scales": (1.0, 1.5, 2.0, 2.5)},
 }
 
 #: Held-out images of a default ``xaijax demo`` run (20 images: 31 (image, class) pairs,
