@@ -26,14 +26,21 @@ and its input term ``|dS/dx * x|``, captured from its hooks, against
 map, whose per-channel min-max normalisation amplifies rounding noise in nearly constant
 channels, is reported for information, rebuilt on xaijax's terms); ``optimisation``
 (extremal perturbation: TorchRay's and xaijax's masks after the same ``ep_iter`` SGD
-steps, same areas / reward / blur / jitter). SmoothGrad is exact: Captum's NoiseTunnel is
+steps, same areas / blur / jitter, and the same reward: the target logit times ``ep_reward /
+|target logit of the clean image|``, so that reward and area term have comparable sizes; a
+row whose masks never left their initial value is marked vacuous). When a row does not
+agree, xaijax is also run in float64 (``jax_enable_x64``) against the float64 peer and the
+row's note says whether the two compute the same function (then the float32 gap is the
+input's conditioning). SmoothGrad is exact: Captum's NoiseTunnel is
 given xaijax's very noise (``torch.normal`` replaced during the call) and both report the
 channel sum of the mean raw gradient.
 Transformations (the same as ``tests/test_peer_references.py``): min-max normalisation of
 xaijax's maps for pytorch-grad-cam, ``p`` times xaijax's RISE for TorchRay (which was
 given xaijax's masks and the model ``logit(softmax(f))``), z+ composites on the network
 with conv-side biases zeroed (zennit's z+ drops biases), LRP output relevance = target
-logit for zennit.
+logit for zennit, and zennit on ResNet is given the same network with every BatchNorm's
+``eps`` folded into ``running_var`` (its BatchNorm merge leaves ``x / sqrt(1 + eps)``
+behind; see :func:`make_peer_references.fold_bn_eps`; the note gives the unfolded error).
 
 Environment: the peer virtualenv (``experiments/PEERS.md``), one process for both sides::
 
@@ -274,14 +281,21 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
         x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         with torch.no_grad():  # explain the predicted class (random weights give near one-hot
-            target = torch_full(xt).argmax(1).numpy().astype(np.int64)  # softmax: RISE needs p > 0)
+            logits = torch_full(xt).numpy()  # softmax: RISE needs p > 0)
+        target = logits.argmax(1).astype(np.int64)
         tt = torch.from_numpy(target)
         xj, tj = jnp.asarray(x), jnp.asarray(target.astype(np.int32))
         masks = np.asarray(rise_masks(cfg["rise"]["seed"], np.arange(cfg["rise"]["n"]), (size, size),
                                       cfg["rise"]["s"], cfg["rise"]["p"]), np.float32)
         side: dict = {}
+        # extremal perturbation: reward = scale * target logit, scale = ep_reward / (target logit of the clean
+        # image), the same on both sides (random-weight ResNet50 logits are ~1e3-1e4: unscaled, the reward's
+        # gradient swamps the area term, every parameter stays clipped at 1 and the masks never move)
+        clean = np.abs(logits[np.arange(b), target])
+        ep_scale = (np.ones(b) if cfg["ep_reward"] is None else cfg["ep_reward"] / clean).astype(np.float32)
+        ep_seed = jnp.asarray(ep_scale[:, None] * np.eye(logits.shape[-1], dtype=np.float32)[target])
         pkw = dict(ig_steps=cfg["ig_steps"], sg_n=cfg["sg_n"], sg_noise=cfg["sg_noise"], sg_eps=sg_eps,
-                   ep_areas=tuple(cfg["ep_areas"]), ep_iter=cfg["ep_iter"])
+                   ep_areas=tuple(cfg["ep_areas"]), ep_iter=cfg["ep_iter"], ep_reward_scale=[float(s_) for s_ in ep_scale])
         peers = R.peer_methods(family, masks, **pkw)
         peers_side = R.peer_methods(family, masks, side=side, **pkw)  # FullGrad: also its raw terms
         for name, (method, transform, kind, peer_key) in xm.items():
@@ -293,7 +307,8 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
             v = variables_nb if nobias else variables
             fn = jax.jit(lambda vv, xx, t, _m=method: _m(model, vv, xx, t))
             load0 = os.getloadavg()
-            tx, ours = _median_time(lambda: jax.block_until_ready(fn(v, xj, tj)), cfg["repeats"])
+            tv = ep_seed if kind == "optimisation" else tj  # extremal: the float seed scale * one_hot(target)
+            tx, ours = _median_time(lambda: jax.block_until_ready(fn(v, xj, tv)), cfg["repeats"])
             ours_hist = None
             if kind == "optimisation":  # ExtremalResult: masks (N, A, H, W) and the energy history
                 ours, ours_hist = ours.masks, (np.asarray(ours.reward), np.asarray(ours.regul))
@@ -350,6 +365,15 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 drift = compare(theirs_cmp, theirs64_cmp) if theirs64 is not None else None
                 decisive = err64 if err64 is not None else err32
                 agrees = bool(decisive <= args.agree)
+                if kind == "optimisation":  # vacuous if the masks never left their initial value (pm = 1)
+                    from xaijax.methods.extremal import extremal_mask, mask_geometry
+
+                    g = mask_geometry((size, size), 7, 21.0)
+                    moved = float(np.abs(ours - np.asarray(extremal_mask(jnp.ones(g.shape_in), g)[0])).max())
+                    extra["mask_moved"] = moved
+                    if moved < 1e-6:
+                        agrees = False
+                        note += "; vacuous: the masks never left their initial value (pm = 1)"
                 # diagnosis of a row that does not agree: xaijax in float64 against the float64 peer.
                 # If they agree to ~1e-12 both libraries compute the same function and the float32 gap is
                 # the input's conditioning (a ReLU / max-pool decision that float32 rounding flips).
@@ -488,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         "sg_noise": 0.15,
         "ep_iter": 10 if args.quick else 40,  # extremal perturbation SGD steps (TorchRay default 800)
         "ep_areas": [0.05, 0.1],
+        "ep_reward": 10.0,  # extremal reward scaled to this value at the clean image (None: the raw logit)
         "rise": {"n": 32 if args.quick else 128, "s": 7, "p": 0.5, "seed": 0},
         # batch 16 of these costs minutes per call on a shared 2-core machine
         "batch1_only": ("integrated-gradients", "smoothgrad", "rise", "extremal-perturbation"),

@@ -204,7 +204,8 @@ def onehot_seed(out, targets):
 def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: int = IG_STEPS,
                  sg_n: int = 50, sg_noise: float = 0.15, ig_baseline: np.ndarray | None = None,
                  side: dict | None = None, sg_eps: np.ndarray | None = None,
-                 ep_areas: tuple[float, ...] = (0.1,), ep_iter: int = 800) -> dict[str, dict[str, Callable]]:
+                 ep_areas: tuple[float, ...] = (0.1,), ep_iter: int = 800,
+                 ep_reward_scale: "list[float] | None" = None) -> dict[str, dict[str, Callable]]:
     """``{method: {peer: fn(model, x, targets) -> (N, H, W) numpy}}`` for one model family.
 
     Only the definitions are set here; the map each peer returns is its own (normalised
@@ -220,7 +221,8 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
     patterns (n, H, W, C) of :class:`xaijax.methods.combinators.Smooth` (see
     :func:`smoothgrad_eps`); adds ``smoothgrad-shared-noise`` (Captum with that very
     noise). ``ep_areas``/``ep_iter``: areas and iterations of
-    ``extremal-perturbation-masks`` (TorchRay, masks (N, A, H, W)).
+    ``extremal-perturbation-masks`` (TorchRay, masks (N, A, H, W)); ``ep_reward_scale``: per
+    image, TorchRay's simple reward (the target logit) multiplied by this factor (None: 1).
     """
     import torch
     import torch.nn.functional as F
@@ -416,7 +418,13 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
         import types
 
         import torchray.utils as tru
-        from torchray.attribution.extremal_perturbation import extremal_perturbation
+        from torchray.attribution.extremal_perturbation import extremal_perturbation, simple_reward
+
+        def reward(i):
+            if ep_reward_scale is None:
+                return simple_reward
+            scale = float(ep_reward_scale[i])
+            return lambda activation, target, variant: scale * simple_reward(activation, target, variant)
 
         with contextlib.ExitStack() as stack:
             if x.dtype == torch.float64:
@@ -427,7 +435,8 @@ def peer_methods(family: str, rise_masks: np.ndarray | None = None, ig_steps: in
                     pad=real_f.pad,
                     conv2d=lambda inp, w, *a, **k: real_f.conv2d(inp, w.to(inp.dtype), *a, **k))
                 stack.callback(setattr, tru, "F", real_f)
-            runs = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=list(ep_areas), max_iter=ep_iter)
+            runs = [extremal_perturbation(m, x[i:i + 1], int(t[i]), areas=list(ep_areas), max_iter=ep_iter,
+                                          reward_func=reward(i))
                     for i in range(len(t))]
         if side is not None:  # energy history per image: (A, 2, T), [:, 0] reward, [:, 1] area regulariser
             side["extremal_hist"] = [h.detach().double().numpy() for _, h in runs]
