@@ -179,6 +179,7 @@ def _smooth_max_bwd(coldness, res, g):
     v = _smooth_max_values(win, weight)
     e = jnp.exp(coldness * (v - v.max(-1, keepdims=True)))
     gv = (g / e.sum(-1))[..., None] * e * (1.0 + coldness * (v - f[..., None]))
+    # the weights are constants of the mask geometry: no gradient flows to them
     return (gv * weight[None, :, None, :, :]).sum((1, 3)), jnp.zeros_like(weight)
 
 
