@@ -311,6 +311,23 @@ def test_smoothgrad_noise_free_is_gradient_and_deterministic(cnn):
     # (determinism across separate traces: see test_jit_vmap_batch_independence)
 
 
+def test_smooth_noise_is_the_same_in_float64(x64):
+    """The noise patterns are drawn in float32 and cast, so a float64 run sees the float32 noise
+    (to float32 rounding) and the two maps agree: float64 checks of SmoothGrad are meaningful."""
+
+    def probe(model, variables, x, target):
+        return x[..., 0] * 1.0
+
+    x32 = jnp.linspace(-1.0, 3.0, 2 * 4 * 5 * 2, dtype=jnp.float32).reshape(2, 4, 5, 2)
+    m = smooth(probe, n=6, noise=0.3, seed=5)
+    out32 = np.asarray(m(None, None, x32, 0))
+    out64 = m(None, None, x32.astype(jnp.float64), 0)
+    assert out64.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(out64), out32, rtol=1e-6, atol=1e-6)
+    # and the noise is not trivially zero
+    assert np.abs(out32 - np.asarray(x32[..., 0])).max() > 0.05
+
+
 def test_smooth_noise_convention_with_a_probe_method():
     """A probe 'method' returning its (noisy) input shows the exact noise that was added."""
 

@@ -31,8 +31,9 @@ class Smooth:
     the *squared* maps, SmoothGrad-squared of Hooker et al. 2019). Channel reduction happens
     inside ``method``, i.e. before averaging.
 
-    The standard-normal patterns ``eps_j`` (shape (n, H, W, C)) depend only on ``seed`` and
-    the image shape, and are shared by all samples of a batch, so a sample's map does not
+    The standard-normal patterns ``eps_j`` (shape (n, H, W, C), drawn in float32 and cast to
+    the input's dtype) depend only on ``seed`` and the image shape, and are shared by all
+    samples of a batch, so a sample's map does not
     depend on the rest of its batch (``jit``/``vmap``/batch give identical results) and is
     deterministic for a seed.
 
@@ -66,7 +67,8 @@ class Smooth:
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """Maps (N, H, W) averaged over the noisy copies of ``x`` (N, H, W, C)."""
         check_inputs(x)
-        eps = jax.random.normal(jax.random.key(self.seed), (self.n,) + tuple(x.shape[1:]), dtype=x.dtype)
+        # drawn in float32 and cast: a float64 input sees the same noise as its float32 copy
+        eps = jax.random.normal(jax.random.key(self.seed), (self.n,) + tuple(x.shape[1:]), dtype=jnp.float32).astype(x.dtype)
         span = x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3))
         sigma = (jnp.asarray(self.noise, x.dtype) * span)[:, None, None, None]  # (N, 1, 1, 1)
 
