@@ -383,7 +383,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     try:
                         if kind == "raw terms":
                             ours64 = _in_x64(lambda: _fullgrad_terms(model, _f64(v), _f64(xj), tj)[0])
-                        elif name == "smoothgrad":  # Smooth draws float64 noise under x64: give it the float32 draw
+                        elif name == "smoothgrad":  # the float32 draw, as Smooth itself uses (since session 3) under x64
                             ours64 = _in_x64(lambda: _smoothgrad_given_noise(model, _f64(v), _f64(xj), tj, _f64(sg_eps),
                                                                               cfg["sg_noise"]))
                         else:
