@@ -182,19 +182,6 @@ def _fullgrad_terms(model, v, x, t) -> tuple[list[np.ndarray], tuple[np.ndarray,
     return [np.abs(gx).transpose(0, 3, 1, 2)] + [np.abs(bt).sum(-1) for bt in bias4], (gx, bias4)
 
 
-def _smoothgrad_given_noise(model, v, x, t, eps, noise: float) -> np.ndarray:
-    """SmoothGrad (channel sum of the mean gradient) of :class:`~xaijax.methods.combinators.Smooth`
-    with given noise patterns ``eps`` (n, H, W, C): ``mean_j sum_c grad(x + noise * span(x) * eps_j)``."""
-    import jax
-
-    from xaijax.methods import get
-
-    grad = get("gradient", reduce="sum")
-    span = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None]
-    f = jax.jit(lambda vv, xx, tt: grad(model, vv, xx, tt))
-    return np.mean([np.asarray(f(v, x + noise * span * e[None], t)) for e in eps], axis=0)
-
-
 def _energy_divergence(ours_hist, hist32, hist64) -> dict[str, Any]:
     """Extremal perturbation energy histories: xaijax ``(reward, regul)`` each (T, N, A); TorchRay's
     per image (A, 2, T) lists. Error at iteration 0 and the first iteration whose reward or regulariser
@@ -383,10 +370,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     try:
                         if kind == "raw terms":
                             ours64 = _in_x64(lambda: _fullgrad_terms(model, _f64(v), _f64(xj), tj)[0])
-                        elif name == "smoothgrad":  # the float32 draw, as Smooth itself uses (since session 3) under x64
-                            ours64 = _in_x64(lambda: _smoothgrad_given_noise(model, _f64(v), _f64(xj), tj, _f64(sg_eps),
-                                                                              cfg["sg_noise"]))
-                        else:
+                        else:  # (SmoothGrad: Smooth draws its noise in float32 also under x64, as Captum got it)
                             ours64 = transform(_in_x64(lambda: np.asarray(
                                 jax.jit(lambda vv, xx, t, _m=method: _m(model, vv, xx, t))(_f64(v), _f64(xj), tj),
                                 np.float64)))
