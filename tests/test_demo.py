@@ -111,6 +111,7 @@ def test_demo_cli_errors(weights, tmp_path, capsys, monkeypatch):
     assert "bundled weights file missing" in err(["demo", "--out", str(tmp_path / "c")])
     assert "unknown bundled model 'vgg'" in err(["demo", "--models", "vgg", "--out", str(tmp_path / "d")])
     assert "--batch must be at least 1" in err(["demo", "--batch", "0", "--out", str(tmp_path / "e")])
+    assert "--model-metric-pairs must be >= 0; got -1" in err(["demo", "--model-metric-pairs", "-1", "--out", str(tmp_path / "f")])
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit) as e:  # argparse: usage + one error line, exit 2

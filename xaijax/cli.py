@@ -98,8 +98,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from xaijax import demo
 
     images = args.images if args.images is not None else (demo.QUICK_IMAGES if args.quick else demo.DEFAULT_IMAGES)
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1; got {args.batch}")
     chosen = [m.strip() for m in args.models.split(",")] if args.models else (list(demo.QUICK_MODELS) if args.quick else None)
     names = [m.strip() for m in args.methods.split(",")] if args.methods else (list(demo.QUICK_METHODS) if args.quick else None)
     if names:
@@ -111,8 +109,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     mm_pairs = args.model_metric_pairs
     if mm_pairs is None:
         mm_pairs = demo.QUICK_MODEL_METRIC_PAIRS if args.quick else demo.DEFAULT_MODEL_METRIC_PAIRS
-    if mm_pairs < 0:
-        raise UserError(f"--model-metric-pairs must be >= 0; got {mm_pairs}")
     result = run_demo(args.out, images, method_names=names, batch=args.batch, models=chosen, hparams=hp,
                       model_metric_pairs=mm_pairs)
     d = result["dataset"]
