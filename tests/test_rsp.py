@@ -16,6 +16,7 @@ from xaijax.methods import rsp
 from xaijax.models import layers as L
 from xaijax.models import taps
 from xaijax.propagation import LayerView, composites, relevance, relevance_trace
+from xaijax.propagation.rules import ConvGeometry
 from xaijax.propagation.rsp_rules import RSPAdd, RSPConv, RSPInput, RSPShifted
 
 
@@ -105,8 +106,9 @@ def zbox_np(x, R, k, stride=1, pad=0):
     return np.concatenate(out)
 
 
-def _conv_view(kshape, stride=1, pad=0, name="conv"):
-    """A LayerView of a bias-free convolution (for calling rules directly)."""
+def _conv_view(kshape, stride=1, pad=0, name="conv", patches=False):
+    """A LayerView of a bias-free convolution (for calling rules directly); ``patches``: with
+    its ConvGeometry (RSPConv then takes the batched patch path, else the per-sample vmap)."""
 
     def op(k, x):
         return jax.lax.conv_general_dilated(
@@ -114,7 +116,8 @@ def _conv_view(kshape, stride=1, pad=0, name="conv"):
         )
 
     k = jnp.zeros(kshape)
-    return LayerView(name, "conv", lambda x: op(k, x), op, k, None)
+    geometry = ConvGeometry(tuple(kshape[:2]), (stride, stride), ((pad, pad), (pad, pad)), (1, 1)) if patches else None
+    return LayerView(name, "conv", lambda x: op(k, x), op, k, None, geometry=geometry)
 
 
 def _apply(rule, view, xs, R):
@@ -227,29 +230,31 @@ def test_contrastive_seed_matches_numpy_transcription_of_relative_gam(tiny, x64)
 # ------------------------------------------------------------- stage 2: the rules
 
 
-def test_rsp_conv_rule_hand_numbers_pointwise_and_shifted(x64):
+@pytest.mark.parametrize("patches", [False, True], ids=["vmap", "patches"])
+def test_rsp_conv_rule_hand_numbers_pointwise_and_shifted(x64, patches):
     # 1x1 kernel, 2 input channels (one input negative), 1 output channel, relevance +2 / -1:
     # x1 = [(1, 2), (3, 0)]; G+ = 2 (1, 2) = (2, 4); G- = 1 (3, 0); Za = 10, Zb = 9
     x = jnp.asarray([[[[1.0, 2.0], [3.0, -1.0]]]])  # (1, 1, 2, 2)
     R = jnp.asarray([[[[2.0], [-1.0]]]])  # (1, 1, 2, 1)
-    (r,) = _apply(RSPConv(), _conv_view((1, 1, 2, 1)), (x,), R)
+    (r,) = _apply(RSPConv(), _conv_view((1, 1, 2, 1), patches=patches), (x,), R)
     np.testing.assert_allclose(np.asarray(r)[0, 0], [[0.4, 1.6], [-1.0, 0.0]], atol=1e-12)
     # (2, 1) kernel (height 2: the doubled-and-shifted path), x = (2, 1), R = 3:
     # G+ = (6, 3); Z = 15; C = 2 (2.4, 0.6) = (4.8, 1.2); shift 3 / 2 -> (3.3, -0.3)
     x = jnp.asarray([[[[2.0]], [[1.0]]]])  # (1, 2, 1, 1)
     R = jnp.asarray([[[[3.0]]]])
-    (r,) = _apply(RSPConv(), _conv_view((2, 1, 1, 1)), (x,), R)
+    (r,) = _apply(RSPConv(), _conv_view((2, 1, 1, 1), patches=patches), (x,), R)
     np.testing.assert_allclose(np.asarray(r).ravel(), [3.3, -0.3], atol=1e-12)
     # negative relevance through the same kernel: C = -2 (2.4, 0.6); shift -3 / 2 -> (-3.3, 0.3)
-    (r,) = _apply(RSPConv(), _conv_view((2, 1, 1, 1)), (x,), -R)
+    (r,) = _apply(RSPConv(), _conv_view((2, 1, 1, 1), patches=patches), (x,), -R)
     np.testing.assert_allclose(np.asarray(r).ravel(), [-3.3, 0.3], atol=1e-12)
 
 
-@pytest.mark.parametrize("kshape,stride,pad", [((3, 3, 3, 4), 1, 1), ((3, 3, 3, 4), 2, 1), ((1, 1, 3, 4), 1, 0)])
-def test_rsp_conv_rule_matches_loop_reference_with_signed_inputs(x64, kshape, stride, pad):
+@pytest.mark.parametrize("patches", [False, True], ids=["vmap", "patches"])
+@pytest.mark.parametrize("kshape,stride,pad", [((3, 3, 3, 4), 1, 1), ((3, 3, 3, 4), 2, 1), ((1, 1, 3, 4), 1, 0), ((1, 1, 3, 4), 2, 0)])
+def test_rsp_conv_rule_matches_loop_reference_with_signed_inputs(x64, kshape, stride, pad, patches):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 5, 5, 3))  # negative inputs are clamped by the rule
-    view = _conv_view(kshape, stride, pad)
+    view = _conv_view(kshape, stride, pad, patches=patches)
     out_shape = view.fn(jnp.asarray(x)).shape
     R = rng.standard_normal(out_shape) * (rng.random(out_shape) < 0.8)  # signed, some zeros
     rule = jax.jit(lambda x, R: RSPConv().backward(view, (x,), None, R)[0])
@@ -264,6 +269,31 @@ def test_rsp_conv_rule_matches_loop_reference_with_signed_inputs(x64, kshape, st
     # path turns the smallest (near-zero) shares negative
     rp = rule(jnp.asarray(x), jnp.asarray(np.abs(R)))
     assert (float(rp.min()) < 0) == (kshape[0] > 1)
+
+
+@pytest.mark.parametrize(
+    "kernel,strides,padding,dilation",
+    [((3, 3), 1, "SAME", 1), ((3, 3), 2, 1, 1), ((1, 1), 2, 0, 1), ((3, 3), 1, "VALID", 2), ((1, 3), 1, (0, 1), 1), ((2, 3), (2, 1), ((0, 1), (2, 0)), 1), ((3, 3), 2, "SAME", 1)],
+)
+def test_conv_geometry_patches_times_kernel_is_the_convolution(x64, kernel, strides, padding, dilation):
+    """The engine's ConvGeometry of an nn.Conv: patches @ kernel reproduces the layer exactly
+    (offset-major, then input channel, as a flattened HWIO kernel)."""
+    from xaijax.propagation.engine import conv_geometry
+
+    conv = nn.Conv(4, kernel, strides=strides, padding=padding, kernel_dilation=dilation, use_bias=False)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 8, 3)))
+    k = jnp.asarray(rng.standard_normal((*kernel, 3, 4)))
+    y = conv.apply({"params": {"kernel": k}}, x)
+    g = conv_geometry(conv)
+    assert g is not None and g.out_spatial(x.shape[1:3]) == y.shape[1:3]
+    p = g.patches(x)
+    np.testing.assert_allclose(np.asarray(p @ k.reshape(-1, 4)), np.asarray(y), rtol=1e-12, atol=1e-12)
+    # layers the patch path does not describe fall back to the per-sample vmap
+    assert conv_geometry(nn.Conv(4, (3, 3), feature_group_count=3)) is None
+    assert conv_geometry(nn.Conv(4, (3, 3), padding="CIRCULAR")) is None
+    assert conv_geometry(nn.Conv(4, (3, 3), input_dilation=2)) is None
+    assert conv_geometry(nn.Dense(4)) is None
 
 
 def test_input_pool_and_add_rules_hand_numbers(x64):

@@ -58,7 +58,7 @@ from xaijax.models import layers as L
 from xaijax.models.taps import module_name
 from xaijax.propagation.canonizers import batchnorm_affine, check_eval_batchnorm, fold_batchnorm
 from xaijax.propagation.composites import KINDS, Composite, resolve
-from xaijax.propagation.rules import LayerView, Rule
+from xaijax.propagation.rules import ConvGeometry, LayerView, Rule
 
 __all__ = [
     "KINDS",
@@ -379,6 +379,39 @@ def _assign_rules(graph: _Graph, composite: Composite) -> Plan:
 # ----------------------------------------------------------------------- layer views
 
 
+def conv_geometry(module: nn.Module) -> ConvGeometry | None:
+    """The :class:`ConvGeometry` of a plain ``nn.Conv`` (zero padding given as a string,
+    ints or pairs; no feature groups, input dilation or mask), else None."""
+    if not isinstance(module, nn.Conv) or module.mask is not None or module.feature_group_count != 1:
+        return None
+    kernel = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    rank = len(kernel)
+
+    def per_axis(v: Any) -> tuple[int, ...]:
+        v = 1 if v is None else v
+        return (v,) * rank if isinstance(v, int) else tuple(v)
+
+    if any(d != 1 for d in per_axis(module.input_dilation)):
+        return None
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):  # CIRCULAR, REFLECT, CAUSAL pad with data
+            return None
+    elif isinstance(padding, int):
+        padding = ((padding, padding),) * rank
+    else:
+        try:
+            padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
+        except (TypeError, IndexError):
+            return None
+        if len(padding) != rank:
+            return None
+    strides, dilation = per_axis(module.strides), per_axis(module.kernel_dilation)
+    if len(strides) != rank or len(dilation) != rank:
+        return None
+    return ConvGeometry(kernel, strides, padding, dilation)
+
+
 def _view_builder(module: nn.Module, kind: str, kwargs: Mapping[str, Any], name: str, nonneg: bool) -> Callable[[Any], LayerView]:
     """``params -> LayerView`` for one (unfolded) layer; pure in ``params``."""
     unbound = module.clone(parent=None)
@@ -392,10 +425,12 @@ def _view_builder(module: nn.Module, kind: str, kwargs: Mapping[str, Any], name:
         def op(k, x):
             return nobias.apply({"params": {"kernel": k}}, x)
 
+        geometry = conv_geometry(unbound)
+
         def build(params):
             p = params["params"]
             bias = p["bias"] if unbound.use_bias else None
-            return LayerView(name, kind, fn_of(params), op, p["kernel"], bias, nonneg)
+            return LayerView(name, kind, fn_of(params), op, p["kernel"], bias, nonneg, geometry)
 
         return build
     if kind == "batchnorm":
@@ -416,6 +451,7 @@ def _folded_builder(
     lin_unbound = lin.clone(parent=None)
     bn_unbound = bn.clone(parent=None)
     nobias = lin_unbound.clone(use_bias=False)
+    geometry = conv_geometry(lin_unbound)
 
     def op(k, x):
         return nobias.apply({"params": {"kernel": k}}, x)
@@ -429,7 +465,7 @@ def _folded_builder(
         def fn(x):
             return bn_unbound.apply(bp, lin_unbound.apply(lp, x, **kwargs))
 
-        return LayerView(name, kind, fn, op, k2, b2, nonneg)
+        return LayerView(name, kind, fn, op, k2, b2, nonneg, geometry)
 
     return build
 

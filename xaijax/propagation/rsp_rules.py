@@ -46,8 +46,11 @@ is not), where that relevance is dropped.
 
 Batch independence (a deliberate difference): the reference computes the weight-gradient
 kernels ``G+``/``G-`` with ``torch.autograd.grad`` on the whole batch, i.e. summed over the
-samples (it is run with batch size 1); here they are computed per sample (``vmap``), so a
-sample's relevance never depends on the others. (Before splitting the sections the
+samples (it is run with batch size 1); here they are computed per sample, so a sample's
+relevance never depends on the others. For plain convolutions (a
+:class:`~xaijax.propagation.rules.ConvGeometry` on the layer) that is
+:func:`sectional_conv_patches`, batched matrix products over the input's patches; other
+linear layers use :func:`sectional_conv` under ``vmap``. (Before splitting the sections the
 reference also sums the relevance over batch and channels, ``rel_sum``, and recombines
 ``(rel_sum > 0) R + (rel_sum <= 0) R``; the two masks are complementary, so that step is
 an identity and is omitted.)
@@ -61,9 +64,9 @@ from typing import Callable, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
-from xaijax.propagation.rules import LayerView, Rule
+from xaijax.propagation.rules import ConvGeometry, LayerView, Rule
 
-__all__ = ["RSPConv", "RSPInput", "RSPShifted", "RSPAdd", "RSPBatchNorm", "SHIFT"]
+__all__ = ["RSPConv", "RSPInput", "RSPShifted", "RSPAdd", "RSPBatchNorm", "SHIFT", "sectional_conv", "sectional_conv_patches"]
 
 Array = jax.Array
 
@@ -94,8 +97,22 @@ def _per_sample(f: Callable[[Array, Array], Array], x: Array, R: Array) -> Array
     return jax.vmap(lambda xn, rn: f(xn[None], rn[None])[0])(x, R)
 
 
+def _doubled_and_shifted(diff: Array, R: Array, pointwise: bool) -> Array:
+    """``C1 - C2`` as is (1x1 kernels), else doubled and uniformly shifted per sample."""
+    if pointwise:
+        return diff
+    axes = tuple(range(1, diff.ndim))
+    c = 2.0 * diff
+    nonzero = (c != 0).astype(c.dtype)
+    shift = _divide(R.sum(axes, keepdims=True).astype(c.dtype), nonzero.sum(axes, keepdims=True))
+    return c - shift * nonzero
+
+
 def sectional_conv(op: Callable[[Array, Array], Array], kernel: Array, x: Array, R: Array, pointwise: bool) -> Array:
     """RSP's convolution rule for ONE sample (batch axis of size 1); see :class:`RSPConv`.
+
+    Works for any linear ``op``; :func:`sectional_conv_patches` is the fast form for plain
+    convolutions (the same numbers, a whole batch at once).
 
     Args:
       op: ``op(kernel, x)``, the layer's bias-free linear map.
@@ -120,13 +137,43 @@ def sectional_conv(op: Callable[[Array, Array], Array], kernel: Array, x: Array,
     z = z * (sections != 0)  # Za = op(G+, x1) [R+ != 0], Zb = op(G-, x1) [R- != 0]
     signed = jnp.stack([rp, -rn])
     (back,) = pull(_divide(signed, z).astype(z.dtype))
-    diff = x1 * back  # C1 - C2
-    if pointwise:
-        return diff
-    c = 2.0 * diff
-    nonzero = (c != 0).astype(c.dtype)
-    shift = _divide(R.sum().astype(c.dtype), nonzero.sum())
-    return c - shift * nonzero
+    return _doubled_and_shifted(x1 * back, R, pointwise)  # x1 * back = C1 - C2
+
+
+def sectional_conv_patches(geometry: ConvGeometry, x: Array, R: Array, pointwise: bool) -> Array:
+    """RSP's convolution rule for a batch of samples, each with its own kernels; see :class:`RSPConv`.
+
+    The per-sample weight gradients ``G+``/``G-`` make every sample's convolution different.
+    As a grouped convolution (``vmap`` of :func:`sectional_conv`) XLA's CPU backend expands
+    that to a block-diagonal kernel, a cost quadratic in the batch; here each step is one
+    batched matrix product over the input's patches ``P`` (N, positions, K):
+    ``G = P^T [R+, R-]``, ``Z = P G``, and the transposed map ``P^T`` of ``(R / Z) G^T``
+    folds back through the adjoint of the patch extraction.
+
+    Args:
+      geometry: the convolution's :class:`~xaijax.propagation.rules.ConvGeometry`.
+      x: the layer input (N, H, W, C_in); its positive part is used.
+      R: relevance at the output (N, h, w, C_out).
+      pointwise: 1x1 kernel (no doubling, no shift).
+
+    Returns:
+      Relevance at the input (N, H, W, C_in); each sample's depends on that sample only.
+    """
+    x1 = jnp.maximum(x, 0)
+    rp = jnp.maximum(R, 0).astype(x1.dtype)
+    rn = jnp.maximum(-R, 0).astype(x1.dtype)
+    patches, fold = jax.vjp(geometry.patches, x1)
+    n, k = patches.shape[0], patches.shape[-1]
+    if patches.shape[1:-1] != R.shape[1:-1]:
+        raise ValueError(f"convolution geometry {geometry} gives output positions {patches.shape[1:-1]}, the relevance has {R.shape[1:-1]}")
+    p = patches.reshape(n, -1, k)
+    sections = jnp.concatenate([rp, rn], axis=-1).reshape(n, p.shape[1], -1)  # (N, positions, 2 C_out)
+    grads = jnp.einsum("npk,npo->nko", p, sections)  # [G+, G-] per sample, (N, K, 2 C_out)
+    z = jnp.einsum("npk,nko->npo", p, grads) * (sections != 0)  # [Za, Zb]
+    signed = jnp.concatenate([rp, -rn], axis=-1).reshape(sections.shape)
+    back = jnp.einsum("npo,nko->npk", _divide(signed, z), grads)
+    (back,) = fold(back.reshape(patches.shape))
+    return _doubled_and_shifted(x1 * back, R, pointwise)  # x1 * back = C1 - C2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +196,8 @@ class RSPConv(Rule):
         x = _single(xs, self, layer)
         op, k, _ = layer.linear(self)
         pointwise = k.shape[0] == 1
+        if layer.geometry is not None:
+            return (sectional_conv_patches(layer.geometry, x, R.astype(x.dtype), pointwise),)
         return (_per_sample(lambda xn, rn: sectional_conv(op, k, xn, rn, pointwise), x, R),)
 
 

@@ -59,6 +59,7 @@ biases and ``eps`` absorb relevance otherwise.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
@@ -80,12 +81,70 @@ __all__ = [
     "Flipped",
     "Contrast",
     "WEIGHTED_KINDS",
+    "ConvGeometry",
 ]
 
 #: Layer kinds that expose ``op``/``kernel``/``bias`` to rules.
 WEIGHTED_KINDS = ("conv", "dense", "batchnorm")
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Where a convolution reads its inputs: enough to cut its input into patches.
+
+    For rules that need a convolution with a *different kernel per sample* (RSP's
+    weight-gradient kernels): with the patches ``P`` (N, *out_spatial, K) of an input, ``K``
+    = prod(kernel_size) x C_in ordered like a flattened kernel (spatial offsets, then input
+    channel), the layer's bias-free map is ``P @ kernel.reshape(K, C_out)``, so per-sample
+    kernels become one batched matrix product instead of a grouped convolution (which XLA
+    runs at a cost quadratic in the batch on CPU). Only plain convolutions have one:
+    no feature groups, no input dilation, no mask.
+
+    Attributes:
+      kernel_size: spatial kernel shape, e.g. ``(3, 3)``.
+      strides: per spatial axis.
+      padding: ``"SAME"``, ``"VALID"`` or one ``(low, high)`` pair per spatial axis.
+      dilation: kernel dilation per spatial axis.
+    """
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+
+    def pads(self, spatial: Sequence[int]) -> list[tuple[int, int]]:
+        """``(low, high)`` zero padding per spatial axis for an input of spatial shape ``spatial``."""
+        if isinstance(self.padding, str):
+            dilated = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation)]
+            return list(jax.lax.padtype_to_pads(tuple(spatial), dilated, self.strides, self.padding))
+        return [tuple(p) for p in self.padding]
+
+    def out_spatial(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Spatial shape of the layer's output for an input of spatial shape ``spatial``."""
+        return tuple(
+            (n + lo + hi - (k - 1) * d - 1) // s + 1
+            for n, (lo, hi), k, d, s in zip(spatial, self.pads(spatial), self.kernel_size, self.dilation, self.strides)
+        )
+
+    def patches(self, x: Array) -> Array:
+        """The input's patches, (N, *out_spatial, prod(kernel_size) * C) for ``x`` (N, *spatial, C).
+
+        Built from strided slices of the zero-padded input (cheap to transpose: the
+        adjoint pads and adds).
+        """
+        spatial = x.shape[1:-1]
+        if len(spatial) != len(self.kernel_size):
+            raise ValueError(f"a {len(self.kernel_size)}-d convolution got an input of shape {x.shape}")
+        xp = jnp.pad(x, [(0, 0), *self.pads(spatial), (0, 0)])
+        out = self.out_spatial(spatial)
+        pieces = []
+        for offset in itertools.product(*[range(k) for k in self.kernel_size]):
+            start = (0, *[o * d for o, d in zip(offset, self.dilation)], 0)
+            limit = (x.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start[1:-1], out, self.strides)], x.shape[-1])
+            pieces.append(jax.lax.slice(xp, start, limit, (1, *self.strides, 1)))
+        return jnp.concatenate(pieces, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +161,8 @@ class LayerView:
       bias: bias added to ``op``'s output, broadcast over the last axis, or None.
       nonneg: the inputs are known to be non-negative (outputs of ReLUs, or pools and
         concatenations of those); rules may skip terms that would be zero.
+      geometry: a plain convolution's :class:`ConvGeometry` (None for other layers and for
+        convolutions with feature groups, input dilation or a mask).
     """
 
     name: str
@@ -111,6 +172,7 @@ class LayerView:
     kernel: Array | None = None
     bias: Array | None = None
     nonneg: bool = False
+    geometry: ConvGeometry | None = None
 
     def linear(self, rule: "Rule") -> tuple[Callable[[Array, Array], Array], Array, Array | None]:
         """``(op, kernel, bias)``; a readable error if the layer has no weights."""
