@@ -67,7 +67,10 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pytorch-grad-cam's normalisations, shared with tests/test_peer_references.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import make_peer_references as R  # noqa: E402
+from reference_helpers import fullgrad_postprocess, minmax  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,13 +83,6 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
-
-
-def _minmax(m: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    m = np.asarray(m, np.float64)
-    axes = tuple(range(1, m.ndim))
-    m = m - m.min(axis=axes, keepdims=True)
-    return m / (eps + m.max(axis=axes, keepdims=True))
 
 
 def rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -224,23 +220,6 @@ def _match_terms(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
     return worst
 
 
-def _fullgrad_rebuilt(gx: np.ndarray, bias_terms: list[np.ndarray]) -> np.ndarray:
-    """pytorch-grad-cam's FullGrad post-processing applied to xaijax's decomposition (as
-    tests/test_peer_references.py): per-(sample, channel) min-max of ``|gx * x|`` and of every
-    ``|b dS/dz|``, bilinear resize, sum over channels and layers, min-max of the sum."""
-    import jax.numpy as jnp
-
-    from xaijax.methods.cam import upsample_bilinear
-
-    size = gx.shape[1:3]
-    total = _minmax(np.abs(gx).transpose(0, 3, 1, 2)).sum(1)
-    for term in bias_terms:
-        per_channel = _minmax(np.abs(term).transpose(0, 3, 1, 2).reshape(-1, *term.shape[1:3]))
-        up = np.asarray(upsample_bilinear(jnp.asarray(per_channel, jnp.float32), size))
-        total = total + up.reshape(term.shape[0], term.shape[3], *size).sum(1)
-    return _minmax(total)
-
-
 def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any], args) -> list[dict[str, Any]]:
     import jax
     import jax.numpy as jnp
@@ -340,11 +319,11 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     theirs_cmp = _pgc_terms(side)
                     theirs64_cmp = _pgc_terms(side64) if theirs64 is not None else None
                     compare = _match_terms
-                    rebuilt = _fullgrad_rebuilt(gx, bias4)
+                    rebuilt = fullgrad_postprocess(gx, bias4)
                     extra = {"n_terms": len(ours_cmp), "final_map_err_peer_f32": rel_err(rebuilt, theirs),
                              "final_map_err_peer_f64": rel_err(rebuilt, theirs64) if theirs64 is not None else None}
                 else:
-                    ours_cmp = _minmax(ours) if pgc_map else ours
+                    ours_cmp = minmax(ours) if pgc_map else ours
                     theirs_cmp, theirs64_cmp = theirs, theirs64
                     compare = rel_err
                 err32 = compare(ours_cmp, theirs_cmp)
@@ -374,7 +353,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                             ours64 = transform(_in_x64(lambda: np.asarray(
                                 jax.jit(lambda vv, xx, t, _m=method: _m(model, vv, xx, t))(_f64(v), _f64(xj), tj),
                                 np.float64)))
-                            ours64 = _minmax(ours64) if pgc_map else ours64
+                            ours64 = minmax(ours64) if pgc_map else ours64
                         x64err = compare(ours64, theirs64_cmp)
                     except Exception as e:  # noqa: BLE001 - reported in the row
                         note += f"; xaijax float64 run failed ({type(e).__name__}: {str(e)[:120]})"

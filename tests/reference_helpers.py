@@ -55,3 +55,38 @@ def conv_matrix(kernel: np.ndarray, size: tuple[int, int], stride: int, pad: int
                     if 0 <= i < H and 0 <= j < W:
                         M[i, j, :, p, q, :] = kernel[a, c]
     return M.reshape(H * W * cin, oh * ow * cout)
+
+
+def minmax(m: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """pytorch-grad-cam's ``scale_cam_image`` per map: ``(m - min) / (eps + max(m - min))``
+    over all axes but the first, in float64."""
+    m = np.asarray(m, np.float64)
+    axes = tuple(range(1, m.ndim))
+    m = m - m.min(axis=axes, keepdims=True)
+    return m / (eps + m.max(axis=axes, keepdims=True))
+
+
+def fullgrad_postprocess(gx: np.ndarray, bias_terms: list[np.ndarray]) -> np.ndarray:
+    """pytorch-grad-cam's FullGrad map rebuilt from a full-gradient decomposition.
+
+    Args:
+      gx: input gradient (N, H, W, C); ``|gx * x|`` is formed by the caller's decomposition
+        (xaijax's ``fullgrad_decompose`` returns the input term already multiplied).
+      bias_terms: per biased conv/BatchNorm layer, ``b * dS/dz`` (N, h, w, C_l); dense
+        layers' (N, C) terms are not 2-D and must be left out.
+
+    Returns:
+      (N, H, W): each term's ``|.|`` min-max normalised per (sample, channel), bilinearly
+      resized to (H, W) (half-pixel centres), summed over channels and terms, and the sum
+      min-max normalised.
+    """
+    from xaijax.methods.cam import upsample_bilinear
+
+    size = gx.shape[1:3]
+    total = minmax(np.abs(np.asarray(gx)).transpose(0, 3, 1, 2)).sum(1)  # per (sample, channel)
+    for term in bias_terms:
+        term = np.asarray(term)
+        per_channel = minmax(np.abs(term).transpose(0, 3, 1, 2).reshape(-1, *term.shape[1:3]))  # (N*C, h, w)
+        up = np.asarray(upsample_bilinear(jnp.asarray(per_channel, jnp.float32), size))
+        total = total + up.reshape(term.shape[0], term.shape[3], *size).sum(1)
+    return minmax(total)
