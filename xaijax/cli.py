@@ -12,6 +12,7 @@ Subcommands::
     xaijax visualize --weights W --layer L --units 0:16 --out DIR   natural pre-images (PNG grid + .npy + .json)
     xaijax dissect --dataset synthetic|broden --layer L --out DIR   neuron-concept labels and formulas
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
+    xaijax bench [--peers] [-- ARGS]   experiments/bench_propagation.py or bench_peers.py (source checkout)
 
 Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
 and exit with status 2; nothing is written. Set ``XAIJAX_DEBUG=1`` for the full traceback.
@@ -193,6 +194,44 @@ def _cmd_example(args: argparse.Namespace) -> None:
     run_example(Path(args.out))
 
 
+#: Python modules the peer benchmark imports (pip names: torch, torchvision, zennit, captum, grad-cam, torchray).
+PEER_MODULES = ("torch", "torchvision", "zennit", "captum", "pytorch_grad_cam", "torchray")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    """Run ``experiments/bench_propagation.py`` (or, with ``--peers``, ``bench_peers.py``) of a
+    source checkout in this process, with the arguments after ``--``."""
+    import importlib.util
+    import runpy
+
+    name = "bench_peers.py" if args.peers else "bench_propagation.py"
+    script = Path(__file__).resolve().parent.parent / "experiments" / name
+    if not script.is_file():
+        raise UserError(
+            f"xaijax bench runs experiments/{name} of a source checkout (git clone, then pip install -e .); "
+            f"this installation ({Path(__file__).resolve().parent}) has no experiments/ folder next to the package"
+        )
+    if args.peers:
+        missing = [m for m in PEER_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(
+                f"the peer benchmark needs {', '.join(PEER_MODULES)} in this environment (missing: {', '.join(missing)}); "
+                "experiments/PEERS.md shows how to create it (a separate virtualenv; never a dependency of xaijax)"
+            )
+    rest = list(args.script_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    saved = sys.argv
+    sys.argv = [str(script), *rest]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # the script's own argparse (--help, bad arguments)
+        if e.code not in (None, 0):
+            raise UserError(f"experiments/{name} exited with status {e.code}") from None
+    finally:
+        sys.argv = saved
+
+
 def _writable_dir(p: str) -> Path:
     path = Path(p)
     try:
@@ -286,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_visualize_parser(sub)
     add_dissect_parser(sub)
+
+    s = sub.add_parser(
+        "bench",
+        help="benchmarks of a source checkout: propagation methods vs the plain gradient, or the PyTorch peers (--peers)",
+        description="Runs experiments/bench_propagation.py, or with --peers experiments/bench_peers.py (needs the peer "
+        "environment of experiments/PEERS.md). Arguments after -- go to the script, e.g. "
+        "`xaijax bench -- --quick`, `xaijax bench --peers -- --size 64 --batches 1`, `xaijax bench -- --help`.",
+    )
+    s.add_argument("--peers", action="store_true", help="xaijax vs zennit / Captum / TorchRay / pytorch-grad-cam")
+    s.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the script's own arguments")
+    s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("example", help="end-to-end example: model, weights, predict, explain, PNG")
     s.add_argument("--out", type=_writable_dir, default="results/example")
