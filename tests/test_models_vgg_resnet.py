@@ -209,12 +209,15 @@ def test_vgg_cam_layer_is_last_relu_of_torch_features(ref, name):
 # (c) pooling primitives --------------------------------------------------------------------
 
 
-def _pool_vs_torch(module, torch_fn, shape, seed=0):
-    """Values and input gradients (of sum(out * w), w random) of a flax pool vs torch."""
+def _pool_vs_torch(module, torch_fn, shape, seed=0, ties=False):
+    """Values and input gradients (of sum(out * w), w random) of a flax pool vs torch;
+    ``ties``: integer inputs, mostly 0 (as after a ReLU), so windows hold tied maxima."""
     import torch
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)  # NHWC
+    if ties:
+        x = np.maximum(rng.integers(-3, 3, shape), 0).astype(np.float32)
     fwd = lambda x: module.apply({}, x)  # noqa: E731
     w = rng.standard_normal(jax.eval_shape(fwd, x).shape).astype(np.float32)
     out, g = jax.jit(lambda x, w: (fwd(x), jax.grad(lambda x: jnp.sum(fwd(x) * w))(x)))(x, w)
@@ -241,15 +244,29 @@ def _pool_vs_torch(module, torch_fn, shape, seed=0):
         (3, 3, 0, (7, 11)),
     ],
 )
-def test_maxpool_matches_torch_values_and_gradients(ref, kernel, stride, padding, hw):
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_maxpool_matches_torch_values_and_gradients(ref, kernel, stride, padding, hw, ties):
+    """Also with tied maxima: torch sends the gradient to the first maximal entry (row-major)."""
     import torch.nn.functional as F
 
     mod = layers.MaxPool2d(kernel, stride, padding)
     out = _pool_vs_torch(
-        mod, lambda t: F.max_pool2d(t, kernel, stride if stride is not None else kernel, padding), (2, *hw, 3)
+        mod, lambda t: F.max_pool2d(t, kernel, stride if stride is not None else kernel, padding), (2, *hw, 3), ties=ties
     )
     s = stride or kernel
     assert out.shape[1:3] == tuple((n + 2 * padding - kernel) // s + 1 for n in hw)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (3, 2, 1)])
+def test_maxpool_propagates_nan_like_torch(kernel, stride, padding):
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 1, 1, 0] = np.nan  # a window's second row: the fold must not drop it for a later 0
+    out = np.asarray(layers.MaxPool2d(kernel, stride, padding).apply({}, x))
+    # every window that contains the NaN: one of the 2x2/2 windows, all four 3x3/2 ones
+    assert np.isnan(out[0, 0, 0, 0]) and np.isnan(out).sum() == {2: 1, 3: 4}[kernel]
+    torch = pytest.importorskip("torch")
+    theirs = torch.nn.functional.max_pool2d(torch.tensor(x.transpose(0, 3, 1, 2)), kernel, stride, padding)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(theirs.numpy().transpose(0, 2, 3, 1)))
 
 
 @pytest.mark.parametrize(
