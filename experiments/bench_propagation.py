@@ -2,6 +2,7 @@
 
     python experiments/bench_propagation.py                 # VGG16 + ResNet50, 224 px, batch 1 and 16
     python experiments/bench_propagation.py --quick         # VGG16, 64 px, batch 1 (smoke test)
+    python experiments/bench_propagation.py --flops         # XLA's FLOP counts instead of times
 
 DESIGN.md section 6: in one process, after warm-up, median of repeats, every propagation
 method's time divided by the time of the jitted ``gradient`` method on the same model,
@@ -119,6 +120,49 @@ def bench(arch: str, batch: int, size: int, repeats: int, names: list[str]) -> d
     }
 
 
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per device program
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def count_flops(arch: str, batch: int, size: int, names: list[str]) -> dict:
+    """XLA's cost-analysis FLOPs of each method relative to the gradient's (compiled, not run).
+
+    The arithmetic a rule needs, independent of machine load: a ratio near the measured time
+    ratio means the time goes into that arithmetic, not into engine overhead.
+    """
+    model = models.get(arch)
+    variables = models.random_variables(model, (1, size, size, 3), seed=0)
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    target = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    flops = {}
+    for name in ["gradient"] + names:
+        fn = jax.jit(methods.get(name), static_argnums=0)
+        flops[name] = _flops(fn.lower(model, variables, x, target).compile())
+        print(f"  {arch} b={batch} {size}px {name}: {flops[name] / 1e9:.2f} GFLOP", flush=True)
+    return {
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "gradient_gflop": round(flops["gradient"] / 1e9, 3),
+        "methods": {
+            name: {"gflop": round(flops[name] / 1e9, 3), "flops_ratio_to_gradient": round(flops[name] / flops["gradient"], 3)}
+            for name in names
+        },
+    }
+
+
+def markdown_flops(results: list[dict], names: list[str]) -> str:
+    cols = [f"{r['arch']} b{r['batch']} {r['size']}px" for r in results]
+    lines = ["| method (FLOPs / gradient FLOPs) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines.append("| gradient (GFLOP) | " + " | ".join(f"{r['gradient_gflop']:.1f}" for r in results) + " |")
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{r['methods'][name]['flops_ratio_to_gradient']:.2f}x" for r in results) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict], names: list[str]) -> str:
     cols = [f"{r['arch']} b{r['batch']} {r['size']}px" for r in results]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -164,7 +208,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="input side in pixels (default 224)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the method list")
-    ap.add_argument("--out", default="experiments/results/bench_propagation.json")
+    ap.add_argument(
+        "--flops",
+        action="store_true",
+        help="instead of timing: XLA cost-analysis FLOPs of each method / the gradient's (compile only; "
+        "default output experiments/results/bench_propagation_flops.json)",
+    )
+    ap.add_argument("--out", default=None, help="JSON output (default experiments/results/bench_propagation.json)")
     ap.add_argument(
         "--baseline",
         default=None,
@@ -184,6 +234,24 @@ def main() -> None:
     skipped = [n for n in wanted if n not in registered]
     if skipped:
         print("skipping (not registered):", ", ".join(skipped))
+
+    if args.flops:
+        out = args.out or "experiments/results/bench_propagation_flops.json"
+        counted = [count_flops(arch, batch, size, names) for arch in archs for batch in batches]
+        table = markdown_flops(counted, names)
+        payload = {
+            "what": "XLA cost-analysis FLOPs of each propagation method / those of the jitted input gradient",
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "imported_modules": loaded,
+            "skipped": skipped,
+            "results": counted,
+            "markdown": table,
+        }
+        _write_json(Path(out), payload)
+        print(table)
+        print(f"wrote {out}")
+        return
 
     results = []
     for arch in archs:
@@ -209,9 +277,10 @@ def main() -> None:
         "baseline": baseline,
         "markdown": table,
     }
-    _write_json(Path(args.out), payload)
+    out = args.out or "experiments/results/bench_propagation.json"
+    _write_json(Path(out), payload)
     print(table)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

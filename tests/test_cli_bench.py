@@ -30,3 +30,15 @@ def test_bench_reports_the_scripts_own_argument_errors(capsys):
     err = capsys.readouterr().err
     assert "unrecognized arguments: --no-such-option" in err
     assert "experiments/bench_propagation.py exited with status 2" in err
+
+
+def test_bench_flops_counts_lrp_epsilon_like_the_gradient(tmp_path):
+    """``--flops``: XLA's FLOP count; LRP-epsilon needs the gradient's convolutions (its
+    backward pass is the transposed map applied to R / z), so the ratio is close to 1."""
+    out = tmp_path / "flops.json"
+    argv = ["bench", "--", "--flops", "--archs", "resnet18", "--batches", "1", "--size", "32"]
+    assert cli.main(argv + ["--methods", "lrp-epsilon,rsp", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["gradient_gflop"] > 0
+    assert 0.9 < row["methods"]["lrp-epsilon"]["flops_ratio_to_gradient"] < 1.2
+    assert row["methods"]["rsp"]["flops_ratio_to_gradient"] > 2  # per-sample kernels: weight gradients, forward, transpose
