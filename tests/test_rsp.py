@@ -293,6 +293,7 @@ def test_conv_geometry_patches_times_kernel_is_the_convolution(x64, kernel, stri
     assert conv_geometry(nn.Conv(4, (3, 3), feature_group_count=3)) is None
     assert conv_geometry(nn.Conv(4, (3, 3), padding="CIRCULAR")) is None
     assert conv_geometry(nn.Conv(4, (3, 3), input_dilation=2)) is None
+    assert conv_geometry(nn.Conv(4, (3, 3), padding=((-1, 0), (1, 1)))) is None
     assert conv_geometry(nn.Dense(4)) is None
 
 

@@ -404,7 +404,7 @@ def conv_geometry(module: nn.Module) -> ConvGeometry | None:
             padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
         except (TypeError, IndexError):
             return None
-        if len(padding) != rank:
+        if len(padding) != rank or any(lo < 0 or hi < 0 for lo, hi in padding):  # cropping: not a zero pad
             return None
     strides, dilation = per_axis(module.strides), per_axis(module.kernel_dilation)
     if len(strides) != rank or len(dilation) != rank:
