@@ -135,9 +135,11 @@ def xaijax_methods(cfg: dict[str, Any]) -> dict[str, tuple[Any, Callable[[np.nda
 
 
 PGC = "pytorch-grad-cam"
-#: peers that patch the model's modules (hooks, canonizers): a fresh model per call
+#: peers that patch the model (hooks, canonizers; TorchRay's extremal_perturbation sets
+#: ``requires_grad=False`` on every parameter, after which pytorch-grad-cam's backward fails):
+#: a fresh model per call
 PATCHING = ("excitation-backprop", "contrastive-excitation-backprop", "lrp-epsilon", "lrp-epsilon-plus",
-            "lrp-epsilon-plus-flat")
+            "lrp-epsilon-plus-flat", "extremal-perturbation")
 
 
 #: xaijax float64 vs peer float64 at most this: the same function (some peers keep float32 constants in
