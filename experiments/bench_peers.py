@@ -49,7 +49,8 @@ Environment: the peer virtualenv (``experiments/PEERS.md``), one process for bot
     /work/peer-venv/bin/python experiments/bench_peers.py --batches 1
     /work/peer-venv/bin/python experiments/bench_peers.py --size 64 --batches 1 --repeats 1 --out-dir /tmp/p
 
-Writes ``experiments/results/bench_peers.json`` and ``.md`` (atomically). torch uses
+Writes ``experiments/results/bench_peers.json`` and ``.md`` (atomically) at the end; every
+finished row is also appended to ``bench_peers.partial.jsonl`` there, so a crash keeps them. torch uses
 ``torch.set_num_threads(os.cpu_count())``; JAX/XLA uses its default CPU thread pool. The
 JSON records versions, thread settings, and the load average before and after each model.
 """
@@ -391,6 +392,8 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     "load_before": load0, "load_after": os.getloadavg(), **extra,
                 }
                 rows.append(row)
+                with open(os.path.join(args.out_dir, PARTIAL), "a") as fh:  # survives a crash of a later row
+                    fh.write(json.dumps(row) + "\n")
                 f = lambda e: "   n/a  " if e is None else f"{e:.2e}"  # noqa: E731
                 print(f"{arch} b={b} {name:32s} {peer:16s} peer {tp:8.3f}s xaijax {tx:8.3f}s ratio {tp / tx:6.2f} "
                       f"{kind}: vs f32 {f(err32)} vs f64 {f(err64)} peer32-64 {f(drift)} x64 {f(x64err)}"
@@ -400,6 +403,10 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
             del fn
             jax.clear_caches()
     return rows
+
+
+#: rows appended as they finish (JSON lines) in the output folder; removed when the run completes
+PARTIAL = "bench_peers.partial.jsonl"
 
 
 def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> None:
@@ -483,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch1_only": ("integrated-gradients", "smoothgrad", "rise", "extremal-perturbation"),
     }
     rows: list[dict[str, Any]] = []
+    os.makedirs(args.out_dir, exist_ok=True)
+    open(os.path.join(args.out_dir, PARTIAL), "w").close()
     loads = [os.getloadavg()[0]]
     for fam in args.models:
         rows += bench_family(fam, size, batches, cfg, args)
@@ -498,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         "notes": "TorchRay's RISE is given xaijax's masks (filter_masks), so its time excludes mask generation.",
     }
     write(rows, meta, args.out_dir)
+    os.remove(os.path.join(args.out_dir, PARTIAL))
     print(f"wrote {os.path.join(args.out_dir, 'bench_peers.json')} and .md")
 
 
