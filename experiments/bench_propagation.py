@@ -214,7 +214,8 @@ def main() -> None:
         help="instead of timing: XLA cost-analysis FLOPs of each method / the gradient's (compile only; "
         "default output experiments/results/bench_propagation_flops.json)",
     )
-    ap.add_argument("--out", default=None, help="JSON output (default experiments/results/bench_propagation.json)")
+    ap.add_argument("--out", default=None, help="JSON output (default experiments/results/bench_propagation.json; "
+                    "with --quick results/bench_propagation_quick.json)")
     ap.add_argument(
         "--baseline",
         default=None,
@@ -277,7 +278,8 @@ def main() -> None:
         "baseline": baseline,
         "markdown": table,
     }
-    out = args.out or "experiments/results/bench_propagation.json"
+    # a smoke test must not overwrite the committed results
+    out = args.out or ("results/bench_propagation_quick.json" if args.quick else "experiments/results/bench_propagation.json")
     _write_json(Path(out), payload)
     print(table)
     print(f"wrote {out}")
