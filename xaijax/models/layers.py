@@ -181,10 +181,10 @@ def _ceil_extra(size: int, k: int, s: int, p: int) -> int:
 class MaxPool2d(nn.Module):
     """Max pooling with PyTorch semantics (``-inf`` padding, floor or ceil output size).
 
-    The non-overlapping 2x2/stride-2 case is computed from a reshape, every other case from
-    strided slices; the maximum's gradient goes to the first maximal entry of each window
-    (row-major), exactly as ``lax.reduce_window`` and ``torch.nn.MaxPool2d``, without the slow
-    backward pass of ``reduce_window`` on CPU. ``ceil_mode=True`` matches
+    Computed from strided slices of the input, one per window offset; the maximum's gradient
+    goes to the first maximal entry of each window (row-major), exactly as
+    ``lax.reduce_window`` and ``torch.nn.MaxPool2d``, without the slow backward pass of
+    ``reduce_window`` on CPU. ``ceil_mode=True`` matches
     ``torch.nn.MaxPool2d(..., ceil_mode=True)`` (used by Caffe-converted models).
     """
 
@@ -201,9 +201,6 @@ class MaxPool2d(nn.Module):
         extra = (0, 0)
         if self.ceil_mode:
             extra = (_ceil_extra(x.shape[1], k[0], s[0], p[0]), _ceil_extra(x.shape[2], k[1], s[1], p[1]))
-        if k == s and p == (0, 0) and extra == (0, 0):
-            b = _blocks(x, k)  # (N, OH, kh, OW, kw, C); window offsets in row-major order
-            return _first_max([b[:, :, i, :, j, :] for i in range(k[0]) for j in range(k[1])])
         if p != (0, 0) or extra != (0, 0):
             pads = ((0, 0), (p[0], p[0] + extra[0]), (p[1], p[1] + extra[1]), (0, 0))
             x = jnp.pad(x, pads, constant_values=-jnp.inf)
