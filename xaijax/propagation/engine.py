@@ -50,6 +50,7 @@ from collections import defaultdict
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
+from flax.linen.linear import canonicalize_padding
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -393,18 +394,16 @@ def conv_geometry(module: nn.Module) -> ConvGeometry | None:
 
     if any(d != 1 for d in per_axis(module.input_dilation)):
         return None
-    padding = module.padding
+    try:
+        padding = canonicalize_padding(module.padding, rank)  # flax's own reading of the attribute
+    except ValueError:
+        return None
     if isinstance(padding, str):
         if padding not in ("SAME", "VALID"):  # CIRCULAR, REFLECT, CAUSAL pad with data
             return None
-    elif isinstance(padding, int):
-        padding = ((padding, padding),) * rank
     else:
-        try:
-            padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
-        except (TypeError, IndexError):
-            return None
-        if len(padding) != rank or any(lo < 0 or hi < 0 for lo, hi in padding):  # cropping: not a zero pad
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if any(lo < 0 or hi < 0 for lo, hi in padding):  # cropping: not a zero pad
             return None
     strides, dilation = per_axis(module.strides), per_axis(module.kernel_dilation)
     if len(strides) != rank or len(dilation) != rank:
