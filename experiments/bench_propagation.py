@@ -75,17 +75,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench(arch: str, batch: int, size: int, repeats: int, names: list[str]) -> dict:
+def _jitted(arch: str, size: int, names: list[str]):
+    """``(model, variables, {name: jitted method})`` for the gradient and ``names``."""
     model = models.get(arch)
     variables = models.random_variables(model, (1, size, size, 3), seed=0)
+    return model, variables, {name: jax.jit(methods.get(name), static_argnums=0) for name in ["gradient"] + names}
+
+
+def bench(arch: str, batch: int, size: int, repeats: int, names: list[str]) -> dict:
+    model, variables, fns = _jitted(arch, size, names)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, size, size, 3), np.float32))
     target = jnp.asarray(np.arange(batch) % 1000, jnp.int32)
     load_before = _loadavg()
 
-    calls = {}
-    for name in ["gradient"] + names:
-        fn = jax.jit(methods.get(name), static_argnums=0)
-        calls[name] = lambda fn=fn: fn(model, variables, x, target)
+    calls = {name: (lambda fn=fn: fn(model, variables, x, target)) for name, fn in fns.items()}
     first_call = {}
     for name, call in calls.items():  # warm-up: compile + one run
         first_call[name] = round(_timed(call), 3)
@@ -133,13 +136,11 @@ def count_flops(arch: str, batch: int, size: int, names: list[str]) -> dict:
     The arithmetic a rule needs, independent of machine load: a ratio near the measured time
     ratio means the time goes into that arithmetic, not into engine overhead.
     """
-    model = models.get(arch)
-    variables = models.random_variables(model, (1, size, size, 3), seed=0)
+    model, variables, fns = _jitted(arch, size, names)
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     target = jax.ShapeDtypeStruct((batch,), jnp.int32)
     flops = {}
-    for name in ["gradient"] + names:
-        fn = jax.jit(methods.get(name), static_argnums=0)
+    for name, fn in fns.items():
         flops[name] = _flops(fn.lower(model, variables, x, target).compile())
         print(f"  {arch} b={batch} {size}px {name}: {flops[name] / 1e9:.2f} GFLOP", flush=True)
     return {
@@ -195,6 +196,19 @@ def markdown_compare(results: list[dict], before: list[dict], names: list[str]) 
     return "\n".join(lines)
 
 
+def _environment(loaded: list[str], skipped: list[str]) -> dict:
+    """What every JSON this script writes records about the run's environment."""
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "imported_modules": loaded,
+        "skipped": skipped,
+    }
+
+
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_text(path, json.dumps(payload, indent=2) + "\n")
@@ -242,10 +256,7 @@ def main() -> None:
         table = markdown_flops(counted, names)
         payload = {
             "what": "XLA cost-analysis FLOPs of each propagation method / those of the jitted input gradient",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "imported_modules": loaded,
-            "skipped": skipped,
+            **_environment(loaded, skipped),
             "results": counted,
             "markdown": table,
         }
@@ -267,13 +278,7 @@ def main() -> None:
     payload = {
         "what": "propagation method time / jitted input-gradient time (median of paired repeats)",
         "quick": args.quick,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "imported_modules": loaded,
-        "skipped": skipped,
+        **_environment(loaded, skipped),
         "results": results,
         "baseline": baseline,
         "markdown": table,
