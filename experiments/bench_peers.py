@@ -275,6 +275,11 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
             nobias = name in R.NOBIAS_METHODS
             v = variables_nb if nobias else variables
             fn = jax.jit(lambda vv, xx, t, _m=method: _m(model, vv, xx, t))
+            if kind == "optimisation":
+                # extremal perturbation called on concrete arrays runs its SGD steps from a Python loop
+                # over one jitted step; jitted whole it is one lax.scan, whose backward passes XLA's CPU
+                # backend runs ~2x slower (see xaijax.methods.extremal._optimise)
+                fn = lambda vv, xx, t, _m=method: _m(model, vv, xx, t)  # noqa: E731
             load0 = os.getloadavg()
             tv = ep_seed if kind == "optimisation" else tj  # extremal: the float seed scale * one_hot(target)
             tx, ours = _median_time(lambda: jax.block_until_ready(fn(v, xj, tv)), cfg["repeats"])

@@ -233,6 +233,14 @@ def test_deterministic_jit_and_seed_targets(tiny):
     np.testing.assert_array_equal(a, np.asarray(m(model, variables, x, 1)))
     jitted = jax.jit(m, static_argnums=0)
     np.testing.assert_allclose(np.asarray(jitted(model, variables, x, 1)), a, rtol=1e-5, atol=1e-6)
+    # concrete inputs run the steps from a Python loop, traced ones as one lax.scan: same
+    # masks and the same energy history
+    loop = m.optimise(model, variables, x, 1)
+    scan = jax.jit(m.optimise, static_argnums=0)(model, variables, x, 1)
+    assert loop.reward.shape == scan.reward.shape == (20, 2, 1)
+    for field in ("masks", "full_masks", "reward", "regul"):
+        np.testing.assert_allclose(np.asarray(getattr(loop, field)), np.asarray(getattr(scan, field)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(loop.reward[0]), np.asarray(loop.reward[-1]))  # the masks moved
     # an explicit one-hot seed is the same as the class index
     seed = jax.nn.one_hot(jnp.array([1, 1]), 3)
     np.testing.assert_allclose(np.asarray(m(model, variables, x, seed)), a, rtol=1e-5, atol=1e-6)
