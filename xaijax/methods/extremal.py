@@ -467,7 +467,7 @@ def _optimise(
     vmaps the method): one ``lax.scan`` inside the caller's trace. Both run the same step.
     The loop exists for speed: XLA's CPU backend can run a network's backward pass much
     slower inside a while loop. VGG16 at 224 px, batch 1, one area: 1.90 s per iteration in
-    ``lax.scan``, 0.88 s from the loop (ResNet50: 0.50 s either way). Dispatching a compiled
+    ``lax.scan``, 0.83 s from the loop (ResNet50: about 0.5 s either way). Dispatching a compiled
     step from Python costs microseconds.
     """
     if _traced(variables, x, seed):
