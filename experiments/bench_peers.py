@@ -50,7 +50,13 @@ Environment: the peer virtualenv (``experiments/PEERS.md``), one process for bot
     /work/peer-venv/bin/python experiments/bench_peers.py --size 64 --batches 1 --repeats 1 --out-dir /tmp/p
 
 Writes ``experiments/results/bench_peers.json`` and ``.md`` (atomically) at the end; every
-finished row is also appended to ``bench_peers.partial.jsonl`` there, so a crash keeps them. torch uses
+finished row is also appended to ``bench_peers.partial.jsonl`` there, so a crash keeps them.
+``--update`` merges a run into the existing files instead (its rows replace those with the same
+model, batch, method and peer; each row records which run it came from), e.g. to redo one model
+and batch size. The float64 peer reference runs over the batch in chunks of ``--f64-chunk`` (4)
+images: every method here maps each image independently, and pytorch-grad-cam's FullGrad, which
+upsamples every channel of every layer to the input size, peaks at 17 GB for ResNet50 at batch
+16 in float32 alone. torch uses
 ``torch.set_num_threads(os.cpu_count())``; JAX/XLA uses its default CPU thread pool. The
 JSON records versions, thread settings, and the load average before and after each model.
 """
@@ -203,6 +209,43 @@ def _energy_divergence(ours_hist, hist32, hist64) -> dict[str, Any]:
     return out
 
 
+def _in_chunks(make_fn: Callable[[dict], Callable], model, x, t, chunk: int, side: dict) -> np.ndarray:
+    """A peer method over the batch ``x`` in chunks of ``chunk`` images, outputs concatenated.
+
+    ``make_fn(s)`` builds the peer method with side-output dict ``s``; the arrays the chunks
+    leave there (pytorch-grad-cam's FullGrad terms) are concatenated into ``side``. Only for
+    methods whose map of one image does not depend on the others in the batch (all of the
+    bench's, extremal perturbation aside: it is run whole)."""
+    outs, sides = [], []
+    for i in range(0, len(x), chunk):
+        s: dict = {}
+        outs.append(np.asarray(make_fn(s)(model, x[i:i + chunk], t[i:i + chunk])))
+        sides.append(s)
+        _release_memory()
+    for key in sides[0]:
+        parts = [s_[key] for s_ in sides]
+        if key == "fullgrad_terms":  # one (n, h, w) array per layer
+            side[key] = [np.concatenate(layer) for layer in zip(*parts)]
+        elif isinstance(parts[0], np.ndarray):  # batch-first arrays
+            side[key] = np.concatenate(parts)
+        else:  # lists of per-image items (extremal's energy histories)
+            side[key] = [item for p in parts for item in p]
+    return np.concatenate(outs)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that
+    the peak of one row (pytorch-grad-cam's FullGrad: 17 GB at batch 16) does not stay resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _pgc_terms(side: dict) -> list[np.ndarray]:
     """pytorch-grad-cam's captured FullGrad terms (see make_peer_references.peer_methods ``side``)."""
     return [side["fullgrad_input"]] + list(side["fullgrad_terms"])
@@ -304,12 +347,19 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 theirs64, note = None, ""
                 side64: dict = {}
                 if args.peer_f64:
-                    fn64 = R.peer_methods(family, masks, side=side64, **pkw)[peer_key][peer]
+                    # per-image methods: the float64 run goes over the batch in chunks of --f64-chunk images
+                    # (the same maps; pytorch-grad-cam's FullGrad needs 17 GB for 16 images even in float32)
+                    chunk = b if kind == "optimisation" else args.f64_chunk
+
+                    def run64(model64, _peer=peer, _key=peer_key, _chunk=chunk):
+                        return _in_chunks(lambda s: R.peer_methods(family, masks, side=s, **pkw)[_key][_peer],
+                                          model64, xt.double(), tt, _chunk, side64)
+
                     try:
                         with R.float64_defaults():
-                            theirs64 = fn64(prep(R.load_torch(tmodel(), sdict).double()), xt.double(), tt)
+                            theirs64 = run64(prep(R.load_torch(tmodel(), sdict).double()))
                             if peer == "zennit" and family == "resnet":  # as zennit runs it: the BN eps kept
-                                asis = fn64(R.load_torch(tmodel(), sdict).double(), xt.double(), tt)
+                                asis = run64(R.load_torch(tmodel(), sdict).double())
                                 note += (f"; zennit given the network with BatchNorm eps folded into running_var "
                                          f"(its BN merge leaves x/sqrt(1+eps)); unfolded: err vs peer f64 "
                                          f"{rel_err(ours, asis):.1e}")
@@ -407,7 +457,37 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                       + f" load {os.getloadavg()[0]:.1f}", flush=True)
             del fn
             jax.clear_caches()
+            _release_memory()
     return rows
+
+
+def merge_runs(path: str, rows: list[dict[str, Any]], meta: dict[str, Any],
+               method_order: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """This run's ``rows`` merged into the results file ``path`` (``--update``).
+
+    A row of the file is replaced by this run's row for the same (model, batch, method, peer);
+    the others stay. Every row gets ``run``, the index into ``meta["runs"]`` (the metas of the
+    runs in order; the file's own, or its ``runs``, first). Rows are ordered by model, batch and
+    method as a single run writes them."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--update: no results file to merge into at {path}")
+    with open(path) as f:
+        old = json.load(f)
+    runs = old["meta"].get("runs") or [old["meta"]]
+    if old["meta"]["size"] != meta["size"]:
+        raise SystemExit(f"--update: {path} holds {old['meta']['size']} px rows, this run is {meta['size']} px")
+    key = lambda r: (r["model"], r["batch"], r["method"], r["peer"])  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    kept = [{"run": 0, **r} for r in old["rows"] if key(r) not in new_keys]
+    rows = kept + [{**r, "run": len(runs)} for r in rows]
+    model_rank = {"vgg16": 0, "resnet50": 1}
+    rows.sort(key=lambda r: (model_rank.get(r["model"], 2), r["batch"],
+                             method_order.index(r["method"]) if r["method"] in method_order else len(method_order)))
+    merged = {**meta, "runs": runs + [{k: v for k, v in meta.items() if k != "runs"}],
+              "load_min": min(m["load_min"] for m in runs + [meta]),
+              "load_max": max(m["load_max"] for m in runs + [meta]),
+              "notes": f"Rows from {len(runs) + 1} runs (the row's 'run' indexes 'runs'). " + meta["notes"]}
+    return rows, merged
 
 
 #: rows appended as they finish (JSON lines) in the output folder; removed when the run completes
@@ -439,8 +519,14 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> Non
         "| peer f32 vs f64 | agrees | win | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if "runs" in meta:
+        lines[2:2] = ["Rows from several runs of this script (`--update`); the note names each row's run:", ""] + [
+            f"- run {i}: {m.get('date', 'date not recorded')}, batches {m['batches']}, load "
+            f"{m['load_min']:.1f}-{m['load_max']:.1f}. {m.get('notes', '')}" for i, m in enumerate(meta["runs"])] + [""]
     for r in rows:
         note = r.get("note", "")
+        if "run" in r:
+            note = f"run {r['run']}" + (f"; {note}" if note else "")
         if r["comparison"] != "exact":
             note = (f"{r['comparison']}; " + note) if note else r["comparison"]
         if "final_map_err_peer_f32" in r:
@@ -468,10 +554,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="max err(xaijax, peer float64) for 'agrees' (the issue's threshold)")
     ap.add_argument("--peer-f64", action=argparse.BooleanOptionalAction, default=True,
                     help="also run each peer (untimed) on a float64 copy of the model, the agreement reference")
+    ap.add_argument("--f64-chunk", type=int, default=4,
+                    help="images per call of the float64 peer reference (its memory; the maps are per image)")
     ap.add_argument("--xaijax-f64", choices=["auto", "always", "never"], default="auto",
                     help="run xaijax in float64 (jax_enable_x64) against the float64 peer: for the rows that do "
                          "not agree (auto), for all rows, or never")
     ap.add_argument("--all-peers", action="store_true", help="also time TorchRay's gradient / guided backprop")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the existing bench_peers.json of --out-dir: this run's rows replace the rows "
+                         "with the same model, batch, method and peer, the others are kept (each row records its run)")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
     args = ap.parse_args(argv)
 
@@ -503,14 +594,18 @@ def main(argv: list[str] | None = None) -> None:
         loads.append(os.getloadavg()[0])
         loads += [r["load_before"][0] for r in rows] + [r["load_after"][0] for r in rows]
     meta = {
-        "machine": f"{ncores} CPU cores (shared)",
+        "machine": f"{ncores} CPU cores (shared)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "argv": sys.argv[1:] if argv is None else list(argv),
         "size": size, "batches": batches, "repeats": cfg["repeats"], "config": cfg,
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_devices": [str(d) for d in jax.devices()],
         "versions": R.versions(), "load_min": min(loads), "load_max": max(loads),
-        "agree_threshold": args.agree, "peer_f64": args.peer_f64, "xaijax_f64": args.xaijax_f64,
+        "agree_threshold": args.agree, "peer_f64": args.peer_f64, "f64_chunk": args.f64_chunk,
+        "xaijax_f64": args.xaijax_f64,
         "notes": "TorchRay's RISE is given xaijax's masks (filter_masks), so its time excludes mask generation.",
     }
+    if args.update:
+        rows, meta = merge_runs(os.path.join(args.out_dir, "bench_peers.json"), rows, meta, list(xaijax_methods(cfg)))
     write(rows, meta, args.out_dir)
     os.remove(os.path.join(args.out_dir, PARTIAL))
     print(f"wrote {os.path.join(args.out_dir, 'bench_peers.json')} and .md")
