@@ -343,6 +343,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 if kind == "optimisation":
                     pfn = peers_side[peer_key][peer]  # also stores the energy history (side)
                 tp, theirs = _median_time(lambda: pfn(tm, xt, tt), cfg["repeats"])
+                _release_memory()
                 # the float64 reference: a fresh float64 model (peers patch modules), not timed
                 theirs64, note = None, ""
                 side64: dict = {}
@@ -371,8 +372,10 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 pgc_map = peer == PGC and name != "fullgrad"
                 extra: dict[str, Any] = {}
                 if kind == "raw terms":
-                    # pytorch-grad-cam's own terms (untimed call on the same model) vs xaijax's decomposition
-                    peers_side[peer_key][peer](tm, xt, tt)
+                    # pytorch-grad-cam's own terms (untimed call on the same model, in chunks like the
+                    # float64 run: the same terms, a quarter of the memory) vs xaijax's decomposition
+                    _in_chunks(lambda s: R.peer_methods(family, masks, side=s, **pkw)[peer_key][peer], tm, xt, tt,
+                               args.f64_chunk, side)
                     ours_cmp, (gx, bias4) = _fullgrad_terms(model, v, xj, tj)
                     theirs_cmp = _pgc_terms(side)
                     theirs64_cmp = _pgc_terms(side64) if theirs64 is not None else None
@@ -437,7 +440,8 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                         note += (f"; float64: xaijax = peer to {x64err:.0e}, so the float32 gap is the input's "
                                  f"conditioning (peer f32 vs f64 {drift:.0e})")
                     else:
-                        note += f"; float64: xaijax vs peer {x64err:.1e} (definitions differ)"
+                        note += (f"; float64: xaijax vs peer {x64err:.1e}, above the {X64_SAME:g} same-function "
+                                 f"threshold (not diagnosed)")
                 row = {
                     "model": arch, "batch": b, "size": size, "method": name, "peer": peer,
                     "peer_s": tp, "xaijax_s": tx, "ratio": tp / tx, "comparison": kind,
@@ -520,9 +524,15 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> Non
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     if "runs" in meta:
+
+        def run_line(i: int, m: dict[str, Any]) -> str:
+            argv = f"arguments `{' '.join(m['argv']) or '(none)'}`" if "argv" in m else "arguments not recorded"
+            return (f"- run {i} ({sum(r.get('run') == i for r in rows)} rows of this table): "
+                    f"{m.get('date', 'date not recorded')}, {argv}, batches {m['batches']}, load "
+                    f"{m['load_min']:.1f}-{m['load_max']:.1f}. {m.get('notes', '')}")
+
         lines[2:2] = ["Rows from several runs of this script (`--update`); the note names each row's run:", ""] + [
-            f"- run {i}: {m.get('date', 'date not recorded')}, batches {m['batches']}, load "
-            f"{m['load_min']:.1f}-{m['load_max']:.1f}. {m.get('notes', '')}" for i, m in enumerate(meta["runs"])] + [""]
+            run_line(i, m) for i, m in enumerate(meta["runs"])] + [""]
     for r in rows:
         note = r.get("note", "")
         if "run" in r:
@@ -565,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                          "with the same model, batch, method and peer, the others are kept (each row records its run)")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
     args = ap.parse_args(argv)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     import jax
     import torch
@@ -594,7 +605,8 @@ def main(argv: list[str] | None = None) -> None:
         loads.append(os.getloadavg()[0])
         loads += [r["load_before"][0] for r in rows] + [r["load_after"][0] for r in rows]
     meta = {
-        "machine": f"{ncores} CPU cores (shared)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{ncores} CPU cores (shared)", "date": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "size": size, "batches": batches, "repeats": cfg["repeats"], "config": cfg,
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),

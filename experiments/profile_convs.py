@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peers import _median_time  # noqa: E402  (one timing protocol for both benches)
 
 # (C_in, C_out, kernel, stride, padding, input side at 224 px) for each convolution
 VGG16 = [
@@ -53,13 +55,8 @@ def resnet50() -> list[tuple[int, int, int, int, int, int]]:
 
 
 def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median wall time of ``repeats`` calls of ``fn`` after a warm-up call."""
+    return _median_time(fn, repeats)[0]
 
 
 def profile(convs, batch: int, repeats: int) -> dict:

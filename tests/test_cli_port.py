@@ -154,3 +154,12 @@ def test_explain_cli_writes_maps_and_overlays(tmp_path, images, capsys):
     assert "out of range" in capsys.readouterr().err
     assert cli.main(["explain", "--weights", str(w), "--method", "gradient", "--param", "nonsense", str(images[0])]) == 2
     assert "key=value" in capsys.readouterr().err
+    # extremal perturbation runs its own loop of jitted steps (not jitted whole) and shows its bar
+    ep = ["--param", "max_iter=3", "--param", "step=4", "--param", "sigma=5.0", "--param", "max_blur=4.0"]
+    assert cli.main(["explain", "--weights", str(w), "--size", str(SIZE), "--method", "extremal-perturbation", *ep,
+                     "--target", "1", "--out", str(out), str(images[0])]) == 0
+    assert "extremal perturbation" in capsys.readouterr().err
+    got = np.load(out / "im0.extremal-perturbation.npy")
+    hp = {"max_iter": 3, "step": 4, "sigma": 5.0, "max_blur": 4.0}
+    want = np.asarray(methods.get("extremal-perturbation", **hp)(model, checkpoints.load(None, w)[1], x, np.array([1])))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

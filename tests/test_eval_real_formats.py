@@ -53,6 +53,30 @@ def test_pointing_on_a_vocdevkit_counts_the_corrupt_image(voc_root, weights, tmp
     assert hits["000001"] == [True] and hits["000002"][0] is True
 
 
+def test_resume_retries_images_that_could_not_be_read(voc_root, weights, tmp_path):
+    import shutil
+
+    from test_loaders import _VOC_OBJECTS
+
+    root = tmp_path / "data"
+    shutil.copytree(voc_root, root)
+    argv = ["eval", "pointing", "--dataset", "voc07", "--data-dir", str(root), "--weights", str(weights[20]),
+            "--methods", "center"]
+    first = _run(argv, tmp_path / "out")["rows"][0]
+    assert first["images"] == 2 and first["skipped_images"] == 1
+    # the truncated 000003.jpg is replaced by a readable one; resuming evaluates it, and only it
+    w, h, _ = _VOC_OBJECTS["000003"]
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(root / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000003.jpg")
+    second = _run(argv, tmp_path / "out")["rows"][0]
+    assert second["images"] == 3 and second["skipped_images"] == 0 and second["pairs"] > first["pairs"]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "pointing-center.jsonl").read_text().splitlines()[1:]]
+    assert [r["image_id"] for r in lines] == ["000001", "000002", "000003", "000003"]  # appended, never rewritten
+    assert "skipped" in lines[2] and "skipped" not in lines[3]
+    # a third run has nothing left to do and reads the evaluated row, not the skipped one
+    third = _run(argv, tmp_path / "out")["rows"][0]
+    assert third == second
+
+
 def test_pointing_on_coco(coco_files, weights, tmp_path):
     ann, img_dir = coco_files
     root = Path(ann).parent.parent

@@ -49,6 +49,25 @@ def test_store_round_trip_dedup_and_mismatch(tmp_path):
         ResultsStore(tmp_path / "junk.jsonl", {})
 
 
+def test_store_replaces_a_skipped_row_by_an_evaluated_one(tmp_path):
+    p = tmp_path / "s.jsonl"
+    s = ResultsStore(p, {"k": 0})
+    s.append([{"index": 0, "v": 1.0}, {"index": 1, "skipped": "OSError: truncated"}])
+    assert s.skipped() == {1} and s.done() == {0, 1}
+    s.append([{"index": 1, "skipped": "OSError: again"}])  # still unreadable: nothing new written
+    s.close()
+    assert len(p.read_text().splitlines()) == 3
+    s = ResultsStore(p, {"k": 0})
+    assert s.skipped() == {1}
+    s.append([{"index": 1, "v": 2.0}, {"index": 0, "v": 9.0}])  # the retry succeeds; 0 stays as it was
+    assert s.skipped() == set() and [r["v"] for r in s.rows()] == [1.0, 2.0]
+    s.close()
+    assert len(p.read_text().splitlines()) == 4  # appended, never rewritten
+    s = ResultsStore(p, {"k": 0})  # on reload the evaluated row wins over the earlier skipped line
+    assert s.skipped() == set() and [r["v"] for r in s.rows()] == [1.0, 2.0]
+    s.close()
+
+
 def test_store_refuses_a_damaged_middle_line_and_a_second_writer(tmp_path):
     p = tmp_path / "s.jsonl"
     s = ResultsStore(p, {"k": 0})
@@ -196,6 +215,36 @@ def test_sharded_run_equals_single_device(tiny_weights, tmp_path):
     _same_rows(json.loads((a / "results.json").read_text())["rows"], json.loads((b / "results.json").read_text())["rows"])
 
 
+def test_eval_merge_joins_shard_folders_into_the_unsharded_table(tiny_weights, tmp_path, capsys):
+    from xaijax.evaluation import StoreMismatchError, merge_shards
+
+    def args(out, *extra):
+        return ["eval", "pointing", "--methods", "center,gradient", "--weights", str(tiny_weights), "--images", "5",
+                "--batch", "2", "--no-progress", "--out", str(out), *extra]
+
+    shards = [tmp_path / f"shard{i}" for i in range(2)]
+    for i, d in enumerate(shards):
+        assert cli.main(args(d, "--shard-index", str(i), "--shard-count", "2")) == 0
+    assert cli.main(["eval-merge", "--out", str(tmp_path / "merged"), *map(str, shards)]) == 0
+    assert "pointing-gradient.jsonl: 5 images" in capsys.readouterr().out
+    # the rerun there finds every image done: it computes nothing (appends nothing) and writes the table
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").glob("*.jsonl")}
+    assert cli.main(args(tmp_path / "merged")) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged").glob("*.jsonl")} == before
+    assert cli.main(args(tmp_path / "single")) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())["rows"]
+    single = json.loads((tmp_path / "single" / "results.json").read_text())["rows"]
+    _same_rows(merged, single)
+    # merging again adds nothing; a missing shard and a different configuration are refused
+    assert merge_shards(shards, tmp_path / "merged") == {"pointing-center.jsonl": 5, "pointing-gradient.jsonl": 5}
+    with pytest.raises(StoreMismatchError, match=r"shards \[1\] are missing"):
+        merge_shards(shards[:1], tmp_path / "m2")
+    other = tmp_path / "other"
+    assert cli.main(args(other, "--shard-index", "1", "--shard-count", "2", "--seeds", "predicted")) == 0
+    with pytest.raises(StoreMismatchError, match="differ in seeds"):
+        merge_shards([shards[0], other], tmp_path / "m3")
+
+
 def _same_rows(xs: list[dict], ys: list[dict], rel: float = 1e-5) -> None:
     """Tables equal up to float32 summation order (NaN, e.g. an undefined density, equals NaN)."""
     assert [sorted(x) for x in xs] == [sorted(y) for y in ys]
@@ -213,6 +262,32 @@ def test_eval_param_for_a_prefixed_method(tiny_weights, tmp_path):
     res = json.loads((tmp_path / "u" / "results.json").read_text())
     assert res["rows"][0]["method"] == "ucag:gradient" and res["rows"][0]["hparams"] == "ucag_n=2"
     assert (tmp_path / "u" / "pointing-ucag_gradient.jsonl").is_file()
+
+
+def test_pick_images_first_and_spread(tiny_weights, tmp_path):
+    from xaijax.evaluation import open_dataset, pick_images
+
+    assert pick_images(10, None) == pick_images(10, 99, "spread") == list(range(10))
+    assert pick_images(10, 3) == [0, 1, 2] and pick_images(100, 4, "spread") == [0, 25, 50, 75]
+    # a class-ordered split (ImageNet val: 50 per class): 20 spread images cover all 10 classes, the first 20 one
+    labels = np.repeat(np.arange(10), 50)
+    assert len(set(labels[pick_images(500, 20, "spread")])) == 10 and len(set(labels[pick_images(500, 20)])) == 1
+    spread = pick_images(1001, 333, "spread")
+    assert len(set(spread)) == 333 and spread == sorted(spread) and spread[-1] < 1001
+    with pytest.raises(ValueError, match="pick must be one of"):
+        pick_images(10, 3, "random")
+    # the runner evaluates exactly those indices, and sharding splits them
+    n = len(open_dataset("synthetic", None, "test", None, None))
+    out = tmp_path / "spread"
+    assert cli.main(["eval", "pointing", "--methods", "center", "--weights", str(tiny_weights), "--images", "3",
+                     "--pick", "spread", "--no-progress", "--out", str(out)]) == 0
+    stored = [json.loads(x)["index"] for x in (out / "pointing-center.jsonl").read_text().splitlines()[1:]]
+    assert stored == [0, n // 3, 2 * n // 3]
+    cfg = EvalConfig("pointing", tmp_path / "shard", ("center",), weights=str(tiny_weights), images=3, pick="spread",
+                     shard_index=1, shard_count=2)
+    assert run_experiment(cfg, progress=False)["rows"][0]["images"] == 1
+    stored = [json.loads(x)["index"] for x in (tmp_path / "shard" / "pointing-center.jsonl").read_text().splitlines()[1:]]
+    assert stored == [n // 3]
 
 
 def test_eval_cli_errors(tiny_weights, tmp_path, capsys):

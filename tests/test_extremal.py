@@ -247,6 +247,58 @@ def test_deterministic_jit_and_seed_targets(tiny):
     assert a.shape == (2, H, W) and a.min() >= 0.0 and a.max() <= 1.0
 
 
+def test_progress_bar_changes_nothing_but_stderr(tiny, capsys):
+    import dataclasses
+    import warnings
+
+    model, variables, x = tiny
+    m = ex.ExtremalPerturbation(areas=(0.2,), step=4, sigma=5.0, max_blur=4.0, max_iter=12)
+    shown = dataclasses.replace(m, progress=True)
+    # progress is not configuration: equal, same hash (the jitted step is reused, not recompiled)
+    assert shown == m and hash(shown) == hash(m)
+    quiet = m.optimise(model, variables, x, 1)
+    capsys.readouterr()
+    loud = shown.optimise(model, variables, x, 1)
+    err = capsys.readouterr().err
+    assert "extremal perturbation" in err and "12/12" in err and "reward=" in err and "area=" in err
+    for field in ("masks", "reward", "regul"):
+        np.testing.assert_array_equal(np.asarray(getattr(loud, field)), np.asarray(getattr(quiet, field)))
+    # under jit the steps are one lax.scan: no bar, and a warning says so
+    with pytest.warns(UserWarning, match="no effect under jit"):
+        jax.jit(shown.masks, static_argnums=0)(model, variables, x, 1)
+    assert "extremal perturbation" not in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.jit(m.masks, static_argnums=0)(model, variables, x, 1)  # progress=False: silent
+    assert ex.ExtremalPerturbation.runs_own_loop
+
+
+class _ListAttr(nn.Module):
+    """TinyNet with an unhashable (list) attribute: not usable as a static jit argument."""
+
+    factors: list
+
+    @nn.compact
+    def __call__(self, x):
+        return TinyNet(name="net")(x) * self.factors[0]
+
+
+def test_unhashable_model_runs_and_zoo_kwargs_are_frozen(tiny):
+    from xaijax import models
+
+    model, variables, x = tiny
+    odd = _ListAttr([1.0])
+    with pytest.raises(TypeError):
+        hash(odd)
+    m = ex.ExtremalPerturbation(areas=(0.2,), step=4, sigma=5.0, max_blur=4.0, max_iter=5)
+    want = np.asarray(m(model, variables, x, 1))
+    got = np.asarray(m(odd, {"params": {"net": variables["params"]}}, x, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # zoo models built from JSON kwargs (lists) are hashable: their kwargs become tuples
+    a = models.get("resnet18", width=8, num_classes=3, layers=[1, 1, 1, 1])
+    assert hash(a) == hash(models.get("resnet18", width=8, num_classes=3, layers=(1, 1, 1, 1)))
+
+
 def test_torchray_parity_with_an_independent_torch_implementation(tiny):
     """TorchRay's algorithm, written again with torch primitives (unfold, nearest
     interpolation, grouped conv blur, gather, torch.sort, torch SGD with dampening)."""

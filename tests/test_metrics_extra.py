@@ -362,6 +362,33 @@ def test_cascading_randomization_end_to_end_and_plots(tiny, tmp_path):
         sanity.cascading_randomization(_grad_x_input, model, variables, x, 1, layers=["conv3"])
 
 
+def test_cascading_randomization_compiles_once_and_takes_fresh_variables(tiny):
+    model, variables, x = tiny
+    traces = []
+
+    def counted(m, v, xx, t):  # a plain function: hashable, so the module-level jit caches it
+        traces.append(xx.shape)
+        return _grad_x_input(m, v, xx, t)
+
+    a = sanity.cascading_randomization(counted, model, variables, x, 1, seed=3)
+    assert len(traces) == 1  # every cascade step reuses one compile
+    # a second batch of the same shape, with the fresh draw passed in: still that one compile,
+    # and the same result as letting the function draw it
+    fresh = models.random_variables(model, (1, *x.shape[1:]), seed=3)
+    b = sanity.cascading_randomization(counted, model, variables, x, 1, seed=99, fresh=fresh)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(a.maps, b.maps)
+    # an unhashable method still works (a fresh jit per call)
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, m, v, xx, t):
+            return _grad_x_input(m, v, xx, t)
+
+    c = sanity.cascading_randomization(Unhashable(), model, variables, x, 1, seed=3)
+    np.testing.assert_allclose(c.maps, a.maps, rtol=1e-6, atol=1e-7)
+
+
 def test_randomizable_layers_with_norm_and_batch_stats():
     model = models.get("resnet18", width=8, num_classes=5)
     variables = models.random_variables(model, (1, 32, 32, 3), seed=1)

@@ -9,6 +9,7 @@ Subcommands::
     xaijax explain --weights W --method M IMAGE...  maps (.npy) and overlays (PNG)
     xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
     xaijax eval EXPERIMENT --methods M,...   the research's tables (resumable, data-parallel)
+    xaijax eval-merge --out DIR SHARD_DIR...  merge a sharded eval's results folders
     xaijax visualize --weights W --layer L --units 0:16 --out DIR   natural pre-images (PNG grid + .npy + .json)
     xaijax dissect --dataset synthetic|broden --layer L --out DIR   neuron-concept labels and formulas
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
@@ -134,6 +135,8 @@ def _parse_params(items: Sequence[str]) -> dict:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -142,11 +145,17 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     from xaijax.models import registry
     from xaijax.models.preprocess import load_image, normalize
 
-    method = methods.get(args.method, **_parse_params(args.param))
+    params = _parse_params(args.param)
+    method = methods.get(args.method, **params)
     model, variables, info = checkpoints.load(args.arch, args.weights)
     size = args.size or registry.spec(info["arch"]).input_size
     convention = args.preprocess or ("caffe" if info.get("source") == "torchray" else "torchvision")
-    explain = jax.jit(method, static_argnums=0)
+    if getattr(method, "runs_own_loop", False):  # (extremal perturbation) it jits its own step; show its bar
+        if "progress" in {f.name for f in dataclasses.fields(method)} and "progress" not in params:
+            method = dataclasses.replace(method, progress=True)
+        explain = method
+    else:
+        explain = jax.jit(method, static_argnums=0)
     predict = jax.jit(model.apply)
     out = args.out
     for path in args.images:
@@ -180,12 +189,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         experiment=args.experiment, out=Path(out), methods=tuple(names), dataset=args.dataset, data_dir=args.data_dir,
         boxes_dir=args.boxes_dir,
         split=args.split, size=args.size, arch=args.arch, weights=args.weights, preprocess=args.preprocess,
-        hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images,
+        hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images, pick=args.pick,
         shard_index=args.shard_index, shard_count=args.shard_count,
     )
     run_experiment(cfg, progress=not args.no_progress)
     print(f"wrote {out}/results.md, results.csv, results.json")
     print((Path(out) / "results.md").read_text())
+
+
+def _cmd_eval_merge(args: argparse.Namespace) -> None:
+    from xaijax.evaluation import merge_shards
+
+    merged = merge_shards(args.shards, args.out)
+    for name, n in merged.items():
+        print(f"{args.out}/{name}: {n} images")
+    print(f"now run the same `xaijax eval` command without --shard-index/--shard-count and with --out {args.out}: "
+          "it finds every image done and writes the tables")
 
 
 def _cmd_example(args: argparse.Namespace) -> None:
@@ -313,12 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L: all GT classes; P: GT classes the model predicts; top1: the predicted class vs all objects")
     s.add_argument("--batch", type=int, default=16, help="images (and maps) per jitted call")
     s.add_argument("--devices", type=int, default=None, help="local devices to shard over (default: all)")
-    s.add_argument("--images", type=int, default=None, help="evaluate only the first N images")
+    s.add_argument("--images", type=int, default=None, help="evaluate only N images (see --pick)")
+    s.add_argument("--pick", choices=["first", "spread"], default="first",
+                   help="with --images N: the first N images of the split, or N evenly spaced over it "
+                        "(use spread for class-ordered splits such as imagenet-val)")
     s.add_argument("--shard-index", type=int, default=0, help="multi-host: this process's slice")
     s.add_argument("--shard-count", type=int, default=1, help="multi-host: number of processes")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", default=None, help="output folder (default results/eval/EXPERIMENT-DATASET); rerun to resume")
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("eval-merge", help="merge the results folders of a sharded eval (one per --shard-index)")
+    s.add_argument("shards", nargs="+", help="the shard processes' --out folders")
+    s.add_argument("--out", required=True, type=_writable_dir, help="folder of the merged stores (then rerun eval there)")
+    s.set_defaults(func=_cmd_eval_merge)
 
     from xaijax.features.cli import add_visualize_parser
     from xaijax.features.dissect_cli import add_dissect_parser

@@ -5,8 +5,8 @@
 
 from xaijax.evaluation.datasets import DATASETS, open_dataset, resize_record
 from xaijax.evaluation.parallel import DataParallel, make_mesh
-from xaijax.evaluation.runner import EXPERIMENTS, EvalConfig, image_pairs, run_experiment
-from xaijax.evaluation.store import ResultsStore, StoreMismatchError
+from xaijax.evaluation.runner import EXPERIMENTS, EvalConfig, image_pairs, pick_images, run_experiment
+from xaijax.evaluation.store import ResultsStore, StoreMismatchError, merge_shards, read_store
 from xaijax.evaluation.tables import atomic_text, markdown_table, write_tables
 
 __all__ = [
@@ -20,7 +20,10 @@ __all__ = [
     "image_pairs",
     "make_mesh",
     "markdown_table",
+    "merge_shards",
     "open_dataset",
+    "pick_images",
+    "read_store",
     "resize_record",
     "run_experiment",
     "write_tables",

@@ -63,6 +63,7 @@ from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError
 from xaijax.evaluation.tables import write_tables
+from xaijax.models.init import random_variables
 from xaijax.models.preprocess import normalize
 
 __all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs"]
@@ -80,12 +81,33 @@ EXPERIMENTS = tuple(EXPERIMENT_METRICS)
 SEEDS = ("labels", "predicted", "top1")
 
 
+PICKS = ("first", "spread")
+
+
+def pick_images(total: int, n: int | None, pick: str = "first") -> list[int]:
+    """Dataset indices of the ``n`` images to evaluate out of ``total`` (all when ``n`` is None).
+
+    ``"first"``: ``0 .. n-1``. ``"spread"``: ``floor(k * total / n)`` for ``k = 0 .. n-1``,
+    evenly spaced and distinct, so a class-ordered split contributes from every part."""
+    if n is None or n >= total:
+        return list(range(total))
+    if pick == "first":
+        return list(range(n))
+    if pick == "spread":
+        return [k * total // n for k in range(n)]
+    raise ValueError(f"pick must be one of {', '.join(PICKS)}; got {pick!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """One evaluation run (see the module docstring for the experiments).
 
-    ``images`` limits how many images are evaluated (the first ones of the split, default all);
-    it is not part of the stored configuration, so a run can be extended later.
+    ``images`` limits how many images are evaluated (default all); it is not part of the stored
+    configuration, so a run can be extended later. ``pick`` says which: ``"first"`` (the first
+    ``images`` of the split; extending the count evaluates only the new ones) or ``"spread"``
+    (``images`` indices evenly spaced over the split, :func:`pick_images`): for splits stored in
+    class order, such as an ImageNet validation folder (50 images per class, class by class),
+    where the first 100 images are two classes.
     ``shard_index``/``shard_count`` evaluate every ``shard_count``-th image starting at
     ``shard_index`` (one process per host in multi-host runs).
     """
@@ -107,6 +129,7 @@ class EvalConfig:
     batch: int = 16
     devices: int | None = None
     images: int | None = None
+    pick: str = "first"
     shard_index: int = 0
     shard_count: int = 1
 
@@ -156,6 +179,8 @@ def _check(cfg: EvalConfig) -> None:
         raise ValueError(f"--batch must be at least 1; got {cfg.batch}")
     if cfg.images is not None and cfg.images < 1:
         raise ValueError(f"--images must be at least 1; got {cfg.images}")
+    if cfg.pick not in PICKS:
+        raise ValueError(f"--pick must be one of {', '.join(PICKS)}; got {cfg.pick!r}")
     if not cfg.methods:
         raise ValueError("no methods given")
     if cfg.dataset == "imagenet-val" and cfg.boxes_dir is None and cfg.experiment in ("pointing", "segmentation", "density"):
@@ -197,8 +222,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     num_classes = len(ds.class_names)
-    n_images = len(ds) if cfg.images is None else min(cfg.images, len(ds))
-    indices = list(range(cfg.shard_index, n_images, cfg.shard_count))
+    indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
     mesh = make_mesh(cfg.devices)
     seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
     pair_names, model_names = EXPERIMENT_METRICS[cfg.experiment]
@@ -231,7 +255,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         )
         done = store.done()
         _check_image_ids(store, ds, done)
-        todo = [i for i in indices if i not in done]
+        retry = store.skipped()  # images that could not be read last time: tried again
+        todo = [i for i in indices if i not in done or i in retry]
         method = methods_registry.get(name, **hp)
         explain = DataParallel(lambda v, x, t, method=method: method(model, v, x, t), mesh)
         bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.experiment} {name}", unit="img", disable=not progress)
@@ -277,6 +302,7 @@ class _Context:
     model_metrics: dict[str, Any]
     seeds: str
     cfg: EvalConfig
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-run values computed once (sanity)
 
 
 def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -> list[dict[str, Any]]:
@@ -305,7 +331,14 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
         xs = x[img_of]
         if cfg.experiment == "sanity":
             first = records[0][0] == 0
-            values = _sanity_values(method, ctx, xs, classes, Path(cfg.out) / f"sanity-{name}.png" if first else None)
+            # fixed-size pair batches (the last one padded): one compile per method for the whole run
+            parts = []
+            for s in range(0, len(classes), cfg.batch):
+                n_s = len(classes[s : s + cfg.batch])
+                xb, cb = _pad(cfg.batch, xs[s : s + cfg.batch], classes[s : s + cfg.batch])
+                grid = Path(cfg.out) / f"sanity-{name}.png" if first and s == 0 else None
+                parts.append({k: v[:n_s] for k, v in _sanity_values(method, ctx, xb, cb, grid).items()})
+            values = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         else:
             # fixed-size pair batches (the last one padded) so that each method compiles once
             maps = np.concatenate(
@@ -419,7 +452,10 @@ def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray, grid: Path | None) -> dict[str, np.ndarray]:
-    res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes.astype(np.int32), seed=0)
+    if "sanity_fresh" not in ctx.cache:  # one re-initialisation for the run (it depends on the layer shapes only)
+        ctx.cache["sanity_fresh"] = random_variables(ctx.model, (1, *xs.shape[1:]), seed=0)
+    res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes.astype(np.int32), seed=0,
+                                                 fresh=ctx.cache["sanity_fresh"])
     if grid is not None:  # the map grid (trained model, then each cascade step) of the dataset's first image
         import io
 

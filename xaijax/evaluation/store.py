@@ -14,8 +14,9 @@ Each run writes a JSON-lines file:
 Lines are appended and flushed (``fsync``) after each batch of images, so a killed run loses
 at most the batch in flight. On reopening, a torn last line (the process died mid-write) is
 cut off (a damaged line anywhere else is refused, never silently dropped with what follows), images already stored are reported by :meth:`ResultsStore.done`, and an index that
-somehow appears twice is counted once (the first line wins), so no image is ever counted
-twice.
+appears twice is counted once, so no image is ever counted twice: an evaluated row wins over
+a ``skipped`` one (a resumed run retries the images it could not read, see
+:meth:`ResultsStore.skipped`, and appends their rows), otherwise the first line wins.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["ResultsStore", "StoreMismatchError"]
+__all__ = ["ResultsStore", "StoreMismatchError", "merge_shards", "read_store"]
 
 _MAGIC = "xaijax_results_store"
 _VERSION = 1
+
+
+def _supersedes(row: dict[str, Any], stored: dict[str, Any] | None) -> bool:
+    """Whether ``row`` replaces the ``stored`` row of its index: nothing stored yet, or an
+    evaluated row for an image that was stored as skipped."""
+    return stored is None or ("skipped" in stored and "skipped" not in row)
 
 
 class StoreMismatchError(ValueError):
@@ -117,7 +124,8 @@ class ResultsStore:
                     f"{self.path} is damaged at line {k + 2} (not a result row); refusing to resume from it. "
                     "Repair or delete the file (or use another --out folder) to start fresh"
                 ) from None
-            self._rows.setdefault(idx, row)
+            if _supersedes(row, self._rows.get(idx)):
+                self._rows[idx] = row
             good_end += len(line) + 1
         good_end = min(good_end, len(raw))
         if good_end < len(raw) or (raw and not raw.endswith(b"\n")):
@@ -141,12 +149,17 @@ class ResultsStore:
         """Indices of the images already stored (evaluated or skipped)."""
         return set(self._rows)
 
+    def skipped(self) -> set[int]:
+        """Indices stored only as ``skipped`` (the image could not be read): worth retrying."""
+        return {i for i, row in self._rows.items() if "skipped" in row}
+
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Store per-image rows (each with an int ``"index"``); already stored indices are ignored."""
+        """Store per-image rows (each with an int ``"index"``). An already stored index is
+        ignored, unless it was stored as ``skipped`` and the new row is an evaluated one."""
         new = []
         for row in rows:
             idx = int(row["index"])
-            if idx in self._rows:
+            if not _supersedes(row, self._rows.get(idx)):
                 continue
             row = _canonical(row)
             self._rows[idx] = row
@@ -165,3 +178,76 @@ class ResultsStore:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def read_store(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(config, rows)`` of a results store, read without taking its lock (rows in file
+    order; a torn last line is left out). Raises :class:`StoreMismatchError` for a file that
+    is not a results store."""
+    lines = Path(path).read_bytes().split(b"\n")
+    try:
+        header = json.loads(lines[0])
+        assert header.get(_MAGIC) == _VERSION
+        config = header["config"]
+    except Exception:
+        raise StoreMismatchError(f"{path} is not an xaijax results store (or is damaged at its first line)") from None
+    rows = []
+    body = [line for line in lines[1:] if line.strip()]
+    for k, line in enumerate(body):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k == len(body) - 1:
+                break  # torn last write
+            raise StoreMismatchError(f"{path} is damaged (a line that is not a result row)") from None
+    return config, rows
+
+
+def merge_shards(sources: Iterable[str | Path], out: str | Path) -> dict[str, int]:
+    """Merge the results stores of a sharded run (``--shard-index i --shard-count n``, one
+    folder per process) into ``out``, as if one process had evaluated every image.
+
+    Every ``*.jsonl`` results store in the ``sources`` folders is grouped by file name (one per
+    experiment and method). The stores of a group must hold the same configuration apart from
+    the shard, and together all ``n`` shards of it; their rows go into ``out/NAME`` with the
+    configuration of an unsharded run (``shard = [0, 1]``). An existing store there with that
+    configuration is extended (merging twice adds nothing). Then the same ``xaijax eval``
+    command without the shard options, with ``--out`` set to ``out``, finds every image done and
+    writes the tables. Returns ``{file name: rows in the merged store}``.
+    """
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise ValueError("merge: no shard folders given")
+    groups: dict[str, list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]] = {}
+    for src in sources:
+        if not src.is_dir():
+            raise ValueError(f"merge: {src} is not a folder")
+        for f in sorted(src.glob("*.jsonl")):
+            config, rows = read_store(f)
+            groups.setdefault(f.name, []).append((f, config, rows))
+    if not groups:
+        raise ValueError(f"merge: no results stores (*.jsonl) in {', '.join(map(str, sources))}")
+    merged: dict[str, int] = {}
+    for name, stores in sorted(groups.items()):
+        shards = [tuple(c.get("shard", (0, 1))) for _, c, _ in stores]
+        count = shards[0][1]
+        base = {k: v for k, v in stores[0][1].items() if k != "shard"}
+        for f, c, _ in stores[1:]:
+            other = {k: v for k, v in c.items() if k != "shard"}
+            if other != base:
+                diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+                raise StoreMismatchError(f"merge: {f} and {stores[0][0]} differ in {', '.join(diff)}; they are not shards of one run")
+        if any(n != count for _, n in shards):
+            raise StoreMismatchError(f"merge: the {name} stores have different shard counts: {sorted(set(n for _, n in shards))}")
+        have = sorted(i for i, _ in shards)
+        if have != list(range(count)):
+            missing = sorted(set(range(count)) - set(have))
+            detail = f"shards {missing} are missing" if missing else f"some shards appear twice ({have})"
+            raise StoreMismatchError(f"merge: {name}: {detail} (of {count})")
+        store = ResultsStore(Path(out) / name, {**base, "shard": [0, 1]})
+        try:
+            store.append(sorted((r for _, _, rows in stores for r in rows), key=lambda r: int(r["index"])))
+            merged[name] = len(store)
+        finally:
+            store.close()
+    return merged

@@ -67,13 +67,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, NamedTuple
+import warnings
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from xaijax.methods.base import as_seed, check_inputs
 from xaijax.methods.registry import register
@@ -371,7 +373,16 @@ class ExtremalPerturbation:
       coldness: smooth-max temperature of the mask generator (20).
       smooth: blur the final masks with sigma ``smooth * min(H, W)`` (0: off).
       combine: how :meth:`__call__` merges several areas: ``"sum"`` or ``"mean"``.
+      progress: show a tqdm bar over the SGD steps with the mean reward and area term
+        (concrete inputs only: under ``jit``/``vmap`` the steps are one ``lax.scan`` and a
+        warning says that no bar is shown). Not part of the configuration's equality or
+        hash, so it never causes a recompile.
+
+    ``runs_own_loop``: call this method on concrete arrays, not under ``jax.jit``; it jits
+    its SGD step itself and runs it from a Python loop (see :func:`_optimise`).
     """
+
+    runs_own_loop: ClassVar[bool] = True
 
     areas: tuple[float, ...] = (0.1,)
     variant: str = "preserve"
@@ -391,6 +402,7 @@ class ExtremalPerturbation:
     coldness: float = 20.0
     smooth: float = 0.0
     combine: str = "sum"
+    progress: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         areas = self.areas
@@ -471,12 +483,27 @@ def _optimise(
     step from Python costs microseconds.
     """
     if _traced(variables, x, seed):
+        if cfg.progress:
+            warnings.warn("extremal-perturbation: progress=True has no effect under jit/vmap (the SGD steps run "
+                          "inside one lax.scan); call the method on concrete arrays to see the bar", stacklevel=4)
         return _optimise_scan(cfg, model, variables, x, seed)
+    try:
+        hash(model)
+        step = functools.partial(_step_jit, cfg, model)
+    except TypeError:  # a module with unhashable attributes: one compile for this call
+        step = jax.jit(functools.partial(_step, cfg, model))
     pyramids, carry = _start(cfg, x)
     history = []
+    bar = tqdm(total=cfg.max_iter, desc="extremal perturbation", unit="step", disable=not cfg.progress)
     for it in range(cfg.max_iter):
-        carry, energy = _step_jit(cfg, model, variables, pyramids, seed, carry, np.int32(it))
+        carry, energy = step(variables, pyramids, seed, carry, np.int32(it))
         history.append(energy)
+        if cfg.progress:  # count finished steps, not dispatched ones
+            reward, regul = jax.block_until_ready(energy)
+            if it % 10 == 0 or it == cfg.max_iter - 1:
+                bar.set_postfix(reward=f"{float(reward.mean()):.4g}", area=f"{float(regul.mean()):.4g}", refresh=False)
+            bar.update()
+    bar.close()
     rewards = jnp.stack([r for r, _ in history])
     reguls = jnp.stack([r for _, r in history])
     return _finish_jit(cfg, x.shape, carry[2], rewards, reguls)

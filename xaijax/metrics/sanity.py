@@ -27,6 +27,7 @@ barely change while the network is being destroyed does not explain the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -223,6 +224,7 @@ def cascading_randomization(
     layers: Sequence[str] | None = None,
     seed: int = 0,
     include_norm: bool = False,
+    fresh: Mapping[str, Any] | None = None,
 ) -> CascadeResult:
     """Run the cascading randomisation test of ``explain`` on a batch.
 
@@ -235,6 +237,11 @@ def cascading_randomization(
         :func:`randomizable_layers`, reversed.
       seed: seed of the re-initialisation.
       include_norm: also randomise (reset) normalisation layers and their statistics.
+      fresh: the re-initialised variables (default ``random_variables(model, x.shape,
+        seed)``); pass them to reuse one draw over many batches.
+
+    Repeated calls with the same (hashable) method and model and the same input shapes reuse
+    one compiled explanation.
     """
     x = jnp.asarray(x)
     if layers is None:
@@ -247,8 +254,9 @@ def cascading_randomization(
             raise ValueError(f"layers {bad} are not parameterised layers of the model")
     if not layers:
         raise ValueError("the model has no parameterised layers to randomise")
-    fresh = random_variables(model, tuple(x.shape), seed=seed)
-    run = jax.jit(lambda v, xx, t: explain(model, v, xx, t))
+    if fresh is None:
+        fresh = random_variables(model, tuple(x.shape), seed=seed)
+    run = _jitted(explain, model)
     maps = [np.asarray(run(variables, x, target), np.float64)]
     for k in range(1, len(layers) + 1):
         maps.append(np.asarray(run(cascade_variables(variables, fresh, layers, k, include_norm=include_norm), x, target), np.float64))
@@ -258,6 +266,23 @@ def cascading_randomization(
     sp_abs = np.stack([spearman(np.abs(ref), np.abs(m)) for m in stack[1:]])
     ss = np.stack([np.asarray(ssim(_minmax(ref), _minmax(m))) for m in stack[1:]])
     return CascadeResult(tuple(layers), stack, sp, sp_abs, ss)
+
+
+def _run_explain(explain: Explain, model: nn.Module, variables: Any, x: jax.Array, target: Any) -> jax.Array:
+    return explain(model, variables, x, target)
+
+
+_explain_jit = jax.jit(_run_explain, static_argnums=(0, 1))
+
+
+def _jitted(explain: Explain, model: nn.Module) -> Callable[..., jax.Array]:
+    """``(variables, x, target) -> explain(model, ...)`` jitted: through one module-level jit
+    (compiled once per method, model and shapes) when both are hashable, else a fresh jit."""
+    try:
+        hash(explain), hash(model)
+    except TypeError:
+        return jax.jit(lambda v, xx, t: explain(model, v, xx, t))
+    return functools.partial(_explain_jit, explain, model)
 
 
 # ----------------------------------------------------------------------------- plots

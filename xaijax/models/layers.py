@@ -16,6 +16,7 @@ zeros (``count_include_pad=True``), as ``torch.nn.functional`` does by default.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import flax.linen as nn
@@ -142,22 +143,40 @@ class Identity(nn.Module):
         return x
 
 
-def _windows(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int]) -> list[jax.Array]:
-    """Strided slices of ``x`` (NHWC, already padded), one per kernel offset."""
-    kh, kw = kernel
-    sh, sw = stride
-    h, w = x.shape[1], x.shape[2]
-    oh = (h - kh) // sh + 1
-    ow = (w - kw) // sw + 1
-    if oh < 1 or ow < 1:
+def strided_windows(
+    x: jax.Array, kernel: Sequence[int], strides: Sequence[int], dilation: Sequence[int] | None = None
+) -> list[jax.Array]:
+    """What a window sliding over ``x`` sees, one array per kernel offset.
+
+    ``x`` (N, *spatial, C), already padded; the result holds ``prod(kernel)`` arrays of shape
+    (N, *out_spatial, C), kernel offsets in row-major order, where ``out = (n - (k - 1) d - 1)
+    // s + 1`` per axis. Pooling reduces over them; a convolution's patches concatenate them.
+    Strided slices are cheap to transpose (the adjoint pads and adds). Raises ``ValueError``
+    when the window does not fit.
+    """
+    spatial = x.shape[1:-1]
+    dilation = (1,) * len(kernel) if dilation is None else tuple(dilation)
+    out = [(n - (k - 1) * d - 1) // s + 1 for n, k, d, s in zip(spatial, kernel, dilation, strides)]
+    if min(out) < 1:
         raise ValueError(
-            f"pooling window {kernel} does not fit a {h}x{w} feature map: the input image is too small"
+            f"window {tuple(kernel)} does not fit a {'x'.join(map(str, spatial))} feature map: the input image is too small"
         )
-    out = []
-    for i in range(kh):
-        for j in range(kw):
-            out.append(x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :])
-    return out
+    windows = []
+    for offset in itertools.product(*[range(k) for k in kernel]):
+        start = (0, *[o * d for o, d in zip(offset, dilation)], 0)
+        limit = (x.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start[1:-1], out, strides)], x.shape[-1])
+        windows.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
+    return windows
+
+
+def _windows(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int]) -> list[jax.Array]:
+    """Strided slices of ``x`` (NHWC, already padded), one per pooling-window offset."""
+    try:
+        return strided_windows(x, kernel, stride)
+    except ValueError:
+        raise ValueError(
+            f"pooling window {kernel} does not fit a {x.shape[1]}x{x.shape[2]} feature map: the input image is too small"
+        ) from None
 
 
 def _blocks(x: jax.Array, k: tuple[int, int]) -> jax.Array:

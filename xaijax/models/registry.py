@@ -61,8 +61,17 @@ def spec(name: str) -> ArchSpec:
 
 
 def get(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered architecture ``name``; ``kwargs`` override its defaults."""
-    return spec(name).build(**kwargs)
+    """Build the registered architecture ``name``; ``kwargs`` override its defaults.
+
+    Lists among ``kwargs`` (e.g. ``layers=[1, 1, 1, 1]`` read back from a checkpoint's JSON
+    metadata) become tuples, so that the module stays hashable: methods that jit a step with
+    the model as a static argument (extremal perturbation) need that."""
+    return spec(name).build(**{k: _frozen(v) for k, v in kwargs.items()})
+
+
+def _frozen(v: Any) -> Any:
+    """Lists (nested too) as tuples."""
+    return tuple(_frozen(e) for e in v) if isinstance(v, (list, tuple)) else v
 
 
 def names() -> list[str]:

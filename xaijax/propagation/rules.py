@@ -59,11 +59,12 @@ biases and ``eps`` absorb relevance otherwise.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from xaijax.models.layers import strided_windows
 
 __all__ = [
     "LayerView",
@@ -138,13 +139,7 @@ class ConvGeometry:
         if len(spatial) != len(self.kernel_size):
             raise ValueError(f"a {len(self.kernel_size)}-d convolution got an input of shape {x.shape}")
         xp = jnp.pad(x, [(0, 0), *self.pads(spatial), (0, 0)])
-        out = self.out_spatial(spatial)
-        pieces = []
-        for offset in itertools.product(*[range(k) for k in self.kernel_size]):
-            start = (0, *[o * d for o, d in zip(offset, self.dilation)], 0)
-            limit = (x.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start[1:-1], out, self.strides)], x.shape[-1])
-            pieces.append(jax.lax.slice(xp, start, limit, (1, *self.strides, 1)))
-        return jnp.concatenate(pieces, axis=-1)
+        return jnp.concatenate(strided_windows(xp, self.kernel_size, self.strides, self.dilation), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
