@@ -38,6 +38,7 @@ __all__ = [
     "Add",
     "Concat",
     "Identity",
+    "strided_windows",
 ]
 
 
