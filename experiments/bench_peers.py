@@ -34,13 +34,15 @@ row's note says whether the two compute the same function (then the float32 gap 
 input's conditioning). SmoothGrad is exact: Captum's NoiseTunnel is
 given xaijax's very noise (``torch.normal`` replaced during the call) and both report the
 channel sum of the mean raw gradient.
-Transformations (the same as ``tests/test_peer_references.py``): min-max normalisation of
-xaijax's maps for pytorch-grad-cam, ``p`` times xaijax's RISE for TorchRay (which was
-given xaijax's masks and the model ``logit(softmax(f))``), z+ composites on the network
-with conv-side biases zeroed (zennit's z+ drops biases), LRP output relevance = target
-logit for zennit, xaijax's LRP composites given zennit's stabilizer (1e-9) on average pools and
-residual sums (zennit's ``Norm`` rule there; xaijax's default is the plain z-rule), and zennit on ResNet is given the same network with every BatchNorm's
-``eps`` folded into ``running_var`` (its BatchNorm merge leaves ``x / sqrt(1 + eps)``
+Transformations (those of ``tests/test_peer_references.py``, plus the LRP stabilizer below):
+min-max normalisation of xaijax's maps for pytorch-grad-cam, ``p`` times xaijax's RISE for
+TorchRay (which was given xaijax's masks and the model ``logit(softmax(f))``), z+ composites
+on the network with conv-side biases zeroed (zennit's z+ drops biases), LRP output relevance
+= target logit for zennit, xaijax's LRP composites given zennit's stabilizer (1e-9) on
+average pools and residual sums (zennit's ``Norm`` rule there; xaijax's default is the plain
+z-rule, which the recorded-reference tests compare at their looser tolerance), and zennit on
+ResNet is given the same network with every BatchNorm's ``eps`` folded into ``running_var``
+(its BatchNorm merge leaves ``x / sqrt(1 + eps)``
 behind; see :func:`make_peer_references.fold_bn_eps`; the note gives the unfolded error).
 
 Environment: the peer virtualenv (``experiments/PEERS.md``), one process for both sides::
@@ -589,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
                          "with the same model, batch, method and peer, the others are kept (each row records its run)")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "experiments", "results"))
     args = ap.parse_args(argv)
+    if args.update and not os.path.exists(os.path.join(args.out_dir, "bench_peers.json")):
+        ap.error(f"--update: no bench_peers.json in {args.out_dir} to merge into")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     import jax
