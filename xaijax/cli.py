@@ -151,7 +151,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     size = args.size or registry.spec(info["arch"]).input_size
     convention = args.preprocess or ("caffe" if info.get("source") == "torchray" else "torchvision")
     if getattr(method, "runs_own_loop", False):  # (extremal perturbation) it jits its own step; show its bar
-        if "progress" in {f.name for f in dataclasses.fields(method)} and "progress" not in params:
+        if hasattr(method, "progress") and "progress" not in params:
             method = dataclasses.replace(method, progress=True)
         explain = method
     else:

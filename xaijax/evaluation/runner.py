@@ -244,7 +244,9 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     }
     forward = jax.jit(lambda v, x: model.apply(v, x))
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
-    ctx = _Context(model_size(cfg), model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg)
+    # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
+    fresh = random_variables(model, (1, model_size(cfg), model_size(cfg), 3), seed=0) if cfg.experiment == "sanity" else None
+    ctx = _Context(model_size(cfg), model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh)
     rows = []
     extras: dict[str, Any] = {}
     for name in cfg.methods:
@@ -302,7 +304,7 @@ class _Context:
     model_metrics: dict[str, Any]
     seeds: str
     cfg: EvalConfig
-    cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-run values computed once (sanity)
+    fresh: Any = None  # sanity experiment: the re-initialised variables
 
 
 def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -> list[dict[str, Any]]:
@@ -329,24 +331,14 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
     values: dict[str, np.ndarray] = {}
     if len(classes):
         xs = x[img_of]
+        c32 = classes.astype(np.int32)
         if cfg.experiment == "sanity":
-            first = records[0][0] == 0
-            # fixed-size pair batches (the last one padded): one compile per method for the whole run
-            parts = []
-            for s in range(0, len(classes), cfg.batch):
-                n_s = len(classes[s : s + cfg.batch])
-                xb, cb = _pad(cfg.batch, xs[s : s + cfg.batch], classes[s : s + cfg.batch])
-                grid = Path(cfg.out) / f"sanity-{name}.png" if first and s == 0 else None
-                parts.append({k: v[:n_s] for k, v in _sanity_values(method, ctx, xb, cb, grid).items()})
-            values = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        else:
-            # fixed-size pair batches (the last one padded) so that each method compiles once
-            maps = np.concatenate(
-                [
-                    explain(ctx.variables, *_pad(cfg.batch, xs[s : s + cfg.batch], classes[s : s + cfg.batch].astype(np.int32)))[: len(classes[s : s + cfg.batch])]
-                    for s in range(0, len(classes), cfg.batch)
-                ]
+            grid = Path(cfg.out) / f"sanity-{name}.png" if records[0][0] == 0 else None  # of the first pair batch
+            values = _batched(
+                lambda s, xb, cb: _sanity_values(method, ctx, xb, cb, grid if s == 0 else None), cfg.batch, xs, c32
             )
+        else:
+            maps = _batched(lambda _, xb, cb: {"maps": explain(ctx.variables, xb, cb)}, cfg.batch, xs, c32)["maps"]
             # localisation metrics at each image's native resolution (TorchRay resizes the map
             # back to the original image before pointing), one image at a time
             smooth = POINTING_SMOOTH.get(name, 0.0) if cfg.pointing_smooth else 0.0
@@ -365,13 +357,8 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
             if parts:
                 values.update({key: np.concatenate([q[key] for q in parts]) for key in parts[0]})
             for n, m in ctx.model_metrics.items():
-                parts = []
-                for s in range(0, len(classes), cfg.batch):
-                    sl = slice(s, s + cfg.batch)
-                    k = len(classes[sl])
-                    out = m(ctx.model_fn, *_pad(cfg.batch, xs[sl], maps[sl], classes[sl].astype(np.int32)))
-                    parts.append({key: np.asarray(v)[:k] for key, v in out.items()})
-                values.update({f"{n}.{key}": np.concatenate([q[key] for q in parts]) for key in parts[0]})
+                out = _batched(lambda _, xb, mb, cb, m=m: m(ctx.model_fn, xb, mb, cb), cfg.batch, xs, maps, c32)
+                values.update({f"{n}.{key}": v for key, v in out.items()})
     for k, (i, r) in enumerate(records):
         sel = np.flatnonzero(img_of == k)
         pairs = [
@@ -443,6 +430,18 @@ def _check_image_ids(store: ResultsStore, ds: Any, done: set[int]) -> None:
             )
 
 
+def _batched(fn: Callable[..., dict[str, Any]], size: int, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """``fn(offset, *batch)`` over ``arrays`` in batches of ``size`` rows, the last one padded
+    (fixed shapes: a jitted ``fn`` compiles once); each dict output cut back to the batch's
+    real rows, then concatenated over the batches."""
+    parts = []
+    for s in range(0, len(arrays[0]), size):
+        batch = [a[s : s + size] for a in arrays]
+        out = fn(s, *_pad(size, *batch))
+        parts.append({key: np.asarray(v)[: len(batch[0])] for key, v in out.items()})
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
 def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Each array padded along axis 0 to ``size`` rows by repeating its last row."""
     n = len(arrays[0])
@@ -452,10 +451,7 @@ def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray, grid: Path | None) -> dict[str, np.ndarray]:
-    if "sanity_fresh" not in ctx.cache:  # one re-initialisation for the run (it depends on the layer shapes only)
-        ctx.cache["sanity_fresh"] = random_variables(ctx.model, (1, *xs.shape[1:]), seed=0)
-    res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes.astype(np.int32), seed=0,
-                                                 fresh=ctx.cache["sanity_fresh"])
+    res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes, seed=0, fresh=ctx.fresh)
     if grid is not None:  # the map grid (trained model, then each cascade step) of the dataset's first image
         import io
 

@@ -90,16 +90,7 @@ class ResultsStore:
     def _load(self) -> None:
         with open(self.path, "rb") as f:
             raw = f.read()
-        lines = raw.split(b"\n")
-        try:
-            header = json.loads(lines[0])
-            stored = header["config"]
-            assert header.get(_MAGIC) == _VERSION
-        except Exception:
-            raise StoreMismatchError(
-                f"{self.path} is not an xaijax results store (or is damaged at its first line); "
-                "delete it or choose another output folder to start fresh"
-            ) from None
+        stored, rows, good_end = _parse(raw, self.path)
         if stored != self.config:
             diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
             detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {self.config.get(k)!r}" for k in diff[:4])
@@ -107,27 +98,10 @@ class ResultsStore:
                 f"{self.path} holds results of a different configuration ({detail}); refusing to mix them. "
                 "Delete the file (or use another --out folder) to start fresh"
             )
-        good_end = len(lines[0]) + 1
-        body = lines[1:]
-        last = max((k for k, line in enumerate(body) if line.strip()), default=-1)
-        for k, line in enumerate(body):
-            if not line.strip():
-                good_end += len(line) + 1
-                continue
-            try:
-                row = json.loads(line)
-                idx = int(row["index"])
-            except Exception:
-                if k == last:
-                    break  # a torn final write (the process died mid-line): cut it off
-                raise StoreMismatchError(
-                    f"{self.path} is damaged at line {k + 2} (not a result row); refusing to resume from it. "
-                    "Repair or delete the file (or use another --out folder) to start fresh"
-                ) from None
+        for row in rows:
+            idx = int(row["index"])
             if _supersedes(row, self._rows.get(idx)):
                 self._rows[idx] = row
-            good_end += len(line) + 1
-        good_end = min(good_end, len(raw))
         if good_end < len(raw) or (raw and not raw.endswith(b"\n")):
             with open(self.path, "r+b") as f:
                 f.truncate(good_end)
@@ -180,26 +154,45 @@ class ResultsStore:
         return len(self._rows)
 
 
-def read_store(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(config, rows)`` of a results store, read without taking its lock (rows in file
-    order; a torn last line is left out). Raises :class:`StoreMismatchError` for a file that
-    is not a results store."""
-    lines = Path(path).read_bytes().split(b"\n")
+def _parse(raw: bytes, path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """A store file's ``(config, rows in file order, byte length of its intact part)``; a torn
+    last line is left out (the length stops before it); any other damage raises."""
+    lines = raw.split(b"\n")
     try:
         header = json.loads(lines[0])
-        assert header.get(_MAGIC) == _VERSION
         config = header["config"]
+        assert header.get(_MAGIC) == _VERSION
     except Exception:
-        raise StoreMismatchError(f"{path} is not an xaijax results store (or is damaged at its first line)") from None
+        raise StoreMismatchError(
+            f"{path} is not an xaijax results store (or is damaged at its first line); "
+            "delete it or choose another output folder to start fresh"
+        ) from None
     rows = []
-    body = [line for line in lines[1:] if line.strip()]
+    good_end = len(lines[0]) + 1
+    body = lines[1:]
+    last = max((k for k, line in enumerate(body) if line.strip()), default=-1)
     for k, line in enumerate(body):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if k == len(body) - 1:
-                break  # torn last write
-            raise StoreMismatchError(f"{path} is damaged (a line that is not a result row)") from None
+        if line.strip():
+            try:
+                row = json.loads(line)
+                int(row["index"])
+            except Exception:
+                if k == last:
+                    break  # a torn final write (the process died mid-line): cut it off
+                raise StoreMismatchError(
+                    f"{path} is damaged at line {k + 2} (not a result row); refusing to use it. "
+                    "Repair or delete the file (or use another --out folder) to start fresh"
+                ) from None
+            rows.append(row)
+        good_end += len(line) + 1
+    return config, rows, min(good_end, len(raw))
+
+
+def read_store(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(config, rows)`` of a results store, read without taking its lock or repairing it
+    (rows in file order; a torn last line is left out). Raises :class:`StoreMismatchError`
+    for a file that is not a results store or is damaged elsewhere."""
+    config, rows, _ = _parse(Path(path).read_bytes(), path)
     return config, rows
 
 

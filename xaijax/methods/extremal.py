@@ -79,6 +79,7 @@ from tqdm import tqdm
 
 from xaijax.methods.base import as_seed, check_inputs
 from xaijax.methods.registry import register
+from xaijax.static_jit import bind_static
 
 __all__ = [
     "ExtremalPerturbation",
@@ -487,11 +488,7 @@ def _optimise(
             warnings.warn("extremal-perturbation: progress=True has no effect under jit/vmap (the SGD steps run "
                           "inside one lax.scan); call the method on concrete arrays to see the bar", stacklevel=4)
         return _optimise_scan(cfg, model, variables, x, seed)
-    try:
-        hash(model)
-        step = functools.partial(_step_jit, cfg, model)
-    except TypeError:  # a module with unhashable attributes: one compile for this call
-        step = jax.jit(functools.partial(_step, cfg, model))
+    step = bind_static(_step, _step_jit, cfg, model)  # (a module with unhashable attributes: one compile per call)
     pyramids, carry = _start(cfg, x)
     history = []
     bar = tqdm(total=cfg.max_iter, desc="extremal perturbation", unit="step", disable=not cfg.progress)

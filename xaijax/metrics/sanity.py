@@ -27,7 +27,6 @@ barely change while the network is being destroyed does not explain the model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.models.init import random_variables
+from xaijax.static_jit import bind_static
 from xaijax.models.taps import layer_names
 
 __all__ = [
@@ -256,7 +256,7 @@ def cascading_randomization(
         raise ValueError("the model has no parameterised layers to randomise")
     if fresh is None:
         fresh = random_variables(model, tuple(x.shape), seed=seed)
-    run = _jitted(explain, model)
+    run = bind_static(_run_explain, _explain_jit, explain, model)
     maps = [np.asarray(run(variables, x, target), np.float64)]
     for k in range(1, len(layers) + 1):
         maps.append(np.asarray(run(cascade_variables(variables, fresh, layers, k, include_norm=include_norm), x, target), np.float64))
@@ -273,16 +273,6 @@ def _run_explain(explain: Explain, model: nn.Module, variables: Any, x: jax.Arra
 
 
 _explain_jit = jax.jit(_run_explain, static_argnums=(0, 1))
-
-
-def _jitted(explain: Explain, model: nn.Module) -> Callable[..., jax.Array]:
-    """``(variables, x, target) -> explain(model, ...)`` jitted: through one module-level jit
-    (compiled once per method, model and shapes) when both are hashable, else a fresh jit."""
-    try:
-        hash(explain), hash(model)
-    except TypeError:
-        return jax.jit(lambda v, xx, t: explain(model, v, xx, t))
-    return functools.partial(_explain_jit, explain, model)
 
 
 # ----------------------------------------------------------------------------- plots

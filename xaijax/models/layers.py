@@ -145,7 +145,11 @@ class Identity(nn.Module):
 
 
 def strided_windows(
-    x: jax.Array, kernel: Sequence[int], strides: Sequence[int], dilation: Sequence[int] | None = None
+    x: jax.Array,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int] | None = None,
+    what: str = "window",
 ) -> list[jax.Array]:
     """What a window sliding over ``x`` sees, one array per kernel offset.
 
@@ -153,14 +157,14 @@ def strided_windows(
     (N, *out_spatial, C), kernel offsets in row-major order, where ``out = (n - (k - 1) d - 1)
     // s + 1`` per axis. Pooling reduces over them; a convolution's patches concatenate them.
     Strided slices are cheap to transpose (the adjoint pads and adds). Raises ``ValueError``
-    when the window does not fit.
+    when the window does not fit (``what`` names it in the message).
     """
     spatial = x.shape[1:-1]
     dilation = (1,) * len(kernel) if dilation is None else tuple(dilation)
     out = [(n - (k - 1) * d - 1) // s + 1 for n, k, d, s in zip(spatial, kernel, dilation, strides)]
     if min(out) < 1:
         raise ValueError(
-            f"window {tuple(kernel)} does not fit a {'x'.join(map(str, spatial))} feature map: the input image is too small"
+            f"{what} {tuple(kernel)} does not fit a {'x'.join(map(str, spatial))} feature map: the input image is too small"
         )
     windows = []
     for offset in itertools.product(*[range(k) for k in kernel]):
@@ -168,16 +172,6 @@ def strided_windows(
         limit = (x.shape[0], *[b + (n - 1) * s + 1 for b, n, s in zip(start[1:-1], out, strides)], x.shape[-1])
         windows.append(jax.lax.slice(x, start, limit, (1, *strides, 1)))
     return windows
-
-
-def _windows(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int]) -> list[jax.Array]:
-    """Strided slices of ``x`` (NHWC, already padded), one per pooling-window offset."""
-    try:
-        return strided_windows(x, kernel, stride)
-    except ValueError:
-        raise ValueError(
-            f"pooling window {kernel} does not fit a {x.shape[1]}x{x.shape[2]} feature map: the input image is too small"
-        ) from None
 
 
 def _blocks(x: jax.Array, k: tuple[int, int]) -> jax.Array:
@@ -224,7 +218,7 @@ class MaxPool2d(nn.Module):
         if p != (0, 0) or extra != (0, 0):
             pads = ((0, 0), (p[0], p[0] + extra[0]), (p[1], p[1] + extra[1]), (0, 0))
             x = jnp.pad(x, pads, constant_values=-jnp.inf)
-        return _first_max(_windows(x, k, s))
+        return _first_max(strided_windows(x, k, s, what="pooling window"))
 
 
 def _first_max(windows: Sequence[jax.Array]) -> jax.Array:
@@ -260,7 +254,7 @@ class AvgPool2d(nn.Module):
             return _blocks(x, k).mean(axis=(2, 4))
         if p != (0, 0):
             x = jnp.pad(x, ((0, 0), (p[0], p[0]), (p[1], p[1]), (0, 0)))
-        return sum(_windows(x, k, s)) / (k[0] * k[1])
+        return sum(strided_windows(x, k, s, what="pooling window")) / (k[0] * k[1])
 
 
 def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
