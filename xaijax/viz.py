@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from xaijax.atomic import atomic_write
 
 __all__ = ["heatmap", "overlay", "save_png"]
 
@@ -46,19 +47,12 @@ def overlay(image: np.ndarray, m: np.ndarray, alpha: float = 0.5) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) float [0, 1] or uint8 image as PNG, atomically (temp file + rename)."""
+    """Write an (H, W, 3) float [0, 1] or uint8 image as PNG, atomically (:func:`xaijax.atomic.atomic_write`)."""
     from PIL import Image
 
     path = Path(path)
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
     return path

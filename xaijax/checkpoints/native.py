@@ -20,8 +20,8 @@ The format is chosen by the file extension:
 Metadata carries what is needed to rebuild the model, as strings, e.g. ``{"arch": "vgg16",
 "num_classes": "20", "model_kwargs": "{...json...}"}``; :func:`load_variables` returns it
 unchanged so that callers (the CLI, :mod:`xaijax.checkpoints.convert`) can check it against
-the requested architecture. Both writers are atomic (temporary file + ``os.replace``): a
-failed save leaves no partial file and never damages an existing one.
+the requested architecture. Both writers are atomic (:mod:`xaijax.atomic`): a failed save
+leaves no partial file and never damages an existing one.
 
 Loaded variables are nested plain ``dict`` s of writable numpy arrays with the saved dtypes
 (bfloat16 stays ``ml_dtypes.bfloat16``); pass them straight to ``model.apply``.
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from xaijax.atomic import atomic_bytes
 from xaijax.checkpoints.errors import CheckpointFormatError
 from xaijax.checkpoints.safetensors_io import (
-    atomic_write,
     flatten_variables,
     load_safetensors,
     save_safetensors,
@@ -87,13 +87,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], metada
     from flax import serialization
 
     payload = {_MARKER: MSGPACK_FORMAT_TAG, "metadata": meta, "variables": unflatten_variables(flat)}
-    data = serialization.msgpack_serialize(payload)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    atomic_write(path, write)
+    atomic_bytes(path, serialization.msgpack_serialize(payload))
 
 
 def _writable(tree: Any) -> Any:

@@ -2,9 +2,10 @@
 
 * :func:`save_safetensors` / :func:`load_safetensors` -- flat dicts with an optional
   ``str -> str`` metadata header, through the ``safetensors`` package (its numpy API).
-  Writes are atomic (:func:`atomic_write`): a temporary file in the destination directory is
-  written, flushed to disk and then renamed over the destination, so a crash or an error
-  never leaves a partial file behind and an existing file is replaced only by a complete one.
+  Writes are atomic (:func:`xaijax.atomic.atomic_write`): a temporary file in the destination
+  directory is written, flushed to disk and then renamed over the destination, so a crash or
+  an error never leaves a partial file behind and an existing file is replaced only by a
+  complete one.
 * :func:`flatten_variables` / :func:`unflatten_variables` -- Flax variable trees
   (``{"params": {"features": {"0": {"kernel": ...}}}}``) <-> flat dicts with ``/``-joined
   keys (``"params/features/0/kernel"``).
@@ -17,16 +18,15 @@ safetensors format.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from xaijax.atomic import atomic_write  # re-exported: the one atomic writer is xaijax.atomic's
 from xaijax.checkpoints.errors import CheckpointFormatError
 
 __all__ = [
@@ -51,40 +51,6 @@ _ML_DTYPES = {
     "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Create or replace ``path`` atomically.
-
-    ``write(tmp_path)`` must write the complete file to ``tmp_path`` (a fresh file in the same
-    directory as ``path``). Only when it returns is the file flushed to disk and renamed to
-    ``path`` (``os.replace``, atomic on POSIX and Windows). If ``write`` raises, the temporary
-    file is removed, ``path`` is left untouched and the exception propagates.
-
-    Raises:
-      FileNotFoundError: the destination directory does not exist.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    try:
-        mode = os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def validate_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
