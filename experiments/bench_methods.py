@@ -57,10 +57,10 @@ from xaijax import methods, models
 from xaijax.atomic import atomic_text
 from xaijax.methods.cam import GradCAM
 from xaijax.methods.perturbation import RISE, rise_masks
-from xaijax.methods.ucag import Ucag
+from xaijax.methods.combinators import Ucag
 
 # Modules that register methods but may not be wired into ``xaijax.methods`` yet.
-OPTIONAL_MODULES = ("xaijax.methods.extremal", "xaijax.methods.contrast", "xaijax.methods.rap", "xaijax.methods.rsp")
+OPTIONAL_MODULES = ("xaijax.methods.perturbation.extremal", "xaijax.methods.combinators.contrastive", "xaijax.methods.rap", "xaijax.methods.rsp")
 
 # Hyperparameters of the sampling-heavy methods in section 3 (cost ~ linear in them).
 HEAVY: dict[str, dict[str, Any]] = {

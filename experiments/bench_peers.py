@@ -22,7 +22,7 @@ xaijax > 1``) only for a row that agrees.
 Comparison kinds: ``exact`` (the same quantity, after the documented transformation);
 ``raw terms`` (FullGrad: pytorch-grad-cam's own per-layer terms ``sum_c |b_c dS/dz_c|``
 and its input term ``|dS/dx * x|``, captured from its hooks, against
-:func:`xaijax.methods.cam_extra.fullgrad_decompose`, max error over the terms; its final
+:func:`xaijax.methods.gradient.fullgrad_decompose`, max error over the terms; its final
 map, whose per-channel min-max normalisation amplifies rounding noise in nearly constant
 channels, is reported for information, rebuilt on xaijax's terms); ``optimisation``
 (extremal perturbation: TorchRay's and xaijax's masks after the same ``ep_iter`` SGD
@@ -109,8 +109,8 @@ def xaijax_methods(cfg: dict[str, Any]) -> dict[str, tuple[Any, Callable[[np.nda
     """
     from xaijax.methods import get
     from xaijax.methods.cam import GradCAMPlusPlus
-    from xaijax.methods.extremal import ExtremalPerturbation
-    from xaijax.methods.gradient_family import IntegratedGradients
+    from xaijax.methods.perturbation import ExtremalPerturbation
+    from xaijax.methods.gradient import IntegratedGradients
     from xaijax.methods.lrp import LRP, ExcitationBackprop
     from xaijax.methods.perturbation import RISE
     from xaijax.propagation import composites as C
@@ -195,7 +195,7 @@ def _fullgrad_terms(model, v, x, t) -> tuple[list[np.ndarray], tuple[np.ndarray,
     (N, h, w) per 2-D bias]``, and ``(dS/dx x, [b dS/dz (N, h, w, K)])`` for the final-map rebuild."""
     import jax
 
-    from xaijax.methods.cam_extra import fullgrad_decompose
+    from xaijax.methods.gradient import fullgrad_decompose
 
     gx, biases, _ = jax.jit(lambda vv, xx, tt: fullgrad_decompose(model, vv, xx, tt))(v, x, t)
     gx = np.asarray(gx)
@@ -337,7 +337,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
             if kind == "optimisation":
                 # extremal perturbation called on concrete arrays runs its SGD steps from a Python loop
                 # over one jitted step; jitted whole it is one lax.scan, whose backward passes XLA's CPU
-                # backend runs ~2x slower (see xaijax.methods.extremal._optimise)
+                # backend runs ~2x slower (see xaijax.methods.perturbation.extremal._optimise)
                 fn = lambda vv, xx, t, _m=method: _m(model, vv, xx, t)  # noqa: E731
             load0 = os.getloadavg()
             tv = ep_seed if kind == "optimisation" else tj  # extremal: the float seed scale * one_hot(target)
@@ -409,7 +409,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 decisive = err64 if err64 is not None else err32
                 agrees = bool(decisive <= args.agree)
                 if kind == "optimisation":  # vacuous if the masks never left their initial value (pm = 1)
-                    from xaijax.methods.extremal import extremal_mask, mask_geometry
+                    from xaijax.methods.perturbation.extremal import extremal_mask, mask_geometry
 
                     g = mask_geometry((size, size), 7, 21.0)
                     moved = float(np.abs(ours - np.asarray(extremal_mask(jnp.ones(g.shape_in), g)[0])).max())

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xaijax.methods import contrast as ct
+from xaijax.methods.combinators import contrastive as ct
 from xaijax.methods import registry
-from xaijax.methods.drise import DRise
+from xaijax.methods.perturbation import DRise
 from xaijax.methods.gradient import Gradient
 from xaijax.methods.lrp import CLRP, LRP
 from xaijax.methods.perturbation import RISE
@@ -142,7 +142,7 @@ def test_errors(setup):
 
 def test_contrast_prefix_in_the_registry():
     from xaijax import methods as _methods
-    from xaijax.methods.contrast import get_contrast as _get_contrast
+    from xaijax.methods.combinators import get_contrast as _get_contrast
 
     assert _methods.get("contrast:gradient", contrast_scale="none") == _get_contrast("gradient", contrast_scale="none")
     with pytest.raises(ValueError, match="unknown method 'gradiant'"):

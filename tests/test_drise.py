@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xaijax.methods import drise as dr
-from xaijax.methods import perturbation as pt
+from xaijax.methods.perturbation import drise as dr
+from xaijax.methods.perturbation import rise as pt
 from xaijax.methods import registry
 
 H, W = 16, 16
@@ -107,10 +107,10 @@ def test_drise_batch_and_key_semantics(images):
 
 
 def test_bundled_detector_map_peaks_inside_the_explained_box():
+    from xaijax.checkpoints import load_detector
     from xaijax.data import SyntheticScenes
-    from xaijax.models import detector as D
 
-    model, variables, _ = D.load_detector(WEIGHTS)
+    model, variables, _ = load_detector(WEIGHTS)
     rec = SyntheticScenes().record("test", 0)  # three objects: classes 0, 6, 11
     x = jnp.asarray(rec.image)[None]
     fn = dr.detector_function(model, variables)

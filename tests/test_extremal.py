@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xaijax.methods import extremal as ex
+from xaijax.methods.perturbation import extremal as ex
 from xaijax.methods import registry
 from xaijax.models import layers
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xaijax import models
-from xaijax.methods import lrp, registry
+from xaijax.methods import excitation, lrp, registry
 from xaijax.models import layers
 from xaijax.propagation import Excitation, Flipped, composites, relevance
 
@@ -130,14 +130,14 @@ def test_registry_hyperparameters_and_errors(net):
 
 
 def test_default_excitation_layers_of_the_zoo():
-    assert lrp.default_excitation_layer(models.get("vgg16")) == "features.23"  # pool4
-    assert lrp.default_excitation_layer(models.get("vgg16_bn")) == "features.33"
-    assert lrp.default_excitation_layer(models.get("vgg11")) == "features.15"
-    assert lrp.default_excitation_layer(models.get("resnet50")) == "layer3"
-    assert lrp.default_excitation_layer(models.get("densenet121")) == "features.denseblock3"
-    assert lrp.default_excitation_layer(models.get("inception_v3")) == "Mixed_6e"
+    assert excitation.default_excitation_layer(models.get("vgg16")) == "features.23"  # pool4
+    assert excitation.default_excitation_layer(models.get("vgg16_bn")) == "features.33"
+    assert excitation.default_excitation_layer(models.get("vgg11")) == "features.15"
+    assert excitation.default_excitation_layer(models.get("resnet50")) == "layer3"
+    assert excitation.default_excitation_layer(models.get("densenet121")) == "features.denseblock3"
+    assert excitation.default_excitation_layer(models.get("inception_v3")) == "Mixed_6e"
     with pytest.raises(ValueError, match="pass layer="):
-        lrp.default_excitation_layer(Net())
+        excitation.default_excitation_layer(Net())
 
 
 # ------------------------------------------------------ Excitation Backprop, closed form
@@ -162,8 +162,8 @@ def test_excitation_backprop_closed_form_and_contrastive_variant():
     target = jnp.array([2, 0])
     eb, ceb = jax.jit(
         lambda v, x: (
-            lrp.ExcitationBackprop(layer="relu")(model, v, x, target),
-            lrp.ExcitationBackprop(layer="relu", contrastive=True)(model, v, x, target),
+            excitation.ExcitationBackprop(layer="relu")(model, v, x, target),
+            excitation.ExcitationBackprop(layer="relu", contrastive=True)(model, v, x, target),
         )
     )(v, x)
     k, b = np.asarray(v["params"]["conv"]["kernel"][0, 0]), np.asarray(v["params"]["conv"]["bias"])
@@ -194,7 +194,7 @@ def test_contrastive_excitation_equals_torchray_two_pass_difference(net):
     def run(v, x):
         pos = relevance(model, v, x, seed, eb, read_at="pool").sum(-1)
         neg = relevance(model, v, x, seed, flipped, read_at="pool").sum(-1)
-        one_pass = lrp.ExcitationBackprop(layer="pool", contrastive=True, resize=False)(model, v, x, jnp.array([0, 1, 2]))
+        one_pass = excitation.ExcitationBackprop(layer="pool", contrastive=True, resize=False)(model, v, x, jnp.array([0, 1, 2]))
         return pos, neg, one_pass
 
     pos, neg, one_pass = run(v, x)
@@ -209,8 +209,8 @@ def test_excitation_backprop_on_tiny_vgg_reads_pool4_and_conserves_probability()
     target = jnp.array([3, 1])
     small, full = jax.jit(
         lambda v, x: (
-            lrp.ExcitationBackprop(resize=False)(model, v, x, target),
-            lrp.ExcitationBackprop()(model, v, x, target),
+            excitation.ExcitationBackprop(resize=False)(model, v, x, target),
+            excitation.ExcitationBackprop()(model, v, x, target),
         )
     )(v, x)
     assert small.shape == (2, 2, 2) and full.shape == (2, 32, 32)  # pool4 is stride 16

@@ -18,7 +18,7 @@ Where a peer defines a method differently, the documented transformation is appl
   (Grad-CAM++ with ``eps=1e-6``, pytorch-grad-cam's denominator term).
 * pytorch-grad-cam's FullGrad post-processes xaijax's full-gradient decomposition
   differently from the reference (per-channel instead of per-layer normalisation): its
-  post-processing is re-implemented here on :func:`xaijax.methods.cam_extra.fullgrad_decompose`
+  post-processing is re-implemented here on :func:`xaijax.methods.gradient.fullgrad_decompose`
   (so the decomposition — input gradient and every conv/BN bias gradient — is what is tested).
 * zennit's z+ rule drops biases from its denominator while xaijax counts ``b+``: the z+
   composites (``lrp-epsilon-plus``, ``lrp-epsilon-plus-flat``) are compared on the same
@@ -47,8 +47,7 @@ from xaijax import models
 from xaijax.checkpoints import from_torch_state_dict
 from xaijax.methods import get
 from xaijax.methods.cam import GradCAMPlusPlus
-from xaijax.methods.cam_extra import fullgrad_decompose
-from xaijax.methods.gradient_family import IntegratedGradients
+from xaijax.methods.gradient import IntegratedGradients, fullgrad_decompose
 from xaijax.methods.lrp import ExcitationBackprop
 from xaijax.methods.perturbation import RISE, rise_masks
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xaijax.methods import perturbation as pt
+from xaijax.methods.perturbation import rise as pt
 from xaijax.methods import registry
 from xaijax.models import layers
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from xaijax.methods import cam, registry
-from xaijax.methods import ucag as U
+from xaijax import imageops
+from xaijax.methods.combinators import unfold_conquer as U
 from xaijax.models import layers
 
 H, W = 24, 28
@@ -48,9 +49,9 @@ def test_resize_matches_torch(src, dst):
     x = np.random.default_rng(1).normal(size=(2,) + src + (3,)).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
     ref = torch.nn.functional.interpolate(xt, size=dst, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(U.resize_bicubic(jnp.asarray(x), dst), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(imageops.resize(jnp.asarray(x), dst, "bicubic"), ref, rtol=1e-5, atol=1e-5)
     ref_lin = torch.nn.functional.interpolate(xt[:, :1], size=dst, mode="bilinear", align_corners=False)[:, 0].numpy()
-    mh, mw = U.resize_matrix(src[0], dst[0], "bilinear"), U.resize_matrix(src[1], dst[1], "bilinear")
+    mh, mw = imageops.resize_matrix(src[0], dst[0], "bilinear"), imageops.resize_matrix(src[1], dst[1], "bilinear")
     np.testing.assert_allclose(np.einsum("ah,nhw,bw->nab", mh, x[..., 0], mw), ref_lin, rtol=1e-5, atol=1e-5)
 
 
@@ -61,8 +62,8 @@ def test_gaussian_blur_matches_scipy_reflect():
     g = np.exp(-(xs**2) / 18.0)
     g /= g.sum()
     ref = np.stack([ndimage.convolve(mi, np.outer(g, g), mode="mirror") for mi in m])  # mirror == torch 'reflect'
-    np.testing.assert_allclose(U.gaussian_blur(jnp.asarray(m, jnp.float32)), ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(U.minmax_normalize(jnp.ones((1, 3, 3))), 0.0)
+    np.testing.assert_allclose(imageops.gaussian_blur(jnp.asarray(m, jnp.float32)), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(imageops.minmax_normalize(jnp.ones((1, 3, 3))), 0.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def _loop_reference(model, variables, x, targets, n, u, weighting="prob"):
         for oh in g.offsets_h:
             for ow in g.offsets_w:
                 crop = xs[b : b + 1, oh : oh + g.patch[0], ow : ow + g.patch[1]]
-                zoomed = U.resize_bicubic(jnp.asarray(crop), g.zoom)
+                zoomed = imageops.resize(jnp.asarray(crop), g.zoom, "bicubic")
                 m = gc(zoomed, jnp.array([t]))
                 maps.append(np.asarray(cam.upsample_bilinear(m, g.patch), np.float64)[0])
                 out = np.asarray(fwd(zoomed), np.float64)[0]

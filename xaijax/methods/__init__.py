@@ -1,91 +1,159 @@
 """Attribution methods and their registry (``get``, ``names``).
 
-Every method is called as ``method(model, variables, x, target) -> (N, H, W) maps``; see
-:mod:`xaijax.methods.base` for the conventions on inputs and targets. Importing this
-package registers every method; ``names()`` lists them.
+Every method is a :class:`Method` — a frozen dataclass of hyperparameters that declares its
+``kind`` and capabilities — called as ``method(model, variables, x, target) -> (N, H, W)``
+maps; see :mod:`xaijax.methods._core` for the conventions on inputs, targets and seeds.
+Importing this package registers every method; ``names()`` lists them and ``prefixes()``
+the combinators (``contrast:``, ``smooth:``, ``ucag:``) that apply to any of them.
+
+Layout, one family per module: :mod:`~xaijax.methods.gradient` (gradient, gradient x input,
+DeconvNet, Guided Backprop, Integrated Gradients, SmoothGrad, FullGrad),
+:mod:`~xaijax.methods.cam` (CAM, Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, Score-CAM,
+NormGrad, CAMERAS), :mod:`~xaijax.methods.excitation`, :mod:`~xaijax.methods.lrp` (LRP,
+CLRP, SGLRP), :mod:`~xaijax.methods.rap`, :mod:`~xaijax.methods.rsp`,
+:mod:`~xaijax.methods.bilrp`, :mod:`~xaijax.methods.perturbation` (RISE, Extremal
+Perturbation, D-RISE), :mod:`~xaijax.methods.baselines` and
+:mod:`~xaijax.methods.combinators` (smooth, contrast, ucag).
 """
 
-from xaijax.methods import (  # noqa: F401  (registers methods)
+import sys as _sys
+
+from xaijax.methods import (  # noqa: F401  (importing registers the methods)
+    _core,
     baselines,
     bilrp,
     cam,
-    cam_extra,
-    cam_variants,
     combinators,
-    contrast,
-    drise,
-    extremal,
+    excitation,
     gradient,
-    gradient_family,
     lrp,
     perturbation,
     rap,
+    registry,
     rsp,
-    ucag,
 )
-from xaijax.methods.base import as_seed, check_inputs, reduce_channels
+from xaijax.methods._core import (
+    CLASSIFIER_KINDS,
+    KINDS,
+    FunctionMethod,
+    Method,
+    NotApplicable,
+    as_method,
+    as_seed,
+    check_inputs,
+    class_indices,
+    layer_gradients,
+    reduce_channels,
+    target_score,
+    target_scores,
+)
 from xaijax.methods.baselines import Center
 from xaijax.methods.bilrp import BiLRP, BiLRPResult, bilrp_composite, plot_bilrp
-from xaijax.methods.cam import GradCAM, GradCAMPlusPlus, activation_and_gradient, default_cam_layer, upsample_bilinear
-from xaijax.methods.cam_variants import CAM, LayerCAM, ScoreCAM, XGradCAM
-from xaijax.methods.combinators import Smooth, smooth
-from xaijax.methods.contrast import Contrast, get_contrast  # the combinator itself: xaijax.methods.contrast.contrast
-from xaijax.methods.drise import DRise, detector_function
-from xaijax.methods.extremal import ExtremalPerturbation, ExtremalResult
-from xaijax.methods.gradient import Gradient, input_gradient
-from xaijax.methods.gradient_family import IntegratedGradients, ModifiedGradient, quadrature, relu_rule_interceptor
-from xaijax.methods.lrp import CLRP, LRP, SGLRP, ExcitationBackprop
-from xaijax.methods.perturbation import RISE
+from xaijax.methods.cam import (
+    CAM,
+    CAMERAS,
+    GradCAM,
+    GradCAMPlusPlus,
+    LayerCAM,
+    NormGrad,
+    ScoreCAM,
+    XGradCAM,
+    activation_and_gradient,
+    default_cam_layer,
+    upsample_bilinear,
+)
+from xaijax.methods.combinators import Contrast, Smooth, Ucag, contrast, get_contrast, get_smooth, get_ucag, smooth, ucag
+from xaijax.methods.excitation import ExcitationBackprop, default_excitation_layer
+from xaijax.methods.gradient import (
+    FullGrad,
+    Gradient,
+    IntegratedGradients,
+    ModifiedGradient,
+    input_gradient,
+    quadrature,
+    relu_rule_interceptor,
+)
+from xaijax.methods.lrp import CLRP, LRP, SGLRP
+from xaijax.methods.perturbation import RISE, DRise, ExtremalPerturbation, ExtremalResult, detector_function
 from xaijax.methods.rap import RAP
+from xaijax.methods.registry import describe, get, kind, names, prefixes, register, register_prefix
 from xaijax.methods.rsp import RSP, ContrastiveRSP
-from xaijax.methods.registry import describe, get, kind, names, register
-from xaijax.methods.ucag import Ucag, get_ucag
+
+# Module paths of earlier releases, kept importable for now (``xaijax.methods.ucag`` etc.).
+for _old, _new in (
+    ("base", _core),
+    ("contrast", combinators.contrastive),
+    ("ucag", combinators.unfold_conquer),
+    ("extremal", perturbation.extremal),
+    ("drise", perturbation.drise),
+):
+    _sys.modules[f"{__name__}.{_old}"] = _new
+del _old, _new
 
 __all__ = [
-    "RAP",
-    "Contrast",
-    "ContrastiveRSP",
-    "DRise",
-    "ExtremalPerturbation",
-    "ExtremalResult",
-    "RSP",
-    "detector_function",
-    "get_contrast",
+    "KINDS",
+    "CLASSIFIER_KINDS",
+    "Method",
+    "FunctionMethod",
+    "as_method",
+    "NotApplicable",
+    "as_seed",
+    "check_inputs",
+    "class_indices",
+    "layer_gradients",
+    "reduce_channels",
+    "target_score",
+    "target_scores",
+    "describe",
+    "get",
+    "kind",
+    "names",
+    "prefixes",
+    "register",
+    "register_prefix",
+    "Center",
+    "Gradient",
+    "ModifiedGradient",
+    "IntegratedGradients",
+    "FullGrad",
+    "input_gradient",
+    "quadrature",
+    "relu_rule_interceptor",
     "CAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "XGradCAM",
     "LayerCAM",
     "ScoreCAM",
-    "XGradCAM",
+    "NormGrad",
+    "CAMERAS",
+    "activation_and_gradient",
+    "default_cam_layer",
+    "upsample_bilinear",
+    "ExcitationBackprop",
+    "default_excitation_layer",
+    "LRP",
+    "CLRP",
+    "SGLRP",
+    "RAP",
+    "RSP",
+    "ContrastiveRSP",
     "BiLRP",
     "BiLRPResult",
     "bilrp_composite",
     "plot_bilrp",
-    "CLRP",
-    "Center",
-    "ExcitationBackprop",
-    "LRP",
-    "SGLRP",
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "Gradient",
-    "IntegratedGradients",
-    "ModifiedGradient",
     "RISE",
+    "ExtremalPerturbation",
+    "ExtremalResult",
+    "DRise",
+    "detector_function",
+    "Contrast",
     "Smooth",
     "Ucag",
-    "activation_and_gradient",
-    "as_seed",
-    "check_inputs",
-    "default_cam_layer",
-    "describe",
-    "get",
-    "get_ucag",
-    "input_gradient",
-    "kind",
-    "names",
-    "quadrature",
-    "reduce_channels",
-    "register",
-    "relu_rule_interceptor",
+    "contrast",
     "smooth",
-    "upsample_bilinear",
+    "ucag",
+    "get_contrast",
+    "get_smooth",
+    "get_ucag",
 ]

@@ -13,16 +13,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xaijax.methods._core import Method, check_inputs
 from xaijax.methods.registry import register
 
 __all__ = ["Center"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Center:
+class Center(Method):
     """Map = -(squared distance to the image centre); same for every sample and target."""
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        check_inputs(x)
         n, h, w = x.shape[:3]
         yy = (jnp.arange(h, dtype=x.dtype) - (h - 1) / 2) ** 2
         xx = (jnp.arange(w, dtype=x.dtype) - (w - 1) / 2) ** 2

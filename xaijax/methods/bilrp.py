@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax.methods.base import check_inputs
+from xaijax.methods._core import Method, check_inputs
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
 from xaijax.propagation.composites import Composite
@@ -187,7 +187,7 @@ class _LayerOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class BiLRP:
+class BiLRP(Method):
     """BiLRP explanation of ``s(x, x') = <phi(x), phi(x')>`` (see the module docstring).
 
     ``phi(x) = project(pool(a(x)))`` where ``a`` is the output of ``layer`` (NHWC, or any

@@ -1,11 +1,15 @@
-"""Class-activation-map methods: Grad-CAM and Grad-CAM++.
+"""The CAM family: maps computed at a layer from its activations (and gradients), upsampled.
 
-Both read the activation ``A`` (N, h, w, K) of one layer and the gradient
-``g = dS/dA`` of the score ``S = sum(seed * model(x))`` (the target logit for an int
-target), obtained with :func:`xaijax.models.taps.forward` (a zero array added to the layer's
-output is differentiated: no hooks). The map is upsampled to the input size with
-:func:`upsample_bilinear` (PyTorch's ``F.interpolate(mode="bilinear",
-align_corners=False)``), and is *not* min-max normalised (metrics that need it normalise).
+Every method here has ``kind = "cam"`` and the convention ``method(model, variables, x,
+target) -> (N, H, W)``: ``x`` is a normalised NHWC float batch, ``target`` class indices
+(int or int (N,)) or an (N, K) seed, and the score is ``S = sum(seed * model(x))`` per
+sample. ``A`` (N, h, w, K) is the activation of the CAM layer (a dotted layer name;
+``layer=None`` picks :func:`default_cam_layer`, the model's ``cam_layer``: VGG's last ReLU
+``features.29`` for VGG16, ResNet ``layer4``, DenseNet ``relu``, Inception ``Mixed_7c``),
+``g = dS/dA`` its gradient (one backward pass, no hooks:
+:func:`xaijax.methods.layer_gradients`). Maps are upsampled to the input size with
+:func:`xaijax.imageops.resize` (PyTorch's ``bilinear``, ``align_corners=False``) and are
+*not* min-max normalised at the end unless stated (metrics normalise when they need to).
 
 * ``grad-cam`` (Selvaraju et al., 2017): ``w_k = mean_ab g_abk``,
   ``cam = relu(sum_k w_k A_k)``.
@@ -23,10 +27,81 @@ align_corners=False)``), and is *not* min-max normalised (metrics that need it n
   pytorch-grad-cam we drop it (it only rescales the map and overflows for large logits).
   pytorch-grad-cam adds ``1e-6`` to the denominator; ``eps`` reproduces that (default 0:
   the exact closed form).
+* ``cam`` (Zhou et al., CVPR 2016). Defined only for a head made of **global average
+  pooling followed by one linear layer** (ResNet ``avgpool -> fc``, DenseNet
+  ``avgpool -> classifier``, Inception-v3 ``avgpool -> dropout -> fc``): with ``W`` the
+  linear layer's kernel (C, K), ``w_c = W @ seed`` (the column of the target class) and
+  ``cam = sum_c w_c A_c`` (bias dropped: it is constant over space). As in the authors'
+  code there is no ReLU by default (``relu=True`` adds one). The head is checked
+  structurally during tracing: after the CAM layer the model must call, as a pure chain,
+  an ``AdaptiveAvgPool2d`` to 1x1, then only ``Flatten`` or pass-through modules (eval
+  dropout, identity), then exactly one ``nn.Dense`` whose output is the model's output.
+  Anything else (VGG's three-layer fully connected classifier, a layer that is not the
+  one feeding the pool) raises a ``ValueError``; use ``grad-cam``, which reduces to CAM
+  on such heads: ``grad-cam = relu(cam) / (h w)``.
 
-Default layers (``layer=None``) come from :func:`default_cam_layer`: VGG -> its last ReLU
-(``features.29`` for VGG16), ResNet -> ``layer4``, DenseNet -> ``relu`` (after ``norm5``),
-Inception-v3 -> ``Mixed_7c``.
+* ``xgrad-cam`` (Fu et al., BMVC 2020, "axiom-based Grad-CAM"):
+  ``w_c = sum_ij (A_ijc / sum_ab A_abc) g_ijc`` and ``map = relu(sum_c w_c A_c)``. A
+  channel whose activations sum to zero gets weight 0 (``eps`` is added to the
+  denominator, default 0; pytorch-grad-cam uses 1e-7, torchcam 1e-8).
+
+* ``layer-cam`` (Jiang et al., IEEE TIP 2021; authors' code ``PengtaoJiang/LayerCAM-jittor``):
+  per location ``M = relu(sum_c relu(g_ijc) A_ijc)``. One layer: ``M`` upsampled, not
+  normalised. Several layers (``layer=("layer2", "layer3", "layer4")``, one backward pass
+  for all): each layer's map is scaled as in Eq. 9 of the paper,
+  ``tanh(gamma * M / max(M))`` per sample (``gamma = 2``; 0 where ``max(M) = 0``), at its
+  own resolution, then upsampled to the input size, and the maps are fused by the
+  element-wise maximum (as torchcam's ``LayerCAM.fuse_cams``; ``fuse="mean"`` averages
+  instead). Like torchcam, the scaling is applied to every fused layer (the paper motivates
+  it for the shallow ones).
+
+* ``score-cam`` (Wang et al., CVPR-W 2020; authors' code ``haofanwang/Score-CAM``). Every
+  channel ``A_c`` is upsampled to the input size (bilinear, ``align_corners=False``),
+  min-max normalised per sample to ``H_c`` in [0, 1], and the model is run on ``x * H_c``;
+  the channel's weight is the *softmax* probability of the target,
+  ``w_c = sum_k seed_k softmax(model(x * H_c))_k``, minus a baseline. ``baseline="none"``
+  (default) follows the authors' code and pytorch-grad-cam, which drop the paper's
+  ``f(X_b)`` term of the channel-wise increase of confidence; ``baseline="zero"`` is the
+  paper's ``C(A_c) = f(X * H_c) - f(X_b)`` with ``X_b = 0`` (the input under an all-zero
+  mask, i.e. the zero image in the model's normalised input space). Channels that are
+  constant over the image get weight 0 (the authors' code skips them). The map is
+  ``relu(sum_c w_c up(A_c))`` with the ReLU *after* upsampling, as in the reference.
+  Masked inputs are scored ``chunk_size`` channels at a time (``jax.lax.map`` over chunks,
+  each chunk one batched forward pass of ``N * chunk_size`` images), so memory is bounded
+  by the chunk size, not the channel count. Note: pytorch-grad-cam's ``ScoreCAM`` differs
+  from the paper in two ways we do not follow: it upsamples with ``align_corners=True``
+  and it takes a softmax of the raw *logits* over channels instead of the softmax
+  probability over classes.
+* ``normgrad`` (Rebuffi et al., CVPR 2020; reference ``srebuffi/revisiting_saliency``,
+  "norm" aggregation). A virtual identity layer inserted after layer ``l`` has, at
+  location ``u``, the weight-gradient contribution ``g_u a_u^T`` (``a`` the layer output,
+  ``g = dS/da``). The map is its Frobenius norm per location:
+
+  - ``virtual="conv1x1"`` (default; NormGrad of the paper): ``||a_u|| * ||g_u||``;
+  - ``"scaling"`` (virtual per-channel scaling layer): ``||a_u * g_u||``;
+  - ``"conv3x3"`` (virtual 3x3 conv, zero padding 1): ``||patch_3x3(a)_u|| * ||g_u||``;
+  - ``"bias"`` (virtual bias): ``||g_u||``.
+
+  One layer (default: the CAM layer) gives the map upsampled bilinearly
+  (``align_corners=False``) and *not* normalised, like Grad-CAM in xaijax. Several layers
+  (``layer=("layer2.0", "layer3.0", ...)``) are combined as in the reference: each map is
+  upsampled, min-max normalised per sample to [0, 1], and the maps are **multiplied**
+  (all layers' gradients come from one backward pass).
+
+* ``cameras`` (Jalwana et al., CVPR 2021; reference ``VisMIL/CAMERAS``). The input is
+  resized to several resolutions (bicubic, PyTorch's ``a = -0.75``, ``align_corners=False``;
+  scale factor 1 uses ``x`` itself); at each, the CAM layer's activation ``A_r`` and
+  gradient ``G_r`` are recorded and both are upsampled bilinearly to the *input* size
+  (as the reference does, not to the base feature size); they are averaged over
+  resolutions, and ``map = relu(sum_k mean(G)_k * mean(A)_k)`` is min-max normalised per
+  sample (0 where the map is constant). Default resolutions are the reference's
+  ``224, 324, ..., 924`` for a 224-px input, i.e. scale factors ``(224 + 100 k) / 224``,
+  ``k = 0..7``; other input sizes are scaled by the same factors. Every scale is traced in
+  one function (a Python loop over static sizes); memory grows with the number of scales
+  and with ``H * W * channels`` of the upsampled features. The reference drops
+  resolutions whose top-1 class differs from the base one only when no class is given;
+  xaijax always has a target, so every resolution counts (as in the reference with a
+  given class).
 """
 
 from __future__ import annotations
@@ -38,47 +113,51 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xaijax.methods.base import as_seed, check_inputs
+from xaijax import imageops
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, layer_gradients, validate_positive_int
+from xaijax.methods.combinators import Ucag
 from xaijax.methods.registry import register
+from xaijax.models import layers as L
 from xaijax.models import taps
-from xaijax.models.densenet import DenseNet
-from xaijax.models.inception import Inception3
-from xaijax.models.resnet import ResNet
-from xaijax.models.vgg import VGG, last_relu_index
 
 __all__ = [
     "default_cam_layer",
     "activation_and_gradient",
     "upsample_bilinear",
+    "CamMethod",
     "GradCAM",
     "GradCAMPlusPlus",
+    "CAM",
+    "gap_linear_head",
+    "XGradCAM",
+    "LayerCAM",
+    "layercam_scale",
+    "ScoreCAM",
+    "NormGrad",
+    "CAMERAS",
+    "CAMERAS_REFERENCE_SCALES",
 ]
+
+#: Scale factors of the reference CAMERAS resolutions 224, 324, ..., 924 for a 224-px input.
+CAMERAS_REFERENCE_SCALES: tuple[float, ...] = tuple(r / 224 for r in range(224, 1000, 100))
 
 
 def default_cam_layer(model: nn.Module) -> str:
-    """The default CAM layer of a zoo model (the registry's ``cam_layer`` for its family).
+    """The default CAM layer of a model: its ``cam_layer`` (one source per architecture).
 
-    VGG: the last ReLU of ``features`` (``features.29`` for VGG16, ``features.42`` for
-    VGG16-BN); ResNet: ``layer4``; DenseNet: ``relu``; Inception3: ``Mixed_7c``. Any other
-    module may define a string attribute ``cam_layer``.
+    Zoo models declare it (VGG: the last ReLU of ``features``, ``features.29`` for VGG16,
+    ``features.42`` for VGG16-BN; ResNet: ``layer4``; DenseNet: ``relu``; Inception3:
+    ``Mixed_7c``); any other module may define a string attribute ``cam_layer``.
 
     Raises:
-      ValueError: the model is not a zoo model and has no ``cam_layer`` attribute.
+      NotApplicable: the model declares no ``cam_layer`` (pass ``layer=`` explicitly).
     """
-    if isinstance(model, VGG):
-        return f"features.{last_relu_index(model.cfg, model.batch_norm)}"
-    if isinstance(model, ResNet):
-        return "layer4"
-    if isinstance(model, DenseNet):
-        return "relu"
-    if isinstance(model, Inception3):
-        return "Mixed_7c"
-    layer = getattr(model, "cam_layer", None)
+    layer = getattr(model, "cam_layer", None)  # the model protocol, not a method probe
     if isinstance(layer, str):
         return layer
-    raise ValueError(
+    raise NotApplicable(
         f"no default CAM layer for a {type(model).__name__}; pass layer='<dotted layer name>' "
-        "(see xaijax.models.taps.layer_names)"
+        "(see xaijax.models.taps.layer_names) or give the module a cam_layer attribute"
     )
 
 
@@ -87,56 +166,57 @@ def activation_and_gradient(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Activation of ``layer``, the gradient of the score w.r.t. it, and the model output.
 
-    Args:
-      x: NHWC input batch (N, H, W, C).
-      target: int / int (N,) class indices or an (N, K) seed; score = sum(seed * output).
-      layer: dotted layer name.
-
-    Returns:
-      ``(A, g, out)``: ``A`` and ``g = dS/dA`` with the layer output's shape, ``out`` (N, K).
-
-    Raises:
-      ValueError: unknown layer (with suggestions).
+    One layer of :func:`xaijax.methods.layer_gradients`: ``(A, g, out)`` with ``A`` and
+    ``g = dS/dA`` of the layer output's shape and ``out`` (N, K).
     """
-    check_inputs(x)
-    _, acts = jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=[layer]), x)
-    shape = acts[layer]
-
-    def score(delta: jax.Array):
-        out, a = taps.forward(model, variables, x, capture=[layer], add={layer: delta})
-        seed = as_seed(target, out.shape[-1], out.shape[0], out.dtype)
-        return (out * seed).sum(), (a[layer], out)
-
-    g, (a, out) = jax.grad(score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
-    return a, g, out
+    acts, grads, out = layer_gradients(model, variables, x, target, [layer])
+    return acts[layer], grads[layer], out
 
 
 def upsample_bilinear(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Resize (N, h, w) maps to (N, H, W) like ``F.interpolate(..., "bilinear", align_corners=False)``.
-
-    Half-pixel centres, edge values clamped, no antialiasing (also when shrinking), i.e.
-    PyTorch's default bilinear interpolation.
-    """
+    """(N, h, w) maps -> (N, H, W) like ``F.interpolate(..., "bilinear", align_corners=False)``
+    (:func:`xaijax.imageops.resize`)."""
     if maps.ndim != 3:
         raise ValueError(f"maps must have shape (N, h, w); got {maps.shape}")
-    h, w = int(size[0]), int(size[1])
-    if maps.shape[1:] == (h, w):
-        return maps
-    return jax.image.resize(maps, (maps.shape[0], h, w), method="linear", antialias=False)
+    return imageops.resize(maps, size)
 
 
-def _layer_maps(model: nn.Module, variables, x, target, layer: str | None):
-    name = default_cam_layer(model) if layer is None else layer
-    a, g, out = activation_and_gradient(model, variables, x, target, name)
+def _check_spatial(name: str, a: jax.Array) -> None:
     if a.ndim != 4:
-        raise ValueError(
-            f"CAM layer {name!r} must output an NHWC feature map (N, h, w, K); its output has shape {a.shape}"
-        )
-    return a, g, out
+        raise ValueError(f"CAM layer {name!r} must output an NHWC feature map (N, h, w, K); its output has shape {a.shape}")
+
+
+def _layer_name(model: nn.Module, layer: str | None) -> str:
+    return default_cam_layer(model) if layer is None else layer
+
+
+def _spatial_layers(model, variables, x, target, names):
+    """``layer_gradients`` for ``names``, each checked to be an NHWC feature map."""
+    acts, grads, out = layer_gradients(model, variables, x, target, names)
+    for k in names:
+        _check_spatial(k, acts[k])
+    return acts, grads, out
+
+
+def _one_layer(model, variables, x, target, layer: str | None):
+    name = _layer_name(model, layer)
+    acts, grads, out = _spatial_layers(model, variables, x, target, [name])
+    return acts[name], grads[name], out
+
+
+class CamMethod(Method):
+    """Base of the CAM family: ``kind = "cam"`` (UCAG applies its CAM post-processing)."""
+
+    kind = "cam"
+
+
+# --------------------------------------------------------------------------------------
+# Grad-CAM, Grad-CAM++
+# --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class GradCAM:
+class GradCAM(CamMethod):
     """Grad-CAM: ``relu(sum_k mean_ab(g_abk) A_k)`` upsampled to the input size.
 
     Attributes:
@@ -147,14 +227,14 @@ class GradCAM:
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, H, W) map for ``x`` (N, H, W, C)."""
-        a, g, _ = _layer_maps(model, variables, x, target, self.layer)
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
         w = g.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1, K)
         cam = jax.nn.relu((w * a).sum(-1))
         return upsample_bilinear(cam, x.shape[1:3])
 
 
 @dataclasses.dataclass(frozen=True)
-class GradCAMPlusPlus:
+class GradCAMPlusPlus(CamMethod):
     """Grad-CAM++ (closed form for an exponential output; see the module docstring).
 
     Attributes:
@@ -167,7 +247,7 @@ class GradCAMPlusPlus:
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, H, W) map for ``x`` (N, H, W, C)."""
-        a, g, _ = _layer_maps(model, variables, x, target, self.layer)
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
         g2 = g * g
         g3 = g2 * g
         sum_a = a.sum(axis=(1, 2), keepdims=True)  # (N, 1, 1, K)
@@ -179,9 +259,473 @@ class GradCAMPlusPlus:
         return upsample_bilinear(cam, x.shape[1:3])
 
 
+
+# --------------------------------------------------------------------------------------
+# CAM (Zhou et al. 2016)
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Call:
+    """One intercepted ``__call__`` after the CAM layer finished."""
+
+    name: str
+    module: nn.Module
+    arg: Any
+    out: Any = None
+    leaf: bool = True
+    kernel: Any = None
+
+
+def gap_linear_head(
+    model: nn.Module, variables: Mapping[str, Any], x: jax.Array, layer: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Activation of ``layer``, the kernel of the linear layer after global pooling, and the output.
+
+    Runs one forward pass and checks that the model's head beyond ``layer`` is
+    ``AdaptiveAvgPool2d(1) -> [Flatten | pass-through]* -> Dense`` applied as a chain to the
+    layer's output, the Dense's output being the model output.
+
+    Args:
+      x: NHWC batch (N, H, W, C_in).
+      layer: dotted layer name.
+
+    Returns:
+      ``(A, W, out)``: ``A`` (N, h, w, C), ``W`` the Dense kernel (C, K), ``out`` (N, K).
+
+    Raises:
+      ValueError: unknown layer (with suggestions).
+      NotApplicable: a head that is not global-average-pooling + one linear layer.
+    """
+    check_inputs(x)
+    seen: dict[str, Any] = {}
+    calls: list[_Call] = []
+    stack: list[_Call | None] = []
+    active: set[str] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        name = taps.module_name(context.module)
+        if name in active:  # a subclass calling super().__call__: same module
+            return next_fun(*args, **kwargs)
+        rec = None
+        if "out" in seen:
+            rec = _Call(name, context.module, args[0] if args else None)
+            calls.append(rec)
+            for parent in stack:
+                if parent is not None:
+                    parent.leaf = False
+        stack.append(rec)
+        active.add(name)
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            active.discard(name)
+            stack.pop()
+        if rec is not None:
+            rec.out = out
+            if isinstance(context.module, nn.Dense):
+                rec.kernel = context.module.variables["params"]["kernel"]
+        if name == layer:
+            if "out" in seen:
+                raise ValueError(f"layer {layer!r} is called more than once; CAM needs a single call")
+            seen["out"] = out
+        return out
+
+    with nn.intercept_methods(interceptor):
+        out = model.apply(variables, x)
+    if "out" not in seen:
+        taps.check_layers(model, variables, x, [layer])  # raises the readable unknown-layer error
+        raise ValueError(f"layer {layer!r} was not called in the forward pass")
+    a = seen["out"]
+    _check_spatial(layer, a)
+    leaves = [c for c in calls if c.leaf]
+
+    def fail(why: str):
+        listed = ", ".join(f"{c.name} ({type(c.module).__name__})" for c in leaves[:12])
+        if len(leaves) > 12:
+            listed += f", ... ({len(leaves)} layers)"
+        dense = [c.name for c in leaves if isinstance(c.module, nn.Dense)]
+        extra = f"; its head has {len(dense)} linear layers ({', '.join(dense)})" if len(dense) > 1 else ""
+        raise NotApplicable(
+            f"CAM (Zhou et al. 2016) is defined only when the CAM layer's output goes through global average "
+            f"pooling and a single linear layer that gives the model output; after layer {layer!r} "
+            f"{type(model).__name__} calls: {listed or 'nothing'}{extra}. {why} "
+            "Use 'grad-cam' (CAM's generalisation to any head) for this model, or pass the layer that feeds "
+            "the global pool."
+        )
+
+    if not leaves:
+        fail("No layer follows it.")
+    pool = leaves[0]
+    is_gap = getattr(pool.out, "ndim", 0) == 4 and pool.out.shape[1:3] == (1, 1)
+    if not (isinstance(pool.module, L.AdaptiveAvgPool2d) and is_gap):
+        fail(f"The first layer after it, {pool.name!r}, is not a global AdaptiveAvgPool2d(1).")
+    if pool.arg is not a:
+        fail(f"The global pool {pool.name!r} does not take the layer's output as its input.")
+    if sum(isinstance(c.module, nn.Dense) for c in leaves) > 1:
+        fail("There is more than one linear layer.")
+    prev = pool
+    for c in leaves[1:-1]:
+        passthrough = isinstance(c.module, (L.Flatten, L.Identity)) or c.out is c.arg
+        if not passthrough:
+            fail(
+                f"Layer {c.name!r} ({type(c.module).__name__}) between the pool and the linear layer "
+                "is not a flatten or identity."
+            )
+        if c.arg is not prev.out:
+            fail(f"Layer {c.name!r} does not take the previous layer's output.")
+        prev = c
+    fc = leaves[-1]
+    if len(leaves) < 2 or not isinstance(fc.module, nn.Dense):
+        fail("The last layer is not a single linear (Dense) layer.")
+    if fc.arg is not prev.out or fc.out is not out:
+        fail(f"The linear layer {fc.name!r} is not applied directly to the pooled features to give the output.")
+    kernel = fc.kernel
+    if kernel.ndim != 2 or kernel.shape[0] != a.shape[-1]:
+        fail(f"The linear layer's kernel has shape {kernel.shape}, not ({a.shape[-1]}, K).")
+    return a, kernel, out
+
+
+@dataclasses.dataclass(frozen=True)
+class CAM(CamMethod):
+    """Class activation map (Zhou et al. 2016): ``sum_c W[c, target] A_c`` upsampled.
+
+    Defined only for global-average-pooling + single-linear heads (see the module docstring);
+    other heads raise a ``ValueError``.
+
+    Attributes:
+      layer: dotted name of the layer feeding the global pool (``None``:
+        :func:`default_cam_layer`).
+      relu: apply a ReLU to the map (default False: the raw map, as in the authors' code).
+    """
+
+    layer: str | None = None
+    relu: bool = False
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        a, kernel, out = gap_linear_head(model, variables, x, _layer_name(model, self.layer))
+        seed = as_seed(target, out.shape[-1], out.shape[0], a.dtype)
+        w = seed @ kernel.astype(a.dtype).T  # (N, C)
+        cam = jnp.einsum("nhwc,nc->nhw", a, w, precision=jax.lax.Precision.HIGHEST)
+        if self.relu:
+            cam = jax.nn.relu(cam)
+        return upsample_bilinear(cam, x.shape[1:3])
+
+
+# --------------------------------------------------------------------------------------
+# XGrad-CAM (Fu et al. 2020)
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class XGradCAM(CamMethod):
+    """XGrad-CAM: ``relu(sum_c w_c A_c)``, ``w_c = sum_ij A_ijc g_ijc / sum_ij A_ijc``.
+
+    Attributes:
+      layer: dotted layer name (``None``: :func:`default_cam_layer`).
+      eps: added to ``sum_ij A_ijc`` (default 0; a zero sum gives weight 0).
+    """
+
+    layer: str | None = None
+    eps: float = 0.0
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
+        denom = a.sum(axis=(1, 2), keepdims=True) + jnp.asarray(self.eps, a.dtype)
+        ok = denom != 0
+        w = jnp.where(ok, (a * g).sum(axis=(1, 2), keepdims=True) / jnp.where(ok, denom, 1.0), 0.0)
+        cam = jax.nn.relu((w * a).sum(-1))
+        return upsample_bilinear(cam, x.shape[1:3])
+
+
+# --------------------------------------------------------------------------------------
+# Layer-CAM (Jiang et al. 2021)
+# --------------------------------------------------------------------------------------
+
+_FUSE = ("max", "mean")
+
+
+def _layercam_map(a: jax.Array, g: jax.Array) -> jax.Array:
+    """(N, h, w) ``relu(sum_c relu(g) * A)``."""
+    return jax.nn.relu((jax.nn.relu(g) * a).sum(-1))
+
+
+def layercam_scale(m: jax.Array, gamma: float) -> jax.Array:
+    """Eq. 9 of the Layer-CAM paper per sample: ``tanh(gamma * m / max(m))`` (0 where max <= 0)."""
+    top = m.max(axis=(1, 2), keepdims=True)
+    return jnp.where(top > 0, jnp.tanh(gamma * m / jnp.where(top > 0, top, 1.0)), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCAM(CamMethod):
+    """Layer-CAM, single layer or fused over several layers (see the module docstring).
+
+    Attributes:
+      layer: a dotted layer name, ``None`` (:func:`default_cam_layer`), or
+        a tuple of names (fused map in [0, 1)).
+      gamma: scale of the ``tanh`` of the multi-layer fusion (paper: 2).
+      fuse: ``"max"`` (element-wise maximum, default) or ``"mean"`` of the scaled maps.
+    """
+
+    layer: str | tuple[str, ...] | None = None
+    gamma: float = 2.0
+    fuse: str = "max"
+
+    def __post_init__(self):
+        if isinstance(self.layer, list):
+            object.__setattr__(self, "layer", tuple(self.layer))
+        if isinstance(self.layer, tuple):
+            if not self.layer:
+                raise ValueError("layer must name at least one layer")
+            if len(set(self.layer)) != len(self.layer):
+                raise ValueError(f"layer names must be distinct; got {list(self.layer)}")
+        if self.fuse not in _FUSE:
+            raise ValueError(f"unknown Layer-CAM fusion {self.fuse!r}; use one of {', '.join(_FUSE)}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be positive; got {self.gamma}")
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        check_inputs(x)
+        size = x.shape[1:3]
+        if self.layer is None or isinstance(self.layer, str):
+            a, g, _ = _one_layer(model, variables, x, target, self.layer)
+            return upsample_bilinear(_layercam_map(a, g), size)
+        names = list(self.layer)
+        acts, grads, _ = _spatial_layers(model, variables, x, target, names)
+        maps = []
+        for k in names:
+            m = layercam_scale(_layercam_map(acts[k], grads[k]), self.gamma)
+            maps.append(upsample_bilinear(m, size))
+        stacked = jnp.stack(maps)
+        return stacked.max(0) if self.fuse == "max" else stacked.mean(0)
+
+
+# --------------------------------------------------------------------------------------
+# Score-CAM (Wang et al. 2020)
+# --------------------------------------------------------------------------------------
+
+_BASELINES = ("none", "zero")
+
+
+def target_probability(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, seed: jax.Array) -> jax.Array:
+    """``sum_k seed_k softmax(model(x))_k`` per sample: (N,) for ``x`` (N, H, W, C), ``seed`` (N, K)."""
+    p = jax.nn.softmax(model.apply(variables, x), axis=-1)
+    return (p * seed.astype(p.dtype)).sum(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreCAM(CamMethod):
+    """Score-CAM (see the module docstring).
+
+    Attributes:
+      layer: dotted layer name (``None``: :func:`default_cam_layer`).
+      chunk_size: channels scored per batched forward pass (memory ~ ``N * chunk_size`` images).
+      baseline: ``"none"`` (authors' code: weight = softmax probability of the masked input)
+        or ``"zero"`` (minus the probability of the zero input, the paper's ``f(X_b)``).
+    """
+
+    layer: str | None = None
+    chunk_size: int = 32
+    baseline: str = "none"
+
+    def __post_init__(self):
+        validate_positive_int("score-cam", "chunk_size", self.chunk_size)
+        if self.baseline not in _BASELINES:
+            raise ValueError(f"unknown Score-CAM baseline {self.baseline!r}; use one of {', '.join(_BASELINES)}")
+
+    def channel_weights(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> tuple[jax.Array, jax.Array]:
+        """The CAM layer's activation ``A`` (N, h, w, C) and the channel weights ``w`` (N, C)."""
+        check_inputs(x)
+        name = _layer_name(model, self.layer)
+        out, acts = taps.forward(model, variables, x, capture=[name])
+        a = jax.lax.stop_gradient(acts[name])
+        _check_spatial(name, a)
+        n, size, c = x.shape[0], x.shape[1:3], a.shape[-1]
+        seed = as_seed(target, out.shape[-1], n, x.dtype)
+        chunk = min(self.chunk_size, c)
+        n_chunks = -(-c // chunk)
+        ids = (jnp.arange(n_chunks * chunk) % c).reshape(n_chunks, chunk)  # padding repeats channels
+        if self.baseline == "zero":
+            base = target_probability(model, variables, jnp.zeros_like(x), seed)[:, None]  # (N, 1)
+        else:
+            base = jnp.zeros((n, 1), x.dtype)
+
+        def score_chunk(idx: jax.Array) -> jax.Array:
+            up = imageops.resize(jnp.take(a, idx, axis=-1), size)  # (N, H, W, chunk)
+            const = up.max(axis=(1, 2), keepdims=True) <= up.min(axis=(1, 2), keepdims=True)
+            per_channel = jnp.moveaxis(up, -1, 1).reshape((-1,) + tuple(size))  # (N * chunk, H, W)
+            masks = imageops.minmax_normalize(per_channel).reshape((n, -1) + tuple(size)).astype(x.dtype)
+            masked = x[:, None] * masks[..., None]  # (N, chunk, H, W, C_in)
+            flat = masked.reshape((n * chunk,) + x.shape[1:])
+            s = target_probability(model, variables, flat, jnp.repeat(seed, chunk, axis=0)).reshape(n, chunk)
+            return jnp.where(const[:, 0, 0, :], 0.0, s - base)  # (N, chunk)
+
+        scores = jax.lax.map(score_chunk, ids)  # (n_chunks, N, chunk)
+        return a, jnp.moveaxis(scores, 0, 1).reshape(n, n_chunks * chunk)[:, :c]
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        a, w = self.channel_weights(model, variables, x, target)
+        cam = jnp.einsum("nhwc,nc->nhw", a, w.astype(a.dtype), precision=jax.lax.Precision.HIGHEST)
+        return jax.nn.relu(upsample_bilinear(cam, x.shape[1:3]))
+
+
+
+
+# --------------------------------------------------------------------------------------
+# NormGrad
+# --------------------------------------------------------------------------------------
+
+_VIRTUAL = ("conv1x1", "scaling", "conv3x3", "bias")
+
+
+def _normgrad_layer_map(a: jax.Array, g: jax.Array, virtual: str) -> jax.Array:
+    """(N, h, w) Frobenius norm of the virtual layer's per-location weight gradient."""
+    gn = jnp.sqrt((g * g).sum(-1))
+    if virtual == "conv1x1":
+        return jnp.sqrt((a * a).sum(-1)) * gn
+    if virtual == "scaling":
+        ag = a * g
+        return jnp.sqrt((ag * ag).sum(-1))
+    if virtual == "conv3x3":
+        sq = (a * a).sum(-1)
+        patch = jax.lax.reduce_window(sq, 0.0, jax.lax.add, (1, 3, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 1)))
+        return jnp.sqrt(patch) * gn
+    return gn  # "bias"
+
+
+@dataclasses.dataclass(frozen=True)
+class NormGrad(CamMethod):
+    """NormGrad (see the module docstring).
+
+    Attributes:
+      layer: a dotted layer name, a tuple of names (multi-layer: product of min-max
+        normalised upsampled maps), or ``None`` (:func:`default_cam_layer`).
+      virtual: ``"conv1x1"`` (default), ``"scaling"``, ``"conv3x3"`` or ``"bias"``.
+    """
+
+    layer: str | tuple[str, ...] | None = None
+    virtual: str = "conv1x1"
+
+    def __post_init__(self):
+        if self.virtual not in _VIRTUAL:
+            raise ValueError(f"unknown NormGrad virtual layer {self.virtual!r}; use one of {', '.join(_VIRTUAL)}")
+        if isinstance(self.layer, list):
+            object.__setattr__(self, "layer", tuple(self.layer))
+        if isinstance(self.layer, tuple) and not self.layer:
+            raise ValueError("layer must name at least one layer")
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        check_inputs(x)
+        size = x.shape[1:3]
+        if self.layer is None or isinstance(self.layer, str):
+            a, g, _ = _one_layer(model, variables, x, target, self.layer)
+            return upsample_bilinear(_normgrad_layer_map(a, g, self.virtual), size)
+        names = list(self.layer)
+        a, grads, _ = _spatial_layers(model, variables, x, target, names)
+        result = None
+        for k in names:
+            m = imageops.minmax_normalize(upsample_bilinear(_normgrad_layer_map(a[k], grads[k], self.virtual), size))
+            result = m if result is None else result * m
+        return result
+
+
+
+# --------------------------------------------------------------------------------------
+# CAMERAS
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CAMERAS(CamMethod):
+    """CAMERAS (see the module docstring).
+
+    Attributes:
+      layer: dotted layer name (``None``: :func:`default_cam_layer`).
+      scales: input resize factors (``None``: :data:`CAMERAS_REFERENCE_SCALES`, the
+        reference's 224..924 px for 224-px inputs). Sizes are ``round(H * s), round(W * s)``.
+    """
+
+    layer: str | None = None
+    scales: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.scales is not None:
+            object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+            if not self.scales or any(not s > 0 for s in self.scales):
+                raise ValueError(f"scales must be a non-empty tuple of positive factors; got {self.scales}")
+
+    def sizes(self, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Input resolutions (H_r, W_r) used for an input of spatial size ``size``."""
+        scales = CAMERAS_REFERENCE_SCALES if self.scales is None else self.scales
+        return [(max(1, int(round(size[0] * s))), max(1, int(round(size[1] * s)))) for s in scales]
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map in [0, 1] for ``x`` (N, H, W, C)."""
+        check_inputs(x)
+        name = _layer_name(model, self.layer)
+        size = x.shape[1:3]
+        sizes = self.sizes(size)
+        mean_a = mean_g = None
+        for hw in sizes:
+            xr = imageops.resize(x, hw, "bicubic")
+            a, g, _ = _one_layer(model, variables, xr, target, name)
+            a = imageops.resize(a, size)
+            g = imageops.resize(g, size)
+            mean_a = a if mean_a is None else mean_a + a
+            mean_g = g if mean_g is None else mean_g + g
+        n = len(sizes)
+        sal = jax.nn.relu(((mean_a / n) * (mean_g / n)).sum(-1))
+        return imageops.minmax_normalize(sal)
+
+
+
 register("grad-cam", GradCAM, "Grad-CAM (Selvaraju et al. 2017) at the model's default CAM layer")
 register(
     "grad-cam-plus-plus",
     GradCAMPlusPlus,
     "Grad-CAM++ (Chattopadhay et al. 2018), exponential-output closed form as in pytorch-grad-cam",
+)
+
+register("cam", CAM, "CAM (Zhou et al. 2016): linear-layer weights on the features before global average pooling")
+register("xgrad-cam", XGradCAM, "XGrad-CAM (Fu et al. 2020): axiom-based, activation-weighted gradient averages")
+register(
+    "layer-cam",
+    LayerCAM,
+    "Layer-CAM (Jiang et al. 2021): positive gradients times activations per location; multi-layer fusion",
+)
+register(
+    "score-cam",
+    ScoreCAM,
+    "Score-CAM (Wang et al. 2020): channels weighted by the target probability of the channel-masked input",
+)
+
+register(
+    "normgrad",
+    NormGrad,
+    "NormGrad (Rebuffi et al. 2020): norm of a virtual identity layer's per-location weight gradient",
+)
+register(
+    "cameras",
+    CAMERAS,
+    "CAMERAS (Jalwana et al. 2021): activations and gradients accumulated over input resolutions",
+)
+
+
+def _ucag_grad_cam(layer: str | None = None, **options: Any) -> Ucag:
+    return Ucag(GradCAM(layer), **options)
+
+
+register(
+    "ucag-grad-cam",
+    _ucag_grad_cam,
+    "UCAG (Hwang et al. 2023) over Grad-CAM: 6x6 zoomed patches, confidence-weighted, blurred",
 )

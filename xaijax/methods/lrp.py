@@ -1,12 +1,13 @@
-"""Layer-wise relevance propagation, its contrastive variants, and Excitation Backprop.
+"""Layer-wise relevance propagation and its contrastive variants (CLRP, SGLRP).
 
 All methods run the model's own forward pass with relevance rules attached as custom VJPs
 (:mod:`xaijax.propagation`) and are called as ``method(model, variables, x, target) ->
-(N, H, W)`` (see :mod:`xaijax.methods.base`). Pure: ``jax.jit`` (model static) and
+(N, H, W)``. Pure: ``jax.jit`` (model static) and
 ``jax.vmap`` apply; samples are independent.
 
 LRP (:class:`LRP`). The output relevance is ``seed * logits`` — the target logit for an int
-target, or any output-shaped float seed weighting the logits — propagated to the input with
+target, or any output-shaped float seed weighting the logits (``output="seed"``: the seed
+itself, which is what the contrastive variants propagate) — propagated to the input with
 a composite (:mod:`xaijax.propagation.composites`) and summed over channels:
 
 ====================================  ====================================================
@@ -45,18 +46,31 @@ SGLRP (Iwana, Kuroki & Uchida, ICCVW 2019). Seeds from the softmax gradient: tar
 / sum(R_others)`` (``scaling=True``, as in the authors' code; ``scaling=False`` gives LRP of
 the signed softmax gradient itself). Rule set as for CLRP.
 
-Excitation Backprop (Zhang et al., ECCV 2016; TorchRay's implementation). Marginal winning
-probabilities from a one-hot seed (value 1, not the logit) with positive weights and no
-bias on convolutions/dense layers, proportional average pooling and residual sums,
-BatchNorm passed through, ReLU/max pooling gradients; the saliency is read at an
-intermediate layer (default: the stride-16 stage — VGG pool4 ``features.23``, ResNet
-``layer3``, DenseNet ``features.denseblock{n-1}``, Inception ``Mixed_6e``), summed over
-channels and bilinearly upsampled to the input size. The contrastive variant (c-EB) flips
-the classifier's weights for the contrast signal and subtracts it; TorchRay does this in two
-passes with the subtraction at a "contrast layer" (VGG ``relu7``, ResNet ``avgpool``), but
-since propagation below that layer is linear in the signal the result is the same as
-subtracting at the classifier (:class:`~xaijax.propagation.rules.Contrast`), which needs one
-pass and no contrast layer. The c-EB map is clamped at zero, as in TorchRay.
+Contrastive LRP (:class:`CLRP`, Gu, Yang & Tresp, ACCV 2018). Two propagations with the
+deep-Taylor rule set of the reference code (z^B on the input layer, z+ elsewhere): one from
+the target, ``R_t`` (output relevance ``|z_t|`` at the target), one from the *dual* concept,
+``R_d``; the map is ``R_t - R_d * sum(R_t) / sum(R_d)`` per sample, i.e. the dual is scaled
+to the target's total before it is subtracted (the reference normalises both to unit sum and
+subtracts, which is the same map divided by ``sum(R_t)``). The dual (``dual=``):
+
+* ``"uniform"`` (default): all other classes with equal weight (CLRP1 as in the SGLRP
+  authors' implementation);
+* ``"logits"``: all other classes weighted by ``|z_i|`` (the CLRP authors' code);
+* ``"negated"``: the target with negated classifier weights (CLRP2).
+
+The positive part is what the references display; xaijax returns the signed map.
+
+SGLRP (Iwana, Kuroki & Uchida, ICCVW 2019). Seeds from the softmax gradient: target
+``y_t (1 - y_t)`` (plus 1e-8), others ``y_t y_i``; map ``R_target - R_others * sum(R_target)
+/ sum(R_others)`` (``scaling=True``, as in the authors' code; ``scaling=False`` gives LRP of
+the signed softmax gradient itself). Rule set as for CLRP.
+
+Both are the :func:`~xaijax.methods.combinators.contrast` combinator over seed-propagating
+LRP (``LRP(composite, output="seed")``): CLRP with ``weights="abs-logit"`` and
+``scale="total"`` (the ``"negated"`` dual: ``dual="target"`` with a ``dual_method`` whose
+classifier weights are flipped), SGLRP with the ``"softmax"`` dual and
+``weights="softmax-gradient"``. :meth:`CLRP.as_contrast` / :meth:`SGLRP.as_contrast` return
+that combinator. Both need class indices (``accepts_seed = False``).
 """
 
 from __future__ import annotations
@@ -66,62 +80,21 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from xaijax.methods.base import as_seed, check_inputs, reduce_channels
+from xaijax.methods._core import Method, as_seed, check_inputs, class_indices, reduce_channels
+from xaijax.methods.combinators import Contrast
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
 from xaijax.propagation.composites import Composite
-from xaijax.propagation.engine import plan, pullback, relevance
+from xaijax.propagation.engine import plan, relevance
 from xaijax.propagation.rules import Flipped
 
-__all__ = ["LRP", "CLRP", "SGLRP", "ExcitationBackprop", "default_excitation_layer"]
+__all__ = ["LRP", "CLRP", "SGLRP", "flip_classifier"]
+
+_OUTPUTS = ("logits", "seed")
 
 
-def _seed(model, variables, x, target, composite: Composite, method: str | None = None) -> jax.Array:
-    """The (N, K) seed of ``target``, checked before any propagation (K from the plan).
-
-    ``method``: name of a method that accepts class indices only (for the error message).
-    """
-    n, k = plan(model, variables, x, composite).logits_shape
-    t = jnp.asarray(target)
-    if method is not None and not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"{method} needs class indices as target (an int or an int array of shape (N,)); got a {t.dtype} seed")
-    return as_seed(t, k, n, x.dtype)
-
-
-def _per_sample_sum(r: jax.Array) -> jax.Array:
-    return r.reshape(r.shape[0], -1).sum(-1).reshape((-1,) + (1,) * (r.ndim - 1))
-
-
-def _subtract_scaled(r_target: jax.Array, r_dual: jax.Array) -> jax.Array:
-    """``r_target - r_dual * sum(r_target) / sum(r_dual)`` per sample (dual dropped if its sum is 0)."""
-    st, sd = _per_sample_sum(r_target), _per_sample_sum(r_dual)
-    scale = jnp.where(sd == 0, 0.0, st / jnp.where(sd == 0, 1.0, sd))
-    return r_target - r_dual * scale
-
-
-@dataclasses.dataclass(frozen=True)
-class LRP:
-    """LRP with a composite: output relevance ``seed * logits``, channels reduced.
-
-    Attributes:
-      composite: layer -> rule map (a Composite or a built-in composite name).
-      reduce: channel reduction of the input relevance (``"sum"``: relevance per pixel).
-    """
-
-    composite: Composite | str = "epsilon"
-    reduce: str = "sum"
-
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        check_inputs(x)
-        composite = C.resolve(self.composite)
-        seed = _seed(model, variables, x, target, composite)
-        r = relevance(model, variables, x, lambda out: seed.astype(out.dtype) * out, composite)
-        return reduce_channels(r, self.reduce)
-
-
-def _flip_classifier(model, variables, x, composite: Composite) -> Composite:
+def flip_classifier(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, composite: Composite) -> Composite:
     """``composite`` with the classifier (last convolution/dense layer) rule applied to negated weights."""
     p = plan(model, variables, x, composite)
     last = [e for e in p.layers if e.kind in ("conv", "dense")][-1]
@@ -129,7 +102,48 @@ def _flip_classifier(model, variables, x, composite: Composite) -> Composite:
 
 
 @dataclasses.dataclass(frozen=True)
-class CLRP:
+class LRP(Method):
+    """LRP with a composite: output relevance ``seed * logits`` (or the seed), channels reduced.
+
+    Attributes:
+      composite: layer -> rule map (a Composite or a built-in composite name).
+      reduce: channel reduction of the input relevance (``"sum"``: relevance per pixel).
+      output: ``"logits"`` (output relevance ``seed * logits``) or ``"seed"`` (the seed itself).
+      flip_classifier: apply the classifier's rule to its negated weights (CLRP2's dual).
+    """
+
+    composite: Composite | str = "epsilon"
+    reduce: str = "sum"
+    output: str = "logits"
+    flip_classifier: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output not in _OUTPUTS:
+            raise ValueError(f"LRP output must be one of {_OUTPUTS}, got {self.output!r}")
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) relevance map for ``x`` (N, H, W, C)."""
+        check_inputs(x)
+        composite = C.resolve(self.composite)
+        if self.flip_classifier:
+            composite = flip_classifier(model, variables, x, composite)
+        n, k = plan(model, variables, x, composite).logits_shape
+        seed = as_seed(target, k, n, x.dtype)
+        if self.output == "seed":
+            r = relevance(model, variables, x, lambda out: seed.astype(out.dtype), composite)
+        else:
+            r = relevance(model, variables, x, lambda out: seed.astype(out.dtype) * out, composite)
+        return reduce_channels(r, self.reduce)
+
+
+def _check_indices(model, variables, x, target, composite: Composite, method: str) -> None:
+    """Readable errors for a float seed or an out-of-range class, before any propagation."""
+    n, k = plan(model, variables, x, composite).logits_shape
+    class_indices(target, n, k, method)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLRP(Method):
     """Contrastive LRP (see the module docstring).
 
     Attributes:
@@ -142,30 +156,29 @@ class CLRP:
     dual: str = "uniform"
     reduce: str = "sum"
 
+    accepts_seed = False
+
     def __post_init__(self) -> None:
         if self.dual not in ("uniform", "logits", "negated"):
             raise ValueError(f"CLRP dual must be 'uniform', 'logits' or 'negated', got {self.dual!r}")
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        check_inputs(x)
-        composite = C.resolve(self.composite)
-        onehot = _seed(model, variables, x, target, composite, "clrp")
-        out, back = pullback(model, variables, x, composite)
-        onehot = onehot.astype(out.dtype)
-        r_target = back(onehot * jnp.abs(out))
+    def as_contrast(self) -> Contrast:
+        """The equivalent :class:`~xaijax.methods.combinators.Contrast` over seed-propagating LRP."""
+        base = LRP(self.composite, self.reduce, output="seed")
         if self.dual == "negated":
-            _, back_neg = pullback(model, variables, x, _flip_classifier(model, variables, x, composite))
-            r_dual = back_neg(onehot * jnp.abs(out))
-        elif self.dual == "logits":
-            r_dual = back((1.0 - onehot) * jnp.abs(out))
-        else:
-            z_t = jnp.abs((onehot * out).sum(-1, keepdims=True))
-            r_dual = back((1.0 - onehot) * z_t / max(out.shape[-1] - 1, 1))
-        return reduce_channels(_subtract_scaled(r_target, r_dual), self.reduce)
+            flipped = LRP(self.composite, self.reduce, output="seed", flip_classifier=True)
+            return Contrast(base, "target", "total", weights="abs-logit", dual_method=flipped)
+        return Contrast(base, self.dual, "total", weights="abs-logit")
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) signed contrastive map for ``x`` (N, H, W, C) and class indices ``target``."""
+        check_inputs(x)
+        _check_indices(model, variables, x, target, C.resolve(self.composite), "clrp")
+        return self.as_contrast()(model, variables, x, target)
 
 
 @dataclasses.dataclass(frozen=True)
-class SGLRP:
+class SGLRP(Method):
     """Softmax-gradient LRP (see the module docstring).
 
     Attributes:
@@ -178,87 +191,18 @@ class SGLRP:
     scaling: bool = True
     reduce: str = "sum"
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        check_inputs(x)
-        composite = C.resolve(self.composite)
-        onehot = _seed(model, variables, x, target, composite, "sglrp")
-        out, back = pullback(model, variables, x, composite)
-        onehot = onehot.astype(out.dtype)
-        y = jax.nn.softmax(out, axis=-1)
-        y_t = (onehot * y).sum(-1, keepdims=True)
-        r_target = back(onehot * (y_t * (1.0 - y_t) + 1e-8))
-        r_others = back((1.0 - onehot) * y * y_t)
-        r = _subtract_scaled(r_target, r_others) if self.scaling else r_target - r_others
-        return reduce_channels(r, self.reduce)
+    accepts_seed = False
 
-
-def default_excitation_layer(model: nn.Module) -> str:
-    """The stride-16 stage of a zoo model, where TorchRay reads Excitation Backprop.
-
-    VGG: the fourth max pool (``features.23`` for VGG16, ``features.33`` for VGG16-BN);
-    ResNet: ``layer3``; DenseNet: the second-to-last dense block; Inception-v3: ``Mixed_6e``.
-    """
-    from xaijax.models.densenet import DenseNet
-    from xaijax.models.inception import Inception3
-    from xaijax.models.resnet import ResNet
-    from xaijax.models.vgg import VGG
-
-    if isinstance(model, VGG):
-        idx, pools = 0, 0
-        for v in model.cfg:
-            if v == "M":
-                pools += 1
-                if pools == 4:
-                    return f"features.{idx}"
-                idx += 1
-            else:
-                idx += 3 if model.batch_norm else 2
-        raise ValueError(f"VGG cfg {model.cfg} has fewer than 4 poolings; pass layer= explicitly")
-    if isinstance(model, ResNet):
-        return "layer3"
-    if isinstance(model, DenseNet):
-        n = len(model.block_config)
-        return f"features.denseblock{max(n - 1, 1)}"
-    if isinstance(model, Inception3):
-        return "Mixed_6e"
-    raise ValueError(f"no default Excitation Backprop layer for a {type(model).__name__}; pass layer='<dotted layer name>'")
-
-
-def _upsample(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(N, h, w) -> (N, H, W), bilinear with half-pixel centres (``align_corners=False``)."""
-    if maps.shape[1:] == tuple(size):
-        return maps
-    return jax.image.resize(maps, (maps.shape[0],) + tuple(size), method="linear", antialias=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExcitationBackprop:
-    """(Contrastive) Excitation Backprop read at an intermediate layer (see module docstring).
-
-    Attributes:
-      layer: dotted layer name where the saliency is read (None: :func:`default_excitation_layer`).
-      contrastive: c-EB (classifier weights flipped for the contrast signal; map clamped at 0).
-      resize: upsample the (N, h, w) map to the input size (False: return it at layer size).
-      stabilizer: added to the MWP denominators (TorchRay: 1e-20).
-    """
-
-    layer: str | None = None
-    contrastive: bool = False
-    resize: bool = True
-    stabilizer: float = 1e-20
+    def as_contrast(self) -> Contrast:
+        """The equivalent :class:`~xaijax.methods.combinators.Contrast` over seed-propagating LRP."""
+        base = LRP(self.composite, self.reduce, output="seed")
+        return Contrast(base, "softmax", "total" if self.scaling else "none", weights="softmax-gradient")
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) signed map for ``x`` (N, H, W, C) and class indices ``target``."""
         check_inputs(x)
-        layer = default_excitation_layer(model) if self.layer is None else self.layer
-        comp = C.contrastive_excitation(self.stabilizer) if self.contrastive else C.excitation(self.stabilizer)
-        seed = _seed(model, variables, x, target, comp)
-        r = relevance(model, variables, x, lambda out: seed.astype(out.dtype), comp, read_at=layer)
-        if r.ndim != 4:
-            raise ValueError(f"Excitation Backprop layer {layer!r} must output an NHWC map; its output has shape {r.shape}")
-        s = r.sum(-1)
-        if self.contrastive:
-            s = jnp.maximum(s, 0.0)
-        return _upsample(s, x.shape[1:3]) if self.resize else s
+        _check_indices(model, variables, x, target, C.resolve(self.composite), "sglrp")
+        return self.as_contrast()(model, variables, x, target)
 
 
 def _lrp_factory(make_composite):
@@ -316,13 +260,3 @@ def _sglrp(composite: Composite | str | None = None, scaling: bool = True, reduc
 
 register("clrp", _clrp, "contrastive LRP: target minus scaled dual relevance (Gu et al. 2018)")
 register("sglrp", _sglrp, "softmax-gradient LRP (Iwana et al. 2019)")
-register(
-    "excitation-backprop",
-    lambda layer=None, resize=True, stabilizer=1e-20: ExcitationBackprop(layer, False, resize, stabilizer),
-    "Excitation Backprop, TorchRay form (Zhang et al. 2016)",
-)
-register(
-    "contrastive-excitation-backprop",
-    lambda layer=None, resize=True, stabilizer=1e-20: ExcitationBackprop(layer, True, resize, stabilizer),
-    "contrastive Excitation Backprop (c-EB), TorchRay form",
-)

@@ -50,8 +50,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
-from xaijax.methods.base import as_seed, check_inputs, reduce_channels
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, reduce_channels
 from xaijax.methods.registry import register
+from xaijax.models.inception import Inception3
 from xaijax.propagation.engine import plan, relevance
 from xaijax.propagation.relative_rules import rap_composite
 
@@ -59,10 +60,8 @@ __all__ = ["RAP"]
 
 
 def _check_model(model: nn.Module) -> None:
-    from xaijax.models.inception import Inception3
-
     if isinstance(model, Inception3) and model.transform_input:
-        raise ValueError(
+        raise NotApplicable(
             "RAP needs the model input to reach the first convolution unchanged (its input rule uses the "
             "image's own bounds); build Inception3 with transform_input=False and apply the re-normalisation "
             "to x before calling the method"
@@ -70,7 +69,7 @@ def _check_model(model: nn.Module) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class RAP:
+class RAP(Method):
     """Relative Attributing Propagation (see the module docstring).
 
     Attributes:

@@ -1,10 +1,13 @@
 """Method registry: names -> attribution-method constructors.
 
-A *method* is a callable ``method(model, variables, x, target) -> maps`` built from its
-hyperparameters (a frozen dataclass or ``functools.partial``); see :mod:`xaijax.methods.base`.
-``get("gradient")`` builds one with default hyperparameters, ``get("integrated-gradients",
-steps=32)`` overrides them; ``names()`` lists everything registered (the demo, the CLI and
-the evaluation experiments iterate over it).
+A *method* is a :class:`~xaijax.methods._core.Method` built from its hyperparameters (a
+frozen dataclass). ``get("gradient")`` builds one with default hyperparameters,
+``get("integrated-gradients", steps=32)`` overrides them; ``names()`` lists everything
+registered (the demo, the CLI and the evaluation experiments iterate over it).
+
+Combinators register a *prefix* (``register_prefix("ucag", get_ucag)``): ``get("ucag:rsp")``
+then calls ``get_ucag("rsp", **hparams)``. The registry imports no method module; importing
+:mod:`xaijax.methods` registers everything.
 """
 
 from __future__ import annotations
@@ -12,35 +15,45 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-__all__ = ["register", "get", "names", "describe", "kind"]
+from xaijax.methods._core import Method
 
-_REGISTRY: dict[str, tuple[Callable[..., Any], str]] = {}
+__all__ = ["register", "register_prefix", "get", "names", "prefixes", "describe", "kind"]
+
+_REGISTRY: dict[str, tuple[Callable[..., Method], str]] = {}
+_PREFIXES: dict[str, tuple[Callable[..., Method], str]] = {}
 
 
-def register(name: str, factory: Callable[..., Any], summary: str = "") -> None:
+def register(name: str, factory: Callable[..., Method], summary: str = "") -> None:
     """Register ``factory(**hparams) -> method`` under ``name`` (lower-case, dash-separated)."""
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
+    if ":" in name:
+        raise ValueError(f"method names cannot contain ':' (reserved for prefixes); got {name!r}")
     _REGISTRY[name] = (factory, summary)
 
 
-def get(name: str, **hparams: Any) -> Any:
+def register_prefix(prefix: str, factory: Callable[..., Method], summary: str = "") -> None:
+    """Register ``factory(base_name, **hparams) -> method`` for names ``"<prefix>:<base_name>"``."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"method prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = (factory, summary)
+
+
+def get(name: str, **hparams: Any) -> Method:
     """Build the registered method ``name`` with hyperparameter overrides ``hparams``.
 
-    ``"contrast:<name>"`` makes any seed-accepting method contrastive
-    (:func:`xaijax.methods.contrast.get_contrast`). ``"ucag:<name>"`` wraps any registered method in UCAG (:func:`xaijax.methods.ucag.get_ucag`;
-    hyperparameters prefixed ``ucag_`` configure the wrapper, the rest the base method).
+    ``"<prefix>:<name>"`` applies a registered combinator to the method ``name`` (e.g.
+    ``"contrast:gradient"``, ``"ucag:rsp"``; see :func:`prefixes`).
+
+    Raises:
+      ValueError: unknown name or prefix (with suggestions), or bad hyperparameters.
     """
-    if name.startswith("contrast:"):
-        from xaijax.methods.contrast import get_contrast
-
-        get(name[9:])  # readable error for an unknown base method
-        return get_contrast(name[9:], **hparams)
-    if name.startswith("ucag:"):
-        from xaijax.methods.ucag import get_ucag
-
-        get(name[5:])  # readable error for an unknown base method
-        return get_ucag(name[5:], **hparams)
+    if ":" in name:
+        prefix, base = name.split(":", 1)
+        if prefix not in _PREFIXES:
+            raise ValueError(f"unknown method prefix {prefix!r} in {name!r}; registered prefixes: {', '.join(prefixes())}")
+        get(base)  # readable error for an unknown base method
+        return _PREFIXES[prefix][0](base, **hparams)
     try:
         factory, _ = _REGISTRY[name]
     except KeyError:
@@ -54,22 +67,28 @@ def get(name: str, **hparams: Any) -> Any:
 
 
 def names() -> list[str]:
-    """Registered method names, sorted."""
+    """Registered method names, sorted (prefixed combinations not included)."""
     return sorted(_REGISTRY)
 
 
+def prefixes() -> list[str]:
+    """Registered combinator prefixes, sorted."""
+    return sorted(_PREFIXES)
+
+
 def describe(name: str) -> str:
-    """One-line summary of a registered method."""
-    get_ok = name in _REGISTRY
-    if not get_ok:
+    """One-line summary of a registered method or prefix combination."""
+    if ":" in name:
+        get(name)  # raises the readable error
+        prefix, base = name.split(":", 1)
+        return f"{_PREFIXES[prefix][1]} over {base}"
+    if name not in _REGISTRY:
         get(name)  # raises the readable error
     return _REGISTRY[name][1]
 
 
 def kind(name: str) -> str:
-    """What a registered method explains: ``"attribution"`` (the default: ``method(model,
-    variables, x, target) -> (N, H, W)`` maps of image classifiers), or another kind declared
-    by the method class's ``kind`` attribute (``"similarity"`` for BiLRP, ``"detection"`` for
-    D-RISE), whose call signatures differ. The demo and the evaluation experiments run the
-    attribution methods only."""
-    return str(getattr(get(name), "kind", "attribution"))
+    """What a registered method explains: its declared ``Method.kind`` (see
+    :data:`xaijax.methods._core.KINDS`). The demo and the evaluation experiments run the
+    classifier kinds (``"attribution"``, ``"cam"``) only."""
+    return get(name).kind

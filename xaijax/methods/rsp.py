@@ -74,10 +74,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xaijax.methods.base import as_seed, check_inputs, reduce_channels
+from xaijax.imageops import safe_divide as _divide
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, class_indices, reduce_channels
 from xaijax.methods.cam import activation_and_gradient, default_cam_layer
 from xaijax.methods.registry import register
 from xaijax.models import taps
+from xaijax.models.densenet import DenseNet
+from xaijax.models.inception import Inception3
 from xaijax.propagation import composites as C
 from xaijax.propagation.engine import relevance
 
@@ -96,24 +99,16 @@ Array = jax.Array
 EPS = 1e-9
 
 
-def _divide(num: Array, den: Array) -> Array:
-    zero = den == 0
-    return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den)).astype(num.dtype)
-
-
 def rsp_layer(model: nn.Module, layer: str | None = None) -> str:
     """The CAM layer where RSP starts (``layer``, else :func:`default_cam_layer`).
 
     Raises:
-      ValueError: for DenseNet and Inception-v3 (RSP is defined for VGG and ResNet), or a
+      NotApplicable: for DenseNet and Inception-v3 (RSP is defined for VGG and ResNet), or a
         model without a default CAM layer when ``layer`` is None.
     """
-    from xaijax.models.densenet import DenseNet
-    from xaijax.models.inception import Inception3
-
     if isinstance(model, (DenseNet, Inception3)):
         family = "DenseNet" if isinstance(model, DenseNet) else "Inception-v3"
-        raise ValueError(
+        raise NotApplicable(
             f"RSP is defined for the VGG and ResNet families (the paper evaluates VGG-16 and ResNet-50, "
             f"and the reference code implements only those); {family} is not supported"
         )
@@ -178,7 +173,7 @@ def _check_reduce(reduce: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class RSP:
+class RSP(Method):
     """Relative Sectional Propagation (see the module docstring).
 
     Attributes:
@@ -212,7 +207,7 @@ class RSP:
 
 
 @dataclasses.dataclass(frozen=True)
-class ContrastiveRSP:
+class ContrastiveRSP(Method):
     """c*RSP: RSP seeded with the target's map contrasted against hostile classes.
 
     Attributes:
@@ -231,6 +226,8 @@ class ContrastiveRSP:
     mode, one pass per channel.
     """
 
+    accepts_seed = False
+
     layer: str | None = None
     hostile: int | None = None
     chunk: int = 64
@@ -247,9 +244,7 @@ class ContrastiveRSP:
         """Stage 1: ``(layer name, seed (N, h, w, C))``."""
         check_inputs(x)
         name = rsp_layer(model, self.layer)
-        t = jnp.asarray(target)
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(f"contrastive-rsp needs class indices as target (an int or an int array of shape (N,)); got a {t.dtype} array")
+        class_indices(target, x.shape[0], None, "contrastive-rsp")  # a float seed is refused before any work
         _, acts = jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=[name]), x)
         shape = acts[name]
 
@@ -269,7 +264,7 @@ class ContrastiveRSP:
         m = k - 1 if self.hostile is None else self.hostile
         if m > k - 1:
             raise ValueError(f"contrastive-rsp hostile={m} exceeds the {k - 1} classes other than the target")
-        onehot = as_seed(t, k, n, out.dtype)  # validates shape and range
+        onehot = as_seed(class_indices(target, n, k, "contrastive-rsp"), k, n, out.dtype)
         lin_t = jax.linear_transpose(lin, zeros)
 
         (g_t,) = lin_t(onehot)

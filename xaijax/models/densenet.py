@@ -214,6 +214,13 @@ class DenseNet(nn.Module):
                 f"needs at least {need}x{need}"
             )
 
+    cam_layer = "relu"  # default CAM layer (after norm5)
+
+    @property
+    def excitation_layer(self) -> str:
+        """The second-to-last dense block (stride 16), where Excitation Backprop is read."""
+        return f"features.denseblock{max(len(self.block_config) - 1, 1)}"
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         self._check(x)
@@ -243,7 +250,6 @@ def _register(name: str, growth_rate: int, block_config: tuple[int, ...], num_in
                 block_config=block_config,
                 num_init_features=num_init_features,
             ),
-            cam_layer="relu",
             input_size=224,
             min_input_size=densenet_min_input_size(len(block_config)),
         )

@@ -272,6 +272,9 @@ class Inception3(nn.Module):
         chans = [x[..., i : i + 1] * (_STD[i] / 0.5) + (_MEAN[i] - 0.5) / 0.5 for i in range(3)]
         return jnp.concatenate(chans, axis=-1)
 
+    cam_layer = "Mixed_7c"  # default CAM layer
+    excitation_layer = "Mixed_6e"  # the stride-16 stage, where Excitation Backprop is read
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         self._check(x)
@@ -309,7 +312,6 @@ register(
         name="inception_v3",
         family="inception",
         build=Inception3,
-        cam_layer="Mixed_7c",
         input_size=299,
         min_input_size=MIN_INPUT_SIZE,
     )

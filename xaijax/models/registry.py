@@ -24,7 +24,6 @@ class ArchSpec:
       name: registry name (``"vgg16"``).
       family: ``"vgg"``, ``"resnet"``, ``"densenet"`` or ``"inception"``.
       build: constructor; keyword arguments override the defaults (``num_classes``, widths).
-      cam_layer: default layer for CAM methods (``"features.29"`` for VGG16).
       input_size: natural input side in pixels (224, or 299 for Inception-v3).
       min_input_size: smallest input side the architecture accepts.
     """
@@ -32,9 +31,16 @@ class ArchSpec:
     name: str
     family: str
     build: Callable[..., nn.Module]
-    cam_layer: str
     input_size: int = 224
     min_input_size: int = 32
+
+    @property
+    def cam_layer(self) -> str:
+        """Default layer for CAM methods (``"features.29"`` for VGG16): the built model's ``cam_layer``.
+
+        The model classes are the one source of this fact (a VGG with another ``cfg``
+        has another last ReLU)."""
+        return self.build().cam_layer
 
 
 _REGISTRY: dict[str, ArchSpec] = {}

@@ -213,6 +213,9 @@ class ResNet(nn.Module):
     stem_bias: bool = False
     caffe_stem_pool: bool = False
 
+    cam_layer = "layer4"  # default CAM layer
+    excitation_layer = "layer3"  # the stride-16 stage, where TorchRay reads Excitation Backprop
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.block not in (BasicBlock, Bottleneck):
@@ -264,7 +267,6 @@ for _name, (_block, _layers) in _DEPTHS.items():
             name=_name,
             family="resnet",
             build=functools.partial(ResNet, block=_block, layers=_layers),
-            cam_layer="layer4",
             input_size=224,
             min_input_size=1,
         )

@@ -177,6 +177,25 @@ class VGG(nn.Module):
     ceil_mode: bool = False
     train: bool = False
 
+    @property
+    def cam_layer(self) -> str:
+        """Default CAM layer: the last ReLU of ``features`` (``features.29`` for VGG16, ``features.42`` for VGG16-BN)."""
+        return f"features.{last_relu_index(self.cfg, self.batch_norm)}"
+
+    @property
+    def excitation_layer(self) -> str:
+        """Where TorchRay reads Excitation Backprop: the fourth max pool (``features.23`` for VGG16)."""
+        idx, pools = 0, 0
+        for v in self.cfg:
+            if v == "M":
+                pools += 1
+                if pools == 4:
+                    return f"features.{idx}"
+                idx += 1
+            else:
+                idx += 3 if self.batch_norm else 2
+        raise ValueError(f"VGG cfg {self.cfg} has fewer than 4 poolings; pass layer= explicitly")
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_cfg(self.cfg)
@@ -208,7 +227,6 @@ def _register(name: str, cfg_key: str, batch_norm: bool) -> None:
             name=name,
             family="vgg",
             build=functools.partial(VGG, cfg=cfg, batch_norm=batch_norm),
-            cam_layer=f"features.{last_relu_index(cfg, batch_norm)}",
             input_size=224,
             min_input_size=32,
         )

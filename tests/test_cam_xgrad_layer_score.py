@@ -19,8 +19,7 @@ import pytest
 
 from xaijax import models
 from xaijax.methods import cam, registry
-from xaijax.methods import cam_variants as cv
-from xaijax.models import layers
+from xaijax.models import layers, taps
 
 N_CLASSES = 3
 
@@ -351,7 +350,7 @@ def score_net(tiny):
 
 def _score_cam_loop(model, variables, x, targets, baseline):
     """Slow reference: every sample, every channel, one forward pass (the authors' loop)."""
-    a = np.asarray(cv.taps.forward(model, variables, x, capture=["act2"])[1]["act2"], np.float64)
+    a = np.asarray(taps.forward(model, variables, x, capture=["act2"])[1]["act2"], np.float64)
     n, size = x.shape[0], x.shape[1:3]
     maps, weights = [], []
     for i in range(n):

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from xaijax import models
-from xaijax.methods import cam, cam_extra, registry
+from xaijax import imageops
+from xaijax.methods import cam, gradient, registry
 from xaijax.models import layers
 
 
@@ -100,9 +101,9 @@ def test_resizers_match_torch(src, dst):
     img = np.random.default_rng(0).normal(size=(2,) + src + (3,)).astype(np.float32)
     t = torch.from_numpy(img).permute(0, 3, 1, 2)
     ref = f.interpolate(t, size=dst, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(cam_extra.resize_bicubic(jnp.asarray(img), dst), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(imageops.resize(jnp.asarray(img), dst, "bicubic"), ref, rtol=1e-5, atol=1e-5)
     ref = f.interpolate(t[:, :1], size=dst, mode="bilinear", align_corners=True)[:, 0].numpy()
-    out = cam_extra.upsample_bilinear_align_corners(jnp.asarray(img[..., 0]), dst)
+    out = imageops.resize(jnp.asarray(img[..., 0]), dst, "bilinear-align-corners")
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -128,7 +129,7 @@ def test_fullgrad_decomposition_and_map_match_hand_written_network(tiny):
     torch = pytest.importorskip("torch")
     model, v, x, target = tiny
     p, s = v["params"], v["batch_stats"]
-    input_term, bias_terms, out = jax.jit(lambda vv, xx: cam_extra.fullgrad_decompose(model, vv, xx, target))(v, x)
+    input_term, bias_terms, out = jax.jit(lambda vv, xx: gradient.fullgrad_decompose(model, vv, xx, target))(v, x)
     assert sorted(bias_terms) == ["bn1", "conv1", "conv2", "fc"]
 
     zeros = {"conv1": jnp.zeros((2, 8, 8, 4)), "bn1": jnp.zeros((2, 8, 8, 4)), "conv2": jnp.zeros((2, 4, 4, 5)),
@@ -171,7 +172,7 @@ def test_fullgrad_completeness_on_zoo_resnet_with_batchnorm():
     v = _vars(model, (1, 16, 16, 3), seed=3)
     x = _x((2, 16, 16, 3), 4)
     seed = jnp.asarray(np.random.default_rng(5).normal(size=(2, 5)), jnp.float32)  # a float seed target
-    input_term, bias_terms, out = jax.jit(lambda vv, xx: cam_extra.fullgrad_decompose(model, vv, xx, seed))(v, x)
+    input_term, bias_terms, out = jax.jit(lambda vv, xx: gradient.fullgrad_decompose(model, vv, xx, seed))(v, x)
     n_bn = sum(1 for k in bias_terms if ".bn" in k or k == "bn1" or "downsample.1" in k)
     assert n_bn == len(bias_terms) - 1 >= 8 and "fc" in bias_terms  # every BatchNorm once, the fc; no bias-free conv
     total = input_term.sum((1, 2, 3)) + sum(t.reshape(2, -1).sum(1) for t in bias_terms.values())
@@ -301,7 +302,7 @@ def test_cameras_matches_direct_multiscale_computation():
     sal = sal - sal.min((1, 2), keepdims=True)
     sal = sal / sal.max((1, 2), keepdims=True)
     np.testing.assert_allclose(maps, sal, rtol=1e-4, atol=1e-5)
-    assert cam_extra.CAMERAS().sizes((224, 224)) == [(r, r) for r in range(224, 1000, 100)]
+    assert cam.CAMERAS().sizes((224, 224)) == [(r, r) for r in range(224, 1000, 100)]
 
 
 def test_cameras_rejects_bad_scales():

@@ -1,28 +1,27 @@
-"""Combinators: wrappers that turn any attribution method into another one.
+"""The ``smooth`` combinator — SmoothGrad / noise tunnel (Smilkov et al., 2017).
 
-``smooth`` — SmoothGrad / noise tunnel (Smilkov et al., 2017): average a method's maps over
-``n`` noisy copies of the input. Works for every method with the standard signature
-``method(model, variables, x, target) -> (N, H, W)``.
+Average a method's maps over ``n`` noisy copies of the input. Works for every method with the
+standard signature ``method(model, variables, x, target) -> (N, H, W)``. Registered prefix:
+``smooth:<name>`` (:func:`get_smooth`; options prefixed ``smooth_``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xaijax.methods.base import check_inputs
+from xaijax.methods import registry
+from xaijax.methods._core import Method, as_method, check_inputs, validate_positive_int
 
-__all__ = ["Smooth", "smooth"]
-
-Method = Callable[..., jax.Array]
+__all__ = ["Smooth", "smooth", "get_smooth"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Smooth:
+class Smooth(Method):
     """Average of ``method`` over ``n`` noisy copies of the input (SmoothGrad / noise tunnel).
 
     For each sample ``x_i`` the noise level is ``sigma_i = noise * (max(x_i) - min(x_i))``
@@ -54,15 +53,24 @@ class Smooth:
     seed: int = 0
     chunk: int | None = None
 
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        """The wrapped method's kind."""
+        return self.method.kind
+
+    @property
+    def accepts_seed(self) -> bool:  # type: ignore[override]
+        """Seeds pass through to the wrapped method."""
+        return self.method.accepts_seed
+
     def __post_init__(self) -> None:
-        if not callable(self.method):
-            raise TypeError(f"smooth needs a callable attribution method, got {self.method!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"smooth: n must be a positive int (number of noisy samples), got {self.n!r}")
+        object.__setattr__(self, "method", as_method(self.method))
+        if not self.method.explains_classifier:
+            raise ValueError(f"smooth applies to classifier attribution methods; {type(self.method).__name__} is a {self.method.kind!r} method")
+        validate_positive_int("smooth", "n", self.n)
         if not float(self.noise) >= 0.0:
             raise ValueError(f"smooth: noise must be a non-negative fraction of the input range, got {self.noise!r}")
-        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1):
-            raise ValueError(f"smooth: chunk must be None or a positive int, got {self.chunk!r}")
+        validate_positive_int("smooth", "chunk", self.chunk, optional=True)
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """Maps (N, H, W) averaged over the noisy copies of ``x`` (N, H, W, C)."""
@@ -93,3 +101,23 @@ def smooth(
 ) -> Smooth:
     """Wrap ``method`` in SmoothGrad-style noise averaging; see :class:`Smooth`."""
     return Smooth(method, n, noise, squared, seed, chunk)
+
+
+_SMOOTH_FIELDS = tuple(f.name for f in dataclasses.fields(Smooth) if f.name != "method")
+
+
+def get_smooth(name: str, **hparams: Any) -> Smooth:
+    """``smooth`` over the registered method ``name`` (the ``smooth:<name>`` lookup).
+
+    Keyword arguments prefixed ``smooth_`` configure the wrapper (``smooth_n=20``); the rest
+    are hyperparameters of the base method.
+    """
+    opts = {key[7:]: v for key, v in hparams.items() if key.startswith("smooth_")}
+    bad = sorted(set(opts) - set(_SMOOTH_FIELDS))
+    if bad:
+        raise ValueError(f"unknown smooth option(s) {', '.join('smooth_' + b for b in bad)}; use smooth_ + one of {_SMOOTH_FIELDS}")
+    base = registry.get(name, **{key: v for key, v in hparams.items() if not key.startswith("smooth_")})
+    return Smooth(base, **opts)
+
+
+registry.register_prefix("smooth", get_smooth, "SmoothGrad-style noise averaging")

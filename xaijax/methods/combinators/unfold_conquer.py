@@ -29,21 +29,21 @@ the results. For an image of size (H, W) and reference defaults for 224 px input
 6. Post-processing of CAM maps (``postprocess="cam"``): ReLU, per-sample min-max
    normalisation to [0, 1] (a constant map becomes 0), Gaussian blur (5 x 5, sigma 3,
    reflect borders; kornia's ``gaussian_blur2d`` as in the reference). ``"auto"`` (the
-   default) applies it when ``method`` is a class from :mod:`xaijax.methods.cam`
-   (Grad-CAM, Grad-CAM++) or has ``ucag_postprocess == "cam"``; ``"none"`` never does.
+   default) applies it when ``method`` declares ``kind == "cam"`` (every method of the CAM
+   family: Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, Score-CAM, CAM, NormGrad, CAMERAS);
+   ``"none"`` never does.
 
 Deliberate differences from the authors' code: our base method returns maps at the patch's
 (zoomed) input resolution, which are then resized to ``P``; the reference resizes the raw
 layer-resolution CAM directly to ``P``. Samples of a batch are explained independently.
 
-Registered: ``ucag-grad-cam``; :func:`get_ucag` builds UCAG over any registered method
-(``ucag:<name>``).
+Registered prefix: ``ucag:<name>`` (:func:`get_ucag`) builds UCAG over any registered method;
+``ucag-grad-cam`` is registered by the CAM family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -51,110 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax import imageops
 from xaijax.methods import registry
-from xaijax.methods.base import as_seed, check_inputs
-from xaijax.methods.cam import GradCAM
+from xaijax.methods._core import Method, as_method, as_seed, check_inputs, class_indices, validate_positive_int
 
-__all__ = [
-    "Ucag",
-    "ucag",
-    "get_ucag",
-    "resize_matrix",
-    "resize_bicubic",
-    "gaussian_blur",
-    "minmax_normalize",
-    "UcagGeometry",
-]
+__all__ = ["Ucag", "ucag", "get_ucag", "UcagGeometry"]
 
-Method = Callable[..., jax.Array]
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _cubic_weights(t: float, a: float) -> tuple[float, float, float, float]:
-    """PyTorch's cubic-convolution weights of the taps at offsets -1, 0, 1, 2 for fraction ``t``."""
-
-    def near(d):  # |d| <= 1
-        return ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
-
-    def far(d):  # 1 < |d| < 2
-        return ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
-
-    return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
-
-
-def resize_matrix(in_size: int, out_size: int, method: str = "bicubic", a: float = -0.75) -> np.ndarray:
-    """Interpolation matrix (out_size, in_size) of PyTorch's ``F.interpolate(align_corners=False)``.
-
-    Source coordinate of output ``o``: ``(o + 0.5) * in_size / out_size - 0.5``.
-    ``"bicubic"``: 4 taps with the cubic convolution kernel (parameter ``a``, -0.75 in
-    PyTorch), indices clamped to the border. ``"bilinear"``: negative source coordinates
-    clamped to 0, 2 taps. No antialiasing in either case (also when shrinking).
-    """
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"sizes must be positive, got in_size={in_size}, out_size={out_size}")
-    m = np.zeros((out_size, in_size), np.float64)
-    scale = in_size / out_size
-    for o in range(out_size):
-        c = (o + 0.5) * scale - 0.5
-        if method == "bicubic":
-            i0 = math.floor(c)
-            for off, wgt in zip((-1, 0, 1, 2), _cubic_weights(c - i0, a)):
-                m[o, min(max(i0 + off, 0), in_size - 1)] += wgt
-        elif method == "bilinear":
-            c = max(c, 0.0)
-            i0 = int(c)
-            t = c - i0
-            i1 = i0 + 1 if i0 < in_size - 1 else i0
-            m[o, i0] += 1.0 - t
-            m[o, i1] += t
-        else:
-            raise ValueError(f"unknown resize method {method!r}; use 'bicubic' or 'bilinear'")
-    return m
-
-
-def resize_bicubic(x: jax.Array, size: tuple[int, int], a: float = -0.75) -> jax.Array:
-    """Resize NHWC images (N, H, W, C) to (N, h, w, C) like torch's bicubic ``F.interpolate``."""
-    if x.ndim != 4:
-        raise ValueError(f"x must be an NHWC batch (N, H, W, C); got shape {x.shape}")
-    mh = jnp.asarray(resize_matrix(x.shape[1], int(size[0]), "bicubic", a), x.dtype)
-    mw = jnp.asarray(resize_matrix(x.shape[2], int(size[1]), "bicubic", a), x.dtype)
-    return jnp.einsum("ah,nhwc,bw->nabc", mh, x, mw, precision=_HI)
-
-
-def _blur_matrix(size: int, kernel: int, sigma: float) -> np.ndarray:
-    """(size, size) matrix of a 1-D normalised Gaussian filter with reflect (no edge repeat) borders."""
-    r = kernel // 2
-    if size <= r:
-        raise ValueError(f"Gaussian blur with a {kernel}-tap kernel needs maps larger than {r} pixels, got {size}")
-    xs = np.arange(kernel) - r + (0.5 if kernel % 2 == 0 else 0.0)
-    g = np.exp(-(xs**2) / (2.0 * sigma**2))
-    g /= g.sum()
-    m = np.zeros((size, size), np.float64)
-    for o in range(size):
-        for k in range(kernel):
-            idx = o + k - r
-            if idx < 0:
-                idx = -idx
-            elif idx > size - 1:
-                idx = 2 * (size - 1) - idx
-            m[o, idx] += g[k]
-    return m
-
-
-def gaussian_blur(maps: jax.Array, kernel: int = 5, sigma: float = 3.0) -> jax.Array:
-    """Separable Gaussian blur of (N, H, W) maps, reflect-padded (kornia ``gaussian_blur2d``'s default)."""
-    if maps.ndim != 3:
-        raise ValueError(f"maps must have shape (N, H, W); got {maps.shape}")
-    bh = jnp.asarray(_blur_matrix(maps.shape[1], kernel, sigma), maps.dtype)
-    bw = jnp.asarray(_blur_matrix(maps.shape[2], kernel, sigma), maps.dtype)
-    return jnp.einsum("ah,nhw,bw->nab", bh, maps, bw, precision=_HI)
-
-
-def minmax_normalize(maps: jax.Array) -> jax.Array:
-    """Per-sample ``(m - min) / (max - min)`` of (N, H, W) maps; constant maps become 0."""
-    lo = maps.min(axis=(1, 2), keepdims=True)
-    span = maps.max(axis=(1, 2), keepdims=True) - lo
-    return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1.0), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +82,7 @@ class UcagGeometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Ucag:
+class Ucag(Method):
     """Unfold-and-conquer wrapper of ``method`` (see the module docstring for the formulas).
 
     Attributes:
@@ -206,23 +109,31 @@ class Ucag:
     postprocess: str = "auto"
     chunk: int | None = None
 
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        """The wrapped method's kind."""
+        return self.method.kind
+
+    @property
+    def accepts_seed(self) -> bool:  # type: ignore[override]
+        """Seeds pass through to the wrapped method."""
+        return self.method.accepts_seed
+
     def __post_init__(self) -> None:
-        if not callable(self.method):
-            raise TypeError(f"ucag needs a callable attribution method, got {self.method!r}")
-        for name in ("n", "patch", "reference_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ucag: {name} must be a positive int, got {v!r}")
-        if self.stride is not None and (isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1):
-            raise ValueError(f"ucag: stride must be None or a positive int, got {self.stride!r}")
+        object.__setattr__(self, "method", as_method(self.method))
+        if not self.method.explains_classifier:
+            raise ValueError(f"ucag applies to classifier attribution methods; {type(self.method).__name__} is a {self.method.kind!r} method")
+        validate_positive_int("ucag", "n", self.n)
+        validate_positive_int("ucag", "patch", self.patch)
+        validate_positive_int("ucag", "reference_size", self.reference_size)
+        validate_positive_int("ucag", "stride", self.stride, optional=True)
         if not float(self.scale) > 0:
             raise ValueError(f"ucag: scale must be positive, got {self.scale!r}")
         if self.weighting not in ("prob", "logit", "none"):
             raise ValueError(f"ucag: weighting must be 'prob', 'logit' or 'none', got {self.weighting!r}")
         if self.postprocess not in ("auto", "cam", "none"):
             raise ValueError(f"ucag: postprocess must be 'auto', 'cam' or 'none', got {self.postprocess!r}")
-        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1):
-            raise ValueError(f"ucag: chunk must be None or a positive int, got {self.chunk!r}")
+        validate_positive_int("ucag", "chunk", self.chunk, optional=True)
 
     # ---------------------------------------------------------------- geometry
     def geometry(self, size: tuple[int, int]) -> UcagGeometry:
@@ -254,7 +165,7 @@ class Ucag:
 
     def _crop_resize(self, dim: int, p: int, z: int, offsets: tuple[int, ...]) -> np.ndarray:
         """(n, z, dim): crop at each offset then bicubic resize p -> z, as one matrix per patch."""
-        r = resize_matrix(p, z, "bicubic")
+        r = imageops.resize_matrix(p, z, "bicubic")
         m = np.zeros((len(offsets), z, dim))
         for i, o in enumerate(offsets):
             m[i, :, o : o + p] = r
@@ -262,7 +173,7 @@ class Ucag:
 
     def _place(self, dim: int, p: int, z: int, offsets: tuple[int, ...]) -> np.ndarray:
         """(n, dim, z): bilinear resize z -> p then place at each offset."""
-        r = resize_matrix(z, p, "bilinear")
+        r = imageops.resize_matrix(z, p, "bilinear")
         m = np.zeros((len(offsets), dim, z))
         for i, o in enumerate(offsets):
             m[i, o : o + p, :] = r
@@ -282,11 +193,7 @@ class Ucag:
         t = jnp.asarray(target)
         k = self.n * self.n
         if jnp.issubdtype(t.dtype, jnp.integer):
-            if t.ndim == 0:
-                t = jnp.broadcast_to(t, (batch,))
-            if t.shape != (batch,):
-                raise ValueError(f"target must be an int or an int array of shape ({batch},); got shape {t.shape}")
-            return jnp.repeat(t, k)
+            return jnp.repeat(class_indices(t, batch, None), k)
         if t.ndim != 2 or t.shape[0] != batch:
             raise ValueError(f"a float target is a seed and must have shape ({batch}, num_classes); got {t.shape}")
         return jnp.repeat(t, k, axis=0)
@@ -318,9 +225,7 @@ class Ucag:
     def _use_cam_postprocess(self) -> bool:
         if self.postprocess != "auto":
             return self.postprocess == "cam"
-        if getattr(self.method, "ucag_postprocess", None) == "cam":
-            return True
-        return type(self.method).__module__ == "xaijax.methods.cam"
+        return self.method.kind == "cam"
 
     # ---------------------------------------------------------------- the method
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
@@ -345,7 +250,7 @@ class Ucag:
             canvas = canvas + self.method(model, variables, x, target).astype(jnp.float32)
         out = canvas / (1.0 + count)
         if self._use_cam_postprocess():
-            out = gaussian_blur(minmax_normalize(jax.nn.relu(out)), 5, 3.0)
+            out = imageops.gaussian_blur(imageops.minmax_normalize(jax.nn.relu(out)), 5, 3.0)
         return out
 
 
@@ -372,12 +277,4 @@ def get_ucag(name: str, **hparams: Any) -> Ucag:
     return Ucag(base, **opts)
 
 
-def _ucag_grad_cam(layer: str | None = None, **options: Any) -> Ucag:
-    return Ucag(GradCAM(layer), **options)
-
-
-registry.register(
-    "ucag-grad-cam",
-    _ucag_grad_cam,
-    "UCAG (Hwang et al. 2023) over Grad-CAM: 6x6 zoomed patches, confidence-weighted, blurred",
-)
+registry.register_prefix("ucag", get_ucag, "UCAG (Hwang et al. 2023): zoomed patches, confidence-weighted")

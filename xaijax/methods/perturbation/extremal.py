@@ -77,7 +77,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from xaijax.methods.base import as_seed, check_inputs
+from xaijax.methods._core import Method, as_seed, check_inputs
 from xaijax.methods.registry import register
 from xaijax.static_jit import bind_static
 
@@ -354,7 +354,7 @@ def _check_pos_int(name: str, v: Any, minimum: int = 1) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtremalPerturbation:
+class ExtremalPerturbation(Method):
     """Extremal Perturbation (see the module docstring for the algorithm and its sources).
 
     Attributes:
@@ -384,6 +384,7 @@ class ExtremalPerturbation:
     """
 
     runs_own_loop: ClassVar[bool] = True
+    has_progress: ClassVar[bool] = True
 
     areas: tuple[float, ...] = (0.1,)
     variant: str = "preserve"

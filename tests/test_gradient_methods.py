@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xaijax.methods import gradient_family as gf
+from xaijax.methods import gradient as gf
 from xaijax.methods import registry
 from xaijax.methods.combinators import smooth
 from xaijax.methods.gradient import Gradient, input_gradient

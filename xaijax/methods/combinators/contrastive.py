@@ -20,7 +20,16 @@ with the dual seed ``dual`` a distribution over the classes other than ``t``:
   the others, ``y_t y_i``, normalised);
 * a callable ``dual(logits (N, K), onehot (N, K)) -> (N, K)`` for anything else.
 
-Sums that are zero drop the corresponding term (as :class:`xaijax.methods.lrp.CLRP`). With
+The seeds may be weighted per sample (``weights=``): ``"one"`` (default) uses them as they
+are; ``"abs-logit"`` multiplies both by ``|z_t|`` (CLRP's output relevance); and
+``"softmax-gradient"`` multiplies the target's by ``y_t (1 - y_t) + 1e-8`` and the dual's
+by ``y_t sum_{i != t} y_i`` (with the ``"softmax"`` dual: the entries ``y_t y_i`` of the
+softmax gradient, SGLRP). Under ``scale="total"`` the dual's weight cancels.
+
+``dual="target"`` with a ``dual_method`` contrasts the target with itself under another
+method (CLRP2: the classifier's weights negated, ``LRP(..., flip_classifier=True)``).
+
+Sums that are zero drop the corresponding term. With
 ``positive=True`` the result is clamped at 0 (the c-EB convention; CLRP/SGLRP show the
 positive part too). For a method that is linear in its seed (gradient, gradient x input,
 LRP with seed-scaled output relevance, RISE with ``score="logit"``... reduced with
@@ -35,8 +44,11 @@ already contrastive) reject a float seed: ``contrast`` raises a ``ValueError`` n
 method. Methods with ``kind != "attribution"`` (pairwise similarity, D-RISE) are refused.
 
 Both maps come from **one** call of ``method`` on the batch ``[x, x]`` with seeds ``[onehot,
-dual]`` (samples of a batch are independent by the method contract), then split. Pure:
+dual]`` (samples of a batch are independent by the method contract), then split (two calls
+when a ``dual_method`` is given). Everything is computed in the input's dtype. Pure:
 ``jax.jit`` (model static) and ``jax.vmap`` apply.
+
+Registered prefix: ``contrast:<name>`` (:func:`get_contrast`).
 """
 
 from __future__ import annotations
@@ -47,22 +59,23 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from xaijax.imageops import safe_divide
 from xaijax.methods import registry
-from xaijax.methods.base import check_inputs
-from xaijax.methods.gradient import Gradient
+from xaijax.methods._core import Method, as_method, check_inputs, class_indices
 
-__all__ = ["Contrast", "contrast", "dual_seed", "get_contrast"]
+__all__ = ["Contrast", "contrast", "dual_seed", "seed_weights", "get_contrast"]
 
-Method = Callable[..., jax.Array]
-_DUALS = ("uniform", "logits", "softmax")
+_DUALS = ("uniform", "logits", "softmax", "target")
 _SCALES = ("total", "unit", "none")
+_WEIGHTS = ("one", "abs-logit", "softmax-gradient")
 
 
 def dual_seed(dual: str | Callable[..., jax.Array], logits: jax.Array, onehot: jax.Array) -> jax.Array:
     """(N, K) seed of the other classes (see the module docstring); rows sum to 1 for the named duals."""
     others = 1.0 - onehot
+    if dual == "target":
+        return onehot
     if callable(dual):
         d = jnp.asarray(dual(logits, onehot))
         if d.shape != onehot.shape:
@@ -76,20 +89,33 @@ def dual_seed(dual: str | Callable[..., jax.Array], logits: jax.Array, onehot: j
         wts = others * jax.nn.softmax(logits, axis=-1)
     else:
         raise ValueError(f"contrast: dual must be one of {_DUALS} or a callable, got {dual!r}")
-    tot = wts.sum(-1, keepdims=True)
-    return jnp.where(tot > 0, wts / jnp.where(tot > 0, tot, 1.0), 0.0).astype(onehot.dtype)
+    return safe_divide(wts, wts.sum(-1, keepdims=True)).astype(onehot.dtype)
+
+
+def seed_weights(weights: str | Callable[..., Any], logits: jax.Array, onehot: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-sample factors ``(w_target, w_dual)``, each (N, 1), of the target and dual seeds (module docstring)."""
+    if callable(weights):
+        wt, wd = weights(logits, onehot)
+        return jnp.asarray(wt, onehot.dtype).reshape(-1, 1), jnp.asarray(wd, onehot.dtype).reshape(-1, 1)
+    if weights == "one":
+        one = jnp.ones((onehot.shape[0], 1), onehot.dtype)
+        return one, one
+    if weights == "abs-logit":
+        z_t = jnp.abs((onehot * logits).sum(-1, keepdims=True))
+        return z_t, z_t
+    if weights == "softmax-gradient":
+        y = jax.nn.softmax(logits, axis=-1)
+        y_t = (onehot * y).sum(-1, keepdims=True)
+        return y_t * (1.0 - y_t) + 1e-8, y_t * ((1.0 - onehot) * y).sum(-1, keepdims=True)
+    raise ValueError(f"contrast: weights must be one of {_WEIGHTS} or a callable, got {weights!r}")
 
 
 def _per_sample_sum(r: jax.Array) -> jax.Array:
     return r.reshape(r.shape[0], -1).sum(-1).reshape((-1,) + (1,) * (r.ndim - 1))
 
 
-def _safe_div(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where(b == 0, 0.0, a / jnp.where(b == 0, 1.0, b))
-
-
 @dataclasses.dataclass(frozen=True)
-class Contrast:
+class Contrast(Method):
     """``method``'s map for the target minus its map for the other classes (module docstring).
 
     Attributes:
@@ -98,41 +124,57 @@ class Contrast:
       scale: ``"total"`` (dual scaled to the target's total, CLRP), ``"unit"`` (both
         normalised to unit sum) or ``"none"`` (plain difference).
       positive: clamp the result at 0.
+      weights: ``"one"``, ``"abs-logit"``, ``"softmax-gradient"`` or a callable
+        ``(logits, onehot) -> (w_target, w_dual)`` scaling the two seeds per sample.
+      dual_method: the method that explains the dual seed (``None``: ``method``).
     """
 
     method: Method
     dual: str | Callable[..., jax.Array] = "uniform"
     scale: str = "total"
     positive: bool = False
+    weights: str | Callable[..., Any] = "one"
+    dual_method: Method | None = None
+
+    accepts_seed = False
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        """The wrapped method's kind (a contrastive CAM is still a CAM)."""
+        return self.method.kind
 
     def __post_init__(self) -> None:
-        if not callable(self.method):
-            raise TypeError(f"contrast needs a callable attribution method, got {self.method!r}")
-        kind = getattr(self.method, "kind", "attribution")
-        if kind != "attribution":
-            raise ValueError(
-                f"contrast applies to attribution methods (model, variables, x, target) -> (N, H, W); "
-                f"{type(self.method).__name__} is a {kind!r} method"
-            )
+        object.__setattr__(self, "method", as_method(self.method))
+        if self.dual_method is not None:
+            object.__setattr__(self, "dual_method", as_method(self.dual_method))
+        for m in (self.method, self.dual_method):
+            if m is None:
+                continue
+            if not m.explains_classifier:
+                raise ValueError(
+                    f"contrast applies to attribution methods (model, variables, x, target) -> (N, H, W); "
+                    f"{type(m).__name__} is a {m.kind!r} method"
+                )
+            if not m.accepts_seed:
+                raise ValueError(
+                    f"contrast: {type(m).__name__} takes class indices only, not float seeds (N, K); contrast needs "
+                    "a method that accepts float seeds (gradient, LRP, Grad-CAM, RISE, ...); CLRP and SGLRP are "
+                    "contrastive already"
+                )
         if not callable(self.dual) and self.dual not in _DUALS:
             raise ValueError(f"contrast: dual must be one of {_DUALS} or a callable, got {self.dual!r}")
+        if self.dual == "target" and self.dual_method is None:
+            raise ValueError("contrast: dual='target' contrasts the target with itself; it needs a dual_method")
         if self.scale not in _SCALES:
             raise ValueError(f"contrast: scale must be one of {_SCALES}, got {self.scale!r}")
+        if not callable(self.weights) and self.weights not in _WEIGHTS:
+            raise ValueError(f"contrast: weights must be one of {_WEIGHTS} or a callable, got {self.weights!r}")
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, H, W) contrastive map of ``x`` (N, H, W, C) for class indices ``target`` (int or (N,))."""
         check_inputs(x)
         n = x.shape[0]
-        t = jnp.asarray(target)
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(
-                f"contrast needs class indices as target (an int or an int array of shape ({n},)); got a {t.dtype} array"
-            )
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, (n,))
-        if t.shape != (n,):
-            raise ValueError(f"contrast: target must be an int or an int array of shape ({n},); got shape {t.shape}")
-        needs_logits = self.dual in ("logits", "softmax") or callable(self.dual)
+        needs_logits = self.dual in ("logits", "softmax") or callable(self.dual) or self.weights != "one"
         if needs_logits:
             logits = model.apply(variables, x)
         else:
@@ -142,45 +184,43 @@ class Contrast:
         k = logits.shape[-1]
         if k < 2:
             raise ValueError(f"contrast needs at least 2 classes, the model has {k}")
-        if not isinstance(t, jax.core.Tracer):
-            tn = np.asarray(t)
-            bad = tn[(tn < 0) | (tn >= k)]
-            if bad.size:
-                raise ValueError(f"contrast: target class {int(bad[0])} is out of range for a model with {k} outputs")
-        onehot = jax.nn.one_hot(t, k, dtype=jnp.float32)
-        lg = logits.astype(jnp.float32) if needs_logits else jnp.zeros((n, k), jnp.float32)
+        t = class_indices(target, n, k, "contrast")
+        onehot = jax.nn.one_hot(t, k, dtype=x.dtype)
+        lg = logits.astype(x.dtype) if needs_logits else jnp.zeros((n, k), x.dtype)
+        w_t, w_d = seed_weights(self.weights, lg, onehot)
         dual = dual_seed(self.dual, lg, onehot)
-        seeds = jnp.concatenate([onehot, dual], axis=0).astype(x.dtype)
-        try:
-            maps = self.method(model, variables, jnp.concatenate([x, x], axis=0), seeds)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"contrast: {type(self.method).__name__} failed on float seeds (N, K) as target: {e} -- contrast needs "
-                "a method that accepts float seeds (gradient, LRP, Grad-CAM, RISE, ...); CLRP and SGLRP take class "
-                "indices only and are contrastive already"
-            ) from None
-        r_t, r_d = maps[:n], maps[n:]
+        if self.dual_method is None:
+            maps = self.method(model, variables, jnp.concatenate([x, x], axis=0), jnp.concatenate([w_t * onehot, w_d * dual]))
+            r_t, r_d = maps[:n], maps[n:]
+        else:
+            r_t = self.method(model, variables, x, w_t * onehot)
+            r_d = self.dual_method(model, variables, x, w_d * dual)
         if self.scale == "none":
             out = r_t - r_d
         else:
             st, sd = _per_sample_sum(r_t), _per_sample_sum(r_d)
             if self.scale == "total":
-                out = r_t - r_d * _safe_div(st, sd)
+                out = r_t - r_d * safe_divide(st, sd)
             else:
-                out = _safe_div(r_t, st) - _safe_div(r_d, sd)
+                out = safe_divide(r_t, st) - safe_divide(r_d, sd)
         if self.positive:
             out = jnp.maximum(out, 0.0)
-        return out.astype(jnp.float32)
+        return out
 
 
 def contrast(
-    method: Method, dual: str | Callable[..., jax.Array] = "uniform", scale: str = "total", positive: bool = False
+    method: Method,
+    dual: str | Callable[..., jax.Array] = "uniform",
+    scale: str = "total",
+    positive: bool = False,
+    weights: str | Callable[..., Any] = "one",
+    dual_method: Method | None = None,
 ) -> Contrast:
     """Make ``method`` contrastive; see :class:`Contrast`."""
-    return Contrast(method, dual, scale, positive)
+    return Contrast(method, dual, scale, positive, weights, dual_method)
 
 
-_CONTRAST_FIELDS = ("dual", "scale", "positive")
+_CONTRAST_FIELDS = ("dual", "scale", "positive", "weights")
 
 
 def get_contrast(name: str, **hparams: Any) -> Contrast:
@@ -200,12 +240,4 @@ def get_contrast(name: str, **hparams: Any) -> Contrast:
     return Contrast(base, **opts)
 
 
-def _contrastive_gradient(reduce: str = "sum", dual: Any = "uniform", scale: str = "none", positive: bool = False) -> Contrast:
-    return Contrast(Gradient(False, reduce), dual, scale, positive)
-
-
-registry.register(
-    "contrastive-gradient",
-    _contrastive_gradient,
-    "contrast over the input gradient: d(z_t - mean_{i!=t} z_i)/dx summed over channels (uniform dual, no scaling)",
-)
+registry.register_prefix("contrast", get_contrast, "contrast (target minus the other classes)")

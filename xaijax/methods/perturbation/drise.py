@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax.methods.base import check_inputs
-from xaijax.methods.perturbation import rise_masks
+from xaijax.methods._core import Method, check_inputs
+from xaijax.methods.perturbation.rise import rise_masks
 from xaijax.methods.registry import register
 
 __all__ = ["DRise", "box_iou", "detector_function", "detection_similarity", "normalize_proposals", "as_target_detection"]
@@ -199,7 +199,7 @@ def detector_function(model: Any, variables: Mapping[str, Any]) -> DetectorFn:
 
 
 @dataclasses.dataclass(frozen=True)
-class DRise:
+class DRise(Method):
     """D-RISE saliency for one target detection per image (see the module docstring).
 
     Attributes:

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax.methods.base import as_seed, check_inputs
+from xaijax.methods._core import Method, as_seed, check_inputs
 from xaijax.methods.registry import register
 
 __all__ = ["RISE", "rise_cell_size", "rise_grid_and_shift", "rise_masks", "rise_upsample_matrix"]
@@ -132,7 +132,7 @@ def _scores(out: jax.Array, seed: jax.Array, how: str) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class RISE:
+class RISE(Method):
     """RISE saliency (see the module docstring for the exact masks and conventions).
 
     Attributes:

@@ -1,0 +1,275 @@
+"""The method core: the interface every attribution method implements, and the one path
+target -> seed -> score that they all share.
+
+Convention: ``method(model, variables, x, target) -> maps`` where
+
+* ``model`` is a Flax module (a zoo model or any module with that call signature) and
+  ``variables`` its variables;
+* ``x`` is an NHWC float batch, already normalised for the model (N, H, W, C);
+* ``target`` is either class indices — an int or an int array of shape (N,) — or an
+  explicit *seed*: a float array shaped like the model output (N, K) that weights the
+  logits (contrastive methods are built from seeds, and users may compose their own);
+* ``maps`` is a float array of shape (N, H, W) (the input's dtype: a float64 run stays
+  float64): one relevance/saliency value per pixel.
+
+Methods are pure: wrap them in ``jax.jit`` (the model is a static, hashable argument) or
+``jax.vmap``; samples in a batch are independent.
+
+A method is a frozen dataclass that subclasses :class:`Method` and declares what callers
+need to know as class attributes (never probed with ``getattr``):
+
+* ``kind`` — what it explains and how it is called (:data:`KINDS`): ``"attribution"`` and
+  ``"cam"`` maps of image classifiers (``"cam"``: computed at a layer and upsampled, which
+  is what UCAG's CAM post-processing is for), ``"similarity"`` (BiLRP: a pair of inputs)
+  and ``"detection"`` (D-RISE: a detector and a target detection);
+* ``accepts_seed`` — whether ``target`` may be an (N, K) float seed (``False`` for methods
+  that are contrastive already and need class indices);
+* ``runs_own_loop`` — the method jits its own steps and runs them from a Python loop when
+  its inputs are concrete (call it unjitted); ``has_progress`` — it has a ``progress`` field
+  (a progress bar over that loop).
+
+A method that is not defined for a model (CAM on a head that is not global pooling + one
+linear layer, a ReLU rule on a model without ReLU modules, ...) raises
+:class:`NotApplicable`, a ``ValueError`` that tables record as "not defined for this model".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xaijax.models import taps
+
+__all__ = [
+    "KINDS",
+    "CLASSIFIER_KINDS",
+    "Method",
+    "FunctionMethod",
+    "as_method",
+    "NotApplicable",
+    "check_inputs",
+    "class_indices",
+    "as_seed",
+    "target_scores",
+    "target_score",
+    "layer_gradients",
+    "reduce_channels",
+    "validate_positive_int",
+]
+
+#: What a method explains (see the module docstring).
+KINDS = ("attribution", "cam", "similarity", "detection")
+#: Kinds called as ``method(model, variables, x, target) -> (N, H, W)`` on a classifier.
+CLASSIFIER_KINDS = ("attribution", "cam")
+
+
+class NotApplicable(ValueError):
+    """The method is not defined for this model (e.g. CAM on a head without global pooling).
+
+    Evaluation tables record such a pair as "not defined for this model"; any other error is
+    a real failure.
+    """
+
+
+class Method:
+    """Base of every attribution method: declared capabilities and the call signature.
+
+    Subclasses are frozen dataclasses whose fields are the hyperparameters and which
+    implement ``__call__(model, variables, x, target)``.
+    """
+
+    kind: ClassVar[str] = "attribution"
+    accepts_seed: ClassVar[bool] = True
+    runs_own_loop: ClassVar[bool] = False
+    has_progress: ClassVar[bool] = False
+
+    @property
+    def explains_classifier(self) -> bool:
+        """True for methods called as ``method(model, variables, x, target) -> (N, H, W)``."""
+        return self.kind in CLASSIFIER_KINDS
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionMethod(Method):
+    """A plain function ``fn(model, variables, x, target) -> (N, H, W)`` with declared capabilities.
+
+    Attributes:
+      fn: the function.
+      declared_kind: its kind (one of :data:`KINDS`).
+      declared_accepts_seed: whether it accepts float seeds as target.
+    """
+
+    fn: Callable[..., jax.Array]
+    declared_kind: str = "attribution"
+    declared_accepts_seed: bool = True
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"expected an attribution method (a callable (model, variables, x, target) -> maps), got {self.fn!r}")
+        if self.declared_kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.declared_kind!r}")
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.declared_kind
+
+    @property
+    def accepts_seed(self) -> bool:  # type: ignore[override]
+        return self.declared_accepts_seed
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        return self.fn(model, variables, x, target)
+
+
+def as_method(fn: Any, kind: str = "attribution", accepts_seed: bool = True) -> Method:
+    """``fn`` itself if it is a :class:`Method`, else a :class:`FunctionMethod` declaring ``kind``."""
+    if isinstance(fn, Method):
+        return fn
+    return FunctionMethod(fn, kind, accepts_seed)
+
+
+def validate_positive_int(owner: str, name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int (or ``None`` when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        what = "None or a positive int" if optional else "a positive int"
+        raise ValueError(f"{owner}: {name} must be {what}, got {value!r}")
+
+
+def check_inputs(x: jax.Array) -> None:
+    """Raise a readable error unless ``x`` is a non-empty floating NHWC batch (N, H, W, C)."""
+    shape = tuple(np.shape(x))
+    if len(shape) != 4:
+        raise ValueError(f"x must be an NHWC batch of shape (N, H, W, C); got shape {shape}")
+    dtype = np.dtype(x.dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"x must be floating point (normalised float32 images); got dtype {dtype}")
+    if shape[0] == 0:
+        raise ValueError("x is an empty batch (N = 0); pass at least one image")
+
+
+def _is_concrete(a: Any) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def class_indices(target: Any, batch: int, num_outputs: int | None, method: str | None = None) -> jax.Array:
+    """Class indices (batch,) from an int or an int array (batch,), range-checked when concrete.
+
+    Args:
+      num_outputs: the model's number of classes (``None``: not range-checked here).
+      method: the name of a method that needs class indices, for the error message when a
+        float seed is given.
+    """
+    t = jnp.asarray(target)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        who = f"{method} needs" if method else "expected"
+        raise ValueError(f"{who} class indices as target (an int or an int array of shape ({batch},)); got a {t.dtype} array")
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,):
+        raise ValueError(f"target must be an int or an int array of shape ({batch},); got shape {t.shape}")
+    if num_outputs is not None and _is_concrete(t):
+        tn = np.asarray(t)
+        bad = tn[(tn < 0) | (tn >= num_outputs)]
+        if bad.size:
+            raise ValueError(f"target class {int(bad[0])} is out of range for a model with {num_outputs} outputs")
+    return t
+
+
+def as_seed(target: int | jax.Array | np.ndarray, num_outputs: int, batch: int, dtype: Any = jnp.float32) -> jax.Array:
+    """Turn a target into an output-shaped seed of shape (batch, num_outputs).
+
+    Args:
+      target: an int (same class for every sample), int array (batch,), or float array
+        (batch, num_outputs) used as is.
+      num_outputs: size of the model's output (number of classes).
+      batch: batch size N.
+
+    Raises:
+      ValueError: wrong shape, or (for concrete values) a class index out of range.
+    """
+    t = jnp.asarray(target)
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        return jax.nn.one_hot(class_indices(t, batch, num_outputs), num_outputs, dtype=dtype)
+    if t.shape != (batch, num_outputs):
+        raise ValueError(
+            f"a float target is a seed and must have the output's shape ({batch}, {num_outputs}); got {t.shape}"
+        )
+    return t.astype(dtype)
+
+
+def target_scores(out: jax.Array, target: Any) -> jax.Array:
+    """Per-sample scores ``sum_k seed_k out_k`` (N,) of model outputs ``out`` (N, K)."""
+    seed = as_seed(target, out.shape[-1], out.shape[0], out.dtype)
+    return (out * seed).sum(-1)
+
+
+def target_score(out: jax.Array, target: Any) -> jax.Array:
+    """The scalar ``sum(seed * out)`` that gradient methods differentiate (the batch's target logits summed)."""
+    return target_scores(out, target).sum()
+
+
+def layer_gradients(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    x: jax.Array,
+    target: Any,
+    layers: Sequence[str],
+    forward: Callable[..., Any] | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """Activations of ``layers``, the gradients of the target score w.r.t. them, and the output.
+
+    One forward and one backward pass: a zero array added to each layer's output is
+    differentiated (no hooks).
+
+    Args:
+      x: NHWC input batch (N, H, W, C).
+      target: int / int (N,) class indices or an (N, K) seed; score = sum(seed * output).
+      layers: dotted layer names.
+
+    Returns:
+      ``(acts, grads, out)``: dicts layer -> activation and layer -> ``dS/dA`` (the layer
+      output's shape), and the model output (N, K).
+
+    Raises:
+      ValueError: unknown layer (with suggestions).
+    """
+    check_inputs(x)
+    names = list(layers)
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer names must be distinct; got {names}")
+    _, shapes = jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=names), x)
+
+    def score(deltas: dict[str, jax.Array]):
+        out, acts = taps.forward(model, variables, x, capture=names, add=deltas)
+        return target_score(out, target), (acts, out)
+
+    zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+    grads, (acts, out) = jax.grad(score, has_aux=True)(zeros)
+    return acts, grads, out
+
+
+def reduce_channels(a: jax.Array, how: str) -> jax.Array:
+    """Reduce an (N, H, W, C) input attribution to an (N, H, W) map.
+
+    ``"sum"`` (relevance, gradient x input), ``"abs-max"`` (max of |.| over channels,
+    Simonyan et al. 2014), ``"abs-sum"``, ``"l2"`` (Euclidean norm over channels).
+    """
+    if how == "sum":
+        return a.sum(-1)
+    if how == "abs-max":
+        return jnp.abs(a).max(-1)
+    if how == "abs-sum":
+        return jnp.abs(a).sum(-1)
+    if how == "l2":
+        return jnp.sqrt((a * a).sum(-1))
+    raise ValueError(f"unknown channel reduction {how!r}; use 'sum', 'abs-max', 'abs-sum' or 'l2'")

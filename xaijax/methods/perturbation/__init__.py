@@ -1,0 +1,23 @@
+"""The perturbation family: explanations from the model's response to masked inputs.
+
+* ``rise`` (:class:`RISE`) — random masks weighted by the target's score;
+* ``extremal-perturbation`` (:class:`ExtremalPerturbation`) — masks of fixed area optimised
+  to preserve (or delete) the target's score;
+* ``d-rise`` (:class:`DRise`) — RISE masks scored by detection similarity (detectors).
+"""
+
+from xaijax.methods.perturbation.drise import DRise, detector_function
+from xaijax.methods.perturbation.extremal import ExtremalPerturbation, ExtremalResult
+from xaijax.methods.perturbation.rise import RISE, rise_cell_size, rise_grid_and_shift, rise_masks, rise_upsample_matrix
+
+__all__ = [
+    "RISE",
+    "rise_cell_size",
+    "rise_grid_and_shift",
+    "rise_masks",
+    "rise_upsample_matrix",
+    "ExtremalPerturbation",
+    "ExtremalResult",
+    "DRise",
+    "detector_function",
+]
