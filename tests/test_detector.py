@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from xaijax.checkpoints import save_variables
+from xaijax.checkpoints import load_detector, save_detector, save_variables
 from xaijax.data import SyntheticScenes, mask_to_box
 from xaijax.metrics import detection as M
 from xaijax.models import detector as D
@@ -307,8 +307,8 @@ def test_detect_thresholds_and_suppresses():
 def test_save_and_load_detector_round_trip(tiny, tmp_path):
     model, variables, x, a, fn = tiny
     path = tmp_path / "det.safetensors"
-    D.save_detector(path, model, variables, note="hello")
-    model2, variables2, meta = D.load_detector(path)
+    save_detector(path, model, variables, note="hello")
+    model2, variables2, meta = load_detector(path)
     assert model2 == model and meta["arch"] == "tiny_detector" and meta["note"] == "hello"
     assert json.loads(meta["model_kwargs"]) == {"num_classes": 5, "width": 4, "layers": [1, 1, 1], "head_width": 8}
     assert jax.tree_util.tree_structure(variables2) == jax.tree_util.tree_structure(variables)
@@ -317,7 +317,7 @@ def test_save_and_load_detector_round_trip(tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
     save_variables(tmp_path / "other.safetensors", variables, {"arch": "resnet18"})
     with pytest.raises(ValueError, match="tiny_detector"):
-        D.load_detector(tmp_path / "other.safetensors")
+        load_detector(tmp_path / "other.safetensors")
 
 
 def test_a_few_training_steps_decrease_the_loss():
@@ -346,7 +346,7 @@ def test_a_few_training_steps_decrease_the_loss():
 
 def test_bundled_detector_reaches_its_recorded_map():
     assert WEIGHTS.is_file(), f"bundled weights missing: {WEIGHTS}"
-    model, variables, meta = D.load_detector(WEIGHTS)
+    model, variables, meta = load_detector(WEIGHTS)
     recorded = float(meta["test_map50"])
     assert model.num_classes == 12 and meta["preprocess"] == "none"
     script = _train_script()  # the evaluation settings of the recorded value

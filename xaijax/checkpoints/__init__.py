@@ -6,9 +6,15 @@
 * :func:`from_torch_state_dict` / :func:`to_torch_state_dict` — the name/layout mapping.
 * :func:`save_variables` / :func:`load_variables` — Flax variables in ``.safetensors`` or
   ``.msgpack`` with string metadata (architecture, model configuration).
+* :func:`save_detector` / :func:`load_detector` — the tiny detector of
+  :mod:`xaijax.models.detector` (its configuration in the metadata).
+* :func:`weights_dir` / :func:`bundled_weights` — the synthetic-benchmark weights of a source
+  checkout (``XAIJAX_WEIGHTS`` overrides the folder).
 """
 
+from xaijax.checkpoints.bundled import bundled_weights, weights_dir
 from xaijax.checkpoints.convert import detect_source, load, load_torch_weights, num_classes_of, port
+from xaijax.checkpoints.detector import load_detector, save_detector
 from xaijax.checkpoints.errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -30,11 +36,13 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointMismatchError",
     "UnsafeCheckpointError",
+    "bundled_weights",
     "detect_source",
     "flatten_variables",
     "from_torch_state_dict",
     "guess_family",
     "load",
+    "load_detector",
     "load_safetensors",
     "load_state_dict",
     "load_torch",
@@ -42,9 +50,11 @@ __all__ = [
     "load_variables",
     "num_classes_of",
     "port",
+    "save_detector",
     "save_safetensors",
     "save_variables",
     "to_torch_state_dict",
     "unflatten_variables",
     "variable_template",
+    "weights_dir",
 ]

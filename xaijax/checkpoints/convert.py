@@ -37,7 +37,7 @@ from xaijax.checkpoints.errors import CheckpointMismatchError
 from xaijax.checkpoints.mapping import from_torch_state_dict, guess_family
 from xaijax.checkpoints.native import load_variables, save_variables
 from xaijax.checkpoints.torch_pickle import load_state_dict
-from xaijax.models import registry
+from xaijax.models import preprocess, registry
 
 __all__ = ["load_torch_weights", "load", "port", "detect_source", "num_classes_of", "TORCH_SUFFIXES", "NATIVE_SUFFIXES"]
 
@@ -218,8 +218,10 @@ def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: P
 def port(arch: str, src: str | Path, dst: str | Path, **model_kwargs: Any) -> dict[str, Any]:
     """Convert a torch checkpoint to a native file (``.safetensors`` or ``.msgpack``).
 
-    The destination is written atomically and only after the whole conversion succeeded.
-    Returns the ``info`` dict of :func:`load_torch_weights`.
+    The destination is written atomically and only after the whole conversion succeeded. Its
+    metadata records ``arch``, ``source``, ``model_kwargs``, ``ported_from`` and ``preprocess``
+    (:func:`xaijax.models.preprocess.convention` of the source: ``"caffe"`` for TorchRay's
+    models, else ``"torchvision"``). Returns the ``info`` dict of :func:`load_torch_weights`.
     """
     dst = Path(dst)
     if dst.suffix not in NATIVE_SUFFIXES:
@@ -227,6 +229,12 @@ def port(arch: str, src: str | Path, dst: str | Path, **model_kwargs: Any) -> di
     if not dst.parent.exists():
         raise FileNotFoundError(f"output directory does not exist: {dst.parent}")
     _, variables, info = load_torch_weights(arch, src, **model_kwargs)
-    meta = {"arch": arch, "source": info["source"], "model_kwargs": json.dumps(info["model_kwargs"]), "ported_from": Path(src).name}
+    meta = {
+        "arch": arch,
+        "source": info["source"],
+        "model_kwargs": json.dumps(info["model_kwargs"]),
+        "ported_from": Path(src).name,
+        "preprocess": preprocess.convention(info),  # the file says what input it expects
+    }
     save_variables(dst, variables, metadata=meta)
     return info

@@ -24,6 +24,7 @@ The lead wires this in with ``add_visualize_parser(sub)`` inside ``xaijax.cli.bu
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from xaijax.atomic import atomic_bytes, atomic_text
 
 __all__ = ["add_visualize_parser", "parse_units", "tile_grid", "stretch", "cmd_visualize"]
 
@@ -101,7 +104,7 @@ def _out_dir(p: str) -> Path:
 
 
 def _size_and_convention(args: argparse.Namespace, info: dict[str, Any]) -> tuple[int, str]:
-    from xaijax.models import registry
+    from xaijax.models import preprocess, registry
 
     meta = info.get("metadata") or {}
     size = args.size
@@ -111,10 +114,7 @@ def _size_and_convention(args: argparse.Namespace, info: dict[str, Any]) -> tupl
         except (ValueError, AttributeError):
             size = None
         size = size or registry.spec(info["arch"]).input_size
-    convention = args.preprocess or meta.get("preprocess") or ("caffe" if info.get("source") == "torchray" else "torchvision")
-    if convention not in ("torchvision", "caffe", "none"):
-        raise ValueError(f"unknown preprocessing convention {convention!r} in {args.weights}; pass --preprocess")
-    return int(size), convention
+    return int(size), preprocess.convention(info, args.preprocess)
 
 
 def _class_names(info: dict[str, Any], n: int) -> list[str] | None:
@@ -206,12 +206,14 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         summary = f"final activations {', '.join(f'{v:.3g}' for v in obj[:8])}{' ...' if k > 8 else ''}"
     grid = tile_grid(np.stack(tiles))
     viz.save_png(out / f"{tag}.png", grid)
-    np.save(out / f"{tag}.npy", images.astype(np.float32))
+    npy = io.BytesIO()
+    np.save(npy, images.astype(np.float32))
+    atomic_bytes(out / f"{tag}.npy", npy.getvalue())
     record.update(
         arch=info["arch"], weights=str(args.weights), layer=layer, kind=args.kind, size=size, preprocess=convention,
         seed=args.seed, config={k: v for k, v in cfg.__dict__.items()}, seconds=round(time.perf_counter() - t0, 2),
     )
-    (out / f"{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_text(out / f"{tag}.json", json.dumps(record, indent=1) + "\n")
     print(f"{summary}\nwrote {out / (tag + '.png')}, {tag}.npy, {tag}.json ({time.perf_counter() - t0:.1f} s)")
 
 

@@ -29,15 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from xaijax.atomic import atomic_text
 from xaijax.features.cli import _out_dir, parse_units
 
-__all__ = ["add_dissect_parser", "cmd_dissect", "BUNDLED_VGG16"]
-
-BUNDLED_VGG16 = Path(__file__).resolve().parents[2] / "weights" / "synthetic_vgg16.safetensors"
+__all__ = ["add_dissect_parser", "cmd_dissect"]
 
 
 def _units(spec: str | None) -> list[int] | None:
@@ -48,7 +45,7 @@ def cmd_dissect(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``xaijax dissect`` (see the module docstring); returns the summary dict."""
     from xaijax import checkpoints
     from xaijax.features import dissect as D
-    from xaijax.models import registry
+    from xaijax.models import preprocess, registry
 
     for name in ("images", "batch", "beam_size", "max_formula_length", "top_k", "figure_units"):
         v = getattr(args, name)
@@ -63,7 +60,7 @@ def cmd_dissect(args: argparse.Namespace) -> dict[str, Any]:
         from xaijax.data import SyntheticScenes
         from xaijax.data.concepts import SyntheticConcepts
 
-        weights = args.weights or str(BUNDLED_VGG16)
+        weights = args.weights or str(checkpoints.bundled_weights("synthetic_vgg16.safetensors"))
         scenes = SyntheticScenes(size=args.size or 128)
         split = args.split or "test"
         total = scenes.split_size(split)
@@ -82,8 +79,7 @@ def cmd_dissect(args: argparse.Namespace) -> dict[str, Any]:
                                 mask_size=args.mask_size, max_images=args.images)
     out = _out_dir(args.out)
     model, variables, info = checkpoints.load(args.arch, weights)
-    meta = info.get("metadata") or {}
-    convention = args.preprocess or meta.get("preprocess") or ("caffe" if info.get("source") == "torchray" else "torchvision")
+    convention = preprocess.convention(info, args.preprocess)
     layer = args.layer or registry.spec(info["arch"]).cam_layer
     t0 = time.perf_counter()
     print(

@@ -26,6 +26,8 @@ Every grid cell is one proposal, so an image of ``H x W`` pixels always gives
 ``P = (H/8) * (W/8)`` proposals (256 at 128x128): :func:`proposals` returns them
 "padded" to this fixed ``P`` as D-RISE expects (box, class probabilities, objectness).
 :func:`detect` turns proposals into final detections (score threshold + class-wise NMS).
+Files: :func:`xaijax.checkpoints.save_detector` / :func:`xaijax.checkpoints.load_detector`
+(the configuration travels as :meth:`TinyDetector.model_kwargs` in the file's metadata).
 
 Box convention: ``[x0, y0, x1, y1]`` in pixels, ``x1``/``y1`` exclusive
 (:mod:`xaijax.data.records`). Cell ``(i, j)`` (row, column) has its centre at
@@ -36,8 +38,6 @@ and size ``(w, h)`` is coded as ``tx = (cx - cell_x) / s``, ``ty = (cy - cell_y)
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -66,11 +66,10 @@ __all__ = [
     "giou",
     "detection_loss",
     "detect",
-    "load_detector",
-    "save_detector",
 ]
 
-#: ``arch`` value in the metadata of saved detector checkpoints.
+#: ``arch`` value in the metadata of saved detector checkpoints (saved and loaded by
+#: :func:`xaijax.checkpoints.save_detector` / :func:`xaijax.checkpoints.load_detector`).
 ARCH_NAME = "tiny_detector"
 #: Output stride of the detector's grid (pixels per cell).
 STRIDE = 8
@@ -465,39 +464,3 @@ def detection_loss(
     l1 = jnp.sum(jnp.abs(d["box_codes"] - t_codes).sum(-1) * pos) / npos
     loss = obj + cls + box_weight * g + l1_weight * l1
     return loss, {"obj": obj, "cls": cls, "giou": g, "l1": l1}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_detector(path: str | os.PathLike, model: TinyDetector, variables: Mapping[str, Any], **extra: str) -> None:
-    """Save ``variables`` with metadata ``{"arch": "tiny_detector", "model_kwargs": json, **extra}``."""
-    from xaijax.checkpoints import save_variables
-
-    meta = {"arch": ARCH_NAME, "model_kwargs": json.dumps(model.model_kwargs(), sort_keys=True)}
-    meta.update({str(k): str(v) for k, v in extra.items()})
-    save_variables(path, variables, meta)
-
-
-def load_detector(path: str | os.PathLike) -> tuple[TinyDetector, dict[str, Any], dict[str, str]]:
-    """Rebuild a detector saved by :func:`save_detector`.
-
-    Returns:
-      ``(model, variables, metadata)`` with ``model`` in eval mode (``train=False``).
-
-    Raises:
-      ValueError: the file's metadata does not describe a ``tiny_detector``.
-    """
-    from xaijax.checkpoints import load_variables
-
-    variables, meta = load_variables(path)
-    if meta.get("arch") != ARCH_NAME:
-        raise ValueError(f"{os.fspath(path)!r}: expected metadata arch={ARCH_NAME!r}, got {meta.get('arch')!r}")
-    try:
-        kwargs = json.loads(meta["model_kwargs"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.fspath(path)!r}: missing or invalid 'model_kwargs' metadata ({e})") from None
-    if "layers" in kwargs:
-        kwargs["layers"] = tuple(int(n) for n in kwargs["layers"])
-    model = TinyDetector(**kwargs)
-    return model, variables, meta

@@ -1,6 +1,6 @@
 """Input conventions of the pretrained weights in use, and image loading.
 
-Two conventions exist for the weights people port into xaijax:
+Three conventions exist for the weights xaijax reads:
 
 * ``"torchvision"`` — RGB in [0, 1], then ``(x - mean) / std`` with the ImageNet
   mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). All torchvision ImageNet
@@ -10,14 +10,21 @@ Two conventions exist for the weights people port into xaijax:
   [0, 255] minus the per-channel mean, no division by a standard deviation. Caffe feeds
   BGR; like TorchRay, the porter flips the first convolution's input channels to RGB, so
   images stay RGB and the mean is given in RGB order, (123.68, 116.779, 103.939).
+* ``"none"`` — the images as they are, RGB in [0, 1] (the bundled detector: its first
+  BatchNorm absorbs the offset).
+
+Which one a set of loaded weights expects is decided in one place, :func:`convention`: an
+explicit choice (``--preprocess``), else what the checkpoint records (``metadata["preprocess"]``),
+else ``"caffe"`` for TorchRay's models and ``"torchvision"`` for everything else.
 
 Images are NHWC float32 RGB in [0, 1] before normalisation (or HWC for a single image).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +34,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CAFFE_RGB_MEAN",
+    "CONVENTIONS",
+    "convention",
     "normalize",
     "denormalize",
     "check_images",
@@ -39,6 +48,41 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_RGB_MEAN = (123.68, 116.779, 103.939)
 
 Convention = Literal["torchvision", "caffe", "none"]
+#: The preprocessing conventions, by name (see the module docstring).
+CONVENTIONS: tuple[str, ...] = ("torchvision", "caffe", "none")
+
+
+def _checked(value: Any, origin: str) -> str:
+    if value not in CONVENTIONS:
+        raise ValueError(f"unknown preprocessing convention {value!r} ({origin}); use one of {', '.join(map(repr, CONVENTIONS))}")
+    return value
+
+
+def convention(info: Mapping[str, Any], override: str | None = None) -> str:
+    """The preprocessing convention that loaded weights expect: the one decision for every caller.
+
+    Args:
+      info: the ``info`` dict of :func:`xaijax.checkpoints.load` (``"source"``, and for native
+        files ``"metadata"``: the file's string metadata).
+      override: an explicit choice (``--preprocess``); ``None`` decides from ``info``.
+
+    Returns:
+      ``override`` if given; else the checkpoint's recorded ``metadata["preprocess"]``; else
+      ``"caffe"`` for TorchRay's Caffe-converted models (``info["source"] == "torchray"``); else
+      ``"torchvision"``.
+
+    Raises:
+      ValueError: ``override`` or the recorded value is not one of :data:`CONVENTIONS` (the
+        message says which; an explicit ``override`` takes precedence over a bad record).
+    """
+    if override is not None:
+        return _checked(override, "the explicit preprocessing choice")
+    if not isinstance(info, Mapping):
+        raise ValueError(f"info must be the dict returned by xaijax.checkpoints.load; got {type(info).__name__}")
+    recorded = (info.get("metadata") or {}).get("preprocess")
+    if recorded is not None:
+        return _checked(recorded, "recorded in the checkpoint's metadata; pass --preprocess to override")
+    return "caffe" if info.get("source") == "torchray" else "torchvision"
 
 
 def check_images(x: jax.Array | np.ndarray, name: str = "images", *, unit_range: bool = False, min_size: int = 1) -> None:
@@ -80,7 +124,7 @@ def normalize(x: jax.Array, convention: Convention = "torchvision") -> jax.Array
         return x * 255.0 - jnp.asarray(CAFFE_RGB_MEAN, x.dtype)
     if convention == "none":
         return x
-    raise ValueError(f"unknown preprocessing convention {convention!r}; use 'torchvision', 'caffe' or 'none'")
+    raise ValueError(f"unknown preprocessing convention {convention!r}; use one of {', '.join(map(repr, CONVENTIONS))}")
 
 
 def denormalize(x: jax.Array, convention: Convention = "torchvision") -> jax.Array:
@@ -92,7 +136,7 @@ def denormalize(x: jax.Array, convention: Convention = "torchvision") -> jax.Arr
         return (x + jnp.asarray(CAFFE_RGB_MEAN, x.dtype)) / 255.0
     if convention == "none":
         return x
-    raise ValueError(f"unknown preprocessing convention {convention!r}; use 'torchvision', 'caffe' or 'none'")
+    raise ValueError(f"unknown preprocessing convention {convention!r}; use one of {', '.join(map(repr, CONVENTIONS))}")
 
 
 def load_image(path: str | Path, size: int = 224, resize: int | None = None) -> np.ndarray:
