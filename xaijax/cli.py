@@ -77,13 +77,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     import numpy as np
 
     from xaijax import checkpoints
-    from xaijax.models import registry
+    from xaijax.models import preprocess, registry
     from xaijax.models.preprocess import load_image, normalize
 
     model, variables, info = checkpoints.load(args.arch, args.weights)
     spec = registry.spec(info["arch"])
     size = args.size or spec.input_size
-    convention = args.preprocess or ("caffe" if info.get("source") == "torchray" else "torchvision")
+    convention = preprocess.convention(info, args.preprocess)
     imgs = np.stack([load_image(p, size) for p in args.images])
     logits = np.asarray(jax.jit(model.apply)(variables, normalize(imgs, convention)))
     names = _class_names(logits.shape[-1], args.labels)
@@ -136,22 +136,26 @@ def _parse_params(items: Sequence[str]) -> dict:
 
 def _cmd_explain(args: argparse.Namespace) -> None:
     import dataclasses
+    import io
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from xaijax import checkpoints, methods, viz
-    from xaijax.models import registry
+    from xaijax.atomic import atomic_bytes
+    from xaijax.models import preprocess, registry
     from xaijax.models.preprocess import load_image, normalize
 
     params = _parse_params(args.param)
     method = methods.get(args.method, **params)
+    if not method.explains_classifier:
+        raise UserError(f"method {args.method!r} is of kind {method.kind!r}; explain runs classifier attributions")
     model, variables, info = checkpoints.load(args.arch, args.weights)
     size = args.size or registry.spec(info["arch"]).input_size
-    convention = args.preprocess or ("caffe" if info.get("source") == "torchray" else "torchvision")
-    if getattr(method, "runs_own_loop", False):  # (extremal perturbation) it jits its own step; show its bar
-        if hasattr(method, "progress") and "progress" not in params:
+    convention = preprocess.convention(info, args.preprocess)
+    if method.runs_own_loop:  # (extremal perturbation) it jits its own step; show its bar
+        if method.has_progress and "progress" not in params:
             method = dataclasses.replace(method, progress=True)
         explain = method
     else:
@@ -166,10 +170,12 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         if not 0 <= target < logits.shape[-1]:
             raise UserError(f"--target {target} is out of range for a model with {logits.shape[-1]} classes")
         m = np.asarray(explain(model, variables, x, jnp.array([target])))[0]
-        stem = Path(path).stem
-        np.save(out / f"{stem}.{args.method.replace(':', '_')}.npy", m)
-        viz.save_png(out / f"{stem}.{args.method.replace(':', '_')}.png", viz.overlay(img, m))
-        print(f"{path}: class {target} (logit {logits[target]:.3f}) -> {out}/{stem}.{args.method.replace(':', '_')}.png")
+        name = f"{Path(path).stem}.{args.method.replace(':', '_')}"
+        npy = io.BytesIO()
+        np.save(npy, m)
+        atomic_bytes(out / f"{name}.npy", npy.getvalue())
+        viz.save_png(out / f"{name}.png", viz.overlay(img, m))
+        print(f"{path}: class {target} (logit {logits[target]:.3f}) -> {out}/{name}.png")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

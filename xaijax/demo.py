@@ -8,10 +8,19 @@ game pairs whose class's boxes cover < 1/4 of the image while another class is p
 the DIF subset. Results go to ``OUT/results.{md,csv,json}`` and ``OUT/figure.png`` (image with
 ground truth, then each method's map, for a few images and both models), each written
 atomically: an interrupted run leaves no half-written file.
+
+The demo is a client of :mod:`xaijax.evaluation`: the (image, class) pairs come from
+:func:`~xaijax.evaluation.image_pairs`, the maps from the runner's padded-batch loop
+(:func:`~xaijax.evaluation.map_batches`), the tables from its writer. It runs the methods
+that explain a classifier's decision (kinds ``"attribution"`` and ``"cam"``); a method that
+raises :class:`~xaijax.methods.NotApplicable` for a model (CAM on VGG's fully connected
+head, ...) gets a row saying "not defined for this model"; any other error is a failure and
+propagates.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +33,11 @@ import numpy as np
 
 from xaijax import checkpoints, data, metrics
 from xaijax import methods as methods_registry
-from xaijax.evaluation.tables import write_tables
+from xaijax.atomic import atomic_bytes
+from xaijax.checkpoints import weights_dir  # re-exported: the bundled weights' folder
+from xaijax.evaluation import image_pairs, map_batches, write_tables
+from xaijax.methods import CLASSIFIER_KINDS, NotApplicable
+from xaijax.models import preprocess
 from xaijax.models.preprocess import normalize
 
 __all__ = ["BUNDLED_CLASSIFIERS", "weights_dir", "build_pairs", "run_demo"]
@@ -66,12 +79,6 @@ QUICK_HPARAMS: dict[str, dict[str, Any]] = {
 }
 
 
-def weights_dir() -> Path:
-    """The bundled ``weights/`` folder (override with ``XAIJAX_WEIGHTS``)."""
-    env = os.environ.get("XAIJAX_WEIGHTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "weights"
-
-
 @dataclass(frozen=True)
 class Pairs:
     """(image, class) pairs of a list of records: indices, classes, regions, DIF flags."""
@@ -83,9 +90,8 @@ class Pairs:
 
 
 def build_pairs(records: Sequence[data.Record]) -> Pairs:
-    """Every (image, present class) pair, skipping classes whose instances are all difficult."""
-    from xaijax.evaluation.runner import image_pairs
-
+    """Every (image, present class) pair, skipping classes whose instances are all difficult
+    (:func:`xaijax.evaluation.image_pairs` of each record)."""
     idx, cls, regions, dif = [], [], [], []
     for i, r in enumerate(records):
         for c, region, d in image_pairs(r):
@@ -109,33 +115,28 @@ def _explain_fn(method: Callable[..., jax.Array], model: Any) -> Callable[..., j
 def _run_method(
     explain, variables, x_all, pairs: Pairs, batch: int, on_batch: Callable[[], None]
 ) -> tuple[np.ndarray, float, float]:
-    """Maps for every pair, in fixed-size batches (the last one padded) so jit compiles once.
+    """Maps for every pair through the runner's padded-batch loop (:func:`map_batches`: fixed
+    batch shapes, so jit compiles once).
 
     Returns ``(maps, first_batch_seconds, seconds_per_map_after_the_first_batch)``; the
     first batch includes tracing and compilation.
     """
-    maps = []
     p = len(pairs.classes)
-    t_first = t_rest = 0.0
-    for s in range(0, p, batch):
+    if not p:
+        return np.zeros((0,) + tuple(x_all.shape[1:3]), np.float32), 0.0, 0.0
+    seconds: list[float] = []
+
+    def one_batch(_, ii: np.ndarray, cc: np.ndarray) -> dict[str, jax.Array]:
         t0 = time.perf_counter()
-        sl = slice(s, min(s + batch, p))
-        ii, cc = pairs.image_index[sl], pairs.classes[sl]
-        pad = batch - len(ii)
-        if pad:
-            ii = np.concatenate([ii, np.repeat(ii[-1:], pad)])
-            cc = np.concatenate([cc, np.repeat(cc[-1:], pad)])
-        m = explain(variables, x_all[ii], jnp.asarray(cc))
-        maps.append(np.asarray(m)[: batch - pad])
-        if s == 0:
-            t_first = time.perf_counter() - t0
-        else:
-            t_rest += time.perf_counter() - t0
+        m = jax.block_until_ready(explain(variables, x_all[ii], jnp.asarray(cc)))
+        seconds.append(time.perf_counter() - t0)
         on_batch()
+        return {"maps": m}
+
+    maps = map_batches(one_batch, batch, pairs.image_index, pairs.classes)["maps"]
     rest = p - min(batch, p)
-    per_map = t_rest / rest if rest else t_first / max(1, p)
-    out = np.concatenate(maps) if maps else np.zeros((0,) + x_all.shape[1:3], np.float32)
-    return out, t_first, per_map
+    per_map = sum(seconds[1:]) / rest if rest else seconds[0] / p
+    return maps, seconds[0], per_map
 
 
 def run_demo(
@@ -177,25 +178,21 @@ def run_demo(
         raise ValueError(f"--batch must be at least 1; got {batch}")
     if model_metric_pairs < 0:
         raise ValueError(f"--model-metric-pairs must be >= 0; got {model_metric_pairs}")
-    wdir = Path(weights) if weights is not None else weights_dir()
     stems = [Path(f).stem for f in BUNDLED_CLASSIFIERS]
     chosen = list(models) if models else stems
     unknown = [m for m in chosen if m not in stems]
     if unknown:
         raise ValueError(f"unknown bundled model {unknown[0]!r}; choose from {', '.join(stems)}")
-    paths = [wdir / f"{m}.safetensors" for m in chosen]
+    paths = [checkpoints.bundled_weights(f"{m}.safetensors", weights) for m in chosen]
     hparams = DEMO_HPARAMS if hparams is None else hparams
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"bundled weights file missing: {p} (run from a clone of the repository, or set XAIJAX_WEIGHTS)")
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output directory {out} is not writable")
 
     candidates = list(method_names) if method_names else methods_registry.names()
-    kinds = {n: methods_registry.kind(n) for n in candidates}
-    names = [n for n in candidates if kinds[n] == "attribution"]
-    skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k != "attribution"}
+    kinds = {n: methods_registry.kind(n) for n in candidates}  # declared by each method
+    names = [n for n in candidates if kinds[n] in CLASSIFIER_KINDS]
+    skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k not in CLASSIFIER_KINDS}
     first = ["pointing-game", "miou", "energy-pointing"]  # the research's headline numbers lead the table
     metric_names = [m for m in first if m in metrics.names()] + [m for m in metrics.names() if m not in first]
     model_metric_names = metrics.model_metric_names()
@@ -208,7 +205,7 @@ def run_demo(
     loaded = []
     for p in paths:
         model, variables, info = checkpoints.load(None, p)
-        loaded.append((p.stem, model, variables, info["metadata"].get("preprocess", "torchvision")))
+        loaded.append((p.stem, model, variables, preprocess.convention(info)))
 
     steps = len(loaded) * len(names) * max(1, -(-len(pairs.classes) // batch))
     bar = tqdm(total=steps, desc="demo", unit="batch", disable=not progress)
@@ -230,11 +227,11 @@ def run_demo(
                     row["first_batch_s"] = round(t_first, 3)
                     row["ms_per_map"] = round(1000 * per_map, 2)
                     row["method_s"] = round(time.perf_counter() - t_method, 2)
-                except (NotImplementedError, ValueError) as e:
-                    # a method that is not defined for this architecture (CAM on VGG's fully
-                    # connected head, RSP on DenseNet, ...) says so with one of these; the
-                    # demo's own inputs are valid, so the row records the reason and goes on
-                    row["error"] = f"not defined for this model: {str(e).splitlines()[0][:300]}"
+                except NotApplicable as e:
+                    # the method is not defined for this architecture (CAM on VGG's fully
+                    # connected head, ...): the row records the reason and the demo goes on;
+                    # any other error is a bug and propagates
+                    row["error"] = f"not defined for this model: {(str(e).splitlines() or [type(e).__name__])[0][:300]}"
                     bar.update(max(1, -(-len(pairs.classes) // batch)))
                     rows.append(row)
                     continue
@@ -309,11 +306,8 @@ def _write_tables(out: Path, result: dict[str, Any]) -> None:
 def _write_figure(path, imgs, records, pairs, fig_pairs, figure_maps, model_names, method_names, class_names) -> None:
     """One row per method (the first row: images with the explained class's region), one
     column per (model, image); maps overlaid on the image, the region outlined in white."""
-    import io
-
     from matplotlib.figure import Figure
 
-    from xaijax.atomic import atomic_bytes
     from xaijax.viz import heatmap
 
     shown = [m for m in method_names if any((mn, m) in figure_maps for mn in model_names)]

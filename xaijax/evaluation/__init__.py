@@ -5,9 +5,9 @@
 
 from xaijax.evaluation.datasets import DATASETS, open_dataset, resize_record
 from xaijax.evaluation.parallel import DataParallel, make_mesh
-from xaijax.evaluation.runner import EXPERIMENTS, EvalConfig, image_pairs, pick_images, run_experiment
+from xaijax.evaluation.runner import EXPERIMENTS, EvalConfig, image_pairs, map_batches, pick_images, run_experiment
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError, merge_shards, read_store
-from xaijax.evaluation.tables import atomic_text, markdown_table, write_tables
+from xaijax.evaluation.tables import markdown_table, write_tables
 
 __all__ = [
     "DATASETS",
@@ -16,9 +16,9 @@ __all__ = [
     "EvalConfig",
     "ResultsStore",
     "StoreMismatchError",
-    "atomic_text",
     "image_pairs",
     "make_mesh",
+    "map_batches",
     "markdown_table",
     "merge_shards",
     "open_dataset",

@@ -48,10 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import time
+import io
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +58,17 @@ import numpy as np
 
 from xaijax import checkpoints, data, metrics
 from xaijax import methods as methods_registry
+from xaijax.atomic import atomic_bytes, atomic_text
 from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError
 from xaijax.evaluation.tables import write_tables
+from xaijax.methods import CLASSIFIER_KINDS
+from xaijax.models import preprocess
 from xaijax.models.init import random_variables
 from xaijax.models.preprocess import normalize
 
-__all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs"]
+__all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs", "map_batches"]
 
 #: experiment -> (pair metrics, model-based metrics); ``sanity`` is run on its own.
 EXPERIMENT_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -191,9 +193,8 @@ def _check(cfg: EvalConfig) -> None:
     if not 0 <= cfg.shard_index < cfg.shard_count:
         raise ValueError(f"shard_index must be in [0, shard_count); got {cfg.shard_index} of {cfg.shard_count}")
     for m in cfg.methods:
-        methods_registry.get(m)  # readable error for unknown names
-        k = methods_registry.kind(m)
-        if k != "attribution":
+        k = methods_registry.kind(m)  # (a readable error for unknown names)
+        if k not in CLASSIFIER_KINDS:
             raise ValueError(f"method {m!r} is of kind {k!r}; the {cfg.experiment} experiment evaluates image attributions")
 
 
@@ -201,15 +202,11 @@ def _load_model(cfg: EvalConfig):
     if cfg.weights is None:
         if cfg.dataset != "synthetic":
             raise ValueError("--weights is required (the bundled weights only fit the synthetic dataset)")
-        from xaijax.demo import weights_dir
-
-        path = weights_dir() / "synthetic_vgg16.safetensors"
+        path = checkpoints.bundled_weights("synthetic_vgg16.safetensors")
     else:
         path = Path(cfg.weights)
     model, variables, info = checkpoints.load(cfg.arch, path)
-    default = "caffe" if info.get("source") == "torchray" else "torchvision"
-    convention = cfg.preprocess or info.get("metadata", {}).get("preprocess") or default
-    return path, model, variables, convention
+    return path, model, variables, preprocess.convention(info, cfg.preprocess)
 
 
 def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -334,11 +331,11 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
         c32 = classes.astype(np.int32)
         if cfg.experiment == "sanity":
             grid = Path(cfg.out) / f"sanity-{name}.png" if records[0][0] == 0 else None  # of the first pair batch
-            values = _batched(
+            values = map_batches(
                 lambda s, xb, cb: _sanity_values(method, ctx, xb, cb, grid if s == 0 else None), cfg.batch, xs, c32
             )
         else:
-            maps = _batched(lambda _, xb, cb: {"maps": explain(ctx.variables, xb, cb)}, cfg.batch, xs, c32)["maps"]
+            maps = map_batches(lambda _, xb, cb: {"maps": explain(ctx.variables, xb, cb)}, cfg.batch, xs, c32)["maps"]
             # localisation metrics at each image's native resolution (TorchRay resizes the map
             # back to the original image before pointing), one image at a time
             smooth = POINTING_SMOOTH.get(name, 0.0) if cfg.pointing_smooth else 0.0
@@ -357,7 +354,7 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
             if parts:
                 values.update({key: np.concatenate([q[key] for q in parts]) for key in parts[0]})
             for n, m in ctx.model_metrics.items():
-                out = _batched(lambda _, xb, mb, cb, m=m: m(ctx.model_fn, xb, mb, cb), cfg.batch, xs, maps, c32)
+                out = map_batches(lambda _, xb, mb, cb, m=m: m(ctx.model_fn, xb, mb, cb), cfg.batch, xs, maps, c32)
                 values.update({f"{n}.{key}": v for key, v in out.items()})
     for k, (i, r) in enumerate(records):
         sel = np.flatnonzero(img_of == k)
@@ -430,10 +427,19 @@ def _check_image_ids(store: ResultsStore, ds: Any, done: set[int]) -> None:
             )
 
 
-def _batched(fn: Callable[..., dict[str, Any]], size: int, *arrays: np.ndarray) -> dict[str, np.ndarray]:
+def map_batches(fn: Callable[..., dict[str, Any]], size: int, *arrays: Any) -> dict[str, np.ndarray]:
     """``fn(offset, *batch)`` over ``arrays`` in batches of ``size`` rows, the last one padded
     (fixed shapes: a jitted ``fn`` compiles once); each dict output cut back to the batch's
-    real rows, then concatenated over the batches."""
+    real rows, then concatenated over the batches. The one padded-batch loop of the
+    experiments and the demo.
+
+    Raises:
+      ValueError: no arrays, arrays of different lengths, no rows, or ``size < 1``.
+    """
+    if not arrays or len({len(a) for a in arrays}) != 1 or not len(arrays[0]):
+        raise ValueError(f"map_batches needs arrays with the same, positive number of rows; got {[len(a) for a in arrays]}")
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1; got {size}")
     parts = []
     for s in range(0, len(arrays[0]), size):
         batch = [a[s : s + size] for a in arrays]
@@ -453,10 +459,6 @@ def _pad(size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 def _sanity_values(method, ctx: _Context, xs: np.ndarray, classes: np.ndarray, grid: Path | None) -> dict[str, np.ndarray]:
     res = metrics.sanity.cascading_randomization(method, ctx.model, ctx.variables, xs, classes, seed=0, fresh=ctx.fresh)
     if grid is not None:  # the map grid (trained model, then each cascade step) of the dataset's first image
-        import io
-
-        from xaijax.atomic import atomic_bytes
-
         fig = metrics.sanity.plot_cascade_grid(res, None, images=(0,), max_columns=12)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
@@ -521,8 +523,6 @@ def _figures(out: Path, experiment: str, curves: dict[str, dict[str, Any]]) -> l
         return []
     from matplotlib.figure import Figure
 
-    from xaijax.atomic import atomic_bytes
-
     if experiment == "sanity":
         keys = [("spearman_abs", "Spearman (abs)"), ("spearman", "Spearman (signed)"), ("ssim", "SSIM")]
         fig = Figure(figsize=(13, 3.8))
@@ -540,8 +540,6 @@ def _figures(out: Path, experiment: str, curves: dict[str, dict[str, Any]]) -> l
         fig.suptitle("cascading randomisation, top layer first (cumulative)", fontsize=9)
         fig.tight_layout()
         name = "sanity.png"
-        from xaijax.atomic import atomic_text
-
         lines = ["method,step,layer,spearman,spearman_abs,ssim"]
         for mname, c in curves.items():
             for s, layer in enumerate(c["layers"]):
@@ -563,8 +561,6 @@ def _figures(out: Path, experiment: str, curves: dict[str, dict[str, Any]]) -> l
             ax.legend(fontsize=6)
         fig.tight_layout()
         name = "curves.png"
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_bytes(out / name, buf.getvalue())

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from xaijax.atomic import atomic_bytes, atomic_text
+from xaijax.atomic import atomic_text
 
-__all__ = ["atomic_text", "atomic_bytes", "write_tables", "markdown_table"]
+__all__ = ["write_tables", "markdown_table"]
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
