@@ -111,7 +111,8 @@ def xaijax_methods(cfg: dict[str, Any]) -> dict[str, tuple[Any, Callable[[np.nda
     from xaijax.methods.cam import GradCAMPlusPlus
     from xaijax.methods.perturbation import ExtremalPerturbation
     from xaijax.methods.gradient import IntegratedGradients
-    from xaijax.methods.lrp import LRP, ExcitationBackprop
+    from xaijax.methods.excitation import ExcitationBackprop
+    from xaijax.methods.lrp import LRP
     from xaijax.methods.perturbation import RISE
     from xaijax.propagation import composites as C
     from xaijax.propagation.rules import Epsilon
@@ -436,7 +437,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                         note += f"; xaijax float64 run failed ({type(e).__name__}: {str(e)[:120]})"
                 if theirs64 is not None and not agrees:
                     if name == "contrastive-excitation-backprop":
-                        from xaijax.methods.lrp import ExcitationBackprop
+                        from xaijax.methods.excitation import ExcitationBackprop
 
                         eb = np.asarray(jax.jit(lambda vv, xx, t: ExcitationBackprop(resize=False)(model, vv, xx, t))(
                             v, xj, tj))

@@ -48,7 +48,7 @@ from xaijax.checkpoints import from_torch_state_dict
 from xaijax.methods import get
 from xaijax.methods.cam import GradCAMPlusPlus
 from xaijax.methods.gradient import IntegratedGradients, fullgrad_decompose
-from xaijax.methods.lrp import ExcitationBackprop
+from xaijax.methods.excitation import ExcitationBackprop
 from xaijax.methods.perturbation import RISE, rise_masks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
