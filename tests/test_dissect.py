@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xaijax import imageops
 from xaijax.data import SyntheticScenes
 from xaijax.data.broden import BrodenDataset, decode_label_png
 from xaijax.data.concepts import (
@@ -76,13 +77,14 @@ def test_streaming_quantile_bad_input():
         sq.update(np.array([[np.nan, 0.0]]))
 
 
-def test_bilinear_matrix_matches_pil_upsampling():
+def test_upsampling_matrix_matches_pil_upsampling():
+    # dissect upsamples with imageops.resize_matrix (torch bilinear) == PIL BILINEAR when enlarging
     rng = np.random.default_rng(1)
     a = rng.normal(size=(5, 7)).astype(np.float32)
-    up = D.bilinear_matrix(16, 5) @ a @ D.bilinear_matrix(20, 7).T
+    up = imageops.resize_matrix(5, 16).astype(np.float32) @ a @ imageops.resize_matrix(7, 20).astype(np.float32).T
     ref = np.asarray(Image.fromarray(a, mode="F").resize((20, 16), Image.BILINEAR))
     np.testing.assert_allclose(up, ref, atol=1e-5)
-    np.testing.assert_array_equal(D.bilinear_matrix(6, 6), np.eye(6, dtype=np.float32))
+    np.testing.assert_array_equal(imageops.resize_matrix(6, 6), np.eye(6))
 
 
 # ----------------------------------------------------------------------------- planted units

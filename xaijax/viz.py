@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from xaijax.atomic import atomic_write
+from xaijax.imageops import minmax_normalize
 
 __all__ = ["heatmap", "overlay", "save_png"]
 
@@ -16,7 +17,7 @@ def heatmap(m: np.ndarray, signed: bool | None = None) -> np.ndarray:
     """Colour an (H, W) map as an (H, W, 3) float RGB image in [0, 1].
 
     Signed maps (``signed=None`` detects negative values) use a blue-white-red colormap
-    symmetric around zero (``bwr``); non-negative maps use ``jet`` scaled to [0, max].
+    symmetric around zero (``bwr``); non-negative maps use ``jet`` over [min, max] (min-max normalised).
     """
     from matplotlib import colormaps
 
@@ -29,8 +30,7 @@ def heatmap(m: np.ndarray, signed: bool | None = None) -> np.ndarray:
     if signed:
         s = np.abs(m).max() or 1.0
         return colormaps["bwr"]((m / s + 1) / 2)[..., :3]
-    lo, hi = m.min(), m.max()
-    return colormaps["jet"]((m - lo) / ((hi - lo) or 1.0))[..., :3]
+    return colormaps["jet"](minmax_normalize(m[None])[0])[..., :3]
 
 
 def overlay(image: np.ndarray, m: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -4,7 +4,9 @@
   ``u`` of a layer gets a threshold ``T_u``, the dataset-wide top-``quantile`` level of its
   activations (``quantile = 0.005`` -> the 99.5th percentile over all images and
   positions). Its activation map of each image is upsampled bilinearly to the resolution
-  of the concept masks and thresholded, ``S_u = up(A_u) > T_u``, and the unit is scored
+  of the concept masks (half-pixel centres, clamped edges: PIL's ``BILINEAR`` when
+  enlarging, NetDissect's upsampling; float32 :func:`xaijax.imageops.resize_matrix`
+  products ``R A C^T``) and thresholded, ``S_u = up(A_u) > T_u``, and the unit is scored
   against each concept ``c`` by the dataset-wide intersection over union
   ``IoU(u, c) = sum_x |S_u(x) & L_c(x)| / sum_x |S_u(x) | L_c(x)|``. The unit's label is its
   best concept; NetDissect calls a unit a detector when that IoU exceeds 0.04.
@@ -75,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.atomic import atomic_bytes, atomic_text
+from xaijax.imageops import resize_matrix
 
 __all__ = [
     "DissectConfig",
@@ -82,7 +85,6 @@ __all__ = [
     "Formula",
     "StreamingQuantile",
     "StreamingTopK",
-    "bilinear_matrix",
     "dissect",
     "dissect_activations",
     "formula_masks",
@@ -242,27 +244,6 @@ class StreamingTopK:
         self.scores = np.take_along_axis(all_s, order, 1)
         self.indices = np.take_along_axis(all_i, order, 1)
         self.maps = np.take_along_axis(all_m, order[:, :, None, None], 1)
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) float32 matrix of 1-D bilinear *up*sampling, half-pixel centres, clamped edges.
-
-    Output pixel ``i`` samples the input at ``(i + 0.5) n_in / n_out - 0.5``, clamped to
-    ``[0, n_in - 1]``: PIL's ``Image.resize(..., BILINEAR)`` when enlarging (NetDissect's
-    upsampling). Separable: ``up(A) = R A C^T`` with ``R = bilinear_matrix(M, h)``,
-    ``C = bilinear_matrix(N, w)``.
-    """
-    pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in), np.float64)
-    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(m, (np.arange(n_out), hi), frac)
-    return m.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -682,8 +663,8 @@ def dissect_activations(
         U = sel.size
         thresholds = quant.quantile(1.0 - cfg.quantile)
         thr_dev = jnp.asarray(thresholds, jnp.float32)
-        rows_m = jnp.asarray(bilinear_matrix(M, h))
-        cols_m = jnp.asarray(bilinear_matrix(N, w))
+        rows_m = jnp.asarray(resize_matrix(h, M), jnp.float32)
+        cols_m = jnp.asarray(resize_matrix(w, N), jnp.float32)
         P = bs * M * N
 
         def batches(atoms_only: bool = False):
@@ -991,7 +972,9 @@ def overlay_tile(image: np.ndarray, act_map: np.ndarray, threshold: float) -> np
     Pixels below threshold are dimmed to 30 %, the region's outline is drawn in yellow.
     """
     H, W = image.shape[:2]
-    up = bilinear_matrix(H, act_map.shape[0]) @ act_map @ bilinear_matrix(W, act_map.shape[1]).T
+    rows = resize_matrix(act_map.shape[0], H).astype(np.float32)
+    cols = resize_matrix(act_map.shape[1], W).astype(np.float32)
+    up = rows @ act_map @ cols.T
     mask = up > threshold
     out = image * np.where(mask, 1.0, 0.3)[..., None]
     out[_outline(mask)] = (1.0, 0.9, 0.0)

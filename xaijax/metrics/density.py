@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.imageops import safe_divide
+
 __all__ = ["map_density", "summarize_density"]
 
 
@@ -73,9 +75,9 @@ def map_density(
         s_in = jnp.sum(jnp.where(regions, part, 0.0), axis=(1, 2))
         s_ref = jnp.sum(part, axis=(1, 2)) if reference == "image" else jnp.sum(jnp.where(regions, 0.0, part), axis=(1, 2))
         ok = (n_in > 0) & (n_ref > 0) & (s_ref > 0)
-        mean_in = s_in / jnp.where(n_in > 0, n_in, 1.0)
-        mean_ref = s_ref / jnp.where(n_ref > 0, n_ref, 1.0)
-        out[name] = jnp.where(ok, mean_in / jnp.where(ok, mean_ref, 1.0), jnp.nan)
+        mean_in = safe_divide(s_in, n_in)
+        mean_ref = safe_divide(s_ref, n_ref)
+        out[name] = jnp.where(ok, safe_divide(mean_in, mean_ref), jnp.nan)
     return out
 
 

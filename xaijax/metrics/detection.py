@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from xaijax.imageops import safe_divide
+
 __all__ = [
     "box_iou",
     "nms",
@@ -68,7 +70,7 @@ def box_iou(a: Any, b: Any) -> np.ndarray:
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return safe_divide(inter, union)  # union >= 0 (finite boxes); a pair with zero union has IoU 0
 
 
 def nms(boxes: Any, scores: Any, iou_threshold: float = 0.5, max_output: int | None = None) -> np.ndarray:

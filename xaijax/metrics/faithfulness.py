@@ -27,7 +27,8 @@ Deletion / insertion (Petsiuk et al. 2018, as run by UCAG's ``insdel.py``, KU-HJ
 * insertion starts from a blurred copy and reveals the image's pixels; the blur is
   ``kornia.filters.gaussian_blur2d(x, (51, 51), (50., 50.))`` of the normalised tensor:
   a separable Gaussian, ``g(k) ~ exp(-k^2 / (2 sigma^2))`` for k = -25..25, normalised to
-  sum 1, with kornia's default ``reflect`` border;
+  sum 1, with kornia's default ``reflect`` border: :func:`xaijax.imageops.gaussian_blur`
+  with ``(51, 50.0)`` (re-exported here; its own defaults are UCAG's ``(5, 3.0)``);
 * the score is the softmax probability of the target class; the AUC is the trapezoid rule
   on the uniform grid [0, 1]: ``(sum(c) - c[0]/2 - c[-1]/2) / (len(c) - 1)``.
 
@@ -53,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xaijax.imageops import gaussian_blur, gaussian_kernel1d  # re-exported: the insertion substrate's blur
 
 __all__ = [
     "ModelFn",
@@ -99,47 +102,6 @@ def _as_partial(model_fn: ModelFn) -> jax.tree_util.Partial:
     if not callable(model_fn):
         raise TypeError(f"model_fn must be a callable images -> logits; got {type(model_fn).__name__}")
     return jax.tree_util.Partial(model_fn)
-
-
-# ----------------------------------------------------------------------------- blur
-
-
-def gaussian_kernel1d(size: int, sigma: float) -> np.ndarray:
-    """Normalised 1-D Gaussian taps at offsets ``arange(size) - size // 2`` (+0.5 for even sizes), kornia's."""
-    if size < 1 or sigma <= 0:
-        raise ValueError(f"kernel size must be >= 1 and sigma > 0; got size={size}, sigma={sigma}")
-    x = np.arange(size, dtype=np.float64) - size // 2
-    if size % 2 == 0:
-        x = x + 0.5
-    g = np.exp(-(x**2) / (2.0 * float(sigma) ** 2))
-    return g / g.sum()
-
-
-@functools.lru_cache(maxsize=32)
-def _blur_matrix(n: int, size: int, sigma: float) -> np.ndarray:
-    """(n, n) matrix applying the 1-D Gaussian with reflect padding along one axis."""
-    g = gaussian_kernel1d(size, sigma)
-    left = size // 2
-    right = size - 1 - left
-    padded_eye = np.pad(np.eye(n), ((left, right), (0, 0)), mode="reflect")  # row i+left <- source
-    return sum(g[k] * padded_eye[k : k + n] for k in range(size)).astype(np.float32)
-
-
-def gaussian_blur(x: jax.Array, kernel_size: int = 51, sigma: float = 50.0) -> jax.Array:
-    """Separable Gaussian blur of (N, H, W, C) or (H, W, C) images, reflect border (kornia's default).
-
-    Implemented as two small matrix products (the reflect padding is folded into the
-    matrices), exact for any image size.
-    """
-    x = jnp.asarray(x)
-    if x.ndim not in (3, 4):
-        raise ValueError(f"images must be (N, H, W, C) or (H, W, C); got shape {x.shape}")
-    h, w = x.shape[-3], x.shape[-2]
-    bh = jnp.asarray(_blur_matrix(h, int(kernel_size), float(sigma)))
-    bw = jnp.asarray(_blur_matrix(w, int(kernel_size), float(sigma)))
-    hp = jax.lax.Precision.HIGHEST
-    y = jnp.einsum("ij,...jwc->...iwc", bh, x.astype(jnp.float32), precision=hp)
-    return jnp.einsum("kw,...iwc->...ikc", bw, y, precision=hp)
 
 
 # ----------------------------------------------------------------------------- order, AUC
@@ -249,7 +211,7 @@ def _perturbation_scores(
     def one(args):
         x, m, t = args
         rank = saliency_rank(m[None])[0]
-        sub = jnp.zeros_like(x) if substrate == "zeros" else gaussian_blur(x, kernel_size, sigma)
+        sub = jnp.zeros_like(x) if substrate == "zeros" else gaussian_blur(x[None], kernel_size, sigma)[0]
         top = (rank[None] < cnt[:, None, None])[..., None]  # (S, H, W, 1)
         xs = jnp.where(top, x[None], sub[None]) if reveal else jnp.where(top, sub[None], x[None])
         logits = fn(xs)  # one forward pass for all steps of this image

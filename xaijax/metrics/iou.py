@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.imageops import minmax_normalize, safe_divide
+
 __all__ = [
     "binarize",
     "iou",
@@ -68,7 +70,7 @@ def iou(masks: jax.Array, regions: jax.Array) -> jax.Array:
         raise ValueError(f"masks and regions must have the same shape; got {masks.shape} and {regions.shape}")
     inter = jnp.sum(masks & regions, axis=(1, 2))
     union = jnp.sum(masks | regions, axis=(1, 2))
-    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0)
+    return safe_divide(jnp.asarray(inter, float), union)
 
 
 def class_mean(values: np.ndarray, classes: np.ndarray, num_classes: int) -> float:
@@ -98,10 +100,7 @@ def threshold_maps(maps: jax.Array, threshold: str | float = "mean") -> jax.Arra
     t = float(threshold)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"a numeric threshold applies to min-max normalised maps and must lie in [0, 1]; got {t}")
-    lo = maps.min(axis=(1, 2), keepdims=True)
-    span = maps.max(axis=(1, 2), keepdims=True) - lo
-    norm = jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1.0), 0.0)
-    return (norm > t) & (span > 0)
+    return minmax_normalize(maps) > t  # a constant map normalises to 0, never above t >= 0
 
 
 def foreground_background_iou(
@@ -131,7 +130,7 @@ def foreground_background_iou(
         inter = jnp.sum(p & g, axis=(1, 2))
         union = jnp.sum(p | g, axis=(1, 2))
         out[f"inter_{name}"], out[f"union_{name}"] = inter, union
-        out[f"iou_{name}"] = jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0)
+        out[f"iou_{name}"] = safe_divide(jnp.asarray(inter, float), union)
     out["miou"] = (out["iou_fg"] + out["iou_bg"]) / 2
     return out
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.imageops import minmax_normalize
 from xaijax.models.init import random_variables
 from xaijax.static_jit import bind_static
 from xaijax.models.taps import layer_names
@@ -119,13 +120,6 @@ def ssim(a: jax.Array, b: jax.Array, *, data_range: float = 1.0, win_size: int =
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.mean(axis=(1, 2))
-
-
-def _minmax(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, np.float64)
-    lo = m.min(axis=(-2, -1), keepdims=True)
-    span = m.max(axis=(-2, -1), keepdims=True) - lo
-    return np.where(span > 0, (m - lo) / np.where(span > 0, span, 1.0), 0.0)
 
 
 # ----------------------------------------------------------------------------- randomisation
@@ -264,7 +258,7 @@ def cascading_randomization(
     ref = stack[0]
     sp = np.stack([spearman(ref, m) for m in stack[1:]])
     sp_abs = np.stack([spearman(np.abs(ref), np.abs(m)) for m in stack[1:]])
-    ss = np.stack([np.asarray(ssim(_minmax(ref), _minmax(m))) for m in stack[1:]])
+    ss = np.stack([np.asarray(ssim(minmax_normalize(ref), minmax_normalize(m))) for m in stack[1:]])
     return CascadeResult(tuple(layers), stack, sp, sp_abs, ss)
 
 
