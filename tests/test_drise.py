@@ -109,6 +109,7 @@ def test_drise_batch_and_key_semantics(images):
 def test_bundled_detector_map_peaks_inside_the_explained_box():
     from xaijax.checkpoints import load_detector
     from xaijax.data import SyntheticScenes
+    from xaijax.models import detector as D
 
     model, variables, _ = load_detector(WEIGHTS)
     rec = SyntheticScenes().record("test", 0)  # three objects: classes 0, 6, 11
