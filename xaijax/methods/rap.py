@@ -2,7 +2,7 @@
 
 RAP explains the class chosen by ``target`` by propagating a one-hot seed (value 1 at the
 class, not the logit) from the classifier to the input with the rules of
-:mod:`xaijax.propagation.relative_rules`:
+:mod:`xaijax.propagation.rap_rules`:
 
 * classifier (last dense layer): contributions to the class score with the bias split
   between the positive and negative contributions, then *absolute influence
@@ -54,7 +54,7 @@ from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, r
 from xaijax.methods.registry import register
 from xaijax.models.inception import Inception3
 from xaijax.propagation.engine import plan, relevance
-from xaijax.propagation.relative_rules import rap_composite
+from xaijax.propagation.rap_rules import rap_composite
 
 __all__ = ["RAP"]
 

@@ -1,7 +1,10 @@
 """Relevance propagation: rules as custom VJPs of an ordinary jitted Flax forward pass.
 
 * :mod:`~xaijax.propagation.rules` — frozen, hashable rules (epsilon, gamma, alpha-beta,
-  z+, z^B, flat, w^2, excitation, pass, gradient, flipped, contrast);
+  z+, z^B, z^B with per-sample bounds, flat, w^2, excitation, pass, gradient, flipped,
+  contrast);
+* :mod:`~xaijax.propagation.rap_rules` / :mod:`~xaijax.propagation.rsp_rules` — the rules
+  of Relative Attributing Propagation and Relative Sectional Propagation;
 * :mod:`~xaijax.propagation.composites` — layer -> rule maps (by name, position, type,
   kind) and the named composites (epsilon-plus, epsilon-gamma-box, ...);
 * :mod:`~xaijax.propagation.canonizers` — BatchNorm folding;
@@ -37,6 +40,7 @@ from xaijax.propagation.rules import (
     Gradient,
     LayerView,
     Pass,
+    PerSampleZBox,
     Rule,
     WSquare,
     ZBox,
@@ -67,6 +71,7 @@ __all__ = [
     "Gradient",
     "LayerView",
     "Pass",
+    "PerSampleZBox",
     "Rule",
     "WSquare",
     "ZBox",

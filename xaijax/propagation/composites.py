@@ -54,11 +54,12 @@ from xaijax.propagation.rules import (
     Gamma,
     Gradient,
     Pass,
+    PerSampleZBox,
     Rule,
     ZBox,
     ZPlus,
 )
-from xaijax.propagation.rsp_rules import RSPAdd, RSPBatchNorm, RSPConv, RSPInput, RSPShifted
+from xaijax.propagation.rsp_rules import RSPAdd, RSPBatchNorm, RSPConv, RSPShifted
 
 __all__ = [
     "KINDS",
@@ -265,8 +266,8 @@ def contrastive_excitation(stabilizer: float = 1e-20) -> Composite:
 def rsp() -> Composite:
     """Stage 2 of Relative Sectional Propagation (Nam et al. 2021), from the reference code.
 
-    First convolution: :class:`~xaijax.propagation.rsp_rules.RSPInput` (z^B with per-sample
-    image bounds); other convolutions: :class:`~xaijax.propagation.rsp_rules.RSPConv`
+    First convolution: :class:`~xaijax.propagation.rules.PerSampleZBox` (z^B with per-sample
+    image bounds, the reference's ``RSPInput``); other convolutions: :class:`~xaijax.propagation.rsp_rules.RSPConv`
     (sectional weight-gradient kernels, doubled and uniformly shifted for kernels larger
     than 1x1); ReLU passes; max/average pooling: z-rule on ``x + 1e-9``; residual sums: split
     by ``max(x_k, 0) + 1e-9``; BatchNorm is *not* folded (the reference propagates the
@@ -277,7 +278,7 @@ def rsp() -> Composite:
     return Composite(
         conv=RSPConv(),
         dense=Epsilon(0.0),
-        first=RSPInput(),
+        first=PerSampleZBox(),
         kinds={
             "relu": Pass(),
             "maxpool": RSPShifted(),

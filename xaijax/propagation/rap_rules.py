@@ -37,6 +37,8 @@ b_j``, ``W+ = max(W, 0)``, ``|W-| = -min(W, 0)``, ``x+ = max(x, 0)``, ``|x-| = -
 :class:`RelativeBox` — the input layer: z^B with per-sample bounds ``l = min(x)``, ``h =
   max(x)`` (minimum/maximum over the whole normalised image, all channels):
   ``R_i = x_i T_W(s)_i - l T_{W+}(s)_i - h T_{W-}(s)_i``, ``s = R / (x W - l W+ - h W-)``.
+  The same rule as RSP's input layer: both names are aliases of
+  :class:`~xaijax.propagation.rules.PerSampleZBox`.
 
 Other layers (:func:`rap_composite`, used by :mod:`xaijax.methods.rap`):
 pooling, residual adds and concatenations use the z-rule (``Epsilon(0)``), BatchNorm, ReLU
@@ -62,7 +64,8 @@ import jax
 import jax.numpy as jnp
 
 from xaijax.propagation.composites import Composite
-from xaijax.propagation.rules import Epsilon, Gradient, Pass, Rule, _box, _check_number, _divide, _linear_many, _single
+from xaijax.imageops import safe_divide
+from xaijax.propagation.rules import Epsilon, Gradient, Pass, PerSampleZBox, Rule, _linear_many, _single
 
 __all__ = ["AbsoluteInfluence", "Relative", "RelativeBox", "rap_composite", "uniform_shift", "absolute_influence"]
 
@@ -83,14 +86,14 @@ def uniform_shift(C: Array, total: Array) -> Array:
     ``C - (sum C - total) / #nonzero(C) * [C != 0]`` (the reference's ``shift_rel``).
     """
     nonzero = (C != 0).astype(C.dtype)
-    shift = _divide(_sample_sum(C) - total.astype(C.dtype), _sample_sum(nonzero))
+    shift = safe_divide(_sample_sum(C) - total.astype(C.dtype), _sample_sum(nonzero))
     return C - shift * nonzero
 
 
 def absolute_influence(C: Array) -> Array:
     """``|C_i| * sum(C) / sum(|C|)`` per sample (the reference's ``redistribute``)."""
     a = jnp.abs(C)
-    return a * _divide(_sample_sum(C), _sample_sum(a))
+    return a * safe_divide(_sample_sum(C), _sample_sum(a))
 
 
 def _check_linear(rule: Rule, name: str, kind: str, in_shapes) -> None:
@@ -133,11 +136,11 @@ class Relative(Rule):
 
         def path(p: Array) -> Array:
             (a, b), transpose = _linear_many(op, (kp, kn), p)
-            ab = _divide(R, a + b)
+            ab = safe_divide(R, a + b)
             if conv:
-                s = jnp.stack([_divide(rp, a), _divide(rn, b) + ab])
+                s = jnp.stack([safe_divide(rp, a), safe_divide(rn, b) + ab])
             else:
-                s = jnp.stack([_divide(R, a), ab])
+                s = jnp.stack([safe_divide(R, a), ab])
             return p * transpose(s)
 
         if layer.nonneg:
@@ -182,44 +185,22 @@ class AbsoluteInfluence(Rule):
                 (z3, z4), _ = _linear_many(op, (kp, kn), xn)  # x- W+, x- W-
                 pos, neg = pos + _sample_sum(z4 * R), neg + _sample_sum(z3 * R)
             bR = b.astype(x.dtype) * R
-            bp = bR * _divide(pos, pos + neg)
-            bn = bR * _divide(neg, pos + neg)
-            C = C + xp * transpose(jnp.stack([_divide(bp, z1), _divide(bn, z2)]))
+            bp = bR * safe_divide(pos, pos + neg)
+            bn = bR * safe_divide(neg, pos + neg)
+            C = C + xp * transpose(jnp.stack([safe_divide(bp, z1), safe_divide(bn, z2)]))
         return (absolute_influence(C),)
 
 
-@dataclasses.dataclass(frozen=True)
-class RelativeBox(Rule):
-    """z^B for RAP's input layer with per-sample bounds ``l = min(x)``, ``h = max(x)``.
-
-    ``stabilizer`` is added (times sign) to the denominators; the reference uses 0.
-    """
-
-    stabilizer: float = 0.0
-
-    needs_weights: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        _check_number("RelativeBox stabilizer", self.stabilizer)
-
-    def check(self, name, kind, in_shapes, out_shape):
-        _check_linear(self, name, kind, in_shapes)
-
-    def backward(self, layer, xs, out, R):
-        x = _single(xs, self, layer)
-        op, k, _ = layer.linear(self)
-        flat = x.reshape(x.shape[0], -1)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        lo = jnp.broadcast_to(flat.min(-1).reshape(shape), x.shape)
-        hi = jnp.broadcast_to(flat.max(-1).reshape(shape), x.shape)
-        return (_box(op, k, x, lo, hi, R.astype(x.dtype), self.stabilizer),)
+#: RAP's input-layer rule under its old name: :class:`~xaijax.propagation.rules.PerSampleZBox`.
+RelativeBox = PerSampleZBox
 
 
 def rap_composite(stabilizer: float = 0.0) -> Composite:
     """The RAP rule set (canonize=False: RAP uses each convolution's own weights and passes
     BatchNorm relevance unchanged, as the reference does).
 
-    * first convolution/dense layer: :class:`RelativeBox` (per-sample z^B);
+    * first convolution/dense layer: :class:`~xaijax.propagation.rules.PerSampleZBox`
+      (z^B with the sample's own bounds; ``stabilizer`` is its stabilizer);
     * last convolution/dense layer (the classifier): :class:`AbsoluteInfluence`;
     * other convolutions and dense layers: :class:`Relative`;
     * max/average pooling, residual adds and concatenations: ``Epsilon(0)`` (the z-rule,
@@ -231,7 +212,7 @@ def rap_composite(stabilizer: float = 0.0) -> Composite:
     return Composite(
         conv=Relative(),
         dense=Relative(),
-        first=RelativeBox(stabilizer),
+        first=PerSampleZBox(stabilizer),
         last=AbsoluteInfluence(),
         kinds={
             "batchnorm": Pass(),

@@ -27,7 +27,8 @@ the reference).
 :class:`RSPInput`        The first convolution: z^B with per-sample scalar bounds ``l =
                          min(x)``, ``h = max(x)`` over the whole image (all pixels and
                          channels): ``R_i = sum_j (x_i w_ij - l w+_ij - h w-_ij) R_j / Z_j``,
-                         no bias, no stabiliser.
+                         no bias, no stabiliser. The same rule as RAP's input layer: an
+                         alias of :class:`~xaijax.propagation.rules.PerSampleZBox`.
 :class:`RSPShifted`      Max / average pooling: the z-rule on ``x + 1e-9``
                          (``R_i = (x_i + d) * dfn/dx_i * R / fn(x + d)``).
 :class:`RSPAdd`          Residual sums: each input gets ``(max(x_k, 0) + 1e-9) / sum_k'
@@ -59,12 +60,13 @@ an identity and is omitted.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from xaijax.propagation.rules import ConvGeometry, LayerView, Rule
+from xaijax.imageops import safe_divide
+from xaijax.propagation.rules import ConvGeometry, PerSampleZBox, Rule, _single
 
 __all__ = ["RSPConv", "RSPInput", "RSPShifted", "RSPAdd", "RSPBatchNorm", "SHIFT", "sectional_conv", "sectional_conv_patches"]
 
@@ -72,24 +74,6 @@ Array = jax.Array
 
 #: The small constant the reference adds to pooled inputs and residual-sum inputs.
 SHIFT = 1e-9
-
-
-def _divide(num: Array, den: Array) -> Array:
-    """``num / den`` with 0 where ``den == 0`` (the reference's ``safe_divide``); no NaN in the VJP."""
-    zero = den == 0
-    return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den)).astype(num.dtype)
-
-
-def _transpose(op: Callable[[Array, Array], Array], kernel: Array, x: Array, s: Array) -> Array:
-    """``op(kernel, .)^T s`` (shape of ``x``)."""
-    transposed = jax.linear_transpose(lambda xx: op(kernel, xx), jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return transposed(s.astype(x.dtype))[0]
-
-
-def _single(xs: Sequence[Array], rule: Rule, layer: LayerView) -> Array:
-    if len(xs) != 1:
-        raise ValueError(f"rule {rule!r} handles single-input layers; layer {layer.name!r} has {len(xs)} inputs")
-    return xs[0]
 
 
 def _per_sample(f: Callable[[Array, Array], Array], x: Array, R: Array) -> Array:
@@ -104,7 +88,7 @@ def _doubled_and_shifted(diff: Array, R: Array, pointwise: bool) -> Array:
     axes = tuple(range(1, diff.ndim))
     c = 2.0 * diff
     nonzero = (c != 0).astype(c.dtype)
-    shift = _divide(R.sum(axes, keepdims=True).astype(c.dtype), nonzero.sum(axes, keepdims=True))
+    shift = safe_divide(R.sum(axes, keepdims=True).astype(c.dtype), nonzero.sum(axes, keepdims=True))
     return c - shift * nonzero
 
 
@@ -136,7 +120,7 @@ def sectional_conv(op: Callable[[Array, Array], Array], kernel: Array, x: Array,
     z, pull = jax.vjp(lambda xx: jax.vmap(op, in_axes=(0, None))(grads, xx), x1)
     z = z * (sections != 0)  # Za = op(G+, x1) [R+ != 0], Zb = op(G-, x1) [R- != 0]
     signed = jnp.stack([rp, -rn])
-    (back,) = pull(_divide(signed, z).astype(z.dtype))
+    (back,) = pull(safe_divide(signed, z).astype(z.dtype))
     return _doubled_and_shifted(x1 * back, R, pointwise)  # x1 * back = C1 - C2
 
 
@@ -171,7 +155,7 @@ def sectional_conv_patches(geometry: ConvGeometry, x: Array, R: Array, pointwise
     grads = jnp.einsum("npk,npo->nko", p, sections)  # [G+, G-] per sample, (N, K, 2 C_out)
     z = jnp.einsum("npk,nko->npo", p, grads) * (sections != 0)  # [Za, Zb]
     signed = jnp.concatenate([rp, -rn], axis=-1).reshape(sections.shape)
-    back = jnp.einsum("npo,nko->npk", _divide(signed, z), grads)
+    back = jnp.einsum("npo,nko->npk", safe_divide(signed, z), grads)
     (back,) = fold(back.reshape(patches.shape))
     return _doubled_and_shifted(x1 * back, R, pointwise)  # x1 * back = C1 - C2
 
@@ -201,27 +185,9 @@ class RSPConv(Rule):
         return (_per_sample(lambda xn, rn: sectional_conv(op, k, xn, rn, pointwise), x, R),)
 
 
-@dataclasses.dataclass(frozen=True)
-class RSPInput(Rule):
-    """RSP's input-layer rule: z^B with per-sample bounds ``min(x)``, ``max(x)`` of the image.
-
-    ``R_i = sum_j (x_i w_ij - l w+_ij - h w-_ij) R_j / Z_j`` with ``Z_j`` the sum of those
-    terms over ``i`` (0 where ``Z_j == 0``); ``l``, ``h`` are the minimum and maximum of the
-    sample's whole input (all pixels and channels). Bias ignored, no stabiliser.
-    """
-
-    needs_weights: ClassVar[bool] = True
-
-    def backward(self, layer, xs, out, R):
-        x = _single(xs, self, layer)
-        op, k, _ = layer.linear(self)
-        axes = tuple(range(1, x.ndim))
-        lo = jnp.broadcast_to(x.min(axis=axes, keepdims=True), x.shape)
-        hi = jnp.broadcast_to(x.max(axis=axes, keepdims=True), x.shape)
-        kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
-        z = op(k, x) - op(kp, lo) - op(kn, hi)
-        s = _divide(R, z)
-        return (x * _transpose(op, k, x, s) - lo * _transpose(op, kp, x, s) - hi * _transpose(op, kn, x, s),)
+#: RSP's input-layer rule: :class:`~xaijax.propagation.rules.PerSampleZBox` (z^B with the
+#: sample's own min/max as bounds, no stabilizer), under the name of this family.
+RSPInput = PerSampleZBox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +204,7 @@ class RSPShifted(Rule):
     def backward(self, layer, xs, out, R):
         x = _single(xs, self, layer) + jnp.asarray(self.shift, xs[0].dtype)
         z, pull = jax.vjp(layer.fn, x)
-        (g,) = pull(_divide(R.astype(z.dtype), z))
+        (g,) = pull(safe_divide(R.astype(z.dtype), z))
         return (x * g,)
 
 
@@ -254,7 +220,7 @@ class RSPAdd(Rule):
         z = parts[0]
         for p in parts[1:]:
             z = z + p
-        s = _divide(R.astype(z.dtype), z)
+        s = safe_divide(R.astype(z.dtype), z)
         return tuple(p * s for p in parts)
 
 

@@ -23,35 +23,37 @@ exactly zero give zero relevance (nothing is divided by zero); ``stabilizer`` ad
 
 Rules:
 
-===================  ========================================================================
-:class:`Epsilon`     ``R_i = x_i sum_j w_ij R_j / (z_j + eps sign z_j)``; ``eps = 0`` is the
-                     z-rule (LRP-0). Works on any layer that is linear (or positively
-                     homogeneous, e.g. max pooling) in its inputs, several inputs included:
-                     average pools and residual sums use it with ``eps = 0``.
-:class:`Gamma`       epsilon-free LRP-gamma: weights ``W + gamma W+``, bias ``b + gamma b+``
-                     (Montavon et al. 2019).
-:class:`AlphaBeta`   ``alpha`` times the positive and ``beta`` times the negative
-                     contributions, each normalised on its own (Bach et al. 2015). Inputs of
-                     either sign: positive contributions are ``x+ W+`` and ``x- W-`` (plus
-                     ``b+``), negative ones ``x+ W-`` and ``x- W+`` (plus ``b-``), as in
-                     zennit. ``ZPlus()`` is ``AlphaBeta(1, 0)``.
-:class:`ZBox`        z^B for the input layer with bounds ``low <= x <= high``: contributions
-                     ``x_i w_ij - l_i w+_ij - h_i w-_ij`` (biases cancel).
-:class:`Flat`        every input in the receptive field gets an equal share (weights 1, input 1).
-:class:`WSquare`     shares proportional to ``w_ij**2``.
-:class:`Excitation`  Excitation Backprop's marginal winning probability (Zhang et al. 2016,
-                     TorchRay form): ``R_i = x_i sum_j w+_ij R_j / (sum_i' x_i' w+_i'j)``,
-                     no bias, inputs not clamped.
-:class:`Pass`        identity: relevance passes unchanged (ReLU, batch norm in some schemes).
-:class:`Gradient`    the ordinary vector-Jacobian product of the layer (max pooling =
-                     winner-take-all, flatten, concatenation = split by channels, dropout).
-:class:`Flipped`     applies another rule to the layer with negated weights and bias
-                     (contrastive excitation backprop, CLRP's "negated" dual).
-:class:`Contrast`    ``rule(layer) - rule(flipped layer)``: one-pass contrastive signal.
-===================  ========================================================================
+========================  ========================================================================
+:class:`Epsilon`          ``R_i = x_i sum_j w_ij R_j / (z_j + eps sign z_j)``; ``eps = 0`` is the
+                          z-rule (LRP-0). Works on any layer that is linear (or positively
+                          homogeneous, e.g. max pooling) in its inputs, several inputs included:
+                          average pools and residual sums use it with ``eps = 0``.
+:class:`Gamma`            epsilon-free LRP-gamma: weights ``W + gamma W+``, bias ``b + gamma b+``
+                          (Montavon et al. 2019).
+:class:`AlphaBeta`        ``alpha`` times the positive and ``beta`` times the negative
+                          contributions, each normalised on its own (Bach et al. 2015). Inputs of
+                          either sign: positive contributions are ``x+ W+`` and ``x- W-`` (plus
+                          ``b+``), negative ones ``x+ W-`` and ``x- W+`` (plus ``b-``), as in
+                          zennit. ``ZPlus()`` is ``AlphaBeta(1, 0)``.
+:class:`ZBox`             z^B for the input layer with bounds ``low <= x <= high``: contributions
+                          ``x_i w_ij - l_i w+_ij - h_i w-_ij`` (biases cancel).
+:class:`PerSampleZBox`    z^B with each sample's own ``min(x)``/``max(x)`` as bounds (the RAP /
+                          RSP reference code's input layer).
+:class:`Flat`             every input in the receptive field gets an equal share (weights 1, input 1).
+:class:`WSquare`          shares proportional to ``w_ij**2``.
+:class:`Excitation`       Excitation Backprop's marginal winning probability (Zhang et al. 2016,
+                          TorchRay form): ``R_i = x_i sum_j w+_ij R_j / (sum_i' x_i' w+_i'j)``,
+                          no bias, inputs not clamped.
+:class:`Pass`             identity: relevance passes unchanged (ReLU, batch norm in some schemes).
+:class:`Gradient`         the ordinary vector-Jacobian product of the layer (max pooling =
+                          winner-take-all, flatten, concatenation = split by channels, dropout).
+:class:`Flipped`          applies another rule to the layer with negated weights and bias
+                          (contrastive excitation backprop, CLRP's "negated" dual).
+:class:`Contrast`         ``rule(layer) - rule(flipped layer)``: one-pass contrastive signal.
+========================  ========================================================================
 
 Conservation (``sum_i R_i == sum_j R_j``) holds exactly for Gamma, AlphaBeta with
-``alpha - beta = 1``, ZBox, Flat, WSquare, Excitation, Pass, Gradient of linear
+``alpha - beta = 1``, ZBox, PerSampleZBox, Flat, WSquare, Excitation, Pass, Gradient of linear
 index-moving layers, and Epsilon(0) on bias-free layers, wherever no denominator vanishes;
 biases and ``eps`` absorb relevance otherwise.
 """
@@ -64,6 +66,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
+from xaijax.imageops import safe_divide
 from xaijax.models.layers import strided_windows
 
 __all__ = [
@@ -74,6 +77,7 @@ __all__ = [
     "AlphaBeta",
     "ZPlus",
     "ZBox",
+    "PerSampleZBox",
     "Flat",
     "WSquare",
     "Excitation",
@@ -203,12 +207,6 @@ def _stabilize(z: Array, eps: float) -> Array:
     return z if eps == 0 else z + eps * _sign1(z)
 
 
-def _divide(num: Array, den: Array) -> Array:
-    """num / den with 0 where den == 0 (no NaN/inf, also not in the gradient)."""
-    zero = den == 0
-    return jnp.where(zero, 0.0, num / jnp.where(zero, 1.0, den)).astype(num.dtype)
-
-
 def _add_bias(z: Array, bias: Array | None) -> Array:
     return z if bias is None else z + bias
 
@@ -253,12 +251,12 @@ def _box(op: Callable[[Array, Array], Array], k: Array, x: Array, lo: Array, hi:
     if k.ndim >= 2 and k.shape[-2] == x.shape[-1]:  # not grouped: concatenate input channels
         kc, xc = jnp.concatenate(ks, axis=-2), jnp.concatenate(xs, axis=-1)
         z, pull = jax.vjp(lambda xx: op(kc, xx), xc)
-        g = pull(_divide(R, _stabilize(z, stabilizer)).astype(z.dtype))[0]
+        g = pull(safe_divide(R, _stabilize(z, stabilizer)).astype(z.dtype))[0]
         c = x.shape[-1]
         return sum(a * g[..., i * c:(i + 1) * c] for i, a in enumerate(xs))
     kst, xst = jnp.stack(ks), jnp.stack(xs)
     zs, pull = jax.vjp(lambda xx: jax.vmap(op)(kst, xx), xst)
-    s = _divide(R, _stabilize(zs.sum(0), stabilizer)).astype(zs.dtype)
+    s = safe_divide(R, _stabilize(zs.sum(0), stabilizer)).astype(zs.dtype)
     g = pull(jnp.broadcast_to(s, zs.shape))[0]
     return (xst * g).sum(0)
 
@@ -314,7 +312,7 @@ class Epsilon(Rule):
         _check_number("Epsilon eps", self.eps)
 
     def backward(self, layer, xs, out, R):
-        s = _divide(R, _stabilize(out, self.eps))
+        s = safe_divide(R, _stabilize(out, self.eps))
         _, pullback = jax.vjp(layer.fn, *xs)
         grads = pullback(s.astype(out.dtype))
         return tuple(x * g for x, g in zip(xs, grads))
@@ -344,7 +342,7 @@ class Gamma(Rule):
         k2 = k + self.gamma * jnp.maximum(k, 0)
         b2 = None if b is None else b + self.gamma * jnp.maximum(b, 0)
         z, pull = jax.vjp(lambda xx: op(k2, xx), x)
-        s = _divide(R, _stabilize(_add_bias(z, b2), self.stabilizer))
+        s = safe_divide(R, _stabilize(_add_bias(z, b2), self.stabilizer))
         return (x * pull(s.astype(z.dtype))[0],)
 
 
@@ -381,20 +379,20 @@ class AlphaBeta(Rule):
         zp, tp = _linear_many(op, kernels, xp)
         if layer.nonneg:
             pos = _add_bias(zp[0], bp)
-            s_pos = self.alpha * _divide(R, _stabilize(pos, self.stabilizer))
+            s_pos = self.alpha * safe_divide(R, _stabilize(pos, self.stabilizer))
             if self.beta == 0:
                 return (xp * tp(s_pos[None]),)
             neg = _add_bias(zp[1], bn)
-            s_neg = -self.beta * _divide(R, _stabilize(neg, self.stabilizer))
+            s_neg = -self.beta * safe_divide(R, _stabilize(neg, self.stabilizer))
             return (xp * tp(jnp.stack([s_pos, s_neg])),)
         xn = jnp.minimum(x, 0)
         zn, tn = _linear_many(op, (kn, kp) if self.beta != 0 else (kn,), xn)  # x- W- (positive), x- W+ (negative)
         pos = _add_bias(zp[0] + zn[0], bp)
-        s_pos = self.alpha * _divide(R, _stabilize(pos, self.stabilizer))
+        s_pos = self.alpha * safe_divide(R, _stabilize(pos, self.stabilizer))
         if self.beta == 0:
             return (xp * tp(s_pos[None]) + xn * tn(s_pos[None]),)
         neg = _add_bias(zp[1] + zn[1], bn)
-        s_neg = -self.beta * _divide(R, _stabilize(neg, self.stabilizer))
+        s_neg = -self.beta * safe_divide(R, _stabilize(neg, self.stabilizer))
         s = jnp.stack([s_pos, s_neg])
         return (xp * tp(s) + xn * tn(s),)
 
@@ -471,6 +469,41 @@ class ZBox(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
+class PerSampleZBox(Rule):
+    """z^B with each sample's own bounds: ``l = min(x)``, ``h = max(x)`` over the whole sample.
+
+    ``R_i = sum_j (x_i w_ij - l w+_ij - h w-_ij) R_j / z_j`` with ``z_j`` the sum of those
+    contributions over ``i`` (biases cancel), ``l``/``h`` the minimum/maximum of the sample's
+    entire input (every pixel and channel, one scalar pair per sample). The input-layer rule of
+    the RAP and RSP reference code and of those authors' LRP baseline
+    (:func:`~xaijax.propagation.composites.zplus_nobias_box`); known there as
+    ``RelativeBox`` (:mod:`~xaijax.propagation.rap_rules`) and ``RSPInput``
+    (:mod:`~xaijax.propagation.rsp_rules`), both aliases of this rule.
+
+    ``stabilizer`` is added (times ``sign z``, ``sign 0 = +1``) to the denominators; with 0
+    (default) a vanishing denominator gives zero relevance. The denominators are ``>= 0``
+    (each contribution is ``(x_i - l) w+_ij + (x_i - h) w-_ij >= 0``), so a stabilizer ``s``
+    is the reference LRP code's ``z + s``.
+    """
+
+    stabilizer: float = 0.0
+
+    needs_weights: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_number("PerSampleZBox stabilizer", self.stabilizer)
+
+    def backward(self, layer, xs, out, R):
+        x = _single(xs, self, layer)
+        op, k, _ = layer.linear(self)
+        flat = x.reshape(x.shape[0], -1)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        lo = jnp.broadcast_to(flat.min(-1).reshape(shape), x.shape)
+        hi = jnp.broadcast_to(flat.max(-1).reshape(shape), x.shape)
+        return (_box(op, k, x, lo, hi, R.astype(x.dtype), self.stabilizer),)
+
+
+@dataclasses.dataclass(frozen=True)
 class Flat(Rule):
     """Flat rule: every input of the receptive field gets an equal share (weights and input 1)."""
 
@@ -503,7 +536,7 @@ def _shares(op, k, x, R):
     summed over channels); a data-dependent operand keeps the arithmetic as written.
     """
     z, pull = jax.vjp(lambda xx: op(k, xx), x * 0 + 1)
-    return pull(_divide(R, z).astype(z.dtype))[0]
+    return pull(safe_divide(R, z).astype(z.dtype))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,7 +559,7 @@ class Excitation(Rule):
         op, k, _ = layer.linear(self)
         kp = jnp.maximum(k, 0)
         z, pull = jax.vjp(lambda xx: op(kp, xx), x)
-        return (x * pull(_divide(R, z + self.stabilizer).astype(z.dtype))[0],)
+        return (x * pull(safe_divide(R, z + self.stabilizer).astype(z.dtype))[0],)
 
 
 @dataclasses.dataclass(frozen=True)
