@@ -20,10 +20,10 @@ from xaijax.propagation import (
     Excitation,
     Flat,
     Gamma,
-    Gradient,
     Pass,
     WSquare,
     ZBox,
+    Vjp,
     ZPlus,
     canonizers,
     composites,
@@ -437,7 +437,7 @@ def test_composite_precedence_and_hashing():
         last=WSquare(),
         kinds={"maxpool": Epsilon(0.0)},
         names={"features.1*": Pass(), "classifier.6": Gamma()},
-        types={nn.Dense: Gradient()},
+        types={nn.Dense: Vjp()},
     )
     assert isinstance(comp.kinds, tuple) and hash(comp) == hash(Composite(**{f: getattr(comp, f) for f in (
         "conv", "dense", "first", "last", "kinds", "names", "types", "canonize")}))
@@ -446,7 +446,7 @@ def test_composite_precedence_and_hashing():
     assert comp.rule_for("features.10", "conv", conv, first=True) == Pass()  # pattern beats position
     assert comp.rule_for("features.0", "conv", conv, first=True) == Flat()
     assert comp.rule_for("fc", "dense", dense, last=True) == WSquare()
-    assert comp.rule_for("classifier.0", "dense", dense) == Gradient()  # type beats kind
+    assert comp.rule_for("classifier.0", "dense", dense) == Vjp()  # type beats kind
     assert comp.rule_for("features.2", "conv", conv) == Epsilon(0.1)
     assert comp.rule_for("features.4", "maxpool", Marker()) == Epsilon(0.0)
     assert comp.rule_for("x", "relu", Marker()) == Pass()  # default
@@ -458,6 +458,25 @@ def test_composite_precedence_and_hashing():
         composites.get("epsilon-pls")
     with pytest.raises(ValueError, match="alpha"):
         AlphaBeta(-1.0, 0.0)
+
+
+def test_old_rule_names_warn_and_resolve_to_the_renamed_rules():
+    """``rules.Gradient`` / ``rules.Contrast`` were renamed (``Vjp``, ``FlipContrast``) so as not
+    to clash with the methods ``xaijax.methods.Gradient`` / ``Contrast``; the old names still
+    import, with a DeprecationWarning, and are in no ``__all__``."""
+    import xaijax.propagation as P
+    from xaijax.propagation import rules
+
+    for old, new in (("Gradient", rules.Vjp), ("Contrast", rules.FlipContrast)):
+        with pytest.warns(DeprecationWarning, match=f"rules.{old} is deprecated"):
+            assert getattr(rules, old) is new
+        with pytest.warns(DeprecationWarning):
+            assert getattr(P, old) is new
+        assert old not in rules.__all__ and old not in P.__all__
+    with pytest.warns(DeprecationWarning):
+        from xaijax.propagation.rules import Gradient  # noqa: F401  (the import statement works too)
+    with pytest.raises(AttributeError, match="no attribute 'Gradiant'"):
+        rules.Gradiant  # noqa: B018
 
 
 class Scale(nn.Module):

@@ -15,7 +15,7 @@ channels and bilinearly upsampled to the input size. The contrastive variant (c-
 the classifier's weights for the contrast signal and subtracts it; TorchRay does this in two
 passes with the subtraction at a "contrast layer" (VGG ``relu7``, ResNet ``avgpool``), but
 since propagation below that layer is linear in the signal the result is the same as
-subtracting at the classifier (:class:`~xaijax.propagation.rules.Contrast`), which needs one
+subtracting at the classifier (:class:`~xaijax.propagation.rules.FlipContrast`), which needs one
 pass and no contrast layer. The c-EB map is clamped at zero, as in TorchRay.
 """
 

@@ -1,8 +1,8 @@
 """Relevance propagation: rules as custom VJPs of an ordinary jitted Flax forward pass.
 
 * :mod:`~xaijax.propagation.rules` — frozen, hashable rules (epsilon, gamma, alpha-beta,
-  z+, z^B, z^B with per-sample bounds, flat, w^2, excitation, pass, gradient, flipped,
-  contrast);
+  z+, z^B, z^B with per-sample bounds, flat, w^2, excitation, pass, the plain VJP, flipped,
+  flip-contrast);
 * :mod:`~xaijax.propagation.rap_rules` / :mod:`~xaijax.propagation.rsp_rules` — the rules
   of Relative Attributing Propagation and Relative Sectional Propagation;
 * :mod:`~xaijax.propagation.composites` — layer -> rule maps (by name, position, type,
@@ -31,17 +31,17 @@ from xaijax.propagation.engine import (
 )
 from xaijax.propagation.rules import (
     AlphaBeta,
-    Contrast,
     Epsilon,
     Excitation,
     Flat,
+    FlipContrast,
     Flipped,
     Gamma,
-    Gradient,
     LayerView,
     Pass,
     PerSampleZBox,
     Rule,
+    Vjp,
     WSquare,
     ZBox,
     ZPlus,
@@ -62,18 +62,25 @@ __all__ = [
     "relevance",
     "relevance_trace",
     "AlphaBeta",
-    "Contrast",
     "Epsilon",
     "Excitation",
     "Flat",
+    "FlipContrast",
     "Flipped",
     "Gamma",
-    "Gradient",
     "LayerView",
     "Pass",
     "PerSampleZBox",
     "Rule",
+    "Vjp",
     "WSquare",
     "ZBox",
     "ZPlus",
 ]
+
+
+def __getattr__(name: str):
+    """``Gradient`` / ``Contrast``: the rules' old names (see :mod:`~xaijax.propagation.rules`)."""
+    if name in rules._DEPRECATED:
+        return getattr(rules, name)  # warns there
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

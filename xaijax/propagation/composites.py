@@ -9,7 +9,7 @@ argument of ``jax.jit``). The rule of a layer is the first match of, in this ord
    in the forward pass (the input layer and the classifier);
 3. ``types`` — ``{module class: rule}`` by ``isinstance`` (also the way to give a rule to a
    layer type the engine does not know; such layers are treated as generic functions, so
-   only rules that need no weights — Epsilon, Gradient, Pass — apply to them);
+   only rules that need no weights — Epsilon, Vjp, Pass — apply to them);
 4. ``conv`` / ``dense`` — the rules of the remaining convolutions and dense layers;
 5. ``kinds`` — ``{kind: rule}`` for the other layer kinds, falling back to
    :data:`DEFAULT_RULES`.
@@ -18,14 +18,14 @@ Default rules of the parameter-free layers (:data:`DEFAULT_RULES`):
 
 * ``relu`` — :class:`~xaijax.propagation.rules.Pass` (relevance passes; it is already zero
   where the activation is zero);
-* ``maxpool`` — :class:`~xaijax.propagation.rules.Gradient`: winner-take-all (the z-rule
+* ``maxpool`` — :class:`~xaijax.propagation.rules.Vjp` (the ordinary VJP): winner-take-all (the z-rule
   on a max pool gives the same result: ``x_i * d max / d x_i = max`` for the winner);
 * ``avgpool`` (average and adaptive average pooling) — ``Epsilon(0)``: the z-rule, inputs
   share in proportion to their values;
 * ``add`` (residual sums) — ``Epsilon(0)``: each branch gets relevance in proportion to its
   contribution ``x_k / sum_k' x_k'``;
-* ``concat`` — ``Gradient``: relevance is split by channels;
-* ``reshape`` (flatten), ``dropout`` (eval mode), ``identity`` — ``Gradient`` (identity up
+* ``concat`` — ``Vjp``: relevance is split by channels;
+* ``reshape`` (flatten), ``dropout`` (eval mode), ``identity`` — ``Vjp`` (identity up
   to shape);
 * ``batchnorm`` — see ``canonize``.
 
@@ -47,15 +47,15 @@ from typing import Any, Callable, Mapping
 
 from xaijax.propagation.rules import (
     AlphaBeta,
-    Contrast,
     Epsilon,
     Excitation,
     Flat,
+    FlipContrast,
     Gamma,
-    Gradient,
     Pass,
     PerSampleZBox,
     Rule,
+    Vjp,
     ZBox,
     ZPlus,
 )
@@ -89,13 +89,13 @@ DEFAULT_RULES: dict[str, Rule] = {
     "dense": Epsilon(0.0),
     "batchnorm": Pass(),
     "relu": Pass(),
-    "maxpool": Gradient(),
+    "maxpool": Vjp(),
     "avgpool": Epsilon(0.0),
     "add": Epsilon(0.0),
-    "concat": Gradient(),
-    "reshape": Gradient(),
-    "dropout": Gradient(),
-    "identity": Gradient(),
+    "concat": Vjp(),
+    "reshape": Vjp(),
+    "dropout": Vjp(),
+    "identity": Vjp(),
 }
 
 
@@ -247,20 +247,20 @@ def excitation(stabilizer: float = 1e-20) -> Composite:
     """Excitation Backprop as in TorchRay: MWP rule on convolutions and dense layers.
 
     Average pools and residual sums share in proportion to their inputs, BatchNorm passes the
-    signal unchanged and is not folded, ReLU and max pooling use the ordinary gradient.
+    signal unchanged and is not folded, ReLU and max pooling use the ordinary VJP (:class:`~xaijax.propagation.rules.Vjp`).
     """
     rule = Excitation(stabilizer)
     return Composite(
         rule,
         rule,
-        kinds={"relu": Gradient(), "batchnorm": Pass(), "maxpool": Gradient(), "avgpool": Epsilon(0.0), "add": Epsilon(0.0)},
+        kinds={"relu": Vjp(), "batchnorm": Pass(), "maxpool": Vjp(), "avgpool": Epsilon(0.0), "add": Epsilon(0.0)},
         canonize=False,
     )
 
 
 def contrastive_excitation(stabilizer: float = 1e-20) -> Composite:
     """:func:`excitation` whose classifier layer emits target minus flipped-weights signal."""
-    return excitation(stabilizer).replace(last=Contrast(Excitation(stabilizer)))
+    return excitation(stabilizer).replace(last=FlipContrast(Excitation(stabilizer)))
 
 
 def rsp() -> Composite:
@@ -285,7 +285,7 @@ def rsp() -> Composite:
             "avgpool": RSPShifted(),
             "add": RSPAdd(),
             "batchnorm": RSPBatchNorm(),
-            "concat": Gradient(),
+            "concat": Vjp(),
         },
         canonize=False,
     )

@@ -316,7 +316,7 @@ def _trace_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
         raise ValueError(
             "no propagation rule for layer(s) " + ", ".join(unknown) + f". Supported layer types: {_SUPPORTED} "
             "(and modules that only call those). Give other types a rule with "
-            "Composite(types={MyLayer: Epsilon(0.0)}) (rules without weights: Epsilon, Gradient, Pass)."
+            "Composite(types={MyLayer: Epsilon(0.0)}) (rules without weights: Epsilon, Vjp, Pass)."
         )
     if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) != 2:
         raise ValueError(f"the model must return logits of shape (N, K); got {out}")

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 
 from xaijax.propagation.composites import Composite
 from xaijax.imageops import safe_divide
-from xaijax.propagation.rules import Epsilon, Gradient, Pass, PerSampleZBox, Rule, _linear_many, _single
+from xaijax.propagation.rules import Epsilon, Pass, PerSampleZBox, Rule, Vjp, _linear_many, _single
 
 __all__ = ["AbsoluteInfluence", "Relative", "RelativeBox", "rap_composite", "uniform_shift", "absolute_influence"]
 
@@ -206,7 +206,7 @@ def rap_composite(stabilizer: float = 0.0) -> Composite:
     * max/average pooling, residual adds and concatenations: ``Epsilon(0)`` (the z-rule,
       the reference's ``RelPropSimple``/``Cat``);
     * BatchNorm and ReLU: :class:`~xaijax.propagation.rules.Pass`; flatten, dropout,
-      identity: the gradient (identity up to shape).
+      identity: :class:`~xaijax.propagation.rules.Vjp` (identity up to shape).
     """
     z = Epsilon(0.0)
     return Composite(
@@ -221,9 +221,9 @@ def rap_composite(stabilizer: float = 0.0) -> Composite:
             "avgpool": z,
             "add": z,
             "concat": z,
-            "reshape": Gradient(),
-            "dropout": Gradient(),
-            "identity": Gradient(),
+            "reshape": Vjp(),
+            "dropout": Vjp(),
+            "identity": Vjp(),
         },
         canonize=False,
     )

@@ -45,15 +45,16 @@ Rules:
                           TorchRay form): ``R_i = x_i sum_j w+_ij R_j / (sum_i' x_i' w+_i'j)``,
                           no bias, inputs not clamped.
 :class:`Pass`             identity: relevance passes unchanged (ReLU, batch norm in some schemes).
-:class:`Gradient`         the ordinary vector-Jacobian product of the layer (max pooling =
-                          winner-take-all, flatten, concatenation = split by channels, dropout).
+:class:`Vjp`              the ordinary vector-Jacobian product of the layer, ``J^T R`` (max
+                          pooling = winner-take-all, flatten, concatenation = split by
+                          channels, dropout).
 :class:`Flipped`          applies another rule to the layer with negated weights and bias
                           (contrastive excitation backprop, CLRP's "negated" dual).
-:class:`Contrast`         ``rule(layer) - rule(flipped layer)``: one-pass contrastive signal.
+:class:`FlipContrast`     ``rule(layer) - rule(flipped layer)``: one-pass contrastive signal.
 ========================  ========================================================================
 
 Conservation (``sum_i R_i == sum_j R_j``) holds exactly for Gamma, AlphaBeta with
-``alpha - beta = 1``, ZBox, PerSampleZBox, Flat, WSquare, Excitation, Pass, Gradient of linear
+``alpha - beta = 1``, ZBox, PerSampleZBox, Flat, WSquare, Excitation, Pass, Vjp of linear
 index-moving layers, and Epsilon(0) on bias-free layers, wherever no denominator vanishes;
 biases and ``eps`` absorb relevance otherwise.
 """
@@ -61,6 +62,7 @@ biases and ``eps`` absorb relevance otherwise.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
@@ -82,9 +84,9 @@ __all__ = [
     "WSquare",
     "Excitation",
     "Pass",
-    "Gradient",
+    "Vjp",
     "Flipped",
-    "Contrast",
+    "FlipContrast",
     "WEIGHTED_KINDS",
     "ConvGeometry",
 ]
@@ -578,8 +580,14 @@ class Pass(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
-class Gradient(Rule):
-    """The ordinary vector-Jacobian product of the layer (winner-take-all for max pooling)."""
+class Vjp(Rule):
+    """The ordinary vector-Jacobian product of the layer: ``R_in = J^T R`` (chain rule).
+
+    Relevance is moved as a gradient would be: winner-take-all for max pooling, split by
+    channels for concatenations, identity up to shape for flatten/dropout/identity layers.
+    (Formerly ``rules.Gradient``, renamed so as not to be confused with the attribution
+    method :class:`xaijax.methods.Gradient`.)
+    """
 
     def backward(self, layer, xs, out, R):
         _, pullback = jax.vjp(layer.fn, *xs)
@@ -605,8 +613,11 @@ class Flipped(Rule):
 
 
 @dataclasses.dataclass(frozen=True)
-class Contrast(Rule):
+class FlipContrast(Rule):
     """``rule(layer) - rule(layer with negated weights)`` in one backward pass.
+
+    (Formerly ``rules.Contrast``, renamed so as not to be confused with the contrastive
+    combinator :class:`xaijax.methods.Contrast`.)
 
     On the classifier layer this gives contrastive Excitation Backprop (Zhang et al. 2016):
     the relevance of the target minus that of its "opposite" (flipped classifier weights),
@@ -627,3 +638,20 @@ class Contrast(Rule):
         pos = self.rule.backward(layer, xs, out, R)
         neg = self.rule.backward(layer.flipped(), xs, -out, R)
         return tuple(p - n for p, n in zip(pos, neg))
+
+
+#: Old names of renamed rules: importable for now, with a DeprecationWarning.
+_DEPRECATED = {"Gradient": "Vjp", "Contrast": "FlipContrast"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"xaijax.propagation.rules.{name} is deprecated: use rules.{new} (the old name clashed with "
+            f"xaijax.methods.{name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
