@@ -53,6 +53,42 @@ def test_taps_unknown_layer_is_a_readable_error(two_layer):
     assert taps.layer_names(model, variables, x) == ["conv", "relu", "pool", "flatten", "fc"]
 
 
+class _ScaledReLU(layers.ReLU):
+    """A subclass calling ``super().__call__``: one layer call, though two ``__call__`` frames."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+    def half(self, x):
+        return 0.5 * x
+
+
+class _Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        r = _ScaledReLU(name="relu")
+        return r.half(r(x)).sum(axis=(1, 2))
+
+
+def test_intercept_calls_sees_each_outermost_call_once():
+    x = jnp.array([[[[1.0, -2.0]]]])
+    seen = []
+
+    def on_call(name, module, call_next, args, kwargs):
+        seen.append((name, type(module).__name__))
+        return call_next(*args, **kwargs)
+
+    with taps.intercept_calls(on_call):
+        out = _Nested().apply({}, x)
+    np.testing.assert_allclose(out, [[1.0, 0.0]])
+    # the root module, then the subclass once (its super().__call__ and the method .half are not seen)
+    assert seen == [("", "_Nested"), ("relu", "_ScaledReLU")]
+
+    # a replacement that never calls call_next, as a bare interceptor for nn.intercept_methods
+    with nn.intercept_methods(taps.call_interceptor(lambda name, m, call_next, a, k: call_next(*a, **k) if name == "" else -a[0])):
+        np.testing.assert_allclose(_Nested().apply({}, x), [[-0.5, 1.0]])
+
+
 def test_gradient_methods_closed_form(two_layer):
     model, variables, x, w1, w2 = two_layer
     target = jnp.array([0, 2])

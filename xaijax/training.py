@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from xaijax.models import taps
 from xaijax.models.preprocess import normalize
 
 __all__ = [
@@ -218,15 +219,15 @@ def _init_batch_stats(stats: Any) -> dict[str, Any]:
 
 
 def _intercept_linear_layers(record: Callable[[str, jax.Array], None]):
-    """An interceptor calling ``record(path, output)`` for every ``nn.Conv`` / ``nn.Dense`` call."""
+    """A context calling ``record(path, output)`` for every ``nn.Conv`` / ``nn.Dense`` call (``/``-joined path)."""
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and isinstance(context.module, (nn.Conv, nn.Dense)):
-            record("/".join(context.module.path), out)
+    def on_call(name, module, call_next, args, kwargs):
+        out = call_next(*args, **kwargs)
+        if isinstance(module, (nn.Conv, nn.Dense)):
+            record("/".join(module.path), out)
         return out
 
-    return interceptor
+    return taps.intercept_calls(on_call)
 
 
 def layer_output_stats(
@@ -243,7 +244,7 @@ def layer_output_stats(
     names: list[str] = []
 
     def trace(p, x):
-        with nn.intercept_methods(_intercept_linear_layers(lambda name, out: names.append(name))):
+        with _intercept_linear_layers(lambda name, out: names.append(name)):
             return model.apply({"params": p}, normalize(x, convention))
 
     jax.eval_shape(trace, params, images[:1])
@@ -255,7 +256,7 @@ def layer_output_stats(
             axes = tuple(range(out.ndim - 1))
             stats.append((jnp.mean(out, axes), jnp.std(out, axes)))
 
-        with nn.intercept_methods(_intercept_linear_layers(record)):
+        with _intercept_linear_layers(record):
             model.apply({"params": p}, normalize(x, convention))
         return stats
 

@@ -318,20 +318,17 @@ def layer_shapes(
     """
     shapes: dict[str, tuple[int, ...] | None] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        name = taps.module_name(context.module)
+    def on_call(name, module, call_next, args, kwargs):
         first = bool(name) and name not in shapes
         if first:
             shapes[name] = None  # reserve the slot: parents are listed before their children
-        out = next_fun(*args, **kwargs)
+        out = call_next(*args, **kwargs)
         if first and hasattr(out, "shape"):
             shapes[name] = tuple(out.shape)
         return out
 
     def run(v, xx):
-        with nn.intercept_methods(interceptor):
+        with taps.intercept_calls(on_call):
             return model.apply(v, xx)
 
     jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))

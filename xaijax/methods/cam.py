@@ -205,9 +205,20 @@ def _one_layer(model, variables, x, target, layer: str | None):
 
 
 class CamMethod(Method):
-    """Base of the CAM family: ``kind = "cam"`` (UCAG applies its CAM post-processing)."""
+    """Base of the CAM family: ``kind = "cam"`` (UCAG applies its CAM post-processing).
+
+    A CAM method computes :meth:`layer_map` — its map at the layer's resolution before the
+    final ReLU — and ``__call__`` returns ``upsample(relu(layer_map))`` at the input size
+    (methods whose reference orders these steps differently override ``__call__``).
+    """
 
     kind = "cam"
+    has_layer_map = True
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        check_inputs(x)
+        return upsample_bilinear(jax.nn.relu(self.layer_map(model, variables, x, target)), x.shape[1:3])
 
 
 # --------------------------------------------------------------------------------------
@@ -225,12 +236,11 @@ class GradCAM(CamMethod):
 
     layer: str | None = None
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) ``sum_k mean_ab(g_abk) A_k`` before the ReLU."""
         a, g, _ = _one_layer(model, variables, x, target, self.layer)
         w = g.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1, K)
-        cam = jax.nn.relu((w * a).sum(-1))
-        return upsample_bilinear(cam, x.shape[1:3])
+        return (w * a).sum(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +255,8 @@ class GradCAMPlusPlus(CamMethod):
     layer: str | None = None
     eps: float = 0.0
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) ``sum_k w_k A_k`` before the ReLU."""
         a, g, _ = _one_layer(model, variables, x, target, self.layer)
         g2 = g * g
         g3 = g2 * g
@@ -255,8 +265,7 @@ class GradCAMPlusPlus(CamMethod):
         ok = (g != 0) & (denom != 0)
         alpha = jnp.where(ok, g2 / jnp.where(ok, denom, 1.0), 0.0)
         w = (alpha * jax.nn.relu(g)).sum(axis=(1, 2), keepdims=True)
-        cam = jax.nn.relu((w * a).sum(-1))
-        return upsample_bilinear(cam, x.shape[1:3])
+        return (w * a).sum(-1)
 
 
 
@@ -301,39 +310,31 @@ def gap_linear_head(
     seen: dict[str, Any] = {}
     calls: list[_Call] = []
     stack: list[_Call | None] = []
-    active: set[str] = set()
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        name = taps.module_name(context.module)
-        if name in active:  # a subclass calling super().__call__: same module
-            return next_fun(*args, **kwargs)
+    def on_call(name, module, call_next, args, kwargs):
         rec = None
         if "out" in seen:
-            rec = _Call(name, context.module, args[0] if args else None)
+            rec = _Call(name, module, args[0] if args else None)
             calls.append(rec)
             for parent in stack:
                 if parent is not None:
                     parent.leaf = False
         stack.append(rec)
-        active.add(name)
         try:
-            out = next_fun(*args, **kwargs)
+            out = call_next(*args, **kwargs)
         finally:
-            active.discard(name)
             stack.pop()
         if rec is not None:
             rec.out = out
-            if isinstance(context.module, nn.Dense):
-                rec.kernel = context.module.variables["params"]["kernel"]
+            if isinstance(module, nn.Dense):
+                rec.kernel = module.variables["params"]["kernel"]
         if name == layer:
             if "out" in seen:
                 raise ValueError(f"layer {layer!r} is called more than once; CAM needs a single call")
             seen["out"] = out
         return out
 
-    with nn.intercept_methods(interceptor):
+    with taps.intercept_calls(on_call):
         out = model.apply(variables, x)
     if "out" not in seen:
         taps.check_layers(model, variables, x, [layer])  # raises the readable unknown-layer error
@@ -404,12 +405,16 @@ class CAM(CamMethod):
     layer: str | None = None
     relu: bool = False
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) ``sum_c W[c, target] A_c`` (no ReLU)."""
         a, kernel, out = gap_linear_head(model, variables, x, _layer_name(model, self.layer))
         seed = as_seed(target, out.shape[-1], out.shape[0], a.dtype)
         w = seed @ kernel.astype(a.dtype).T  # (N, C)
-        cam = jnp.einsum("nhwc,nc->nhw", a, w, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("nhwc,nc->nhw", a, w, precision=jax.lax.Precision.HIGHEST)
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        cam = self.layer_map(model, variables, x, target)
         if self.relu:
             cam = jax.nn.relu(cam)
         return upsample_bilinear(cam, x.shape[1:3])
@@ -432,14 +437,12 @@ class XGradCAM(CamMethod):
     layer: str | None = None
     eps: float = 0.0
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) ``sum_c w_c A_c`` before the ReLU."""
         a, g, _ = _one_layer(model, variables, x, target, self.layer)
         denom = a.sum(axis=(1, 2), keepdims=True) + jnp.asarray(self.eps, a.dtype)
-        ok = denom != 0
-        w = jnp.where(ok, (a * g).sum(axis=(1, 2), keepdims=True) / jnp.where(ok, denom, 1.0), 0.0)
-        cam = jax.nn.relu((w * a).sum(-1))
-        return upsample_bilinear(cam, x.shape[1:3])
+        w = imageops.safe_divide((a * g).sum(axis=(1, 2), keepdims=True), denom)
+        return (w * a).sum(-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -488,13 +491,13 @@ class LayerCAM(CamMethod):
         if not self.gamma > 0:
             raise ValueError(f"gamma must be positive; got {self.gamma}")
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """One layer: (N, h, w) ``sum_c relu(g) A`` before the ReLU; several: the fused map (N, H, W)."""
         check_inputs(x)
         size = x.shape[1:3]
         if self.layer is None or isinstance(self.layer, str):
             a, g, _ = _one_layer(model, variables, x, target, self.layer)
-            return upsample_bilinear(_layercam_map(a, g), size)
+            return (jax.nn.relu(g) * a).sum(-1)
         names = list(self.layer)
         acts, grads, _ = _spatial_layers(model, variables, x, target, names)
         maps = []
@@ -570,11 +573,14 @@ class ScoreCAM(CamMethod):
         scores = jax.lax.map(score_chunk, ids)  # (n_chunks, N, chunk)
         return a, jnp.moveaxis(scores, 0, 1).reshape(n, n_chunks * chunk)[:, :c]
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) ``sum_c w_c A_c`` at the layer's resolution (no ReLU)."""
         a, w = self.channel_weights(model, variables, x, target)
-        cam = jnp.einsum("nhwc,nc->nhw", a, w.astype(a.dtype), precision=jax.lax.Precision.HIGHEST)
-        return jax.nn.relu(upsample_bilinear(cam, x.shape[1:3]))
+        return jnp.einsum("nhwc,nc->nhw", a, w.astype(a.dtype), precision=jax.lax.Precision.HIGHEST)
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map for ``x`` (N, H, W, C): the ReLU comes after the upsampling, as in the reference."""
+        return jax.nn.relu(upsample_bilinear(self.layer_map(model, variables, x, target), x.shape[1:3]))
 
 
 
@@ -622,13 +628,13 @@ class NormGrad(CamMethod):
         if isinstance(self.layer, tuple) and not self.layer:
             raise ValueError("layer must name at least one layer")
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """One layer: the (N, h, w) norm map at the layer's resolution; several: their product (N, H, W)."""
         check_inputs(x)
         size = x.shape[1:3]
         if self.layer is None or isinstance(self.layer, str):
             a, g, _ = _one_layer(model, variables, x, target, self.layer)
-            return upsample_bilinear(_normgrad_layer_map(a, g, self.virtual), size)
+            return _normgrad_layer_map(a, g, self.virtual)
         names = list(self.layer)
         a, grads, _ = _spatial_layers(model, variables, x, target, names)
         result = None
@@ -668,8 +674,8 @@ class CAMERAS(CamMethod):
         scales = CAMERAS_REFERENCE_SCALES if self.scales is None else self.scales
         return [(max(1, int(round(size[0] * s))), max(1, int(round(size[1] * s)))) for s in scales]
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map in [0, 1] for ``x`` (N, H, W, C)."""
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map in [0, 1] for ``x`` (N, H, W, C): CAMERAS accumulates at the input resolution."""
         check_inputs(x)
         name = _layer_name(model, self.layer)
         size = x.shape[1:3]

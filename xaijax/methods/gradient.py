@@ -176,14 +176,14 @@ def relu_rule_interceptor(rule: str, counter: list[str] | None = None) -> Callab
     except KeyError:
         raise ValueError(f"unknown ReLU rule {rule!r}; use one of {sorted(RELU_RULES)}") from None
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, layers.ReLU):
+    def on_call(name, module, call_next, args, kwargs):
+        if isinstance(module, layers.ReLU):
             if counter is not None:
-                counter.append(".".join(context.module.path))
+                counter.append(name)
             return fn(*args, **kwargs)
-        return next_fun(*args, **kwargs)
+        return call_next(*args, **kwargs)
 
-    return interceptor
+    return taps.call_interceptor(on_call)
 
 
 def modified_gradient(
@@ -394,21 +394,12 @@ def _forward_biased(model, variables, x, deltas: Mapping[str, jax.Array] | None)
       ``(out, {name: (output, bias)})`` in call order.
     """
     records: dict[str, tuple[jax.Array, jax.Array]] = {}
-    active: set[str] = set()
 
-    def interceptor(next_fun, args, kwargs, context):
-        mod = context.module
-        if context.method_name != "__call__" or not isinstance(mod, _BIASED):
-            return next_fun(*args, **kwargs)
-        name = taps.module_name(mod)
-        if name in active:
-            return next_fun(*args, **kwargs)
+    def on_call(name, mod, call_next, args, kwargs):
+        if not isinstance(mod, _BIASED):
+            return call_next(*args, **kwargs)
         bias = _effective_bias(mod, name, kwargs)  # before the call: a train-mode BN fails here
-        active.add(name)
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            active.discard(name)
+        out = call_next(*args, **kwargs)
         if bias is None:
             return out
         if name in records:
@@ -418,7 +409,7 @@ def _forward_biased(model, variables, x, deltas: Mapping[str, jax.Array] | None)
         records[name] = (out, bias)
         return out
 
-    with nn.intercept_methods(interceptor):
+    with taps.intercept_calls(on_call):
         out = model.apply(variables, x)
     return out, records
 

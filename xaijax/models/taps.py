@@ -9,23 +9,73 @@ Two operations cover what CAM methods and rules need:
   output with respect to that array (taken at zero) is the gradient with respect to the
   layer's activation — the pure-JAX replacement for PyTorch's backward hooks.
 
+:func:`intercept_calls` (and :func:`call_interceptor`, the same as a bare
+``flax.linen`` interceptor) is the one home of the bookkeeping every layer-level
+interceptor shares: only ``__call__``, the module's dotted name, and each layer call seen
+once, at its outermost call (a subclass calling ``super().__call__`` is one call).
+
 Everything here is traceable: use it inside ``jax.jit``/``jax.vmap``/``jax.grad``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 
-__all__ = ["module_name", "forward", "layer_names", "check_layers"]
+__all__ = ["module_name", "OnCall", "call_interceptor", "intercept_calls", "forward", "layer_names", "check_layers"]
+
+#: ``on_call(name, module, call_next, args, kwargs) -> output`` of :func:`intercept_calls`.
+OnCall = Callable[[str, nn.Module, Callable[..., Any], tuple, dict], Any]
 
 
 def module_name(module: nn.Module) -> str:
     """Dotted torchvision-style path of a bound module (``""`` for the root)."""
     return ".".join(module.path)
+
+
+def call_interceptor(on_call: OnCall) -> Callable[..., Any]:
+    """A ``flax.linen`` method interceptor handing each outermost module call to ``on_call``.
+
+    ``on_call(name, module, call_next, args, kwargs)`` returns the call's output: usually
+    ``call_next(*args, **kwargs)``, possibly modified, or a replacement computed without
+    ``call_next``. ``name`` is :func:`module_name` (``""`` for the root module). Only
+    ``__call__`` is seen, other methods run unchanged; a module's nested call of its own
+    ``__call__`` (a subclass calling ``super().__call__``) runs straight through, so each
+    layer call is seen once. A parent's ``on_call`` encloses its children's (call order).
+    Pass it to ``nn.intercept_methods``; :func:`intercept_calls` does that for you.
+    """
+    active: set[str] = set()  # modules being called
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        name = module_name(context.module)
+        if name in active:
+            return next_fun(*args, **kwargs)
+        active.add(name)
+        try:
+            return on_call(name, context.module, next_fun, args, kwargs)
+        finally:
+            active.discard(name)
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def intercept_calls(on_call: OnCall) -> Iterator[None]:
+    """Context in which every outermost module call goes through ``on_call`` (see :func:`call_interceptor`).
+
+    Enter it inside the function that is traced (jitted, differentiated)::
+
+        with taps.intercept_calls(on_call):
+            out = model.apply(variables, x)
+    """
+    with nn.intercept_methods(call_interceptor(on_call)):
+        yield
 
 
 def forward(
@@ -52,19 +102,9 @@ def forward(
     add = dict(add or {})
     wanted = set(capture) | set(add)
     captured: dict[str, jax.Array] = {}
-    active: set[str] = set()  # modules being called: a subclass calling super().__call__ is one call
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not wanted:
-            return next_fun(*args, **kwargs)
-        name = module_name(context.module)
-        if name in active:
-            return next_fun(*args, **kwargs)
-        active.add(name)
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            active.discard(name)
+    def on_call(name, module, call_next, args, kwargs):
+        out = call_next(*args, **kwargs)
         if name in wanted:
             if name in captured:
                 raise ValueError(f"layer {name!r} is called more than once; it cannot be tapped")
@@ -73,7 +113,7 @@ def forward(
             captured[name] = out
         return out
 
-    with nn.intercept_methods(interceptor):
+    with intercept_calls(on_call):
         out = model.apply(variables, x, **apply_kwargs)
     missing = wanted - set(captured)
     if missing:
@@ -88,15 +128,13 @@ def layer_names(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) ->
     """
     names: list[str] = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__":
-            name = module_name(context.module)
-            if name and name not in names:
-                names.append(name)
-        return next_fun(*args, **kwargs)
+    def on_call(name, module, call_next, args, kwargs):
+        if name and name not in names:
+            names.append(name)
+        return call_next(*args, **kwargs)
 
     def run(v, xx):
-        with nn.intercept_methods(interceptor):
+        with intercept_calls(on_call):
             return model.apply(v, xx)
 
     jax.eval_shape(run, variables, x)
