@@ -91,7 +91,7 @@ def test_reference_geometry_at_224():
 def test_coverage_through_the_pipeline():
     """A base method returning ones, no weights, no global map: out = count / (1 + count)."""
     ones = lambda model, variables, x, target: jnp.ones(x.shape[:3])  # noqa: E731
-    u = U.Ucag(ones, n=3, patch=100, weighting="none", include_global=False, postprocess="none")
+    u = U.Ucag(ones, n=3, patch=100, weighting="none", postprocess="none")  # the authors' code: no global map
     x = jnp.zeros((1, 20, 30, 3))
     out = np.asarray(u(None, {}, x, 0))[0]
     g = u.geometry((20, 30))
@@ -102,7 +102,7 @@ def test_coverage_through_the_pipeline():
     np.testing.assert_array_equal(g.coverage((20, 30)), count)
     np.testing.assert_allclose(out, count / (1 + count), rtol=1e-6)
     # with the global map: (1 + count) / (1 + count) = 1 everywhere
-    u2 = U.Ucag(ones, n=3, patch=100, weighting="none", postprocess="none")
+    u2 = U.Ucag(ones, n=3, patch=100, weighting="none", postprocess="none", include_global=True)
     np.testing.assert_allclose(u2(None, {}, x, 0), 1.0, rtol=1e-6)
 
 
@@ -111,24 +111,34 @@ def test_coverage_through_the_pipeline():
 # --------------------------------------------------------------------------------------
 
 
+def _raw_grad_cam(model, variables, xx, t):
+    """Grad-CAM before its ReLU at the layer's resolution (the authors' ``wonorm=True`` map)."""
+    a, g, _ = cam.activation_and_gradient(model, variables, xx, t, "act")
+    return (g.mean(axis=(1, 2), keepdims=True) * a).sum(-1)
+
+
 def _loop_reference(model, variables, x, targets, n, u, weighting="prob"):
-    """Patches cut by slicing, explained one at a time, placed and counted by slicing."""
+    """The authors' conquer step: patches cut by slicing and explained one at a time; each raw
+    layer-resolution Grad-CAM resized straight to the patch size with torch's bilinear
+    interpolation, weighted, placed and counted by slicing; divided by 1 + count (no global map)."""
     ndimage = pytest.importorskip("scipy.ndimage")
+    torch = pytest.importorskip("torch")
     g = u.geometry(x.shape[1:3])
-    gc = jax.jit(lambda xx, t: cam.GradCAM()(model, variables, xx, t))
+    gc = jax.jit(lambda xx, t: _raw_grad_cam(model, variables, xx, t))
     fwd = jax.jit(lambda xx: model.apply(variables, xx))
     xs = np.asarray(x)
     res = []
     for b, t in enumerate(targets):
-        canvas = np.asarray(gc(x[b : b + 1], jnp.array([t])), np.float64)[0]
+        canvas = np.zeros(x.shape[1:3])
         count = np.zeros(canvas.shape)
         maps, scores = [], []
         for oh in g.offsets_h:
             for ow in g.offsets_w:
                 crop = xs[b : b + 1, oh : oh + g.patch[0], ow : ow + g.patch[1]]
                 zoomed = imageops.resize(jnp.asarray(crop), g.zoom, "bicubic")
-                m = gc(zoomed, jnp.array([t]))
-                maps.append(np.asarray(cam.upsample_bilinear(m, g.patch), np.float64)[0])
+                m = torch.from_numpy(np.asarray(gc(zoomed, jnp.array([t])), np.float64))[:, None]
+                up = torch.nn.functional.interpolate(m, size=g.patch, mode="bilinear", align_corners=False)
+                maps.append(up[0, 0].numpy())
                 out = np.asarray(fwd(zoomed), np.float64)[0]
                 prob = np.exp(out - out.max()) / np.exp(out - out.max()).sum()
                 scores.append(prob[t] if weighting == "prob" else out[t])
@@ -152,7 +162,7 @@ def test_ucag_grad_cam_matches_patch_loop(setup):
     model, variables, x = setup
     n = 3
     u = registry.get("ucag-grad-cam", n=n)
-    assert isinstance(u, U.Ucag) and u._use_cam_postprocess()
+    assert isinstance(u, U.Ucag) and u._use_cam_postprocess() and not u.include_global
     targets = [1, 2]
     got = np.asarray(jax.jit(u, static_argnums=0)(model, variables, x, jnp.array(targets)))
     ref = _loop_reference(model, variables, x, targets, n, u)
@@ -190,3 +200,47 @@ def test_get_ucag_and_validation():
         U.Ucag(cam.GradCAM(), weighting="softmax")
     with pytest.raises(ValueError, match="seed"):
         U.Ucag(cam.GradCAM(), n=2)._repeat_target(jnp.ones((3, 4)), 2)
+
+
+@pytest.mark.parametrize("name", ["grad-cam", "xgrad-cam", "layer-cam", "score-cam", "grad-cam-plus-plus", "cam"])
+def test_every_cam_method_gets_the_cam_postprocessing(setup, name):
+    """The CAM post-processing (ReLU, min-max, 5x5 blur) follows the declared kind, whatever module
+    the method lives in: every CAM map lands in [0, 1] with its maximum blurred below 1, and equals
+    UCAG without post-processing put through ReLU, min-max and the blur."""
+    model, variables, x = setup
+    base = registry.get(name, layer="act") if name != "score-cam" else registry.get(name, layer="act", chunk_size=4)
+    assert base.kind == "cam" and base.has_layer_map
+    u = U.Ucag(base, n=2)
+    assert u._use_cam_postprocess()
+    got = np.asarray(u(model, variables, x, jnp.array([1, 2])))
+    raw = U.Ucag(base, n=2, postprocess="none")(model, variables, x, jnp.array([1, 2]))
+    want = imageops.gaussian_blur(imageops.minmax_normalize(jax.nn.relu(raw)), 5, 3.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.min() >= -1e-6 and got.max() <= 1 + 1e-6
+    # a non-CAM method gets none of it
+    assert not U.Ucag(registry.get("gradient"), n=2)._use_cam_postprocess()
+
+
+def test_float64_stays_float64_and_matches_float32(setup, request):
+    model, variables, x = setup
+    u = U.Ucag(cam.GradCAM("act"), n=2)
+    f32 = np.asarray(u(model, variables, x, 1))
+    request.getfixturevalue("x64")
+    v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    m64 = u(model, v64, jnp.asarray(x, jnp.float64), 1)
+    assert m64.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(m64), f32, rtol=1e-3, atol=1e-4)
+
+
+def test_include_global_adds_the_whole_image_layer_map(setup):
+    """The paper's averaging: (G + sum_k w_k M_k) / (1 + count), G the raw whole-image map resized."""
+    model, variables, x = setup
+    without = U.Ucag(cam.GradCAM("act"), n=2, postprocess="none")
+    with_g = U.Ucag(cam.GradCAM("act"), n=2, postprocess="none", include_global=True)
+    g = without.geometry(x.shape[1:3])
+    count = g.coverage(x.shape[1:3])
+    whole = np.asarray(imageops.resize(_raw_grad_cam(model, variables, x, 1), x.shape[1:3]))
+    np.testing.assert_allclose(
+        np.asarray(with_g(model, variables, x, 1)) - np.asarray(without(model, variables, x, 1)),
+        whole / (1 + count), rtol=1e-4, atol=1e-6,
+    )

@@ -26,7 +26,9 @@ need to know as class attributes (never probed with ``getattr``):
   that are contrastive already and need class indices);
 * ``runs_own_loop`` — the method jits its own steps and runs them from a Python loop when
   its inputs are concrete (call it unjitted); ``has_progress`` — it has a ``progress`` field
-  (a progress bar over that loop).
+  (a progress bar over that loop);
+* ``has_layer_map`` — :meth:`Method.layer_map` gives the map before its final ReLU and before
+  upsampling to the input (the CAM family), which is what UCAG's conquer step resizes.
 
 A method that is not defined for a model (CAM on a head that is not global pooling + one
 linear layer, a ReLU rule on a model without ReLU modules, ...) raises
@@ -87,6 +89,7 @@ class Method:
     accepts_seed: ClassVar[bool] = True
     runs_own_loop: ClassVar[bool] = False
     has_progress: ClassVar[bool] = False
+    has_layer_map: ClassVar[bool] = False
 
     @property
     def explains_classifier(self) -> bool:
@@ -95,6 +98,11 @@ class Method:
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) map at the resolution where it is computed, before the final ReLU and the
+        upsampling to the input size (only where ``has_layer_map``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no layer map (has_layer_map is False)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """UCAG — Unfold and Conquer Attribution Guidance (Hwang et al., AAAI 2023), as a combinator.
 
-``ucag(method)`` explains an image with any attribution ``method`` at the whole-image
-scale *and* on ``n x n`` overlapping patches that are upsampled (a zoom-in), and averages
-the results. For an image of size (H, W) and reference defaults for 224 px inputs:
+``ucag(method)`` explains an image with any attribution ``method`` on ``n x n`` overlapping
+patches that are upsampled (a zoom-in), and averages the results (optionally together with
+the whole-image map). For an image of size (H, W) and reference defaults for 224 px inputs:
 
 1. Patches. Side ``P = int(patch * H / reference_size)`` (124 px at 224), stride
    ``stride`` (``None``: ``(H - P) // (n - 1)``, 20 px at 224; an explicit stride is
@@ -13,19 +13,25 @@ the results. For an image of size (H, W) and reference defaults for 224 px input
 2. Zoom: each patch is resized to ``S = int(P * scale)`` (322 px for ``scale=2.6``) with
    bicubic interpolation in PyTorch's convention (``F.interpolate(mode="bicubic",
    align_corners=False)``, a = -0.75, clamped borders, no antialiasing): see
-   :func:`resize_matrix`.
+   :func:`xaijax.imageops.resize_matrix`.
 3. Conquer: all ``N * n * n`` patches go through ``method`` in ONE call (a batch of
    patches; samples are independent, so this is a vmap over patches), each with its
-   sample's target. ``chunk`` instead processes them in ``lax.map`` chunks.
+   sample's target. ``chunk`` instead processes them in ``lax.map`` chunks. For a method
+   with a layer map (``has_layer_map``: the CAM family) the patch maps are its *raw* maps
+   at the layer's resolution (:meth:`~xaijax.methods.Method.layer_map`: Grad-CAM's
+   ``sum_k w_k A_k`` before the ReLU), as in the authors' code; any other method gives its
+   maps at the zoomed patch's resolution.
 4. Confidence weights (``weighting="prob"``, the reference): ``s_k`` = softmax probability
    of the target on patch ``k`` (``sum(seed * softmax(out))`` for a seed target),
    ``w_k = exp(s_k) / max_j exp(s_j)`` over the sample's patches. ``"logit"`` uses the
    target logit for ``s_k``; ``"none"`` sets ``w_k = 1``.
-5. Each patch map is resized back to ``P`` with PyTorch-style bilinear interpolation (as
-   the authors' code does), weighted and placed. With the whole-image map
-   ``G = method(x)``, every pixel gets ``(G + sum_{k covering it} w_k M_k) / (1 + count)``.
-   ``include_global=False`` drops ``G`` from the numerator and keeps ``1 + count`` in the
-   denominator, which is exactly what the authors' released code computes.
+5. Each patch map is resized directly to ``P`` with PyTorch-style bilinear interpolation (as
+   the authors' code does), weighted and placed: every pixel gets
+   ``sum_{k covering it} w_k M_k / (1 + count)``, exactly what the authors' released code
+   computes (the default, ``include_global=False``). The paper's text suggests averaging
+   with the whole-image map ``G``; ``include_global=True`` does that:
+   ``(G + sum_k w_k M_k) / (1 + count)``, where ``G`` is the method's map of the whole
+   image (for a layer-map method, its raw layer map resized bilinearly to (H, W)).
 6. Post-processing of CAM maps (``postprocess="cam"``): ReLU, per-sample min-max
    normalisation to [0, 1] (a constant map becomes 0), Gaussian blur (5 x 5, sigma 3,
    reflect borders; kornia's ``gaussian_blur2d`` as in the reference). ``"auto"`` (the
@@ -33,9 +39,9 @@ the results. For an image of size (H, W) and reference defaults for 224 px input
    family: Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, Score-CAM, CAM, NormGrad, CAMERAS);
    ``"none"`` never does.
 
-Deliberate differences from the authors' code: our base method returns maps at the patch's
-(zoomed) input resolution, which are then resized to ``P``; the reference resizes the raw
-layer-resolution CAM directly to ``P``. Samples of a batch are explained independently.
+Everything is computed in the input's dtype (a float64 run stays float64). Deliberate
+differences from the authors' code: samples of a batch are explained independently, and a
+constant map is normalised to 0 (the reference divides by zero).
 
 Registered prefix: ``ucag:<name>`` (:func:`get_ucag`) builds UCAG over any registered method;
 ``ucag-grad-cam`` is registered by the CAM family.
@@ -93,7 +99,8 @@ class Ucag(Method):
       stride: patch stride in reference pixels (``None``: ``(H - P) // (n - 1)``).
       reference_size: input side the ``patch``/``stride`` values refer to (224).
       weighting: ``"prob"`` | ``"logit"`` | ``"none"`` (confidence weights).
-      include_global: add the whole-image map to the numerator.
+      include_global: add the whole-image map to the numerator (the paper's averaging;
+        default False: the authors' released code).
       postprocess: ``"auto"`` | ``"cam"`` | ``"none"``.
       chunk: ``None`` (all patches in one call) or patches per ``lax.map`` chunk.
     """
@@ -105,7 +112,7 @@ class Ucag(Method):
     stride: int | None = None
     reference_size: int = 224
     weighting: str = "prob"
-    include_global: bool = True
+    include_global: bool = False
     postprocess: str = "auto"
     chunk: int | None = None
 
@@ -172,7 +179,7 @@ class Ucag(Method):
         return m
 
     def _place(self, dim: int, p: int, z: int, offsets: tuple[int, ...]) -> np.ndarray:
-        """(n, dim, z): bilinear resize z -> p then place at each offset."""
+        """(n, dim, z): bilinear resize of a z-pixel map to p, then place at each offset."""
         r = imageops.resize_matrix(z, p, "bilinear")
         m = np.zeros((len(offsets), dim, z))
         for i, o in enumerate(offsets):
@@ -206,11 +213,10 @@ class Ucag(Method):
         """
         b, k = patches.shape[:2]
         if self.weighting == "none":
-            return jnp.ones((b, k), jnp.float32)
+            return jnp.ones((b, k), patches.dtype)
         flat = patches.reshape((b * k,) + patches.shape[2:])
         out = self._map_patches(lambda xx, tt: model.apply(variables, xx), flat, self._repeat_target(target, b))
-        seed = as_seed(self._repeat_target(target, b), out.shape[-1], b * k, jnp.float32)
-        out = out.astype(jnp.float32)
+        seed = as_seed(self._repeat_target(target, b), out.shape[-1], b * k, out.dtype)
         if self.weighting == "prob":
             out = jax.nn.softmax(out, axis=-1)
         s = (out * seed).sum(-1).reshape((b, k))
@@ -237,17 +243,21 @@ class Ucag(Method):
         patches = self.patches(x)  # (B, k, S_h, S_w, C)
         flat = patches.reshape((b * k,) + patches.shape[2:])
         t = self._repeat_target(target, b)
-        maps = self._map_patches(lambda xx, tt: self.method(model, variables, xx, tt), flat, t)
-        if maps.shape != (b * k,) + g.zoom:
+        explain = self.method.layer_map if self.method.has_layer_map else self.method
+        maps = self._map_patches(lambda xx, tt: explain(model, variables, xx, tt), flat, t)
+        if maps.ndim != 3 or maps.shape[0] != b * k or (not self.method.has_layer_map and maps.shape[1:] != g.zoom):
             raise ValueError(f"ucag: the base method returned maps of shape {maps.shape}, expected {(b * k,) + g.zoom}")
-        maps = maps.reshape((b, self.n, self.n) + g.zoom).astype(jnp.float32)
-        wts = self.patch_weights(model, variables, patches, target).reshape((b, self.n, self.n))
-        lh = jnp.asarray(self._place(h, g.patch[0], g.zoom[0], g.offsets_h), jnp.float32)
-        lw = jnp.asarray(self._place(w, g.patch[1], g.zoom[1], g.offsets_w), jnp.float32)
+        src = tuple(maps.shape[1:])
+        dtype = x.dtype
+        maps = maps.reshape((b, self.n, self.n) + src).astype(dtype)
+        wts = self.patch_weights(model, variables, patches, target).reshape((b, self.n, self.n)).astype(dtype)
+        lh = jnp.asarray(self._place(h, g.patch[0], src[0], g.offsets_h), dtype)
+        lw = jnp.asarray(self._place(w, g.patch[1], src[1], g.offsets_w), dtype)
         canvas = jnp.einsum("iha,nijab,jwb,nij->nhw", lh, maps, lw, wts, precision=_HI)
-        count = jnp.asarray(g.coverage((h, w)), jnp.float32)
+        count = jnp.asarray(g.coverage((h, w)), dtype)
         if self.include_global:
-            canvas = canvas + self.method(model, variables, x, target).astype(jnp.float32)
+            whole = explain(model, variables, x, target)
+            canvas = canvas + imageops.resize(whole, (h, w)).astype(dtype)
         out = canvas / (1.0 + count)
         if self._use_cam_postprocess():
             out = imageops.gaussian_blur(imageops.minmax_normalize(jax.nn.relu(out)), 5, 3.0)

@@ -24,8 +24,17 @@ multiplies the normalised tensor; TorchRay does the same.
 
 Scores: ``score="prob"`` (default, the reference): softmax probability of the target class,
 ``sum_k seed_k softmax(out)_k`` for an explicit seed; ``score="logit"``: ``sum_k seed_k
-out_k`` (the target logit). (TorchRay uses a sigmoid and divides by ``N`` only; we follow the
-paper and the authors' code.)
+out_k`` (the target logit); ``score="sigmoid"``: ``sum_k seed_k sigmoid(out_k)`` (TorchRay's
+benchmark, for its multi-label VOC/COCO models); or a callable ``f(logits (..., K)) -> (..., K)``
+whose output the seed weights. Normalisation: ``normalize="n-p"`` (default, the paper and the
+authors' code) divides by ``N * p``; ``normalize="n"`` divides by ``N`` only (TorchRay).
+TorchRay's protocol is therefore ``RISE(score="sigmoid", normalize="n")``.
+
+Given masks: ``method(model, variables, x, target, masks=M)`` uses the (N, H, W) array ``M``
+instead of generated masks (``n`` is then ``M.shape[0]``; e.g. TorchRay's recorded
+``filter_masks``), and ``mask_fn=f`` generates them with ``f(key, indices (m,), (H, W)) ->
+(m, H, W)`` in place of :func:`rise_masks`. Everything is computed in the input's dtype (a
+float64 run stays float64; generated masks are made in float32 and cast).
 
 Randomness and memory: mask ``i`` is generated from ``fold_in(key(seed), i)`` *inside* the
 jitted function, so a map depends only on ``seed``, the image size and the
@@ -40,14 +49,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax.methods._core import Method, as_seed, check_inputs
+from xaijax.methods._core import Method, as_seed, check_inputs, validate_positive_int
 from xaijax.methods.registry import register
 
 __all__ = ["RISE", "rise_cell_size", "rise_grid_and_shift", "rise_masks", "rise_upsample_matrix"]
@@ -124,10 +133,18 @@ def _rise_masks(key: jax.Array, indices: jax.Array, size: tuple[int, int], s: in
     return jax.vmap(one)(indices)
 
 
-def _scores(out: jax.Array, seed: jax.Array, how: str) -> jax.Array:
+_SCORES = ("prob", "logit", "sigmoid")
+_NORMALIZE = ("n-p", "n")
+
+
+def _scores(out: jax.Array, seed: jax.Array, how: str | Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Score per row of ``out`` (..., K) against ``seed`` (..., K)."""
+    if callable(how):
+        return (how(out) * seed).sum(-1)
     if how == "prob":
         return (jax.nn.softmax(out, axis=-1) * seed).sum(-1)
+    if how == "sigmoid":
+        return (jax.nn.sigmoid(out) * seed).sum(-1)
     return (out * seed).sum(-1)
 
 
@@ -139,54 +156,79 @@ class RISE(Method):
       n: number of masks N (>= 1).
       s: grid cells per side (>= 2).
       p: keep-probability of a cell, in (0, 1].
-      score: ``"prob"`` (softmax probability of the target) or ``"logit"``.
+      score: ``"prob"`` (softmax probability of the target), ``"logit"``, ``"sigmoid"``
+        (TorchRay) or a callable ``logits (..., K) -> scores (..., K)``.
+      normalize: ``"n-p"`` (divide by ``N * p``, the paper) or ``"n"`` (by ``N``, TorchRay).
       seed: PRNG seed of the masks.
       chunk: masks generated and applied per ``lax.scan`` step (memory ~ chunk x batch
         masked images).
+      mask_fn: ``None`` (:func:`rise_masks`) or a generator ``f(key, indices (m,), (H, W)) ->
+        (m, H, W)`` of masks with values in [0, 1].
     """
 
     n: int = 4000
     s: int = 7
     p: float = 0.5
-    score: str = "prob"
+    score: str | Callable[[jax.Array], jax.Array] = "prob"
     seed: int = 0
     chunk: int = 100
+    normalize: str = "n-p"
+    mask_fn: Callable[..., jax.Array] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n", "chunk"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"rise: {name} must be a positive int, got {v!r}")
+        validate_positive_int("rise", "n", self.n)
+        validate_positive_int("rise", "chunk", self.chunk)
         if isinstance(self.s, bool) or not isinstance(self.s, int) or self.s < 2:
             raise ValueError(f"rise: s (grid cells per side) must be an int >= 2, got {self.s!r}")
         if not 0.0 < float(self.p) <= 1.0:
             raise ValueError(f"rise: p (keep probability) must be in (0, 1], got {self.p!r}")
-        if self.score not in ("prob", "logit"):
-            raise ValueError(f"rise: score must be 'prob' or 'logit', got {self.score!r}")
+        if not callable(self.score) and self.score not in _SCORES:
+            raise ValueError(f"rise: score must be one of {_SCORES} or a callable, got {self.score!r}")
+        if self.normalize not in _NORMALIZE:
+            raise ValueError(f"rise: normalize must be one of {_NORMALIZE}, got {self.normalize!r}")
+        if self.mask_fn is not None and not callable(self.mask_fn):
+            raise TypeError(f"rise: mask_fn must be None or a callable (key, indices, (H, W)) -> masks, got {self.mask_fn!r}")
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(B, H, W) saliency for ``x`` (B, H, W, C)."""
+    def __call__(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any, *, masks: Any = None
+    ) -> jax.Array:
+        """(B, H, W) saliency for ``x`` (B, H, W, C); ``masks``: optional given masks (N, H, W)."""
         check_inputs(x)
         b, h, w, c = x.shape
         out_shape = jax.eval_shape(lambda xx: model.apply(variables, xx), x[:1])
         k = out_shape.shape[-1]
-        seed = as_seed(target, k, b, jnp.float32)  # (B, K)
+        seed = as_seed(target, k, b, x.dtype)  # (B, K)
+        if masks is not None:
+            given = jnp.asarray(masks)
+            if given.ndim != 3 or tuple(given.shape[1:]) != (h, w) or given.shape[0] < 1:
+                raise ValueError(f"rise: masks must have shape (N, {h}, {w}) with N >= 1; got {tuple(given.shape)}")
+            n = int(given.shape[0])
+        else:
+            given, n = None, self.n
         key = jax.random.key(self.seed)
-        chunk = min(self.chunk, self.n)
-        n_chunks = -(-self.n // chunk)
+        chunk = min(self.chunk, n)
+        n_chunks = -(-n // chunk)
+        if given is not None and n_chunks * chunk != n:  # pad with empty masks (scored 0 below)
+            given = jnp.concatenate([given, jnp.zeros((n_chunks * chunk - n, h, w), given.dtype)])
 
         def step(acc, ci):
             idx = ci * chunk + jnp.arange(chunk)
-            masks = rise_masks(key, idx, (h, w), self.s, self.p).astype(x.dtype)  # (m, H, W)
-            xm = (x[None] * masks[:, None, :, :, None]).reshape((chunk * b, h, w, c))
-            out = model.apply(variables, xm).reshape((chunk, b, k)).astype(jnp.float32)
+            if given is not None:
+                m = jax.lax.dynamic_slice_in_dim(given, ci * chunk, chunk)
+            elif self.mask_fn is not None:
+                m = jnp.asarray(self.mask_fn(key, idx, (h, w)))
+            else:
+                m = rise_masks(key, idx, (h, w), self.s, self.p)
+            m = m.astype(x.dtype)  # (m, H, W)
+            xm = (x[None] * m[:, None, :, :, None]).reshape((chunk * b, h, w, c))
+            out = model.apply(variables, xm).reshape((chunk, b, k)).astype(x.dtype)
             sc = _scores(out, seed[None], self.score)  # (m, B)
-            sc = jnp.where((idx < self.n)[:, None], sc, 0.0)
-            return acc + jnp.einsum("mb,mhw->bhw", sc, masks.astype(jnp.float32)), None
+            sc = jnp.where((idx < n)[:, None], sc, 0.0)
+            return acc + jnp.einsum("mb,mhw->bhw", sc, m, precision=jax.lax.Precision.HIGHEST), None
 
-        acc0 = jnp.zeros((b, h, w), jnp.float32)
+        acc0 = jnp.zeros((b, h, w), x.dtype)
         sal, _ = jax.lax.scan(step, acc0, jnp.arange(n_chunks))
-        return sal / (self.n * float(self.p))
+        return sal / (n * float(self.p) if self.normalize == "n-p" else n)
 
 
 register(
