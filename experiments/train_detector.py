@@ -47,6 +47,7 @@ from tqdm import tqdm  # noqa: E402
 
 from xaijax.data.synthetic import CLASS_NAMES, SyntheticScenes  # noqa: E402
 from xaijax.metrics.detection import evaluate_detections  # noqa: E402
+from xaijax.checkpoints import save_detector  # noqa: E402
 from xaijax.models import detector as D  # noqa: E402
 
 #: Detection settings used for every reported mAP (also used by tests/test_detector.py).
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     if result is not None:
         meta["test_map50"] = f"{result.map:.6f}"
         meta["test_images"] = str(args.eval_images)
-    D.save_detector(out, model, variables, **meta)
+    save_detector(out, model, variables, **meta)
     wall = time.perf_counter() - t_start
     summary = {
         "command": "python experiments/train_detector.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -3,7 +3,7 @@
 An interrupted run leaves either the previous complete file or none, never half a file, and a
 failed write leaves no temporary file behind. Every file the package writes whole (results
 tables, figures, PNGs, JSON records, checkpoints) goes through :func:`atomic_write` or its two
-shorthands :func:`atomic_bytes` / :func:`atomic_text`.
+shorthands :func:`atomic_bytes` / :func:`atomic_text` / :func:`atomic_npy`.
 
 Permissions are those a plain ``open(path, "w")`` gives: a new file gets ``0o666`` minus the
 process umask (the temporary file is created with that mode, so the kernel applies the umask
@@ -13,13 +13,14 @@ and any default ACL); a file that is replaced keeps its permission bits.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_bytes", "atomic_text"]
+__all__ = ["atomic_write", "atomic_bytes", "atomic_text", "atomic_npy"]
 
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 
@@ -81,3 +82,12 @@ def atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically, UTF-8 encoded (see :func:`atomic_write`)."""
     atomic_bytes(path, text.encode("utf-8"))
+
+
+def atomic_npy(path: str | os.PathLike, array) -> None:
+    """Write ``array`` to ``path`` atomically in NumPy's ``.npy`` format (see :func:`atomic_write`)."""
+    import numpy as np  # numpy is a dependency of every caller; kept out of the module's import
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    atomic_bytes(path, buf.getvalue())

@@ -136,14 +136,13 @@ def _parse_params(items: Sequence[str]) -> dict:
 
 def _cmd_explain(args: argparse.Namespace) -> None:
     import dataclasses
-    import io
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from xaijax import checkpoints, methods, viz
-    from xaijax.atomic import atomic_bytes
+    from xaijax.atomic import atomic_npy
     from xaijax.models import preprocess, registry
     from xaijax.models.preprocess import load_image, normalize
 
@@ -171,9 +170,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
             raise UserError(f"--target {target} is out of range for a model with {logits.shape[-1]} classes")
         m = np.asarray(explain(model, variables, x, jnp.array([target])))[0]
         name = f"{Path(path).stem}.{args.method.replace(':', '_')}"
-        npy = io.BytesIO()
-        np.save(npy, m)
-        atomic_bytes(out / f"{name}.npy", npy.getvalue())
+        atomic_npy(out / f"{name}.npy", m)
         viz.save_png(out / f"{name}.png", viz.overlay(img, m))
         print(f"{path}: class {target} (logit {logits[target]:.3f}) -> {out}/{name}.png")
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax import checkpoints, methods, models, viz
+from xaijax.atomic import atomic_npy
 from xaijax.models.preprocess import normalize
 
 __all__ = ["run_example", "test_image"]
@@ -58,7 +59,7 @@ def run_example(out: Path, size: int = 96) -> dict[str, Path]:
         "map": out / "gradient.npy",
         "overlay": viz.save_png(out / "gradient.png", viz.overlay(image, saliency)),
     }
-    np.save(files["map"], saliency)
+    atomic_npy(files["map"], saliency)
     print(f"explained class {top} with plain gradient: wrote {files['overlay']} and {files['map']}")
     return files
 

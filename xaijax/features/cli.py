@@ -24,7 +24,6 @@ The lead wires this in with ``add_visualize_parser(sub)`` inside ``xaijax.cli.bu
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from xaijax.atomic import atomic_bytes, atomic_text
+from xaijax.atomic import atomic_npy, atomic_text
 
 __all__ = ["add_visualize_parser", "parse_units", "tile_grid", "stretch", "cmd_visualize"]
 
@@ -206,9 +205,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         summary = f"final activations {', '.join(f'{v:.3g}' for v in obj[:8])}{' ...' if k > 8 else ''}"
     grid = tile_grid(np.stack(tiles))
     viz.save_png(out / f"{tag}.png", grid)
-    npy = io.BytesIO()
-    np.save(npy, images.astype(np.float32))
-    atomic_bytes(out / f"{tag}.npy", npy.getvalue())
+    atomic_npy(out / f"{tag}.npy", images.astype(np.float32))
     record.update(
         arch=info["arch"], weights=str(args.weights), layer=layer, kind=args.kind, size=size, preprocess=convention,
         seed=args.seed, config={k: v for k, v in cfg.__dict__.items()}, seconds=round(time.perf_counter() - t0, 2),

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.atomic import atomic_write
 from xaijax.methods._core import Method, check_inputs
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
@@ -444,5 +445,5 @@ def plot_bilrp(
     ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
     ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
     if path is not None:
-        fig.savefig(path, format="png", dpi=dpi)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     return fig
