@@ -59,7 +59,7 @@ import numpy as np
 
 from xaijax import imageops
 from xaijax.methods import registry
-from xaijax.methods._core import Method, as_method, as_seed, check_inputs, class_indices, validate_positive_int
+from xaijax.methods._core import Method, as_method, check_inputs, class_indices, target_scores, validate_positive_int
 
 __all__ = ["Ucag", "ucag", "get_ucag", "UcagGeometry"]
 
@@ -215,11 +215,11 @@ class Ucag(Method):
         if self.weighting == "none":
             return jnp.ones((b, k), patches.dtype)
         flat = patches.reshape((b * k,) + patches.shape[2:])
-        out = self._map_patches(lambda xx, tt: model.apply(variables, xx), flat, self._repeat_target(target, b))
-        seed = as_seed(self._repeat_target(target, b), out.shape[-1], b * k, out.dtype)
+        t = self._repeat_target(target, b)
+        out = self._map_patches(lambda xx, tt: model.apply(variables, xx), flat, t)
         if self.weighting == "prob":
             out = jax.nn.softmax(out, axis=-1)
-        s = (out * seed).sum(-1).reshape((b, k))
+        s = target_scores(out, t).reshape((b, k))
         return jnp.exp(s - s.max(axis=1, keepdims=True))
 
     def _map_patches(self, fn: Callable[[jax.Array, jax.Array], jax.Array], flat: jax.Array, t: jax.Array) -> jax.Array:

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.imageops import safe_divide
 from xaijax.methods._core import Method, check_inputs
 from xaijax.methods.perturbation.rise import rise_masks
 from xaijax.methods.registry import register
@@ -71,7 +72,7 @@ def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     area_a = jnp.maximum(a[..., 2] - a[..., 0], 0.0) * jnp.maximum(a[..., 3] - a[..., 1], 0.0)
     area_b = jnp.maximum(b[..., 2] - b[..., 0], 0.0) * jnp.maximum(b[..., 3] - b[..., 1], 0.0)
     union = area_a + area_b - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    return safe_divide(inter, union)  # union >= 0: a zero union gives 0
 
 
 def detection_similarity(
@@ -86,7 +87,7 @@ def detection_similarity(
     iou = box_iou(target_box[None, :], boxes)
     dot = probs @ target_probs
     norms = jnp.linalg.norm(probs, axis=-1) * jnp.linalg.norm(target_probs)
-    cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0), 0.0)
+    cos = safe_divide(dot, norms)  # norms >= 0: a zero class vector gives 0
     return jnp.max(iou * cos * objectness, initial=0.0)
 
 

@@ -137,15 +137,17 @@ _SCORES = ("prob", "logit", "sigmoid")
 _NORMALIZE = ("n-p", "n")
 
 
+_TRANSFORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "prob": lambda z: jax.nn.softmax(z, axis=-1),
+    "sigmoid": jax.nn.sigmoid,
+    "logit": lambda z: z,
+}
+
+
 def _scores(out: jax.Array, seed: jax.Array, how: str | Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Score per row of ``out`` (..., K) against ``seed`` (..., K)."""
-    if callable(how):
-        return (how(out) * seed).sum(-1)
-    if how == "prob":
-        return (jax.nn.softmax(out, axis=-1) * seed).sum(-1)
-    if how == "sigmoid":
-        return (jax.nn.sigmoid(out) * seed).sum(-1)
-    return (out * seed).sum(-1)
+    transform = how if callable(how) else _TRANSFORMS[how]
+    return (transform(out) * seed).sum(-1)
 
 
 @dataclasses.dataclass(frozen=True)
