@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax import checkpoints, data, metrics
+from xaijax import checkpoints, data, imageops, metrics
 from xaijax import methods as methods_registry
 from xaijax.atomic import atomic_bytes, atomic_text
 from xaijax.evaluation.datasets import open_dataset
@@ -397,9 +397,10 @@ def _gaussian_smooth(m: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _to_native(maps: np.ndarray, hw: tuple[int, int], smooth: float) -> np.ndarray:
-    """Maps (P, S, S) resized (bilinear) to the image's native ``hw``, then optionally smoothed."""
+    """Maps (P, S, S) resized to the image's native ``hw`` like TorchRay (``F.interpolate``,
+    bilinear, ``align_corners=False``, no antialiasing when shrinking), then optionally smoothed."""
     if maps.shape[1:] != tuple(hw):
-        maps = np.asarray(jax.image.resize(jnp.asarray(maps), (maps.shape[0], *hw), "bilinear"))
+        maps = np.asarray(imageops.resize(jnp.asarray(maps), hw))
     if smooth:
         maps = _gaussian_smooth(maps, smooth * max(hw))
     return maps
