@@ -160,7 +160,7 @@ def _check(images, maps, targets) -> tuple[jax.Array, jax.Array, jax.Array]:
     images = jnp.asarray(images)
     if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images must be a float NHWC batch (N, H, W, C) in the model's input space; got {images.shape} {images.dtype}")
-    maps = jnp.asarray(maps, jnp.float32)
+    maps = jnp.asarray(maps, images.dtype)  # a float64 run stays float64 (also the ranking)
     if maps.shape != images.shape[:3]:
         raise ValueError(f"maps must be (N, H, W) = {images.shape[:3]} to match images; got {maps.shape}")
     t = np.asarray(targets)
@@ -170,11 +170,11 @@ def _check(images, maps, targets) -> tuple[jax.Array, jax.Array, jax.Array]:
         t = np.broadcast_to(t, (images.shape[0],))
     if t.shape != (images.shape[0],):
         raise ValueError(f"targets must be an int or an int array of shape ({images.shape[0]},); got {t.shape}")
-    return images.astype(jnp.float32), maps, jnp.asarray(t, jnp.int32)
+    return images, maps, jnp.asarray(t, jnp.int32)
 
 
 def _num_outputs(fn: jax.tree_util.Partial, images: jax.Array) -> int:
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32))
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
     if len(out.shape) != 2 or out.shape[0] != 1:
         raise ValueError(f"model_fn must map (B, H, W, C) images to (B, K) logits; it returned shape {out.shape} for B=1")
     return int(out.shape[1])
@@ -216,8 +216,8 @@ def _perturbation_scores(
         xs = jnp.where(top, x[None], sub[None]) if reveal else jnp.where(top, sub[None], x[None])
         logits = fn(xs)  # one forward pass for all steps of this image
         if score == "probability":
-            return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, t]
-        return (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+            return jax.nn.softmax(logits.astype(x.dtype), axis=-1)[:, t]
+        return (jnp.argmax(logits, axis=-1) == t).astype(x.dtype)
 
     return jax.lax.map(one, (images, maps, targets), batch_size=images_per_call)
 
@@ -242,7 +242,8 @@ def causal_curves(
 
     Args:
       model_fn: images (B, H, W, C) in the model's input space -> logits (B, K).
-      images: (N, H, W, C) float32, normalised as the model expects.
+      images: (N, H, W, C) float, normalised as the model expects (float64 images give a
+        float64 computation: the maps' ranking, the blur and the softmax).
       maps: (N, H, W) saliency maps.
       targets: (N,) int target classes (or one int for all).
       mode: ``"deletion"`` or ``"insertion"``.
