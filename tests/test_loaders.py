@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import warnings
 
 import numpy as np
@@ -241,10 +242,19 @@ def tfds_dirs(voc_root, tmp_path_factory):
                 }
 
     base = tmp_path_factory.mktemp("tfds")
-    builder = LocalVoc(config="2007", data_dir=str(base / "ar"), file_format="array_record")
-    with warnings.catch_warnings():
+    # TFDS makes a temporary folder of its own (DatasetInfo.initialize_from_bucket: mkdtemp("tfds"),
+    # never removed): it goes into a private folder under this fixture's, removed below
+    system_tmp = tempfile.gettempdir()
+    before = set(os.listdir(system_tmp))
+    private_tmp = base / "tmp"
+    private_tmp.mkdir()
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
+        mp.setattr(tempfile, "tempdir", str(private_tmp))
+        builder = LocalVoc(config="2007", data_dir=str(base / "ar"), file_format="array_record")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    shutil.rmtree(private_tmp)
+    leaked = sorted(n for n in set(os.listdir(system_tmp)) - before if "tfds" in n)
     version_dir = os.path.join(base, "ar", "voc", "2007", "5.0.0")
     assert os.path.isfile(os.path.join(version_dir, "dataset_info.json"))
 
@@ -265,7 +275,11 @@ def tfds_dirs(voc_root, tmp_path_factory):
     info = json.loads((tfr_dir / "dataset_info.json").read_text())
     info["fileFormat"] = "tfrecord"
     (tfr_dir / "dataset_info.json").write_text(json.dumps(info))
-    return {"array_record": str(base / "ar"), "tfrecord": str(base / "tfr")}
+    return {"array_record": str(base / "ar"), "tfrecord": str(base / "tfr"), "leaked_tmp": leaked}
+
+
+def test_tfds_fixture_leaves_no_temporary_folder(tfds_dirs):
+    assert tfds_dirs["leaked_tmp"] == []
 
 
 @pytest.mark.parametrize("fmt", ["array_record", "tfrecord"])
