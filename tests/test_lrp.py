@@ -3,6 +3,9 @@ contrastive combinations of CLRP and SGLRP, and the LRP-0 / gradient x input ide
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ import pytest
 from xaijax import models
 from xaijax.methods import excitation, lrp, registry
 from xaijax.models import layers
-from xaijax.propagation import Excitation, Flipped, composites, relevance
+from xaijax.propagation import Excitation, Flipped, Gamma, Rule, composites, relevance, relevance_trace
 
 LRP_FAMILY = [
     "lrp-epsilon",
@@ -290,3 +293,114 @@ def test_flat_first_layer_conserves_on_full_vgg16_under_jit():
     t = jnp.array([int(jnp.argmax(logits))])
     r = jax.jit(lambda vv, xx: _methods.get("lrp-epsilon-plus-flat")(m, vv, xx, t))(v, x)
     assert float(r.sum()) == pytest.approx(float(logits[0, t[0]]), rel=1e-3)
+
+
+# ------------------------------------------------ gamma on residual networks (issue 25.1)
+
+
+def _tiny_resnet(seed: int, *, shifts: bool = True):
+    """ResNet18 at width 4, one block per stage, float64, random kernels and BatchNorm
+    statistics/affines (``shifts=False``: zero means and BatchNorm biases, so the folded
+    convolutions have no bias), no classifier bias; convolution outputs of both signs reach
+    the residual sums."""
+    model = models.get("resnet18", num_classes=5, width=4, layers=(1, 1, 1, 1))
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((4, 32, 32, 3)))
+    rng = np.random.default_rng(100 + seed)
+
+    def draw(path, a):
+        key = [getattr(p, "key", str(p)) for p in path]
+        if key[0] == "batch_stats" and key[-1] == "mean":
+            return jnp.asarray(rng.normal(0.0, 0.5, a.shape) if shifts else np.zeros(a.shape))
+        if key[0] == "batch_stats" and key[-1] == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, a.shape))
+        if key[-1] == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, a.shape))
+        if key[-1] == "bias" and key[1] != "fc":
+            return jnp.asarray(rng.normal(0.0, 0.3, a.shape) if shifts else np.zeros(a.shape))
+        if key[-1] == "bias":  # no classifier bias: what reaches the convolutions is the logit
+            return jnp.zeros(a.shape)
+        return jnp.asarray(np.asarray(a, np.float64))
+
+    v = jax.tree_util.tree_map_with_path(draw, models.random_variables(model, x.shape, seed=seed))
+    return model, v, x
+
+
+@dataclasses.dataclass(frozen=True)
+class _LiteralGamma(Rule):
+    """The gamma rule before issue 25: ``W + gamma W+`` and ``b + gamma b+`` for every output,
+    whatever its sign (kept here only to show what the sign-aware rule fixes)."""
+
+    gamma: float = 0.25
+    needs_weights: ClassVar[bool] = True
+
+    def backward(self, layer, xs, out, R):
+        (x,) = xs
+        op, k, b = layer.linear(self)
+        z, pull = jax.vjp(lambda xx: op(k + self.gamma * jnp.maximum(k, 0), xx), x)
+        d = z + b + self.gamma * jnp.maximum(b, 0)
+        d = d + 1e-9 * jnp.where(d >= 0, 1.0, -1.0)
+        return (x * pull(R / d)[0],)
+
+
+def test_gamma_totals_stay_bounded_on_a_residual_network(x64):
+    """lrp-epsilon-gamma-box on a tiny ResNet: the input total stays within a small factor of
+    the target logit (biases absorb a part), where the literal rule's denominators cross zero
+    at negative convolution outputs and the totals run to many times the logit, either sign."""
+    model, v, x = _tiny_resnet(6)
+    logits = model.apply(v, x)
+    target = jnp.argmax(logits, -1)
+    zt = np.asarray(logits[jnp.arange(4), target])
+    method = jax.jit(lrp.LRP(composites.epsilon_gamma_box(), reduce="sum"), static_argnums=0)
+    ratio = np.asarray(method(model, v, x, target).sum((1, 2))) / zt
+    assert np.all(np.isfinite(ratio)) and np.all((ratio > 0.2) & (ratio < 1.5)), ratio  # (0.43, 0.85, 0.63, 0.68)
+    literal = lrp.LRP(composites.epsilon_gamma_box().replace(conv=_LiteralGamma()), reduce="sum")
+    old = np.asarray(jax.jit(literal, static_argnums=0)(model, v, x, target).sum((1, 2))) / zt
+    assert np.abs(old).max() > 20 and old.min() < 0, old  # (-4.4, 65.6, -0.64, 1.2) for this draw
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_gamma_layers_never_amplify_relevance_beyond_their_bound(x64, seed):
+    """Per output unit, ``sum_i |R_i| <= (2 + gamma) / gamma * |R_j|``. For ``z_j > 0`` (the
+    other sign is symmetric) with ``P`` / ``N`` the magnitudes of the contributions pushing
+    the output up / down, ``z = P - N + b > 0``: the denominator is ``d = z + gamma (P + b+)
+    >= gamma (P + b+)`` and the shares add up to ``(1 + gamma) P + N < (2 + gamma) P + b+``.
+    So every Gamma layer satisfies ``sum |R_in| <= (2 + gamma) / gamma * sum |R_out|``, here
+    per sample on a tiny ResNet whose convolution outputs of both signs carry relevance. The
+    literal rule breaks the bound where its denominator nears zero."""
+    model, v, x = _tiny_resnet(seed)
+    logits = model.apply(v, x)
+    oh = jax.nn.one_hot(jnp.argmax(logits, -1), 5, dtype=x.dtype)
+
+    def worst(comp):
+        _, trace = jax.jit(lambda vv, xx: relevance_trace(model, vv, xx, lambda o: oh * o, comp))(v, x)
+        ratios = []  # per layer and sample: sum |R_in| / sum |R_out|
+        for lr in trace.values():
+            if isinstance(lr.rule, (Gamma, _LiteralGamma)):
+                r_in = np.abs(np.asarray(lr.inputs[0])).reshape(4, -1).sum(1)
+                r_out = np.abs(np.asarray(lr.output)).reshape(4, -1).sum(1)
+                assert np.all(r_out > 0)
+                ratios.append((r_in / r_out).max())
+        assert len(ratios) >= 8
+        return max(ratios)
+
+    assert worst(composites.epsilon_gamma_box(gamma=0.25)) <= 9.0 * (1 + 1e-12)  # measured 2.1 / 1.5
+    assert worst(composites.epsilon_gamma_box(gamma=1.0)) <= 3.0 * (1 + 1e-12)
+    assert worst(composites.epsilon_gamma_box().replace(conv=_LiteralGamma())) > 9.0  # measured 57 / 29
+
+
+def test_gamma_conserves_on_bias_free_residual_layers(x64):
+    """With no biases (zero BatchNorm shifts folded into bias-free convolutions) and no
+    stabilizer, every Gamma layer passes on exactly the relevance it receives, outputs of
+    both signs included."""
+    model, v, x = _tiny_resnet(1, shifts=False)
+    comp = composites.epsilon_gamma_box().replace(conv=Gamma(0.25, 0.0))
+    logits = model.apply(v, x)
+    oh = jax.nn.one_hot(jnp.argmax(logits, -1), 5, dtype=x.dtype)
+    _, trace = jax.jit(lambda vv, xx: relevance_trace(model, vv, xx, lambda o: oh * o, comp))(v, x)
+    checked = 0
+    for lr in trace.values():
+        if isinstance(lr.rule, Gamma):
+            tin, tout = (np.asarray(t) for t in lr.totals())
+            np.testing.assert_allclose(tin, tout, rtol=1e-9, atol=1e-12 * np.abs(tout).max(), err_msg=lr.name)
+            checked += 1
+    assert checked >= 8

@@ -52,8 +52,7 @@ def ref_rule(rule, x, W, b, R):
         den = z + rule.eps * np.where(z >= 0, 1.0, -1.0)
         return (c * (R / den)[:, None, :]).sum(2)
     if isinstance(rule, Gamma):
-        Wg = W + rule.gamma * np.maximum(W, 0)
-        return share(x[:, :, None] * Wg[None], b + rule.gamma * np.maximum(b, 0), R)
+        return ref_gamma(x, W, b, R, rule.gamma, rule.stabilizer)
     if isinstance(rule, AlphaBeta):
         pos = share(np.maximum(c, 0), np.maximum(b, 0), R)
         neg = share(np.minimum(c, 0), np.minimum(b, 0), R)
@@ -70,6 +69,34 @@ def ref_rule(rule, x, W, b, R):
     if isinstance(rule, Excitation):
         return share(x[:, :, None] * np.maximum(W, 0)[None], 0.0, R)
     raise AssertionError(rule)
+
+
+def ref_gamma(x, W, b, R, gamma, stabilizer=0.0):
+    """Sign-aware LRP-gamma (zennit's generalised ``Gamma``), one output unit at a time.
+
+    An output ``z_j > 0`` shares ``R_j`` in proportion to ``x+_i (w + g w+)_ij + x-_i (w + g
+    w-)_ij`` over a denominator that also has ``b_j + g b+_j``; ``z_j < 0`` uses ``x+_i (w + g
+    w-)_ij + x-_i (w + g w+)_ij`` and ``b_j + g b-_j``; ``z_j == 0`` passes nothing.
+    """
+    x, W, b, R = (np.asarray(a, np.float64) for a in (x, W, b, R))
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(W.shape[1]):
+            z = float(x[n] @ W[:, j] + b[j])
+            if z == 0:
+                continue
+            up = W[:, j] + gamma * np.maximum(W[:, j], 0)
+            down = W[:, j] + gamma * np.minimum(W[:, j], 0)
+            xp, xn = np.maximum(x[n], 0), np.minimum(x[n], 0)
+            if z > 0:
+                c, bias = xp * up + xn * down, b[j] + gamma * max(b[j], 0.0)
+            else:
+                c, bias = xp * down + xn * up, b[j] + gamma * min(b[j], 0.0)
+            d = c.sum() + bias
+            d = d + stabilizer * (1.0 if d >= 0 else -1.0)
+            if d != 0:
+                out[n] += c * R[n, j] / d
+    return out
 
 
 class TwoDense(nn.Module):
@@ -159,8 +186,10 @@ def test_hand_numbers_single_dense_layer(x64):
     # alpha2-beta1: negative part (0, -3, -2), z- = -5 -> shares (0, .6, .4) of R;
     # R = 2 * (-2, 0, 0) - 1 * (0, -1.5, -1)
     np.testing.assert_allclose(run(AlphaBeta(2.0, 1.0, 0.0)), [-4.0, 1.5, 1.0], rtol=1e-12)
-    # gamma = 1: w' = (2, 6, -2), b' = 1 -> c' = (4, -6, -2), z' = -3 -> R_i = c'_i * 5/6
-    np.testing.assert_allclose(run(Gamma(1.0, 0.0)), [10 / 3, -5.0, -5 / 3], rtol=1e-12)
+    # gamma = 1, negative output: the negative contributions are boosted. x+ = (2, 0, 1) meets
+    # w + w- = (1, 3, -4), x- = (0, -1, 0) meets w + w+ = (2, 6, -2): c = (2, -6, -4), bias
+    # b + b- = 0.5 -> d = -7.5, R_i = c_i * -2.5 / -7.5; total -8/3 = R - 0.5 R / d (bias share)
+    np.testing.assert_allclose(run(Gamma(1.0, 0.0)), [2 / 3, -2.0, -4 / 3], rtol=1e-12)
     # flat: thirds; w^2: (1, 9, 4) / 14
     np.testing.assert_allclose(run(Flat()), [-2.5 / 3] * 3, rtol=1e-12)
     np.testing.assert_allclose(run(WSquare()), np.array([1.0, 9.0, 4.0]) / 14 * -2.5, rtol=1e-12)
@@ -168,6 +197,62 @@ def test_hand_numbers_single_dense_layer(x64):
     np.testing.assert_allclose(run(ZBox(-3.0, 3.0, 0.0)), np.array([5.0, 6.0, 4.0]) / 15 * -2.5, rtol=1e-12)
     # excitation: positive weights (1, 3, 0), no bias: x w+ = (2, -3, 0), z = -1
     np.testing.assert_allclose(run(Excitation(0.0)), [5.0, -7.5, 0.0], rtol=1e-12)
+
+
+class OneConv(nn.Module):
+    """x (N, 5, 5, 2) -> conv 3x3/2 pad 1 (3 ch, bias) -> flatten (relevance passes unchanged)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return layers.Flatten(name="flatten")(layers.conv(3, 3, 2, 1, name="conv")(x))
+
+
+@pytest.mark.parametrize("stabilizer", [0.0, 0.05])
+def test_gamma_is_sign_aware_on_one_dense_and_one_conv_layer(x64, stabilizer):
+    """Gamma against the brute-force loop ``ref_gamma`` to 1e-12: inputs of both signs,
+    outputs of both signs and exact zeros (no relevance passes there), a stabilizer."""
+    rng = np.random.default_rng(7)
+    # dense: 4 samples, the last one all-zero input, so its outputs are the biases (one is 0)
+    x = rng.standard_normal((4, 6))
+    x[3] = 0.0
+    W, b = rng.standard_normal((6, 5)), np.array([0.3, -0.2, 0.0, 0.15, -0.4])
+    R = rng.standard_normal((4, 5))
+    z = x @ W + b
+    assert (z > 0).any() and (z < 0).any() and (z == 0).sum() == 1
+    v = {"params": {"fc": {"kernel": jnp.asarray(W), "bias": jnp.asarray(b)}}}
+
+    class OneDense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.dense(5, name="fc")(x)
+
+    for gamma in (0.0, 0.25, 3.0):
+        rule = Gamma(gamma, stabilizer)
+        r = relevance(OneDense(), v, jnp.asarray(x), lambda out: jnp.asarray(R), Composite(dense=rule))
+        np.testing.assert_allclose(np.asarray(r), ref_gamma(x, W, b, R, gamma, stabilizer), rtol=1e-12, atol=1e-13)
+    # convolution: the same formula on its (in, out) matrix
+    xc = rng.standard_normal((3, 5, 5, 2))
+    xc[2] = 0.0
+    kc, bc = rng.standard_normal((3, 3, 2, 3)), np.array([0.2, 0.0, -0.1])
+    vc = {"params": {"conv": {"kernel": jnp.asarray(kc), "bias": jnp.asarray(bc)}}}
+    Rc = rng.standard_normal((3, 27))
+    M = conv_matrix(kc, (5, 5), stride=2, pad=1)
+    zc = xc.reshape(3, -1) @ M + np.tile(bc, 9)
+    np.testing.assert_allclose(np.asarray(OneConv().apply(vc, jnp.asarray(xc))), zc, rtol=1e-12, atol=1e-12)
+    assert (zc > 0).any() and (zc < 0).any() and (zc == 0).sum() == 9
+    for gamma in (0.25, 3.0):
+        rule = Gamma(gamma, stabilizer)
+        r = relevance(OneConv(), vc, jnp.asarray(xc), lambda out: jnp.asarray(Rc), Composite(conv=rule))
+        expected = ref_gamma(xc.reshape(3, -1), M, np.tile(bc, 9), Rc, gamma, stabilizer)
+        np.testing.assert_allclose(np.asarray(r), expected.reshape(xc.shape), rtol=1e-12, atol=1e-13)
+    # on non-negative inputs (a ReLU before the layer) with positive outputs it is the
+    # original LRP-gamma: weights W + gamma W+, bias b + gamma b+
+    h = np.abs(x[:3])
+    Wp = np.abs(W)
+    r = relevance(OneDense(), {"params": {"fc": {"kernel": jnp.asarray(Wp), "bias": jnp.asarray(np.abs(b))}}},
+                  jnp.asarray(h), lambda out: jnp.asarray(R[:3]), Composite(dense=Gamma(0.5, 0.0)))
+    c = h[:, :, None] * (1.5 * Wp)[None]
+    np.testing.assert_allclose(np.asarray(r), (c * (R[:3] / (c.sum(1) + 1.5 * np.abs(b)))[:, None, :]).sum(2), rtol=1e-12)
 
 
 class ConvFc(nn.Module):

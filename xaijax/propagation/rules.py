@@ -28,8 +28,11 @@ Rules:
                           z-rule (LRP-0). Works on any layer that is linear (or positively
                           homogeneous, e.g. max pooling) in its inputs, several inputs included:
                           average pools and residual sums use it with ``eps = 0``.
-:class:`Gamma`            epsilon-free LRP-gamma: weights ``W + gamma W+``, bias ``b + gamma b+``
-                          (Montavon et al. 2019).
+:class:`Gamma`            LRP-gamma, sign-aware (Montavon et al. 2019; zennit's generalised form):
+                          positive outputs boost their positive contributions (``W + gamma
+                          W+``, ``b + gamma b+`` on ``x+``), negative outputs their negative
+                          ones (``W + gamma W-``, ``b + gamma b-`` on ``x+``), so no
+                          denominator crosses zero.
 :class:`AlphaBeta`        ``alpha`` times the positive and ``beta`` times the negative
                           contributions, each normalised on its own (Bach et al. 2015). Inputs of
                           either sign: positive contributions are ``x+ W+`` and ``x- W-`` (plus
@@ -322,11 +325,28 @@ class Epsilon(Rule):
 
 @dataclasses.dataclass(frozen=True)
 class Gamma(Rule):
-    """LRP-gamma: weights ``W + gamma W+`` and bias ``b + gamma b+``.
+    """LRP-gamma, sign-aware (Montavon et al. 2019; generalised as in zennit's ``Gamma``).
 
-    ``R_i = x_i sum_j (w_ij + gamma w+_ij) R_j / z'_j`` with
-    ``z'_j = sum_i x_i (w_ij + gamma w+_ij) + b_j + gamma b+_j``. Meant for non-negative
-    inputs (after a ReLU); applied literally to inputs of either sign.
+    Positive and negative outputs are redistributed with their own gamma-boosted
+    contributions. With ``z_j`` the layer's output (bias included), ``W^+ = W + gamma W+``,
+    ``W^- = W + gamma W-``, ``b^+ = b + gamma b+``, ``b^- = b + gamma b-``::
+
+        z_j > 0:  c_ij = x+_i w^+_ij + x-_i w^-_ij,   d_j = sum_i c_ij + b^+_j
+        z_j < 0:  c_ij = x+_i w^-_ij + x-_i w^+_ij,   d_j = sum_i c_ij + b^-_j
+        R_i = sum_j c_ij R_j / (d_j + stabilizer sign d_j)
+
+    and outputs with ``z_j == 0`` pass no relevance. A positive output boosts the
+    contributions that push it up (``x+ W+`` and ``x- W-``), a negative output those that push
+    it down, so the denominator keeps the sign of ``z_j`` with ``|d_j| >= |z_j|`` (it never
+    crosses zero), and a unit passes on at most ``(2 + gamma) / gamma`` times ``|R_j|`` in
+    absolute relevance. On non-negative inputs with positive outputs (a layer followed by a ReLU
+    that is active) this is the original LRP-gamma, ``R_i = x_i sum_j (w_ij + gamma w+_ij)
+    R_j / (sum_i' x_i' (w_i'j + gamma w+_i'j) + b_j + gamma b+_j)``; the literal original
+    applied to negative outputs (as in ResNets, where relevance reaches convolution outputs
+    of either sign through the residual sums) divides by a denominator that can cross zero.
+
+    Conservation: ``sum_i R_i = sum_j R_j (d_j - b^±_j) / d_j`` — exact on bias-free layers
+    with ``stabilizer=0`` wherever ``z_j != 0``; the boosted bias absorbs its share otherwise.
     """
 
     gamma: float = 0.25
@@ -341,11 +361,26 @@ class Gamma(Rule):
     def backward(self, layer, xs, out, R):
         x = _single(xs, self, layer)
         op, k, b = layer.linear(self)
-        k2 = k + self.gamma * jnp.maximum(k, 0)
-        b2 = None if b is None else b + self.gamma * jnp.maximum(b, 0)
-        z, pull = jax.vjp(lambda xx: op(k2, xx), x)
-        s = safe_divide(R, _stabilize(_add_bias(z, b2), self.stabilizer))
-        return (x * pull(s.astype(z.dtype))[0],)
+        kp = k + self.gamma * jnp.maximum(k, 0)  # W^+
+        kn = k + self.gamma * jnp.minimum(k, 0)  # W^-
+        bp = None if b is None else b + self.gamma * jnp.maximum(b, 0)
+        bn = None if b is None else b + self.gamma * jnp.minimum(b, 0)
+        xp = x if layer.nonneg else jnp.maximum(x, 0)
+        zp, tp = _linear_many(op, (kp, kn), xp)  # x+ W^+, x+ W^-: one stacked operation
+        if layer.nonneg:
+            d_pos, d_neg = _add_bias(zp[0], bp), _add_bias(zp[1], bn)
+        else:
+            xn = jnp.minimum(x, 0)
+            zn, tn = _linear_many(op, (kn, kp), xn)  # x- W^-, x- W^+
+            d_pos, d_neg = _add_bias(zp[0] + zn[0], bp), _add_bias(zp[1] + zn[1], bn)
+        R = R.astype(zp.dtype)
+        zero = jnp.zeros((), R.dtype)
+        s_pos = jnp.where(out > 0, safe_divide(R, _stabilize(d_pos, self.stabilizer)), zero)
+        s_neg = jnp.where(out < 0, safe_divide(R, _stabilize(d_neg, self.stabilizer)), zero)
+        s = jnp.stack([s_pos, s_neg])
+        if layer.nonneg:
+            return (xp * tp(s),)
+        return (xp * tp(s) + xn * tn(s),)
 
 
 @dataclasses.dataclass(frozen=True)
