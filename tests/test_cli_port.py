@@ -46,6 +46,8 @@ def _torch_top5(model, paths) -> list[list[int]]:
 def _parse_predict(out: str) -> list[list[int]]:
     tops, cur = [], None
     for line in out.splitlines():
+        if line.startswith("#") or line.split()[:1] == ["index"]:  # the settings line, the column header
+            continue
         if not line.startswith("  "):
             cur = []
             tops.append(cur)

@@ -61,7 +61,9 @@ def _cmd_port(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({args.arch}, {info['source']} weights, {info['model_kwargs'].get('num_classes')} classes{extra})")
 
 
-def _class_names(n: int, labels: str | None) -> list[str]:
+def _class_names(n: int, labels: str | None, recorded: Sequence[str] | None = None) -> list[str]:
+    """``--labels`` (one name a line), else the names the checkpoint records, else ImageNet's
+    for 1000 classes, else ``class 0 .. class n-1``."""
     from xaijax.models.preprocess import imagenet_classes
 
     if labels:
@@ -69,29 +71,68 @@ def _class_names(n: int, labels: str | None) -> list[str]:
         if len(names) != n:
             raise UserError(f"--labels has {len(names)} lines but the model has {n} classes")
         return names
+    if recorded is not None and len(recorded) == n:
+        return list(recorded)
     return imagenet_classes() if n == 1000 else [f"class {i}" for i in range(n)]
+
+
+def _checkpoint_inputs(args: argparse.Namespace):
+    """Load ``--weights`` and decide what ``predict``/``explain`` feed it and how they read it:
+    input size, whole image or torchvision's crop, normalisation, output activation and class
+    names — what the checkpoint records (:func:`xaijax.models.preprocess.recorded`) unless a
+    flag says otherwise."""
+    from xaijax import checkpoints
+    from xaijax.models import preprocess, registry
+
+    if args.size is not None and args.size < 1:
+        raise UserError(f"--size must be a positive number of pixels; got {args.size}")
+    for p in args.images:  # every image checked before any work (a typo in the 10th file fails now)
+        if Path(p).is_dir():
+            raise UserError(f"image {p} is a directory, not an image file; pass the image files (e.g. {p}/*.jpg)")
+        if not Path(p).is_file():
+            raise UserError(f"image not found: {p}")
+    model, variables, info = checkpoints.load(args.arch, args.weights)
+    rec = preprocess.recorded(info)
+    size = args.size or rec.input_size or registry.spec(info["arch"]).input_size
+    resize = size if rec.whole_image else None
+    convention = preprocess.convention(info, args.preprocess)
+    activation = args.activation or rec.output
+    return model, variables, info, rec, size, resize, convention, activation
+
+
+def _probabilities(logits, activation: str):
+    import jax
+    import numpy as np
+
+    if activation == "sigmoid":
+        return np.asarray(jax.nn.sigmoid(logits))
+    return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+#: Column title of the probability in ``predict``/``explain`` output, by output activation.
+PROB_COLUMN = {"softmax": "softmax", "sigmoid": "sigmoid"}
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from xaijax import checkpoints
-    from xaijax.models import preprocess, registry
     from xaijax.models.preprocess import load_image, normalize
 
-    model, variables, info = checkpoints.load(args.arch, args.weights)
-    spec = registry.spec(info["arch"])
-    size = args.size or spec.input_size
-    convention = preprocess.convention(info, args.preprocess)
-    imgs = np.stack([load_image(p, size) for p in args.images])
+    if args.top < 1:
+        raise UserError(f"--top must be at least 1; got {args.top}")
+    model, variables, info, rec, size, resize, convention, activation = _checkpoint_inputs(args)
+    imgs = np.stack([load_image(p, size, resize) for p in args.images])
     logits = np.asarray(jax.jit(model.apply)(variables, normalize(imgs, convention)))
-    names = _class_names(logits.shape[-1], args.labels)
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    names = _class_names(logits.shape[-1], args.labels, rec.class_names)
+    probs = _probabilities(logits, activation)
+    what = "P(class present), independent per class" if activation == "sigmoid" else "probability over the classes"
+    print(f"# {info['arch']}, {size}x{size} px, {convention} normalisation; {activation} = {what}")
     for path, lg, pr in zip(args.images, logits, probs):
         print(path)
+        print(f"  {'index':>5s}  {PROB_COLUMN[activation]:>7s}  {'logit':>9s}  class")
         for i in np.argsort(-lg)[: args.top]:
-            print(f"  {i:5d}  {pr[i]:.4f}  {lg[i]:9.4f}  {names[i]}")
+            print(f"  {i:5d}  {pr[i]:7.4f}  {lg[i]:9.4f}  {names[i]}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -134,6 +175,29 @@ def _parse_params(items: Sequence[str]) -> dict:
     return out
 
 
+#: How to run the registered methods that ``xaijax explain`` cannot run, by kind.
+NOT_FOR_EXPLAIN = {
+    "similarity": (
+        "explains the similarity of a pair of images (kind 'similarity'), not one classifier decision per image, "
+        "so `xaijax explain` cannot run it; from Python: res = xaijax.methods.get({name!r})(model, variables, x, x_prime) "
+        "with two NHWC batches, then xaijax.methods.plot_bilrp(...) draws the pair"
+    ),
+    "detection": (
+        "explains a detection of an object detector (kind 'detection'), not a classifier, so `xaijax explain` cannot "
+        "run it; from Python: model, variables, _ = xaijax.checkpoints.load_detector('weights/synthetic_detector.safetensors'), "
+        "then xaijax.methods.get({name!r})(xaijax.methods.detector_function(model, variables), x, "
+        "{{'box': box, 'label': label}})"
+    ),
+}
+
+
+def _check_explain_method(name: str, method) -> None:
+    if not method.explains_classifier:
+        how = NOT_FOR_EXPLAIN.get(method.kind)
+        detail = how.format(name=name) if how else f"is of kind {method.kind!r}; explain runs classifier attributions"
+        raise UserError(f"--method {name}: {detail}")
+
+
 def _cmd_explain(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -141,18 +205,20 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from xaijax import checkpoints, methods, viz
+    from xaijax import methods, viz
     from xaijax.atomic import atomic_npy
-    from xaijax.models import preprocess, registry
     from xaijax.models.preprocess import load_image, normalize
 
     params = _parse_params(args.param)
     method = methods.get(args.method, **params)
-    if not method.explains_classifier:
-        raise UserError(f"method {args.method!r} is of kind {method.kind!r}; explain runs classifier attributions")
-    model, variables, info = checkpoints.load(args.arch, args.weights)
-    size = args.size or registry.spec(info["arch"]).input_size
-    convention = preprocess.convention(info, args.preprocess)
+    _check_explain_method(args.method, method)
+    model, variables, info, rec, size, resize, convention, activation = _checkpoint_inputs(args)
+    # every image decoded and the target checked before anything is written
+    imgs = [load_image(p, size, resize) for p in args.images]
+    k = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1]
+    if args.target is not None and not 0 <= args.target < k:
+        raise UserError(f"--target {args.target} is out of range for a model with {k} classes (valid: 0..{k - 1})")
+    names = _class_names(k, args.labels, rec.class_names)
     if method.runs_own_loop:  # (extremal perturbation) it jits its own step; show its bar
         if method.has_progress and "progress" not in params:
             method = dataclasses.replace(method, progress=True)
@@ -161,18 +227,18 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         explain = jax.jit(method, static_argnums=0)
     predict = jax.jit(model.apply)
     out = args.out
-    for path in args.images:
-        img = load_image(path, size)
+    for path, img in zip(args.images, imgs):
         x = normalize(img[None], convention)
         logits = np.asarray(predict(variables, x))[0]
         target = int(np.argmax(logits)) if args.target is None else args.target
-        if not 0 <= target < logits.shape[-1]:
-            raise UserError(f"--target {target} is out of range for a model with {logits.shape[-1]} classes")
+        prob = float(_probabilities(logits[None], activation)[0, target])
+        class_name = names[target]
         m = np.asarray(explain(model, variables, x, jnp.array([target])))[0]
         name = f"{Path(path).stem}.{args.method.replace(':', '_')}"
+        out.mkdir(parents=True, exist_ok=True)
         atomic_npy(out / f"{name}.npy", m)
         viz.save_png(out / f"{name}.png", viz.overlay(img, m))
-        print(f"{path}: class {target} (logit {logits[target]:.3f}) -> {out}/{name}.png")
+        print(f"{path}: {class_name} (class {target}, logit {logits[target]:.3f}, {activation} {prob:.3f}) -> {out}/{name}.png")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -255,15 +321,24 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _writable_dir(p: str) -> Path:
-    path = Path(p)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot create output directory {p}: {e.strerror}") from None
+    """An output folder argument: checked here, created only by the command when it first writes
+    (a command that fails on bad input leaves no empty folder behind)."""
     import os
 
-    if not os.access(path, os.W_OK):
-        raise argparse.ArgumentTypeError(f"output directory {p} is not writable")
+    path = Path(p)
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"output directory {p} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"output directory {p} is not writable")
+        return path
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create output directory {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create output directory {p}: {parent} is not writable")
     return path
 
 
@@ -287,9 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="print the top classes for images")
     s.add_argument("--arch", default=None, help="architecture (optional for native files, which record it)")
     s.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .msgpack")
-    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the architecture's)")
-    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
-    s.add_argument("--labels", default=None, help="text file with one class name per line")
+    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: recorded in the checkpoint, else the architecture's)")
+    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None,
+                   help="input normalisation (default: recorded in the checkpoint)")
+    s.add_argument("--activation", choices=["softmax", "sigmoid"], default=None,
+                   help="how logits become probabilities (default: recorded in the checkpoint, e.g. sigmoid for multi-label models; else softmax)")
+    s.add_argument("--labels", default=None, help="text file with one class name per line (default: recorded in the checkpoint)")
     s.add_argument("--top", type=int, default=5)
     s.add_argument("images", nargs="+")
     s.set_defaults(func=_cmd_predict)
@@ -300,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", required=True, help="a registered method (see `xaijax methods`)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
     s.add_argument("--target", type=int, default=None, help="class index to explain (default: the top class)")
-    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the architecture's)")
-    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
+    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: recorded in the checkpoint, else the architecture's)")
+    s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None,
+                   help="input normalisation (default: recorded in the checkpoint)")
+    s.add_argument("--activation", choices=["softmax", "sigmoid"], default=None,
+                   help="how the printed probability is computed (default: recorded in the checkpoint; else softmax)")
+    s.add_argument("--labels", default=None, help="text file with one class name per line (default: recorded in the checkpoint)")
     s.add_argument("--out", type=_writable_dir, default="results/explain")
     s.add_argument("images", nargs="+")
     s.set_defaults(func=_cmd_explain)

@@ -39,6 +39,7 @@ from xaijax.data.records import Record
 
 __all__ = [
     "CorruptImageError",
+    "decode_rgb",
     "DatasetLayoutError",
     "LoaderDataset",
     "SkippedImageWarning",
@@ -94,8 +95,55 @@ def require_path(path: str | os.PathLike, what: str, *, is_dir: bool) -> str:
     return path
 
 
+#: PIL modes with 8 bits per channel: PIL's ``convert("RGB")`` reads them exactly (alpha dropped).
+EIGHT_BIT_MODES = frozenset({"1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+#: PIL modes of 16-bit unsigned integer images (16-bit grayscale PNG and TIFF).
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def decode_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """A decoded PIL image -> (H, W, 3) float32 RGB in [0, 1], by bit depth.
+
+    8-bit modes are divided by 255 (PIL's RGB conversion: grayscale replicated, palette
+    expanded, alpha dropped); 16-bit grayscale (``I;16``, and ``I`` read from a PNG, whose
+    integer images are at most 16 bits) is divided by 65535; 32-bit float grayscale (``F``,
+    e.g. a float TIFF) is used as is when all its values are finite and in [0, 1]. Anything
+    else (32-bit integer TIFFs, float images outside [0, 1], exotic modes) is refused with a
+    :class:`CorruptImageError` naming ``name`` and the mode — never silently clipped, which
+    is what ``convert("RGB")`` does to them (a 16-bit image turns all white).
+    """
+    mode = img.mode
+    if mode in EIGHT_BIT_MODES:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and img.format == "PNG"):
+        gray = np.asarray(img).astype(np.float32) / np.float32(65535.0)
+    elif mode == "F":
+        gray = np.asarray(img, dtype=np.float32)
+        finite = np.isfinite(gray)
+        lo = float(gray[finite].min()) if finite.any() else float("nan")
+        hi = float(gray[finite].max()) if finite.any() else float("nan")
+        if not finite.all() or lo < 0.0 or hi > 1.0:
+            raise CorruptImageError(
+                f"image {name} is a 32-bit float image with values in [{lo:.4g}, {hi:.4g}]"
+                + ("" if finite.all() else " and non-finite values")
+                + "; xaijax reads float images only when they hold intensities in [0, 1]: rescale it to [0, 1] "
+                "or save it as an 8- or 16-bit image"
+            )
+    else:
+        what = "a 32-bit integer image" if mode == "I" else f"an image of PIL mode {mode!r}"
+        raise CorruptImageError(
+            f"image {name} is {what}, whose intensity range xaijax cannot know; save it as an 8-bit or "
+            "16-bit image (or a float image in [0, 1])"
+        )
+    return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)
+
+
 def open_rgb(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     """Decode an image file (path or encoded bytes) fully into an RGB PIL image.
+
+    16-bit and float images are decoded by bit depth (:func:`decode_rgb`) and then quantised
+    to 8 bits per channel (the datasets' common format); images whose range cannot be known
+    are refused.
 
     Raises :class:`CorruptImageError` naming ``name`` if it cannot be read or decoded.
     """
@@ -105,9 +153,12 @@ def open_rgb(source: str | os.PathLike | bytes, name: str) -> Image.Image:
         else:
             img = Image.open(os.fspath(source))
         img.load()  # force full decoding: truncated files fail here, not later
-        return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+    if img.mode in EIGHT_BIT_MODES:
+        return img.convert("RGB")
+    rgb = decode_rgb(img, name)
+    return Image.fromarray(np.round(rgb * 255.0).astype(np.uint8))
 
 
 def image_to_array(img: Image.Image, size: tuple[int, int] | None) -> np.ndarray:

@@ -38,6 +38,7 @@ linear layer, a ReLU rule on a model without ReLU modules, ...) raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
@@ -78,6 +79,52 @@ class NotApplicable(ValueError):
     """
 
 
+def _is_concrete(a: Any) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _guard_out_of_range(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a classifier method's ``__call__``/``layer_map`` so that, for a *traced* integer
+    target, each sample whose class is outside the model's outputs gets an all-NaN map.
+
+    The NaN seed of :func:`as_seed` already propagates through most methods, but not through
+    every operation (XLA's max-reductions may turn NaN into -inf; contrastive methods build
+    their own one-hot): this guard makes the contract hold for every method. It costs one
+    abstract evaluation of the model at trace time and one ``where`` on the map; concrete
+    targets are range-checked eagerly and pass through untouched.
+    """
+
+    @functools.wraps(fn)
+    def guarded(self: Method, model: Any, variables: Any, x: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        out = fn(self, model, variables, x, target, *args, **kwargs)
+        return _nan_where_out_of_range(self, model, variables, x, target, out)
+
+    guarded._xaijax_target_guard = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _nan_where_out_of_range(method: Method, model: Any, variables: Any, x: Any, target: Any, out: Any) -> Any:
+    if _is_concrete(target) or method.kind not in CLASSIFIER_KINDS:
+        return out
+    t = jnp.asarray(target)
+    if not jnp.issubdtype(t.dtype, jnp.integer) or t.ndim > 1:
+        return out
+    if not hasattr(out, "ndim") or out.ndim < 1 or not jnp.issubdtype(out.dtype, jnp.inexact):
+        return out
+    try:
+        logits = jax.eval_shape(lambda v, xx: model.apply(v, xx), variables, x)
+    except Exception:  # not a plain classifier forward pass: nothing to check against
+        return out
+    if not hasattr(logits, "shape") or len(logits.shape) != 2:
+        return out
+    n, k = logits.shape
+    t = jnp.broadcast_to(t, (n,))
+    if out.shape[0] != n:
+        return out
+    valid = (t >= 0) & (t < k)
+    return jnp.where(valid.reshape((n,) + (1,) * (out.ndim - 1)), out, jnp.asarray(jnp.nan, out.dtype))
+
+
 class Method:
     """Base of every attribution method: declared capabilities and the call signature.
 
@@ -90,6 +137,15 @@ class Method:
     runs_own_loop: ClassVar[bool] = False
     has_progress: ClassVar[bool] = False
     has_layer_map: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The traced out-of-range contract (see class_indices): every classifier method's
+        # ``__call__`` and ``layer_map`` are wrapped once, where the subclass defines them.
+        super().__init_subclass__(**kwargs)
+        for name in ("__call__", "layer_map"):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_xaijax_target_guard", False):
+                setattr(cls, name, _guard_out_of_range(fn))
 
     @property
     def explains_classifier(self) -> bool:
@@ -154,7 +210,12 @@ def validate_positive_int(owner: str, name: str, value: Any, *, optional: bool =
 
 
 def check_inputs(x: jax.Array) -> None:
-    """Raise a readable error unless ``x`` is a non-empty floating NHWC batch (N, H, W, C)."""
+    """Raise a readable error unless ``x`` is a non-empty floating NHWC batch (N, H, W, C).
+
+    A batch that looks like NCHW — 1 or 3 channels on axis 1 and neither on axis 3, e.g. a
+    PyTorch-style ``(N, 3, 224, 224)`` — is refused with a message that says so, instead of a
+    shape error from deep inside the model.
+    """
     shape = tuple(np.shape(x))
     if len(shape) != 4:
         raise ValueError(f"x must be an NHWC batch of shape (N, H, W, C); got shape {shape}")
@@ -163,14 +224,24 @@ def check_inputs(x: jax.Array) -> None:
         raise TypeError(f"x must be floating point (normalised float32 images); got dtype {dtype}")
     if shape[0] == 0:
         raise ValueError("x is an empty batch (N = 0); pass at least one image")
-
-
-def _is_concrete(a: Any) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+    if shape[1] in (1, 3) and shape[3] not in (1, 3):
+        raise ValueError(
+            f"x looks like an NCHW batch (N, C, H, W) = {shape}; xaijax takes NHWC images: "
+            "transpose to NHWC with x.transpose(0, 2, 3, 1)"
+        )
 
 
 def class_indices(target: Any, batch: int, num_outputs: int | None, method: str | None = None) -> jax.Array:
     """Class indices (batch,) from an int or an int array (batch,), range-checked when concrete.
+
+    Out-of-range classes. A *concrete* index outside ``[0, num_outputs)`` raises
+    ``ValueError`` naming it. A *traced* index (the target is an argument of a ``jax.jit``-ed,
+    ``vmap``-ed or sharded function) cannot raise; it is returned as is and the contract is a
+    NaN map: :func:`as_seed` turns the row of an out-of-range traced index into NaN, so every
+    method that builds its seed, score or one-hot through :func:`as_seed` /
+    :func:`target_scores` gives an all-NaN map for that sample (the other samples of the batch
+    are unaffected). Code that builds its own one-hot from these indices must do the same
+    (``jax.nn.one_hot`` of an out-of-range index is all zeros: a silent all-zero map).
 
     Args:
       num_outputs: the model's number of classes (``None``: not range-checked here).
@@ -189,7 +260,10 @@ def class_indices(target: Any, batch: int, num_outputs: int | None, method: str 
         tn = np.asarray(t)
         bad = tn[(tn < 0) | (tn >= num_outputs)]
         if bad.size:
-            raise ValueError(f"target class {int(bad[0])} is out of range for a model with {num_outputs} outputs")
+            raise ValueError(
+                f"target class {int(bad[0])} is out of range for a model with {num_outputs} outputs "
+                f"(valid classes: 0..{num_outputs - 1})"
+            )
     return t
 
 
@@ -202,12 +276,23 @@ def as_seed(target: int | jax.Array | np.ndarray, num_outputs: int, batch: int, 
       num_outputs: size of the model's output (number of classes).
       batch: batch size N.
 
+    Returns:
+      the one-hot rows of the class indices, or the float seed. Under tracing (``jax.jit``,
+      ``vmap``, sharding), the row of a class index outside ``[0, num_outputs)`` is all NaN:
+      the sample's score and map are NaN instead of a silent all-zero map (see
+      :func:`class_indices`).
+
     Raises:
       ValueError: wrong shape, or (for concrete values) a class index out of range.
     """
     t = jnp.asarray(target)
     if jnp.issubdtype(t.dtype, jnp.integer):
-        return jax.nn.one_hot(class_indices(t, batch, num_outputs), num_outputs, dtype=dtype)
+        idx = class_indices(t, batch, num_outputs)
+        seed = jax.nn.one_hot(idx, num_outputs, dtype=dtype)
+        if not _is_concrete(idx) and jnp.issubdtype(seed.dtype, jnp.inexact):
+            valid = (idx >= 0) & (idx < num_outputs)
+            seed = jnp.where(valid[:, None], seed, jnp.asarray(jnp.nan, seed.dtype))
+        return seed
     if t.shape != (batch, num_outputs):
         raise ValueError(
             f"a float target is a seed and must have the output's shape ({batch}, {num_outputs}); got {t.shape}"
