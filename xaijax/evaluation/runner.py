@@ -68,7 +68,7 @@ from xaijax.models import preprocess
 from xaijax.models.init import random_variables
 from xaijax.models.preprocess import normalize
 
-__all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs", "map_batches"]
+__all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs", "map_batches", "check_classes"]
 
 #: experiment -> (pair metrics, model-based metrics); ``sanity`` is run on its own.
 EXPERIMENT_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -206,7 +206,37 @@ def _load_model(cfg: EvalConfig):
     else:
         path = Path(cfg.weights)
     model, variables, info = checkpoints.load(cfg.arch, path)
-    return path, model, variables, preprocess.convention(info, cfg.preprocess)
+    return path, model, variables, preprocess.convention(info, cfg.preprocess), info
+
+
+def check_classes(dataset: str, class_names: Any, model: Any, variables: Any, info: dict[str, Any], size: int, seeds: str) -> None:
+    """Refuse a model whose outputs are not the dataset's classes, before the first image.
+
+    With ``seeds`` ``"labels"``/``"predicted"`` the dataset's class indices select the model's
+    outputs, so the model must have exactly one output per dataset class and, where the checkpoint
+    records class names, the same names in the same order. (``"top1"`` explains the model's own top
+    class against all objects: no dataset class indexes the model, nothing to compare.)
+
+    Raises:
+      ValueError: naming both counts (or the first differing class name) and what to do.
+    """
+    if seeds == "top1":
+        return
+    names = tuple(class_names)
+    k = int(jax.eval_shape(lambda v, x: model.apply(v, x), variables, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[-1])
+    if k != len(names):
+        raise ValueError(
+            f"--weights: the model has {k} outputs but the {dataset} dataset has {len(names)} classes, so its labels "
+            f"cannot select the model's outputs; evaluate a model trained on the {dataset} classes, "
+            "or pass --seeds top1 to explain the model's own top class against all objects"
+        )
+    recorded = preprocess.recorded(info).class_names
+    if recorded is not None and tuple(recorded) != names:
+        i = next(j for j, (a, b) in enumerate(zip(recorded, names)) if a != b)
+        raise ValueError(
+            f"--weights: the checkpoint's class names are not the {dataset} dataset's: class {i} is {recorded[i]!r} in "
+            f"the checkpoint but {names[i]!r} in the dataset; evaluate a model trained on the {dataset} classes in their order"
+        )
 
 
 def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -214,14 +244,15 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     _check(cfg)
+    mesh = make_mesh(cfg.devices)  # a bad --devices fails before anything is read or written
     ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
-    wpath, model, variables, convention = _load_model(cfg)
+    wpath, model, variables, convention, info = _load_model(cfg)
+    seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
+    check_classes(cfg.dataset, ds.class_names, model, variables, info, model_size(cfg), seeds)  # before the first image
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     num_classes = len(ds.class_names)
     indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
-    mesh = make_mesh(cfg.devices)
-    seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
     pair_names, model_names = EXPERIMENT_METRICS[cfg.experiment]
     pair_metrics = {n: metrics.get(n) for n in pair_names}
     model_metrics = {n: metrics.get_model_metric(n) for n in model_names}
