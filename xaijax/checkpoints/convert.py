@@ -34,7 +34,7 @@ import flax.linen as nn
 import numpy as np
 
 from xaijax.checkpoints.errors import CheckpointMismatchError
-from xaijax.checkpoints.mapping import from_torch_state_dict, guess_family
+from xaijax.checkpoints.mapping import arch_hint, from_torch_state_dict, guess_family
 from xaijax.checkpoints.native import load_variables, save_variables
 from xaijax.checkpoints.torch_pickle import load_state_dict
 from xaijax.models import preprocess, registry
@@ -144,8 +144,9 @@ def load_torch_weights(
                     kwargs.setdefault(flag, True)
     guessed = guess_family(sd)
     if guessed is not None and guessed != spec.family:
+        hint = arch_hint(sd)
         raise CheckpointMismatchError(
-            f"{path} looks like a {guessed} checkpoint, but --arch {arch} is a {spec.family} model"
+            f"{path} looks like a {guessed} checkpoint, but --arch {arch} is a {spec.family} model" + (f"; {hint}" if hint else "")
         )
     if num_classes is None:
         num_classes = num_classes_of(spec.family, sd)

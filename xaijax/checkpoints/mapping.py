@@ -32,6 +32,7 @@ architecture looks wrong.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -41,7 +42,7 @@ import numpy as np
 
 from xaijax.checkpoints.errors import CheckpointMismatchError
 
-__all__ = ["from_torch_state_dict", "to_torch_state_dict", "guess_family", "variable_template"]
+__all__ = ["from_torch_state_dict", "to_torch_state_dict", "guess_family", "guess_arch", "describe_structure", "variable_template"]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _IGNORED_PREFIXES = {"inception": ("AuxLogits.",)}
@@ -85,6 +86,118 @@ def guess_family(keys: Any) -> str | None:
     if any(k.startswith("features.") for k in keys) and any(k.startswith("classifier.") for k in keys):
         return "vgg"
     return None
+
+
+_RESNET_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
+_VGG_CONV = re.compile(r"^features\.(\d+)\.weight$")
+_DENSE_LAYER = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.")
+
+
+def describe_structure(state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The depth structure of a torchvision-named state dict, read from its keys and shapes:
+    ``{"family": "resnet", "block": "BasicBlock" | "Bottleneck", "layers": (2, 2, 2, 2), "width": 64}``,
+    ``{"family": "vgg", "convs": 13, "batch_norm": False}``,
+    ``{"family": "densenet", "block_config": (6, 12, 24, 16), "growth_rate": 32}``,
+    ``{"family": "inception"}``; ``None`` when the family is not recognised."""
+    keys = list(state_dict)
+    family = guess_family(keys)
+    if family == "resnet":
+        counts: dict[int, int] = {}
+        for k in keys:
+            m = _RESNET_BLOCK.match(k)
+            if m:
+                counts[int(m.group(1))] = max(counts.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+        block = "Bottleneck" if any(re.match(r"^layer\d\.\d+\.conv3\.weight$", k) for k in keys) else "BasicBlock"
+        width = int(np.shape(state_dict["conv1.weight"])[0]) if "conv1.weight" in state_dict else None
+        return {"family": "resnet", "block": block, "layers": tuple(counts.get(i, 0) for i in range(1, 5)), "width": width}
+    if family == "vgg":
+        convs = [k for k in keys if _VGG_CONV.match(k) and np.ndim(state_dict[k]) == 4]
+        bn = any(k.startswith("features.") and k.endswith(".running_mean") for k in keys)
+        return {"family": "vgg", "convs": len(convs), "batch_norm": bn}
+    if family == "densenet":
+        blocks: dict[int, int] = {}
+        for k in keys:
+            m = _DENSE_LAYER.match(k)
+            if m:
+                blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)))
+        g_key = "features.denseblock1.denselayer1.conv2.weight"
+        growth = int(np.shape(state_dict[g_key])[0]) if g_key in state_dict else None
+        return {"family": "densenet", "block_config": tuple(blocks[i] for i in sorted(blocks)), "growth_rate": growth}
+    if family == "inception":
+        return {"family": "inception"}
+    return None
+
+
+def _model_structure(model: nn.Module) -> dict[str, Any] | None:
+    """:func:`describe_structure`'s fields for a zoo model (without its widths)."""
+    family = _family_of(model)
+    if family == "resnet":
+        return {"family": "resnet", "block": getattr(model.block, "__name__", str(model.block)), "layers": tuple(model.layers)}
+    if family == "vgg":
+        return {"family": "vgg", "convs": sum(1 for v in model.cfg if v != "M"), "batch_norm": bool(model.batch_norm)}
+    if family == "densenet":
+        return {"family": "densenet", "block_config": tuple(model.block_config), "growth_rate": int(model.growth_rate)}
+    if family == "inception":
+        return {"family": "inception"}
+    return None
+
+
+def _same_depth(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    if a is None or b is None:
+        return False
+    return all(a.get(k) == b.get(k) for k in b if k != "width") and a.get("family") == b.get("family")
+
+
+def guess_arch(state_dict: Mapping[str, Any]) -> str | None:
+    """The registered architecture whose depth structure the state dict has (``"resnet34"``:
+    BasicBlocks in stages of 3, 4, 6, 3), or ``None``. Widths are not compared (tiny variants
+    of an architecture keep its name)."""
+    from xaijax.models import registry
+
+    found = describe_structure(state_dict)
+    if found is None:
+        return None
+    for name in registry.names():
+        spec = registry.spec(name)
+        if spec.family != found["family"]:
+            continue
+        try:
+            model = spec.build()
+        except Exception:  # an architecture that cannot be built with its defaults
+            continue
+        if _same_depth(_model_structure(model), found):
+            return name
+    return None
+
+
+def structure_text(d: Mapping[str, Any]) -> str:
+    """``describe_structure``'s dict in words, e.g. ``"BasicBlock stages of (3, 4, 6, 3) blocks"``."""
+    if d["family"] == "resnet":
+        return f"{d['block']} stages of {d['layers']} blocks"
+    if d["family"] == "vgg":
+        return f"{d['convs']} convolutions{' with BatchNorm' if d['batch_norm'] else ''}"
+    if d["family"] == "densenet":
+        return f"dense blocks of {d['block_config']} layers, growth rate {d['growth_rate']}"
+    return d["family"]
+
+
+def arch_hint(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> str | None:
+    """A hint naming the architecture a state dict has, when it is not ``model``'s (or always,
+    without a model): ``"the checkpoint has BasicBlock stages of (3, 4, 6, 3) blocks, as resnet34 has:
+    use --arch resnet34"``."""
+    found = describe_structure(state_dict)
+    if found is None or found["family"] == "inception":
+        return None
+    if model is not None and _same_depth(_model_structure(model), found):
+        return None
+    name = guess_arch(state_dict)
+    if name is not None:
+        extra = ""
+        if found.get("family") == "resnet" and found.get("width") not in (None, 64):
+            extra = f" (its stem has {found['width']} channels, not 64: build it with width={found['width']})"
+        return f"the checkpoint has {structure_text(found)}, as {name} has: use --arch {name}{extra}"
+    mine = f"; the model has {structure_text(_model_structure(model))}" if model is not None and _model_structure(model) else ""
+    return f"the checkpoint has {structure_text(found)}, which no registered architecture has with its defaults{mine}"
 
 
 def _family_of(model: nn.Module) -> str | None:
@@ -163,7 +276,11 @@ def from_torch_state_dict(
                 dest = ("params", *mod, "kernel")
                 tgt = template[dest].shape
                 if family == "vgg" and mod == ("classifier", "0") and arr.ndim in (2, 4) and len(tgt) == 2:
-                    arr = _vgg_first_dense_from_torch(arr, model, tgt[0])
+                    try:
+                        arr = _vgg_first_dense_from_torch(arr, model, tgt[0])
+                    except CheckpointMismatchError as e:
+                        hint = arch_hint(state_dict, model)
+                        raise CheckpointMismatchError(f"{e}" + (f"; hint: {hint}" if hint else "")) from None
                 elif arr.ndim == 4 and len(tgt) == 2:
                     # fully convolutional classifier (1x1 conv) onto a Dense layer
                     if arr.shape[2:] != (1, 1):
@@ -225,10 +342,15 @@ def _mismatch_message(model, family, state_dict, missing, unexpected, misshaped)
     guessed = guess_family(state_dict.keys())
     if guessed and family and guessed != family:
         lines.append(f"  hint: the checkpoint looks like a {guessed} model, not a {family} model")
+    hint = arch_hint(state_dict, model)
+    if hint:
+        lines.append(f"  hint: {hint}")
+    have = getattr(model, "num_classes", None)
     for head in ("fc.weight", "classifier.weight", "classifier.6.weight", "classifier.6.bias", "fc.bias"):
         if head in state_dict and any(m.startswith(head) for m in misshaped):
             n = np.asarray(state_dict[head]).shape[0]
-            lines.append(f"  hint: the checkpoint has {n} classes; build the model with num_classes={n}")
+            if n != have:  # (a head mis-shaped by another width is the architecture's hint above)
+                lines.append(f"  hint: the checkpoint has {n} classes; build the model with num_classes={n}")
             break
     return "\n".join(lines)
 
