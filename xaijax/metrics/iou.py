@@ -8,6 +8,16 @@ Two binarisations, both reported by the research (its ".43/.49" cells):
 For a pair (map, region), IoU = |B & R| / |B | R| (0 when both are empty). The dataset
 number is the mean over classes of the per-class mean IoU.
 
+``miou_positive`` is defined for *signed* maps only (:func:`positive_iou`). The research
+reports it for relevance maps whose sign means something (LRP, RAP, RSP: positive evidence for
+the class, negative against it); there the positive part is the evidence *for* the class. A map
+with no negative value (gradient magnitudes, CAMs after their ReLU, RISE, ...) is positive almost
+everywhere, so its "positive part" is about the whole image and the IoU equals the region's area
+fraction whatever the method does (0.0323 for 15 of 33 demo methods before this definition). Such
+a pair has no ``iou_positive`` (NaN), :func:`class_mean` leaves it out, and a method none of whose
+maps has a negative value gets NaN, shown as "n/a" in the tables; ``miou_mean`` is the number to
+compare across all methods. :data:`MIOU_LEGEND` is the tables' legend text for both columns.
+
 ImageNet-segmentation protocol (Guillaumin et al.'s 4,276 foreground masks, as used by RAP,
 RSP and the seed's objectness table): :func:`foreground_background_iou` thresholds a map
 (at its mean by default), takes the IoU of the predicted foreground with the ground-truth
@@ -34,6 +44,8 @@ from xaijax.imageops import minmax_normalize, safe_divide
 __all__ = [
     "binarize",
     "iou",
+    "positive_iou",
+    "MIOU_LEGEND",
     "class_mean",
     "threshold_maps",
     "foreground_background_iou",
@@ -48,6 +60,17 @@ CRF_UNAVAILABLE = (
     "for Python 3.11), and its fork pydensecrf2 is a source-only C++ build that xaijax does "
     "not depend on; evaluate with crf=False"
 )
+
+
+#: What the mIoU columns of the tables measure (their legend).
+MIOU_LEGEND: dict[str, str] = {
+    "miou_positive": "mIoU of the map's positive part (pixels > 0) with the class region, for signed maps only: "
+    "a pair whose map has no negative value is left out, and a method whose maps never have one is n/a (for such "
+    "maps the positive part is about the whole image and the IoU only measures the region's size); "
+    "mean IoU per class, mean over classes",
+    "miou_mean": "mIoU of the pixels above the map's own mean with the class region (every map); "
+    "mean IoU per class, mean over classes",
+}
 
 
 def binarize(maps: jax.Array, threshold: str = "mean") -> jax.Array:
@@ -73,10 +96,25 @@ def iou(masks: jax.Array, regions: jax.Array) -> jax.Array:
     return safe_divide(jnp.asarray(inter, float), union)
 
 
+def positive_iou(maps: jax.Array, regions: jax.Array) -> jax.Array:
+    """(N,) IoU of each map's positive part (> 0) with its region, NaN for a map with no
+    negative value (the positive part of a non-negative map is not a decision of the method;
+    see the module docstring)."""
+    maps = jnp.asarray(maps)
+    signed = jnp.any(binarize(-maps, "positive"), axis=(1, 2))
+    value = iou(binarize(maps, "positive"), regions)
+    return jnp.where(signed, value, jnp.nan)
+
+
 def class_mean(values: np.ndarray, classes: np.ndarray, num_classes: int) -> float:
-    """Mean over the classes that have pairs of the per-class mean of ``values``."""
+    """Mean over the classes that have pairs of the per-class mean of ``values``.
+
+    NaN values (pairs without a value, e.g. :func:`positive_iou` of a non-negative map) are
+    left out; NaN when no pair has a value."""
     values = np.asarray(values, np.float64)
     classes = np.asarray(classes, np.int64)
+    keep = ~np.isnan(values)
+    values, classes = values[keep], classes[keep]
     sums = np.bincount(classes, weights=values, minlength=num_classes)
     counts = np.bincount(classes, minlength=num_classes)
     present = counts > 0

@@ -89,11 +89,13 @@ class PointingGameMetric:
 
 @dataclasses.dataclass(frozen=True)
 class MeanIoUMetric:
-    """Class-mean IoU of binarised maps (positive part, and above the mean); see :mod:`xaijax.metrics.iou`."""
+    """Class-mean IoU of binarised maps (positive part — signed maps only, NaN otherwise — and
+    above the mean); see :mod:`xaijax.metrics.iou`."""
 
     def __call__(self, batch: PairBatch) -> dict[str, np.ndarray]:
         return {
-            f"iou_{t}": np.asarray(_iou.iou(_iou.binarize(batch.maps, t), batch.regions)) for t in ("positive", "mean")
+            "iou_positive": np.asarray(_iou.positive_iou(batch.maps, batch.regions)),
+            "iou_mean": np.asarray(_iou.iou(_iou.binarize(batch.maps, "mean"), batch.regions)),
         }
 
     def summarize(self, values, classes, dif, num_classes):
