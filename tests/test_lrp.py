@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_helpers import conv_matrix
 
 from xaijax import models
 from xaijax.methods import excitation, lrp, registry
-from xaijax.models import layers
-from xaijax.propagation import Excitation, Flipped, Gamma, Rule, composites, relevance, relevance_trace
+from xaijax.models import layers, taps
+from xaijax.propagation import AlphaBeta, Excitation, Flipped, Gamma, Pass, Rule, ZBox, ZPlus, composites, relevance, relevance_trace
 
 LRP_FAMILY = [
     "lrp-epsilon",
@@ -24,6 +25,7 @@ LRP_FAMILY = [
     "lrp-epsilon-gamma-box",
     "lrp-alpha1-beta0",
     "lrp-alpha2-beta1",
+    "lrp-zplus-nobias-samplebox",
     "clrp",
     "sglrp",
     "excitation-backprop",
@@ -404,3 +406,173 @@ def test_gamma_conserves_on_bias_free_residual_layers(x64):
             np.testing.assert_allclose(tin, tout, rtol=1e-9, atol=1e-12 * np.abs(tout).max(), err_msg=lr.name)
             checked += 1
     assert checked >= 8
+
+
+# ------------------------------------------ the RAP / RSP authors' LRP baseline (issue 25.2)
+
+
+class TwoLayer(nn.Module):
+    """x (N, 6, 6, 3) -> conv 3x3 pad 1 (4 ch, bias) -> ReLU -> max-pool 2 -> global average
+    -> dense (3, bias): the input layer, the classifier and the parameter-free rules."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.ReLU(name="relu")(layers.conv(4, 3, 1, 1, name="conv")(x))
+        h = layers.AdaptiveAvgPool2d(1, name="gap")(layers.MaxPool2d(2, name="pool")(h))
+        return layers.dense(3, name="fc")(layers.Flatten(name="flatten")(h))
+
+
+def _sdiv(a, b):
+    """The reference's safe_divide: a / b where b != 0, else 0."""
+    return np.where(b == 0, 0.0, a / np.where(b == 0, 1.0, b))
+
+
+def authors_lrp_numpy(x, k, b, W, c, target):
+    """``relprop(R = output * T, alpha=1)`` of wjNam/Relative_Attributing_Propagation
+    (modules/layers.py) on :class:`TwoLayer`, written out in float64 NumPy: Linear = z+ on
+    ``x+`` with ``W+`` and no bias, safe division; AdaptiveAvgPool2d / MaxPool2d = the z-rule
+    (``RelPropSimple``); ReLU passes; the 3-channel input convolution = z^B with the
+    image's own min/max as bounds and ``+ 1e-9`` in its denominator."""
+    n = x.shape[0]
+    M = conv_matrix(k, (6, 6), stride=1, pad=1)  # (108, 144)
+    xf = x.reshape(n, -1)
+    h = np.maximum(xf @ M + np.tile(b, 36), 0).reshape(n, 6, 6, 4)
+    p = h.reshape(n, 3, 2, 3, 2, 4).max((2, 4))
+    g = p.mean((1, 2))
+    z = g @ W + c
+    R = z * np.eye(3)[target]  # seed: the target logit
+    Wp = np.maximum(W, 0)
+    Rg = g * (_sdiv(R, g @ Wp) @ Wp.T)  # classifier: z+, bias ignored
+    Rp = p * (_sdiv(Rg, p.sum((1, 2))))[:, None, None, :]  # average pool: z-rule (x_i R / sum x)
+    Rh = np.zeros_like(h)
+    for i in range(n):
+        for a in range(3):
+            for bb in range(3):
+                for ch in range(4):
+                    win = h[i, 2 * a:2 * a + 2, 2 * bb:2 * bb + 2, ch]
+                    r, q = np.unravel_index(np.argmax(win), win.shape)  # first maximum (row-major)
+                    Rh[i, 2 * a + r, 2 * bb + q, ch] = win[r, q] * _sdiv(Rp[i, a, bb, ch], p[i, a, bb, ch])
+    lo, hi = xf.min(1, keepdims=True), xf.max(1, keepdims=True)
+    Mp, Mn = np.maximum(M, 0), np.minimum(M, 0)
+    ones = np.ones_like(xf)
+    Za = xf @ M - (lo * ones) @ Mp - (hi * ones) @ Mn + 1e-9
+    S = Rh.reshape(n, -1) / Za
+    return (xf * (S @ M.T) - lo * (S @ Mp.T) - hi * (S @ Mn.T)).reshape(x.shape)
+
+
+def test_authors_lrp_matches_a_numpy_transcription_of_their_code(x64):
+    model = TwoLayer()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 6, 6, 3))
+    k, b = rng.standard_normal((3, 3, 3, 4)) * 0.5, rng.normal(0, 0.3, 4)
+    W, c = rng.standard_normal((4, 3)), np.array([0.4, -0.3, 0.2])
+    v = {"params": {"conv": {"kernel": jnp.asarray(k), "bias": jnp.asarray(b)},
+                    "fc": {"kernel": jnp.asarray(W), "bias": jnp.asarray(c)}}}
+    target = np.array([0, 2, 1])
+    expected = authors_lrp_numpy(x, k, b, W, c, target)
+    assert np.abs(expected).max() > 0
+    oh = jnp.asarray(np.eye(3)[target])
+    r = relevance(model, v, jnp.asarray(x), lambda out: oh * out, composites.zplus_nobias_samplebox())
+    np.testing.assert_allclose(np.asarray(r), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    # the registered method is that composite, channels summed
+    m = registry.get("lrp-zplus-nobias-samplebox")
+    np.testing.assert_allclose(np.asarray(m(model, v, jnp.asarray(x), jnp.asarray(target))), expected.sum(-1),
+                               rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    # xaijax's own z+ counts b+ of the classifier: a different map on this biased network
+    other = relevance(model, v, jnp.asarray(x), lambda out: oh * out,
+                      composites.zplus_nobias_samplebox().replace(dense=ZPlus(0.0)))
+    assert not np.allclose(np.asarray(other), expected, rtol=1e-3)
+
+
+def _biased(model, shape, seed):
+    """Float64 random variables with random biases, BatchNorm statistics and affines."""
+    rng = np.random.default_rng(seed + 50)
+
+    def draw(path, a):
+        key = [getattr(p, "key", str(p)) for p in path]
+        if key[-1] in ("bias", "mean"):
+            return jnp.asarray(rng.normal(0.0, 0.3, a.shape))
+        if key[-1] in ("scale", "var"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, a.shape))
+        return jnp.asarray(np.asarray(a, np.float64))
+
+    return jax.tree_util.tree_map_with_path(draw, models.random_variables(model, shape, seed=seed))
+
+
+def _zplus_denominators(model, variables, x):
+    """``{layer: sum_i x+_i w+_ij}`` of every convolution / dense layer (bias ignored), from
+    the layer's own input and kernel, with lax directly (independently of the engine)."""
+    dens = {}
+
+    def on_call(name, module, call_next, args, kwargs):
+        out = call_next(*args, **kwargs)
+        if isinstance(module, (nn.Conv, nn.Dense)):
+            kp = jnp.maximum(module.variables["params"]["kernel"], 0)
+            xp = jnp.maximum(args[0], 0)
+            if isinstance(module, nn.Dense):
+                dens[name] = xp @ kp
+            else:
+                dens[name] = jax.lax.conv_general_dilated(
+                    xp, kp, module.strides, module.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                    precision=jax.lax.Precision.HIGHEST)
+        return out
+
+    with taps.intercept_calls(on_call):
+        model.apply(variables, x)
+    return dens
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [("vgg16", {"width": 1 / 16, "num_classes": 5, "hidden": 16, "pool_size": 1}),
+     ("resnet50", {"width": 4, "num_classes": 5, "layers": (1, 1, 1, 1)})],
+    ids=["vgg16", "resnet50"],
+)
+def test_authors_lrp_input_total_is_the_target_logit(x64, arch, kwargs):
+    """The identity of the authors' rules, in float64 on networks with random biases and
+    BatchNorm statistics. Every rule ignores biases: z+ passes on ``sum_j R_j [d_j != 0]``
+    (``d_j = sum_i x+_i w+_ij``: relevance reaching a unit with no positive contribution is
+    dropped, which happens where a bias or BatchNorm shift alone made the unit non-zero),
+    z^B (no stabilizer), BatchNorm/ReLU (pass) and the z-rule on pooling / residual sums
+    conserve. So layer by layer ``sum R_in = sum R_out - dropped``, and the input total is the
+    seed, the target logit (its bias included), less everything dropped."""
+    model = models.get(arch, **kwargs)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 32, 32, 3)))
+    v = _biased(model, x.shape, 2)
+    logits = model.apply(v, x)
+    target = jnp.array([0, 3, 4])
+    zt = np.asarray(logits[jnp.arange(3), target])
+    oh = jax.nn.one_hot(target, 5, dtype=x.dtype)
+    comp = composites.zplus_nobias_samplebox(input_stabilizer=0.0)
+    rx, trace = jax.jit(lambda vv, xx: relevance_trace(model, vv, xx, lambda o: oh * o, comp))(v, x)
+    dens = _zplus_denominators(model, v, x)
+    dropped_total = np.zeros(3)
+    for lr in trace.values():
+        tin, tout = (np.asarray(t) for t in lr.totals())
+        dropped = np.zeros(3)
+        if isinstance(lr.rule, AlphaBeta):  # z+ (the input layer is z^B)
+            out = np.asarray(lr.output)
+            dropped = np.where(np.asarray(dens[lr.name]) == 0, out, 0.0).reshape(3, -1).sum(1)
+        np.testing.assert_allclose(tin, tout - dropped, rtol=1e-10, atol=1e-12 * np.abs(zt).max(), err_msg=lr.name)
+        dropped_total += dropped
+    np.testing.assert_allclose(np.asarray(rx.sum((1, 2, 3))), zt - dropped_total, rtol=1e-10, atol=1e-12 * np.abs(zt).max())
+    assert np.abs(dropped_total).max() < 0.2 * np.abs(zt).max()  # a small part (the rest: the logit)
+    # the reference's 1e-9 on the input layer's (non-negative) denominators changes little
+    default = lrp.LRP(composites.zplus_nobias_samplebox())(model, v, x, target)
+    np.testing.assert_allclose(np.asarray(default.sum((1, 2))), zt - dropped_total, rtol=1e-6)
+    # xaijax's zplus-box counts b+ in its denominators: biases absorb relevance there
+    ours = lrp.LRP(composites.zplus_box(-3.0, 3.0))(model, v, x, target)
+    assert not np.allclose(np.asarray(ours.sum((1, 2))), zt - dropped_total, rtol=1e-3)
+
+
+def test_clrp_and_sglrp_take_the_reference_rule_sets(net):
+    model, v, x = net
+    assert registry.get("clrp", composite="zplus-nobias-samplebox").composite == composites.zplus_nobias_samplebox()
+    assert registry.get("sglrp", composite="zplus-nobias-samplebox").composite == composites.zplus_nobias_samplebox()
+    ref = registry.get("clrp", low=-2.1179, high=2.64, bias=False)
+    assert ref.composite == composites.zplus_box(-2.1179, 2.64, bias=False)
+    assert ref.composite.conv == ZPlus(bias=False) != ZPlus()
+    with pytest.raises(ValueError, match="either composite="):
+        registry.get("clrp", composite="zplus-box", bias=False)
+    m = jax.jit(registry.get("clrp", composite="zplus-nobias-samplebox"), static_argnums=0)
+    assert bool(jnp.all(jnp.isfinite(m(model, v, x, jnp.array([0, 2, 1])))))

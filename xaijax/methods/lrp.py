@@ -18,6 +18,11 @@ a composite (:mod:`xaijax.propagation.composites`) and summed over channels:
                                       epsilon on dense layers
 ``lrp-alpha1-beta0``                  alpha1-beta0 (z+) on every convolution/dense layer
 ``lrp-alpha2-beta1``                  alpha2-beta1 on every convolution/dense layer
+``lrp-zplus-nobias-samplebox``        the LRP baseline of the RAP / RSP authors' code: z+
+                                      with biases ignored on every convolution/dense layer,
+                                      z^B with each image's own min/max on the first,
+                                      BatchNorm passes relevance (not folded); the input
+                                      total is the target logit
 ====================================  ====================================================
 
 Hyperparameters: ``eps`` (1e-6), ``gamma`` (0.25), ``alpha``/``beta``, ``low``/``high`` (z^B
@@ -25,10 +30,17 @@ bounds; default: the ImageNet-normalised range of RGB values in [0, 1]) and ``co
 which replaces the whole rule set (a :class:`~xaijax.propagation.Composite` or a built-in
 composite name). Residual sums split relevance in proportion to their inputs, concatenations
 split by channel, max pooling is winner-take-all, average pooling proportional, and
-BatchNorm is folded into the preceding convolution (see the composites module).
+BatchNorm is folded into the preceding convolution (see the composites module; not in
+``lrp-zplus-nobias-samplebox``, whose rules follow its reference code).
 
-Contrastive LRP (:class:`CLRP`, Gu, Yang & Tresp, ACCV 2018). Two propagations with the
-deep-Taylor rule set of the reference code (z^B on the input layer, z+ elsewhere): one from
+Contrastive LRP (:class:`CLRP`, Gu, Yang & Tresp, ACCV 2018). Two propagations with a
+deep-Taylor rule set, by default :func:`~xaijax.propagation.composites.zplus_box` (z^B on the
+input layer with the per-channel ImageNet range as bounds, z+ elsewhere counting the positive
+bias in its denominators, as zennit does). That is *not* exactly the reference code's: the
+CLRP authors' z+ ignores biases and their z^B uses scalar bounds (-2.1179, 2.64); their rule
+set is ``composite=composites.zplus_box(-2.1179, 2.64, bias=False)`` (registry:
+``get("clrp", low=-2.1179, high=2.64, bias=False)``), and ``composite="zplus-nobias-samplebox"``
+gives the RAP / RSP authors' LRP (per-image bounds). One propagation runs from
 the target, ``R_t`` (output relevance ``|z_t|`` at the target), one from the *dual* concept,
 ``R_d``; the map is ``R_t - R_d * sum(R_t) / sum(R_d)`` per sample, i.e. the dual is scaled
 to the target's total before it is subtracted (the reference normalises both to unit sum and
@@ -44,26 +56,8 @@ The positive part is what the references display; xaijax returns the signed map.
 SGLRP (Iwana, Kuroki & Uchida, ICCVW 2019). Seeds from the softmax gradient: target
 ``y_t (1 - y_t)`` (plus 1e-8), others ``y_t y_i``; map ``R_target - R_others * sum(R_target)
 / sum(R_others)`` (``scaling=True``, as in the authors' code; ``scaling=False`` gives LRP of
-the signed softmax gradient itself). Rule set as for CLRP.
-
-Contrastive LRP (:class:`CLRP`, Gu, Yang & Tresp, ACCV 2018). Two propagations with the
-deep-Taylor rule set of the reference code (z^B on the input layer, z+ elsewhere): one from
-the target, ``R_t`` (output relevance ``|z_t|`` at the target), one from the *dual* concept,
-``R_d``; the map is ``R_t - R_d * sum(R_t) / sum(R_d)`` per sample, i.e. the dual is scaled
-to the target's total before it is subtracted (the reference normalises both to unit sum and
-subtracts, which is the same map divided by ``sum(R_t)``). The dual (``dual=``):
-
-* ``"uniform"`` (default): all other classes with equal weight (CLRP1 as in the SGLRP
-  authors' implementation);
-* ``"logits"``: all other classes weighted by ``|z_i|`` (the CLRP authors' code);
-* ``"negated"``: the target with negated classifier weights (CLRP2).
-
-The positive part is what the references display; xaijax returns the signed map.
-
-SGLRP (Iwana, Kuroki & Uchida, ICCVW 2019). Seeds from the softmax gradient: target
-``y_t (1 - y_t)`` (plus 1e-8), others ``y_t y_i``; map ``R_target - R_others * sum(R_target)
-/ sum(R_others)`` (``scaling=True``, as in the authors' code; ``scaling=False`` gives LRP of
-the signed softmax gradient itself). Rule set as for CLRP.
+the signed softmax gradient itself). Rule set as for CLRP (the same ``composite`` and
+``low``/``high``/``bias`` options).
 
 Both are the :func:`~xaijax.methods.combinators.contrast` combinator over seed-propagating
 LRP (``LRP(composite, output="seed")``): CLRP with ``weights="abs-logit"`` and
@@ -147,7 +141,8 @@ class CLRP(Method):
     """Contrastive LRP (see the module docstring).
 
     Attributes:
-      composite: rule set (default: z^B on the input layer, z+ elsewhere).
+      composite: rule set (default ``"zplus-box"``: z^B on the input layer, z+ with ``b+``
+        elsewhere; see the module docstring for the reference codes' variants).
       dual: ``"uniform"``, ``"logits"`` or ``"negated"``.
       reduce: channel reduction.
     """
@@ -182,7 +177,7 @@ class SGLRP(Method):
     """Softmax-gradient LRP (see the module docstring).
 
     Attributes:
-      composite: rule set (default: z^B on the input layer, z+ elsewhere).
+      composite: rule set (default ``"zplus-box"``, as for :class:`CLRP`).
       scaling: scale the others' relevance to the target's total before subtracting.
       reduce: channel reduction.
     """
@@ -246,16 +241,32 @@ register(
     _lrp_factory(lambda alpha=2.0, beta=1.0: C.alpha_beta(alpha, beta)),
     "LRP-alpha2-beta1 on every layer",
 )
+register(
+    "lrp-zplus-nobias-samplebox",
+    _lrp_factory(lambda input_stabilizer=1e-9: C.zplus_nobias_samplebox(input_stabilizer)),
+    "LRP baseline of the RAP/RSP authors' code: z+ ignoring biases, z^B with per-image bounds, BatchNorm passes",
+)
 
 
-def _clrp(composite: Composite | str | None = None, dual: str = "uniform", reduce: str = "sum", low=None, high=None) -> CLRP:
-    comp = C.resolve(composite) if composite is not None else C.zplus_box(low, high)
-    return CLRP(comp, dual, reduce)
+def _contrast_composite(composite: Composite | str | None, low, high, bias: bool) -> Composite:
+    """The rule set of CLRP/SGLRP: ``composite`` (e.g. ``"zplus-nobias-samplebox"``, the RAP /
+    RSP authors' LRP), else ``zplus_box(low, high, bias)`` (``bias=False``, ``low=-2.1179``,
+    ``high=2.64``: the CLRP authors' rules)."""
+    if composite is not None:
+        if (low, high, bias) != (None, None, True):
+            raise TypeError("pass either composite= or low=/high=/bias= (options of the default zplus-box), not both")
+        return C.resolve(composite)
+    return C.zplus_box(low, high, bias)
 
 
-def _sglrp(composite: Composite | str | None = None, scaling: bool = True, reduce: str = "sum", low=None, high=None) -> SGLRP:
-    comp = C.resolve(composite) if composite is not None else C.zplus_box(low, high)
-    return SGLRP(comp, scaling, reduce)
+def _clrp(composite: Composite | str | None = None, dual: str = "uniform", reduce: str = "sum", low=None, high=None,
+          bias: bool = True) -> CLRP:
+    return CLRP(_contrast_composite(composite, low, high, bias), dual, reduce)
+
+
+def _sglrp(composite: Composite | str | None = None, scaling: bool = True, reduce: str = "sum", low=None, high=None,
+           bias: bool = True) -> SGLRP:
+    return SGLRP(_contrast_composite(composite, low, high, bias), scaling, reduce)
 
 
 register("clrp", _clrp, "contrastive LRP: target minus scaled dual relevance (Gu et al. 2018)")

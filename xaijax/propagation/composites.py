@@ -72,6 +72,7 @@ __all__ = [
     "epsilon_gamma_box",
     "alpha_beta",
     "zplus_box",
+    "zplus_nobias_samplebox",
     "excitation",
     "contrastive_excitation",
     "rsp",
@@ -235,12 +236,69 @@ def alpha_beta(alpha: float = 1.0, beta: float = 0.0) -> Composite:
     return Composite(rule, rule)
 
 
-def zplus_box(low: float | tuple[float, ...] | None = None, high: float | tuple[float, ...] | None = None) -> Composite:
+def zplus_box(
+    low: float | tuple[float, ...] | None = None,
+    high: float | tuple[float, ...] | None = None,
+    bias: bool = True,
+) -> Composite:
     """z^B on the first layer and z+ everywhere else (deep Taylor decomposition, bounded).
 
-    The rule set of the CLRP and SGLRP reference implementations.
+    Bounds default to the ImageNet-normalised range of RGB values in [0, 1], per channel.
+    z+ counts the positive bias in its denominators (as zennit's ``ZPlus``); ``bias=False``
+    ignores biases. The CLRP authors' code (``JindongGu/Contrastive-LRP``, ``clrp_lib.py``)
+    is ``zplus_box(-2.1179, 2.64, bias=False)``: z+ without biases, z^B with the scalar
+    bounds of the normalised ImageNet range over all channels, 1e-9 added to every
+    denominator (the stabilizer here; the denominators are non-negative, so it is the same).
     """
-    return Composite(ZPlus(), ZPlus(), first=ZBox(low, high))
+    return Composite(ZPlus(bias=bias), ZPlus(bias=bias), first=ZBox(low, high))
+
+
+def zplus_nobias_samplebox(input_stabilizer: float = 1e-9) -> Composite:
+    """The LRP baseline of the RAP / RSP authors' code (``wjNam/Relative_Attributing_Propagation``,
+    ``modules/layers.py``, the ``relprop`` methods with ``alpha=1``; seed: the target logit).
+
+    * first convolution/dense layer: :class:`~xaijax.propagation.rules.PerSampleZBox`, z^B
+      with each image's own minimum and maximum as bounds; the reference adds 1e-9 to its
+      (non-negative) denominators (``input_stabilizer``);
+    * every other convolution and dense layer, the classifier included: z+ with the bias
+      *ignored* and an exact-zero-safe division (``a / b`` where ``b != 0``, else 0; no
+      stabilizer): ``AlphaBeta(1, 0, stabilizer=0, bias=False)``;
+    * BatchNorm: relevance passes unchanged and is not folded into the convolution
+      (``canonize=False``: each convolution's rule sees its own weights);
+    * max/average pooling, residual sums, concatenations: the z-rule with the same
+      zero-safe division (the reference's ``RelPropSimple``); ReLU and dropout pass; flatten
+      and identity: :class:`~xaijax.propagation.rules.Vjp`.
+
+    With biases ignored every rule conserves relevance wherever its denominator is non-zero,
+    so the input total is the target logit (up to the input layer's 1e-9).
+
+    Where xaijax differs from that code (documented, not bugs): its BatchNorm multiplies the
+    relevance by ``x a / (x a + 1e-9)`` (``x`` its input, ``a = weight / sqrt(running_var**2 +
+    eps)`` as written there), i.e. passes it up to a relative 1e-9 / |x a|, and zero where
+    its input is exactly zero; its z+ normalises the
+    ``x+ W+`` and ``x- W-`` paths separately, which differs from the joint denominator here
+    only for layers with inputs of both signs (none in its networks: every hidden layer reads
+    ReLU outputs). Compare :func:`zplus_box` (xaijax's and zennit's z+, fixed bounds).
+    """
+    zero = Epsilon(0.0)
+    zplus = AlphaBeta(1.0, 0.0, 0.0, bias=False)
+    return Composite(
+        conv=zplus,
+        dense=zplus,
+        first=PerSampleZBox(input_stabilizer),
+        kinds={
+            "batchnorm": Pass(),
+            "relu": Pass(),
+            "dropout": Pass(),
+            "maxpool": zero,
+            "avgpool": zero,
+            "add": zero,
+            "concat": zero,
+            "reshape": Vjp(),
+            "identity": Vjp(),
+        },
+        canonize=False,
+    )
 
 
 def excitation(stabilizer: float = 1e-20) -> Composite:
@@ -301,6 +359,7 @@ _NAMED: dict[str, Callable[..., Composite]] = {
     "alpha1-beta0": lambda: alpha_beta(1.0, 0.0),
     "alpha2-beta1": lambda: alpha_beta(2.0, 1.0),
     "zplus-box": zplus_box,
+    "zplus-nobias-samplebox": zplus_nobias_samplebox,
     "excitation": excitation,
     "contrastive-excitation": contrastive_excitation,
     "rsp": rsp,

@@ -37,7 +37,8 @@ Rules:
                           contributions, each normalised on its own (Bach et al. 2015). Inputs of
                           either sign: positive contributions are ``x+ W+`` and ``x- W-`` (plus
                           ``b+``), negative ones ``x+ W-`` and ``x- W+`` (plus ``b-``), as in
-                          zennit. ``ZPlus()`` is ``AlphaBeta(1, 0)``.
+                          zennit. ``ZPlus()`` is ``AlphaBeta(1, 0)``; ``bias=False`` ignores
+                          the bias (the z+ of the CLRP / RAP / RSP authors' code).
 :class:`ZBox`             z^B for the input layer with bounds ``low <= x <= high``: contributions
                           ``x_i w_ij - l_i w+_ij - h_i w-_ij`` (biases cancel).
 :class:`PerSampleZBox`    z^B with each sample's own ``min(x)``/``max(x)`` as bounds (the RAP /
@@ -389,12 +390,18 @@ class AlphaBeta(Rule):
 
     Positive contributions ``x+ W+ + x- W-`` (denominator also gets ``b+``), negative
     contributions ``x+ W- + x- W+`` (denominator gets ``b-``). Conserving when
-    ``alpha - beta = 1`` and both parts are non-zero. ``AlphaBeta(1, 0)`` is z+.
+    ``alpha - beta = 1`` and both parts are non-zero (and, with a bias, up to its share).
+    ``AlphaBeta(1, 0)`` is z+.
+
+    ``bias=False`` ignores the layer's bias (zennit's ``zero_params=["bias"]``): the
+    denominators are the contributions alone, so ``alpha - beta = 1`` conserves exactly
+    wherever they are non-zero — the z+ of the CLRP and RAP/RSP authors' reference code.
     """
 
     alpha: float = 1.0
     beta: float = 0.0
     stabilizer: float = 1e-9
+    bias: bool = True
 
     needs_weights: ClassVar[bool] = True
 
@@ -402,10 +409,14 @@ class AlphaBeta(Rule):
         _check_number("AlphaBeta alpha", self.alpha)
         _check_number("AlphaBeta beta", self.beta)
         _check_number("AlphaBeta stabilizer", self.stabilizer)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"AlphaBeta bias must be True (use the layer's bias) or False (ignore it), got {self.bias!r}")
 
     def backward(self, layer, xs, out, R):
         x = _single(xs, self, layer)
         op, k, b = layer.linear(self)
+        if not self.bias:
+            b = None
         kp, kn = jnp.maximum(k, 0), jnp.minimum(k, 0)
         bp = None if b is None else jnp.maximum(b, 0)
         bn = None if b is None else jnp.minimum(b, 0)
@@ -434,9 +445,13 @@ class AlphaBeta(Rule):
         return (xp * tp(s) + xn * tn(s),)
 
 
-def ZPlus(stabilizer: float = 1e-9) -> AlphaBeta:
-    """The z+ rule: ``AlphaBeta(alpha=1, beta=0)``."""
-    return AlphaBeta(1.0, 0.0, stabilizer)
+def ZPlus(stabilizer: float = 1e-9, bias: bool = True) -> AlphaBeta:
+    """The z+ rule: ``AlphaBeta(alpha=1, beta=0)``; ``bias=False`` ignores the layer's bias.
+
+    ``R_i = sum_j (x+_i w+_ij + x-_i w-_ij) R_j / (sum_i' (x+_i' w+_i'j + x-_i' w-_i'j) + b+_j)``
+    (``b+_j`` only with ``bias=True``, as zennit's ``ZPlus``).
+    """
+    return AlphaBeta(1.0, 0.0, stabilizer, bias)
 
 
 def _bounds(value: float | tuple[float, ...] | None, default: tuple[float, ...], x: Array, which: str, layer: LayerView) -> Array:
