@@ -147,7 +147,11 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         from xaijax import methods
 
         for n in names:
-            methods.get(n)  # readable error for unknown names before any work
+            m = methods.get(n)  # readable error for unknown names before any work
+            if not m.explains_classifier:  # (bilrp, d-rise: the demo's tables have no row for them)
+                how = NOT_FOR_EXPLAIN.get(m.kind, f"is of kind {m.kind!r}").format(name=n).split(", so ")[0]
+                raise UserError(f"--methods {n}: {how}; the demo scores one classifier attribution per (image, class) pair, "
+                                f"so it runs only methods of kind {' or '.join(methods.CLASSIFIER_KINDS)}")
     hp = demo.QUICK_HPARAMS if args.quick else demo.DEMO_HPARAMS
     mm_pairs = args.model_metric_pairs
     if mm_pairs is None:
