@@ -193,12 +193,19 @@ def run_demo(
         raise ValueError(f"unknown bundled model {unknown[0]!r}; choose from {', '.join(stems)}")
     paths = [checkpoints.bundled_weights(f"{m}.safetensors", weights) for m in chosen]
     hparams = DEMO_HPARAMS if hparams is None else hparams
+    candidates = list(method_names) if method_names else methods_registry.names()
+    kinds = {n: methods_registry.kind(n) for n in candidates}  # declared by each method
+    if method_names:  # asked for by name: a method the demo cannot score is refused before anything is written
+        bad = [n for n in candidates if kinds[n] not in CLASSIFIER_KINDS]
+        if bad:
+            raise ValueError(
+                f"--methods {bad[0]}: kind {kinds[bad[0]]!r}, not a classifier attribution; the demo scores one map per "
+                f"(image, class) pair and runs only methods of kind {' or '.join(CLASSIFIER_KINDS)}"
+            )
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output directory {out} is not writable")
 
-    candidates = list(method_names) if method_names else methods_registry.names()
-    kinds = {n: methods_registry.kind(n) for n in candidates}  # declared by each method
     names = [n for n in candidates if kinds[n] in CLASSIFIER_KINDS]
     skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k not in CLASSIFIER_KINDS}
     first = ["pointing-game", "miou", "energy-pointing"]  # the research's headline numbers lead the table
