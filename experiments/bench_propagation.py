@@ -266,9 +266,11 @@ def main() -> None:
         return
 
     results = []
-    for arch in archs:
-        for batch in batches:
-            results.append(bench(arch, batch, size, repeats, names))
+    configs = [(arch, batch) for arch in archs for batch in batches]
+    for k, (arch, batch) in enumerate(configs):
+        results.append(bench(arch, batch, size, repeats, names))
+        if k < len(configs) - 1:  # partial results while more configurations run; the full table once, below
+            print(f"({k + 1} of {len(configs)} configurations)", flush=True)
             print(markdown(results[-1:], names), flush=True)
     table = markdown(results, names)
     baseline = None

@@ -241,7 +241,8 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         name = f"{Path(path).stem}.{args.method.replace(':', '_')}"
         out.mkdir(parents=True, exist_ok=True)
         atomic_npy(out / f"{name}.npy", m)
-        viz.save_png(out / f"{name}.png", viz.overlay(img, m))
+        viz.save_explanation(out / f"{name}.png", img, m, method=args.method, model=f"{info['arch']} ({Path(args.weights).name})",
+                             target=target, class_name=class_name, score=prob, score_name=activation, logit=float(logits[target]))
         print(f"{path}: {class_name} (class {target}, logit {logits[target]:.3f}, {activation} {prob:.3f}) -> {out}/{name}.png")
 
 

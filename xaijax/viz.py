@@ -125,7 +125,7 @@ class MapScale:
     Attributes:
       signed: some map has a negative value: diverging :data:`SIGNED_CMAP` centred at zero,
         ``vmin == -vmax``; otherwise sequential :data:`UNSIGNED_CMAP` over ``[vmin, vmax]``.
-      vmin, vmax: the colour limits (``vmin`` is 0 for a non-negative scale).
+      vmin, vmax: the colour limits.
       cmap: the colour map's name.
       clipped_low, clipped_high: some value lies beyond ``vmin`` / ``vmax`` (shown in the end colour).
     """
@@ -143,8 +143,9 @@ class MapScale:
     ) -> "MapScale":
         """The scale of ``maps`` (``None`` entries, e.g. cells where a method is undefined, and
         non-finite values are ignored): signed if any value is negative (or as ``signed`` says);
-        limits at the ``percentile`` of the values' magnitudes (signed, symmetric) or from the
-        smallest value to the ``percentile`` of the values (non-negative)."""
+        limits at the ``percentile`` of the values' magnitudes, ``[-p, p]`` (signed), or from the
+        ``100 - percentile`` to the ``percentile`` of the values (non-negative: a map with an
+        offset, such as RISE's mean probability, uses the whole colour range)."""
         parts = [np.asarray(m, np.float64).ravel() for m in maps if m is not None]
         v = np.concatenate(parts) if parts else np.zeros(1)
         v = v[np.isfinite(v)]
@@ -156,8 +157,12 @@ class MapScale:
             a = np.abs(v)
             lim = float(np.percentile(a, percentile)) or float(a.max()) or 1.0
             return cls(True, -lim, lim, SIGNED_CMAP, bool(v.min() < -lim), bool(v.max() > lim))
-        hi = float(np.percentile(v, percentile)) or float(v.max()) or 1.0
-        return cls(False, 0.0, hi, UNSIGNED_CMAP, False, bool(v.max() > hi))
+        lo, hi = float(np.percentile(v, 100.0 - percentile)), float(np.percentile(v, percentile))
+        if hi <= lo:
+            lo, hi = float(v.min()), float(v.max())
+        if hi <= lo:
+            hi = lo + 1.0
+        return cls(False, lo, hi, UNSIGNED_CMAP, bool(v.min() < lo), bool(v.max() > hi))
 
     def norm(self):
         """A matplotlib ``Normalize`` with the scale's limits."""
@@ -183,8 +188,8 @@ class MapScale:
         return colormaps[self.cmap](self.unit(m))[..., :3]
 
     def alpha(self, m: np.ndarray, opacity: float = 0.85) -> np.ndarray:
-        """Per-pixel opacity of the map over its image, ``opacity * strength``: values near
-        zero let the image through."""
+        """Per-pixel opacity of the map over its image, ``opacity * strength``: values near zero
+        (signed) or near ``vmin`` (non-negative) let the image through."""
         return opacity * self.strength(m)
 
     @property
@@ -377,11 +382,14 @@ def explain_figure(
     class_name: str | None = None,
     score: float | None = None,
     score_name: str = "logit",
+    logit: float | None = None,
     percentile: float = ROBUST_PERCENTILE,
 ):
     """The ``xaijax explain`` figure: the image, then the map over it on its :class:`MapScale`
     with a colour bar; the title names the method, the model, the explained class (index and
-    name where known) and the model's score for it."""
+    name where known) and the model's score for it (``score_name`` ``score``, e.g. "softmax
+    0.912", and the ``logit`` where given). The title is also ``fig.title_text``, the colour
+    bar ``fig.colorbars[0]``."""
     from matplotlib.figure import Figure
 
     image = _rgb(image)
@@ -390,7 +398,8 @@ def explain_figure(
     cls = "" if target is None else f"class {target}"
     if class_name and class_name != f"class {target}":
         cls = f"{cls} '{class_name}'" if cls else f"'{class_name}'"
-    line2 = ", ".join(p for p in (cls, None if score is None else f"{score_name} {score:.3f}") if p)
+    scores = [f"{score_name} {score:.3f}" if score is not None else None, f"logit {logit:.3f}" if logit is not None else None]
+    line2 = ", ".join(p for p in (cls, *scores) if p)
     title = f"{method} on {model}" + (f"\n{line2}" if line2 else "")
     fig = Figure(figsize=(5.6, 3.05))
     fig.suptitle(title, fontsize=9, y=0.985, va="top")
@@ -402,7 +411,7 @@ def explain_figure(
     draw_map(a1, image, m, scale)
     a1.set_title("map over the input" + (" (signed)" if scale.signed else ""), fontsize=7, pad=2)
     cax = fig.add_axes((0.87, 0.08, 0.025, 0.64))
-    add_colorbar(fig, cax, scale, fontsize=6)
+    fig.colorbars = [add_colorbar(fig, cax, scale, fontsize=6)]
     fig.title_text = title
     return fig
 

@@ -3,7 +3,10 @@
 ``run_experiment(EvalConfig(...))`` evaluates each method on a dataset, one results store per
 method (:mod:`xaijax.evaluation.store`), maps computed with the method jitted once and
 sharded over the local devices (:mod:`xaijax.evaluation.parallel`), and writes
-``results.{md,csv,json}`` (one row per method) atomically at the end.
+``results.{md,csv,json}`` atomically at the end: one row per method of *every* results store
+in the output folder with this configuration (earlier runs with other ``--methods`` included),
+over this run's image selection, with the run(s) that computed each row (each stored image
+row records its run's start time), and a legend of the columns.
 
 Experiments
 -----------
@@ -49,6 +52,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,7 +66,7 @@ from xaijax import methods as methods_registry
 from xaijax.atomic import atomic_bytes, atomic_text
 from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
-from xaijax.evaluation.store import ResultsStore, StoreMismatchError
+from xaijax.evaluation.store import ResultsStore, StoreMismatchError, latest_rows, read_store
 from xaijax.evaluation.tables import write_tables
 from xaijax.methods import CLASSIFIER_KINDS
 from xaijax.models import preprocess
@@ -277,6 +282,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     ctx = _Context(model_size(cfg), model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh)
     rows = []
     extras: dict[str, Any] = {}
+    run_id = time.strftime("%Y-%m-%d %H:%M:%S")  # stored with each image's row: the tables say which run made a row
+    runs: list[list[str]] = []
     for name in cfg.methods:
         hp = cfg.hparams.get(name, {})
         store = ResultsStore(
@@ -293,20 +300,30 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         try:
             for s in range(0, len(todo), cfg.batch):
                 chunk = todo[s : s + cfg.batch]
-                store.append(_evaluate_chunk(ds, chunk, explain, method, ctx, name))
+                store.append({**r, "run": run_id} for r in _evaluate_chunk(ds, chunk, explain, method, ctx, name))
                 bar.update(len(chunk))
         finally:
             bar.close()
-        row, extra = _summarize(name, hp, store, set(indices), pair_metrics, model_metrics, num_classes)
+        stored = list(store.rows())
         store.close()
+        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, model_metrics, num_classes)
         rows.append(row)
         extras[name] = extra
+        runs.append(_runs_of(stored, set(indices)))
+    # the table covers every method the folder's stores hold for this configuration, not only this run's
+    others, notes = _other_stores(out, cfg.experiment, base_config, cfg.methods)
+    for name, hp, stored in others:
+        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, model_metrics, num_classes)
+        rows.append(row)
+        extras[name] = extra
+        runs.append(_runs_of(stored, set(indices)))
     result = {
         "experiment": cfg.experiment,
         "dataset": {"name": cfg.dataset, "split": base_config["split"], "size": model_size(cfg), "images": len(indices)},
         "model": {"arch": base_config["arch"], "weights": str(wpath), "weights_sha256": base_config["weights_sha256"]},
         "seeds": seeds,
         "rows": rows,
+        "runs": {"this_run": run_id, "rows": {r["method"]: ran for r, ran in zip(rows, runs)}},
         "curves": {n: e for n, e in extras.items() if e},
     }
     header = [
@@ -315,9 +332,56 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         f"Model {base_config['arch']} (`{wpath.name}`, sha256 {base_config['weights_sha256'][:12]}), preprocessing "
         f"{convention}; {len(indices)} images; seeds {seeds}; metrics {', '.join(base_config['metrics']) or 'cascading randomisation'}.",
     ]
-    footer = _figures(out, cfg.experiment, result["curves"])
-    write_tables(out, result["rows"], header, result, footer)
+    footer = _coverage_notes(rows, len(indices), cfg.methods, notes) + _figures(out, cfg.experiment, result["curves"])
+    run_cells = [", ".join(f"{r} (this run)" if r == run_id else r for r in ran) for ran in runs]
+    write_tables(out, result["rows"], header, result, footer, extra_columns={"run": run_cells})
     return result
+
+
+def _runs_of(stored: list[dict[str, Any]], indices: set[int]) -> list[str]:
+    """The runs (start times) that computed the stored rows of ``indices``, oldest first."""
+    return sorted({str(r.get("run", "earlier run (not recorded)")) for r in stored if r["index"] in indices})
+
+
+def _other_stores(out: Path, experiment: str, base_config: dict[str, Any], methods: tuple[str, ...]):
+    """The folder's other results stores of ``experiment`` with this run's configuration (apart
+    from the method and its settings): ``([(method, hparams, rows)], notes on stores left out)``."""
+    mine = {f"{experiment}-{m.replace(':', '_')}.jsonl" for m in methods}
+    base = json.loads(json.dumps(base_config, sort_keys=True))
+    found, notes = [], []
+    for path in sorted(out.glob(f"{experiment}-*.jsonl")):
+        if path.name in mine:
+            continue
+        try:
+            config, stored = read_store(path)
+        except StoreMismatchError as e:
+            notes.append(f"- `{path.name}`: not read ({e})")
+            continue
+        rest = {k: v for k, v in config.items() if k not in ("method", "hparams", "pointing_smooth")}
+        if rest != base or "method" not in config:
+            diff = sorted(k for k in set(rest) | set(base) if rest.get(k) != base.get(k))
+            notes.append(f"- `{path.name}`: another configuration (differs in {', '.join(diff)})")
+            continue
+        found.append((config["method"], config.get("hparams") or {}, latest_rows(stored)))
+    return found, notes
+
+
+def _coverage_notes(rows: list[dict[str, Any]], selected: int, methods: tuple[str, ...], notes: list[str]) -> list[str]:
+    """Markdown lines under the table: rows from earlier runs, rows with fewer images than this
+    run selected, and stores of the folder that the table leaves out."""
+    lines: list[str] = []
+    earlier = [r["method"] for r in rows if r["method"] not in methods]
+    if earlier:
+        lines += ["", f"Rows of methods this run did not evaluate ({', '.join(f'`{m}`' for m in earlier)}) come from "
+                  "the folder's results stores of the same configuration, over this run's image selection "
+                  "(the `run` column says which run computed them)."]
+    short = [r["method"] for r in rows if r.get("images", 0) + r.get("skipped_images", 0) < selected]
+    if short:
+        lines += ["", f"Rows with fewer than the {selected} selected images: {', '.join(f'`{m}`' for m in short)} "
+                  "(run `xaijax eval` again with these --methods to evaluate the rest)."]
+    if notes:
+        lines += ["", "Results stores in this folder left out of the table:", *notes]
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,8 +578,8 @@ def _py(v: Any) -> Any:
     return bool(v) if v.dtype == bool else float(v)
 
 
-def _summarize(name, hp, store: ResultsStore, indices: set[int], pair_metrics, model_metrics, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    stored = [r for r in store.rows() if r["index"] in indices]  # this run's images only
+def _summarize(name, hp, rows, indices: set[int], pair_metrics, model_metrics, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    stored = [r for r in rows if r["index"] in indices]  # this run's images only
     pairs = [p for r in stored for p in r.get("pairs", [])]
     row: dict[str, Any] = {
         "method": name,

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["ResultsStore", "StoreMismatchError", "merge_shards", "read_store"]
+__all__ = ["ResultsStore", "StoreMismatchError", "merge_shards", "read_store", "latest_rows"]
 
 _MAGIC = "xaijax_results_store"
 _VERSION = 1
@@ -194,6 +194,17 @@ def read_store(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for a file that is not a results store or is damaged elsewhere."""
     config, rows, _ = _parse(Path(path).read_bytes(), path)
     return config, rows
+
+
+def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per index, in index order, as :class:`ResultsStore` counts them (an evaluated row
+    wins over a ``skipped`` one, otherwise the first wins): for rows read with :func:`read_store`."""
+    kept: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        idx = int(row["index"])
+        if _supersedes(row, kept.get(idx)):
+            kept[idx] = row
+    return [kept[i] for i in sorted(kept)]
 
 
 def merge_shards(sources: Iterable[str | Path], out: str | Path) -> dict[str, int]:

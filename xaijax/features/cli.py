@@ -14,6 +14,8 @@ With ``--invert IMAGE`` the representation of the image at ``--layer`` is invert
 
 Writes to DIR: ``<tag>.png`` (a grid with one tile per unit, each de-normalised and
 contrast-stretched to its 1st..99th percentile; for inversion the original image first),
+``<tag>_labelled.png`` (the same tiles, each labelled with the unit, channel or class it
+shows and its final activation, under a title naming the model, layer and settings),
 ``<tag>.npy`` (the raw pre-images, (K, H, W, 3) float32 in the model's normalised input
 space), ``<tag>.json`` (units, final activations / errors, settings). Bad input raises
 ``ValueError`` with a one-line message; ``xaijax.cli.main`` prints it and exits with 2.
@@ -164,6 +166,9 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         images = np.asarray(res.images)
         tiles = [img, *[stretch(np.asarray(denormalize(t, convention))) for t in images]]
         tag = f"invert_{Path(args.invert).stem}_{layer_tag}"
+        labels = ["original", f"inverted at {layer or 'output'}\nerror {float(res.objective[0]):.3g}"]
+        title = f"{info['arch']}: inversion of {Path(args.invert).name} at {layer or 'the model output'}" + (
+            f" (channels {args.units})" if units is not None else "")
         record: dict[str, Any] = {"image": str(args.invert), "channels": units, "normalized_error": float(res.objective[0])}
         summary = f"normalised error ||phi-phi0||^2/||phi0||^2 = {float(res.objective[0]):.4f}"
     else:
@@ -195,6 +200,10 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         tiles = [stretch(np.asarray(denormalize(t, convention))) for t in images]
         tag = f"{layer_tag}_{args.kind if layer is not None else 'class'}"
         names = _class_names(info, shape[-1]) if layer is None else None
+        value = "logit" if layer is None else "activation"
+        labels = [f"{_unit_label(u, layer, args.kind, position, names)}\n{value} {v:.3g}" for u, v in zip(units, obj)]
+        title = (f"{info['arch']} {layer or 'output'}: {k} {'classes' if layer is None else args.kind + 's'}, "
+                 f"natural pre-images ({args.steps} steps, {size} px)")
         record = {
             "units": units,
             "position": position,
@@ -204,14 +213,26 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         }
         summary = f"final activations {', '.join(f'{v:.3g}' for v in obj[:8])}{' ...' if k > 8 else ''}"
     grid = tile_grid(np.stack(tiles))
-    viz.save_png(out / f"{tag}.png", grid)
+    viz.save_png(out / f"{tag}.png", grid)  # the tiles alone, pixel for pixel
+    viz.save_figure(out / f"{tag}_labelled.png", viz.labelled_grid_figure(tiles, labels, title=title))
+    record["labels"] = [lab.replace("\n", " ") for lab in labels]
     atomic_npy(out / f"{tag}.npy", images.astype(np.float32))
     record.update(
         arch=info["arch"], weights=str(args.weights), layer=layer, kind=args.kind, size=size, preprocess=convention,
         seed=args.seed, config={k: v for k, v in cfg.__dict__.items()}, seconds=round(time.perf_counter() - t0, 2),
     )
     atomic_text(out / f"{tag}.json", json.dumps(record, indent=1) + "\n")
-    print(f"{summary}\nwrote {out / (tag + '.png')}, {tag}.npy, {tag}.json ({time.perf_counter() - t0:.1f} s)")
+    print(f"{summary}\nwrote {out / (tag + '_labelled.png')} (each tile labelled), {tag}.png (tiles only), {tag}.npy, "
+          f"{tag}.json ({time.perf_counter() - t0:.1f} s)")
+
+
+def _unit_label(u: int, layer: str | None, kind: str, position: tuple[int, int] | None, names: list[str] | None) -> str:
+    """What a tile shows: ``class 3 (disc)``, ``channel 7`` or ``unit 7 at (3, 4)``."""
+    if layer is None:
+        return f"class {u}" + (f" ({names[u]})" if names else "")
+    if kind == "unit":
+        return f"unit {u}" + (f" at {position}" if position is not None else " (centre)")
+    return f"channel {u}"
 
 
 def add_visualize_parser(sub: Any) -> argparse.ArgumentParser:

@@ -320,7 +320,12 @@ def plot_cascade(result: CascadeResult, path: str | os.PathLike | None = None, t
 def plot_cascade_grid(
     result: CascadeResult, path: str | os.PathLike | None = None, images: Sequence[int] = (0,), max_columns: int | None = None
 ):
-    """Map grid: one row per image, columns = trained model then each cascade step."""
+    """Map grid: one row per image, columns = trained model then each cascade step.
+
+    Each column's title (``trained`` or the last randomised layer) is set at 45 degrees in a
+    band at the top that is sized for the longest title, so no title is clipped however the
+    figure is saved (the runner saves it without ``bbox_inches="tight"``); they are also
+    ``fig.column_titles``."""
     from matplotlib.figure import Figure
 
     from xaijax.viz import heatmap
@@ -328,17 +333,31 @@ def plot_cascade_grid(
     cols = list(range(result.maps.shape[0]))
     if max_columns is not None and len(cols) > max_columns:
         cols = sorted(set(np.linspace(0, len(cols) - 1, max_columns).round().astype(int).tolist()))
-    names = ["trained"] + list(result.layers)
-    fig = Figure(figsize=(1.4 * len(cols), 1.5 * len(images)))
-    for r, i in enumerate(images):
+    for i in images:
         if not 0 <= i < result.maps.shape[1]:
             raise ValueError(f"image index {i} out of range [0, {result.maps.shape[1]})")
+    names = ["trained"] + list(result.layers)
+    cell, gap, fontsize = 1.4, 0.05, 6
+    longest = max(len(names[k]) for k in cols)
+    # a 45-degree title of L characters at 6 pt (about 0.05 in per character) rises about
+    # 0.71 * 0.05 * L inches; the band also leaves room for the part that leans past the last column
+    band = 0.2 + 0.04 * longest
+    right = 0.15 + 0.035 * len(names[cols[-1]])
+    width = 0.15 + len(cols) * cell + (len(cols) - 1) * gap + right  # (left: a rotated title's descent)
+    height = band + len(images) * cell + (len(images) - 1) * gap + 0.05
+    fig = Figure(figsize=(width, height))
+    titles = []
+    for r, i in enumerate(images):
         for c, k in enumerate(cols):
-            ax = fig.add_subplot(len(images), len(cols), r * len(cols) + c + 1)
+            x0 = (0.15 + c * (cell + gap)) / width
+            y0 = (height - band - r * (cell + gap) - cell) / height
+            ax = fig.add_axes((x0, y0, cell / width, cell / height))
             ax.imshow(heatmap(result.maps[k, i]))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(names[k], fontsize=6, rotation=45)
+                titles.append(ax.set_title(names[k], fontsize=fontsize, rotation=45, ha="left", va="bottom",
+                                           rotation_mode="anchor", loc="left"))
+    fig.column_titles = titles
     _save(fig, path)
     return fig

@@ -49,15 +49,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Callable, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from xaijax.methods._core import Method, as_seed, check_inputs, validate_positive_int
 from xaijax.methods.registry import register
+from xaijax.static_jit import bind_static
 
 __all__ = ["RISE", "rise_cell_size", "rise_grid_and_shift", "rise_masks", "rise_upsample_matrix"]
 
@@ -166,7 +169,16 @@ class RISE(Method):
         masked images).
       mask_fn: ``None`` (:func:`rise_masks`) or a generator ``f(key, indices (m,), (H, W)) ->
         (m, H, W)`` of masks with values in [0, 1].
+      progress: show a tqdm bar over the masks (concrete inputs only: under ``jit``/``vmap`` the
+        chunks are one ``lax.scan`` and a warning says that no bar is shown). Not part of the
+        configuration's equality or hash, so it never causes a recompile.
+
+    ``runs_own_loop``: called on concrete arrays, the method jits its chunk step itself and
+    runs it from a Python loop (the same step a jitted call scans over).
     """
+
+    runs_own_loop: ClassVar[bool] = True
+    has_progress: ClassVar[bool] = True
 
     n: int = 4000
     s: int = 7
@@ -176,6 +188,7 @@ class RISE(Method):
     chunk: int = 100
     normalize: str = "n-p"
     mask_fn: Callable[..., jax.Array] | None = None
+    progress: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_positive_int("rise", "n", self.n)
@@ -194,7 +207,11 @@ class RISE(Method):
     def __call__(
         self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any, *, masks: Any = None
     ) -> jax.Array:
-        """(B, H, W) saliency for ``x`` (B, H, W, C); ``masks``: optional given masks (N, H, W)."""
+        """(B, H, W) saliency for ``x`` (B, H, W, C); ``masks``: optional given masks (N, H, W).
+
+        Concrete inputs: the mask chunks run from a Python loop over one jitted step (with a
+        progress bar when ``progress``); traced inputs (the caller jits or vmaps the method):
+        the same step in one ``lax.scan``."""
         check_inputs(x)
         b, h, w, c = x.shape
         out_shape = jax.eval_shape(lambda xx: model.apply(variables, xx), x[:1])
@@ -212,25 +229,52 @@ class RISE(Method):
         n_chunks = -(-n // chunk)
         if given is not None and n_chunks * chunk != n:  # pad with empty masks (scored 0 below)
             given = jnp.concatenate([given, jnp.zeros((n_chunks * chunk - n, h, w), given.dtype)])
-
-        def step(acc, ci):
-            idx = ci * chunk + jnp.arange(chunk)
-            if given is not None:
-                m = jax.lax.dynamic_slice_in_dim(given, ci * chunk, chunk)
-            elif self.mask_fn is not None:
-                m = jnp.asarray(self.mask_fn(key, idx, (h, w)))
-            else:
-                m = rise_masks(key, idx, (h, w), self.s, self.p)
-            m = m.astype(x.dtype)  # (m, H, W)
-            xm = (x[None] * m[:, None, :, :, None]).reshape((chunk * b, h, w, c))
-            out = model.apply(variables, xm).reshape((chunk, b, k)).astype(x.dtype)
-            sc = _scores(out, seed[None], self.score)  # (m, B)
-            sc = jnp.where((idx < n)[:, None], sc, 0.0)
-            return acc + jnp.einsum("mb,mhw->bhw", sc, m, precision=jax.lax.Precision.HIGHEST), None
-
-        acc0 = jnp.zeros((b, h, w), x.dtype)
-        sal, _ = jax.lax.scan(step, acc0, jnp.arange(n_chunks))
+        acc = jnp.zeros((b, h, w), x.dtype)
+        if _traced(variables, x, seed, given):
+            if self.progress:
+                warnings.warn("rise: progress=True has no effect under jit/vmap (the mask chunks run inside one "
+                              "lax.scan); call the method on concrete arrays to see the bar", stacklevel=2)
+            step = functools.partial(_rise_step, self, model, chunk, n)
+            sal, _ = jax.lax.scan(lambda a, ci: (step(a, variables, x, seed, key, given, ci), None), acc, jnp.arange(n_chunks))
+        else:
+            step = bind_static(_rise_step, _rise_step_jit, self, model, chunk, n)
+            bar = tqdm(total=n, desc="rise", unit="mask", disable=not self.progress)
+            for ci in range(n_chunks):
+                acc = step(acc, variables, x, seed, key, given, np.int32(ci))
+                if self.progress:  # count finished chunks, not dispatched ones
+                    jax.block_until_ready(acc)
+                    bar.update(min(chunk, n - ci * chunk))
+            bar.close()
+            sal = acc
         return sal / (n * float(self.p) if self.normalize == "n-p" else n)
+
+
+def _traced(*trees: Any) -> bool:
+    """Whether any leaf of ``trees`` is a tracer (the call sits inside ``jit``/``vmap``/``grad``)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+
+
+def _rise_step(cfg: RISE, model: nn.Module, chunk: int, n: int, acc, variables, x, seed, key, given, ci):
+    """``acc`` plus the score-weighted masks of chunk ``ci`` (masks ``ci * chunk ...``; those
+    past ``n`` score 0)."""
+    b, h, w, c = x.shape
+    k = seed.shape[-1]
+    idx = ci * chunk + jnp.arange(chunk)
+    if given is not None:
+        m = jax.lax.dynamic_slice_in_dim(given, ci * chunk, chunk)
+    elif cfg.mask_fn is not None:
+        m = jnp.asarray(cfg.mask_fn(key, idx, (h, w)))
+    else:
+        m = rise_masks(key, idx, (h, w), cfg.s, cfg.p)
+    m = m.astype(x.dtype)  # (m, H, W)
+    xm = (x[None] * m[:, None, :, :, None]).reshape((chunk * b, h, w, c))
+    out = model.apply(variables, xm).reshape((chunk, b, k)).astype(x.dtype)
+    sc = _scores(out, seed[None], cfg.score)  # (m, B)
+    sc = jnp.where((idx < n)[:, None], sc, 0.0)
+    return acc + jnp.einsum("mb,mhw->bhw", sc, m, precision=jax.lax.Precision.HIGHEST)
+
+
+_rise_step_jit = jax.jit(_rise_step, static_argnums=(0, 1, 2, 3))
 
 
 register(
