@@ -37,7 +37,8 @@ channel sum of the mean raw gradient.
 Transformations (those of ``tests/test_peer_references.py``, plus the LRP stabilizer below):
 min-max normalisation of xaijax's maps for pytorch-grad-cam, ``p`` times xaijax's RISE for
 TorchRay (which was given xaijax's masks and the model ``logit(softmax(f))``), z+ composites
-on the network with conv-side biases zeroed (zennit's z+ drops biases), LRP output relevance
+on the network with conv-side biases zeroed (as the recorded references; not needed for the
+definitions: zennit's z+ keeps ``b+`` exactly as xaijax's does), LRP output relevance
 = target logit for zennit, xaijax's LRP composites given zennit's stabilizer (1e-9) on
 average pools and residual sums (zennit's ``Norm`` rule there; xaijax's default is the plain
 z-rule, which the recorded-reference tests compare at their looser tolerance), and zennit on

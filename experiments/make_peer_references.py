@@ -32,8 +32,11 @@ npz layout (all float32 unless noted):
 * ``target``: int64 (N,) class indices;
 * ``sd/<torch key>``: the torch state dict (torchvision names; BatchNorm
   ``num_batches_tracked`` int64), random weights with random biases and BN statistics;
-* ``sd_nobias/<torch key>``: only for the keys that differ in the bias-free variant used
-  for the z+ composites (conv biases, BN ``bias`` and ``running_mean`` set to 0);
+* ``sd_nobias/<torch key>``: only for the keys that differ in the bias-free variant on
+  which the z+ composites were recorded (conv biases, BN ``bias`` and ``running_mean`` set
+  to 0). Not needed for the definitions — zennit's ``ZPlus`` keeps ``b+`` in its
+  denominator exactly as xaijax's z+ does (``--lrp-float64`` compares them on the biased
+  networks to 2e-15) — but the recorded z+ maps are of that variant;
 * ``out/<method>/<peer>``: the peer's map, (N, H, W) at input size unless ``meta`` says
   otherwise;
 * ``rise_masks``: the (M, H, W) masks TorchRay was given (generated with
@@ -523,7 +526,9 @@ RECORDED = (
     "excitation-backprop", "contrastive-excitation-backprop", "rise",
 )
 
-#: state dict used per method (z+ composites run on the bias-free variant, see bias_free)
+#: state dict used per method: the z+ composites were recorded on the bias-free variant (see
+#: bias_free). Historical: zennit's ZPlus counts b+ exactly as xaijax's z+ does (both put the
+#: positive bias in the x+ W+ term's denominator), so the biased network would compare too.
 NOBIAS_METHODS = ("lrp-epsilon-plus", "lrp-epsilon-plus-flat")
 
 
@@ -593,7 +598,7 @@ def record(family: str, out_path: str, seed: int = 0) -> dict[str, Any]:
         "notes": {
             "weights": "He-normal kernels (xaijax random_variables), random biases and BN statistics (randomize_state_dict)",
             "lrp": "zennit Gradient attributor with attr_output = one_hot * logits; channel sum; ResNetCanonizer/VGGCanonizer",
-            "zplus": "z+ composites run on sd with sd_nobias overrides (zennit's ZPlus drops biases, xaijax counts b+)",
+            "zplus": "z+ composites run on sd with sd_nobias overrides (both zennit's ZPlus and xaijax's z+ count b+; the bias-free variant is historical)",
             "pytorch-grad-cam": "maps are min-max normalised (x - min) / (max + 1e-7) after cv2 bilinear resize",
             "excitation-backprop": "TorchRay at the saliency layer, resize=False (layer resolution)",
             "integrated-gradients-trapezoid": "baseline ig_baseline (a zero baseline puts a node where max-pool ties make the gradient ambiguous)",
@@ -608,15 +613,123 @@ def record(family: str, out_path: str, seed: int = 0) -> dict[str, Any]:
     return meta
 
 
+# --------------------------------------------------------------------------------------
+# float64 LRP references (zennit only; torch twins of tests/torch_ref_vgg_resnet.py)
+# --------------------------------------------------------------------------------------
+
+#: what --lrp-float64 records: the torch twins' constructors (xaijax: the same arch/kwargs)
+LRP64_MODELS = {
+    "vgg": {"arch": "vgg16", "kwargs": {"width": 1 / 16, "num_classes": 5, "hidden": 16, "pool_size": 1}},
+    "resnet": {"arch": "resnet50", "kwargs": {"width": 4, "num_classes": 5, "layers": [1, 1, 1, 1]}},
+}
+LRP64_STABILIZER = 1e-9  # zennit's stabilizer (Gamma, ZBox, ZPlus, and Norm on sums / average pools)
+
+
+def record_lrp_float64(out_path: str, seed: int = 0) -> dict[str, Any]:
+    """zennit's EpsilonGammaBox and EpsilonPlus in float64 on tiny VGG16 / ResNet50 twins, with biases.
+
+    The models are the plain-torch twins of ``tests/torch_ref_vgg_resnet.py`` (torchvision's
+    module names), randomised by its ``randomize_(seed)`` (random biases and BatchNorm
+    statistics), every BatchNorm's ``eps`` folded into ``running_var`` (``eps = 0``: zennit's
+    merge is then exact; xaijax's port keeps ``eps = 1e-5``, so the test subtracts it from
+    ``var``), all values rounded to float32 (the port reads them exactly) and run in float64.
+    Only torch and zennit are needed: ``zennit.torchvision`` imports torchvision's ResNet block
+    classes for its ``isinstance`` checks, and where torchvision does not load (the CPU torch
+    build) those names are bound to the twins' block classes, which have torchvision's
+    attributes. Output relevance: the target logit; maps summed over channels.
+    """
+    import types
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import torch_ref_vgg_resnet as twins
+
+    try:
+        import torchvision.models.resnet  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure: bind the names zennit needs
+        tv, tvm, tvr = (types.ModuleType(n) for n in ("torchvision", "torchvision.models", "torchvision.models.resnet"))
+        tvr.Bottleneck, tvr.BasicBlock = twins.TorchBottleneck, twins.TorchBasicBlock
+        tv.models, tvm.resnet = tvm, tvr
+        sys.modules.update({"torchvision": tv, "torchvision.models": tvm, "torchvision.models.resnet": tvr})
+    from zennit.attribution import Gradient as ZGradient
+    from zennit.composites import EpsilonGammaBox, EpsilonPlus
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    low, high = (0 - mean) / std, (1 - mean) / std  # xaijax's ZBox default bounds
+    cfg_d = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    x = np.random.default_rng(seed + 7).standard_normal((2, SIZE, SIZE, 3))
+    arrays: dict[str, np.ndarray] = {"x": x, "target": TARGETS}
+    for family, spec in LRP64_MODELS.items():
+        kw = spec["kwargs"]
+        if family == "vgg":
+            m = twins.TorchVGG(cfg_d, num_classes=kw["num_classes"], width=kw["width"], hidden=kw["hidden"],
+                               pool_size=kw["pool_size"])
+            canon = VGGCanonizer
+        else:
+            m = twins.TorchResNet(twins.TorchBottleneck, tuple(kw["layers"]), num_classes=kw["num_classes"], width=kw["width"])
+            canon = ResNetCanonizer
+        twins.randomize_(m, seed=seed)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_var.data += mod.eps
+                mod.eps = 0.0
+        m = m.float().double().eval()
+        # float32 storage is exact (the values were rounded to float32 above)
+        arrays.update({f"{family}/sd/{k}": (v.detach().float() if v.is_floating_point() else v).numpy() for k, v in m.state_dict().items()})
+        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        t = torch.from_numpy(TARGETS)
+        arrays[f"{family}/logits"] = m(xt).detach().numpy()
+        composites = {
+            "lrp-epsilon-gamma-box": lambda: EpsilonGammaBox(
+                low=torch.tensor(low).view(1, 3, 1, 1), high=torch.tensor(high).view(1, 3, 1, 1),
+                epsilon=EPS, gamma=0.25, stabilizer=LRP64_STABILIZER, canonizers=[canon()]),
+            "lrp-epsilon-plus": lambda: EpsilonPlus(epsilon=EPS, stabilizer=LRP64_STABILIZER, canonizers=[canon()]),
+        }
+        for name, make in composites.items():
+            xx = xt.clone().requires_grad_(True)
+            with ZGradient(model=m, composite=make()) as attributor:
+                _, rel = attributor(xx, attr_output=lambda out: out * onehot_seed(out, t))
+            arrays[f"{family}/out/{name}/zennit"] = rel.detach().numpy().sum(1)
+            print(f"{family}: {name} / zennit (float64)", flush=True)
+    meta = {
+        "models": LRP64_MODELS,
+        "input_size": SIZE,
+        "seed": seed,
+        "dtype": "float64",
+        "versions": versions(),
+        "hyperparameters": {"eps": EPS, "gamma": 0.25, "stabilizer": LRP64_STABILIZER, "low": list(low), "high": list(high)},
+        "notes": {
+            "models": "tests/torch_ref_vgg_resnet.py twins, randomize_(seed); BatchNorm eps folded into running_var (eps = 0); values rounded to float32",
+            "zennit": "Gradient attributor, attr_output = one_hot * logits; EpsilonGammaBox / EpsilonPlus with ResNetCanonizer / VGGCanonizer; channel sum",
+            "torchvision": "not loadable beside the CPU torch build: zennit.torchvision's Bottleneck/BasicBlock bound to the twins' classes",
+            "stabilizer": "zennit's Norm rule on residual sums and average pools adds 1e-9 * sign; xaijax's z-rule there adds nothing",
+        },
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = out_path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out_path)
+    return meta
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "tests", "fixtures"))
     ap.add_argument("--families", nargs="+", default=["vgg", "resnet"], choices=["vgg", "resnet"])
+    ap.add_argument("--lrp-float64", action="store_true",
+                    help="record only the float64 zennit LRP references (peer_refs_lrp_float64.npz; torch + zennit suffice)")
     args = ap.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.lrp_float64:
+        path = os.path.join(args.out_dir, "peer_refs_lrp_float64.npz")
+        record_lrp_float64(path)
+        print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+        return
     for fam in args.families:
         path = os.path.join(args.out_dir, f"peer_refs_{fam}.npz")
         record(fam, path)
