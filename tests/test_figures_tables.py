@@ -210,6 +210,7 @@ def test_shorten_cuts_at_a_word_boundary_and_keeps_the_advice():
     # the Markdown cell: one line, pipes escaped
     (line,) = tables.markdown_table([{"error": "a | b\nc"}])[2:]
     assert line == "| a \\| b c |"
+    assert tables.markdown_table([{"miou_positive": float("nan")}])[2] == "| n/a |"  # undefined, not "nan"
 
 
 def test_demo_tables_full_error_in_json_advice_in_markdown_and_legend(tmp_path, monkeypatch):
@@ -245,7 +246,8 @@ def _legend_covers_every_column(md: str) -> None:
     for c in cols:
         assert c in legend and "no description" not in legend[c], c
     if "miou_positive" in cols:
-        assert "positive part" in legend["miou_positive"] and "above" in legend["miou_mean"] and "mean" in legend["miou_mean"]
+        assert "positive part" in legend["miou_positive"] and "signed maps only" in legend["miou_positive"]
+        assert "above the map's own mean" in legend["miou_mean"]
 
 
 def test_compile_time_is_reported_apart_from_the_steady_state():

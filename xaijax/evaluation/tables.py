@@ -5,8 +5,9 @@ interrupted run leaves either the previous complete file or none, never half a t
 
 ``results.json`` and ``results.csv`` keep every value whole (error messages included); the
 Markdown table shortens long text cells (:func:`shorten`: cut at a word boundary, the last
-sentence — usually the advice — kept) and is followed by a legend saying what each of its
-columns measures (:data:`COLUMN_LEGEND`, :func:`legend`).
+sentence — usually the advice — kept), shows undefined (NaN) numbers as ``n/a``, and is
+followed by a legend saying what each of its columns measures (:data:`COLUMN_LEGEND`,
+:func:`legend`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from xaijax.atomic import atomic_text
+from xaijax.metrics.iou import MIOU_LEGEND
 
 __all__ = ["write_tables", "markdown_table", "shorten", "legend", "COLUMN_LEGEND", "MARKDOWN_TEXT_LIMIT"]
 
@@ -46,10 +48,7 @@ COLUMN_LEGEND: dict[str, str] = {
     "region; accuracy per class, mean over classes; all pairs (higher is better)",
     "pointing_dif": "the pointing game on the difficult pairs (DIF: the class's boxes cover < 1/4 of the image "
     "and another class is present)",
-    "miou_positive": "mIoU of the map's positive part (pixels > 0) with the class region; mean IoU per class, "
-    "mean over classes",
-    "miou_mean": "mIoU of the pixels above the map's own mean with the class region; mean IoU per class, "
-    "mean over classes",
+    **MIOU_LEGEND,  # miou_positive (signed maps only) and miou_mean, as xaijax.metrics.iou defines them
     "energy_pointing_all": "energy pointing game: share of the map's positive part that lies in the class region; "
     "mean per class, mean over classes; all pairs (higher is better)",
     "energy_pointing_dif": "the energy pointing game on the difficult pairs (DIF)",
@@ -122,6 +121,8 @@ def _fmt(v: Any, limit: int = MARKDOWN_TEXT_LIMIT) -> str:
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
+        if v != v:  # NaN: the value is not defined (e.g. miou_positive of a method without signed maps)
+            return "n/a"
         return f"{v:.4f}" if abs(v) < 1 else f"{v:.3g}"
     if v is None:
         return ""
