@@ -84,43 +84,60 @@ def _is_concrete(a: Any) -> bool:
 
 
 def _guard_out_of_range(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a classifier method's ``__call__``/``layer_map`` so that, for a *traced* integer
-    target, each sample whose class is outside the model's outputs gets an all-NaN map.
+    """Wrap a classifier method's ``__call__``/``layer_map`` with the target-range contract of
+    :func:`class_indices`: a *concrete* integer target outside the model's outputs raises before
+    any work (whether or not the method itself reads the target); under tracing each sample
+    whose class is out of range gets an all-NaN map.
 
     The NaN seed of :func:`as_seed` already propagates through most methods, but not through
     every operation (XLA's max-reductions may turn NaN into -inf; contrastive methods build
     their own one-hot): this guard makes the contract hold for every method. It costs one
-    abstract evaluation of the model at trace time and one ``where`` on the map; concrete
-    targets are range-checked eagerly and pass through untouched.
+    abstract evaluation of the model (``jax.eval_shape``: no computation) per call or trace and
+    one ``where`` on the map.
     """
 
     @functools.wraps(fn)
     def guarded(self: Method, model: Any, variables: Any, x: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        k = _num_classes_for_target(self, model, variables, x, target)
+        if k is not None and _is_concrete(target):
+            class_indices(target, np.shape(x)[0], k)  # raises, naming the class and the range
         out = fn(self, model, variables, x, target, *args, **kwargs)
-        return _nan_where_out_of_range(self, model, variables, x, target, out)
+        if k is None or _is_concrete(target):
+            return out
+        return _nan_where_out_of_range(target, k, out)
 
     guarded._xaijax_target_guard = True  # type: ignore[attr-defined]
     return guarded
 
 
-def _nan_where_out_of_range(method: Method, model: Any, variables: Any, x: Any, target: Any, out: Any) -> Any:
-    if _is_concrete(target) or method.kind not in CLASSIFIER_KINDS:
-        return out
-    t = jnp.asarray(target)
-    if not jnp.issubdtype(t.dtype, jnp.integer) or t.ndim > 1:
-        return out
-    if not hasattr(out, "ndim") or out.ndim < 1 or not jnp.issubdtype(out.dtype, jnp.inexact):
-        return out
+def _num_classes_for_target(method: Method, model: Any, variables: Any, x: Any, target: Any) -> int | None:
+    """The model's number of outputs when ``target`` holds class indices of a classifier method
+    and ``x`` is a batch the model takes; ``None`` otherwise (the method's own checks report a
+    bad ``x``, a float seed needs no range)."""
+    if method.kind not in CLASSIFIER_KINDS or not hasattr(target, "dtype") and not isinstance(target, (int, np.integer)):
+        return None
+    if isinstance(target, bool) or not jnp.issubdtype(jnp.result_type(target), jnp.integer) or np.ndim(target) > 1:
+        return None
+    shape = np.shape(x)
+    if len(shape) != 4 or shape[0] == 0:
+        return None
     try:
         logits = jax.eval_shape(lambda v, xx: model.apply(v, xx), variables, x)
-    except Exception:  # not a plain classifier forward pass: nothing to check against
+    except Exception:  # not a plain classifier forward pass (or a bad x, which the method reports)
+        return None
+    if not hasattr(logits, "shape") or len(logits.shape) != 2 or logits.shape[0] != shape[0]:
+        return None
+    return int(logits.shape[-1])
+
+
+def _nan_where_out_of_range(target: Any, k: int, out: Any) -> Any:
+    if not hasattr(out, "ndim") or out.ndim < 1 or not jnp.issubdtype(out.dtype, jnp.inexact):
         return out
-    if not hasattr(logits, "shape") or len(logits.shape) != 2:
+    n = out.shape[0]
+    t = jnp.asarray(target)
+    if t.ndim == 1 and t.shape[0] != n:
         return out
-    n, k = logits.shape
     t = jnp.broadcast_to(t, (n,))
-    if out.shape[0] != n:
-        return out
     valid = (t >= 0) & (t < k)
     return jnp.where(valid.reshape((n,) + (1,) * (out.ndim - 1)), out, jnp.asarray(jnp.nan, out.dtype))
 
@@ -212,9 +229,9 @@ def validate_positive_int(owner: str, name: str, value: Any, *, optional: bool =
 def check_inputs(x: jax.Array) -> None:
     """Raise a readable error unless ``x`` is a non-empty floating NHWC batch (N, H, W, C).
 
-    A batch that looks like NCHW — 1 or 3 channels on axis 1 and neither on axis 3, e.g. a
-    PyTorch-style ``(N, 3, 224, 224)`` — is refused with a message that says so, instead of a
-    shape error from deep inside the model.
+    A batch that looks like NCHW — 1 or 3 on axis 1, neither on axis 3, and at least 8 on axes
+    2 and 3 (image-sized), e.g. a PyTorch-style ``(N, 3, 224, 224)`` — is refused with a message
+    that says so, instead of a shape error from deep inside the model.
     """
     shape = tuple(np.shape(x))
     if len(shape) != 4:
@@ -224,7 +241,7 @@ def check_inputs(x: jax.Array) -> None:
         raise TypeError(f"x must be floating point (normalised float32 images); got dtype {dtype}")
     if shape[0] == 0:
         raise ValueError("x is an empty batch (N = 0); pass at least one image")
-    if shape[1] in (1, 3) and shape[3] not in (1, 3):
+    if shape[1] in (1, 3) and shape[3] not in (1, 3) and min(shape[2], shape[3]) >= 8:
         raise ValueError(
             f"x looks like an NCHW batch (N, C, H, W) = {shape}; xaijax takes NHWC images: "
             "transpose to NHWC with x.transpose(0, 2, 3, 1)"
