@@ -16,7 +16,7 @@ from reference_helpers import conv_matrix
 from xaijax import models
 from xaijax.methods import excitation, lrp, registry
 from xaijax.models import layers, taps
-from xaijax.propagation import AlphaBeta, Excitation, Flipped, Gamma, Pass, Rule, ZBox, ZPlus, composites, relevance, relevance_trace
+from xaijax.propagation import AlphaBeta, Excitation, Flipped, Gamma, Rule, ZPlus, composites, relevance, relevance_trace
 
 LRP_FAMILY = [
     "lrp-epsilon",
