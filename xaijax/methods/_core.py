@@ -97,11 +97,14 @@ def _guard_out_of_range(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(fn)
-    def guarded(self: Method, model: Any, variables: Any, x: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+    def guarded(self: Method, *args: Any, **kwargs: Any) -> Any:
+        if len(args) < 4 or self.kind not in CLASSIFIER_KINDS:  # not called as (model, variables, x, target)
+            return fn(self, *args, **kwargs)
+        model, variables, x, target = args[:4]
         k = _num_classes_for_target(self, model, variables, x, target)
         if k is not None and _is_concrete(target):
             class_indices(target, np.shape(x)[0], k)  # raises, naming the class and the range
-        out = fn(self, model, variables, x, target, *args, **kwargs)
+        out = fn(self, *args, **kwargs)
         if k is None or _is_concrete(target):
             return out
         return _nan_where_out_of_range(target, k, out)
@@ -159,6 +162,8 @@ class Method:
         # The traced out-of-range contract (see class_indices): every classifier method's
         # ``__call__`` and ``layer_map`` are wrapped once, where the subclass defines them.
         super().__init_subclass__(**kwargs)
+        if isinstance(cls.__dict__.get("kind", cls.kind), str) and cls.kind not in CLASSIFIER_KINDS:
+            return  # BiLRP, D-RISE: other call signatures, no class target
         for name in ("__call__", "layer_map"):
             fn = cls.__dict__.get(name)
             if fn is not None and not getattr(fn, "_xaijax_target_guard", False):
