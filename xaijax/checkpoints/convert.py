@@ -36,6 +36,7 @@ import numpy as np
 from xaijax.checkpoints.errors import CheckpointMismatchError
 from xaijax.checkpoints.mapping import arch_hint, from_torch_state_dict, guess_family
 from xaijax.checkpoints.native import load_variables, save_variables
+from xaijax.checkpoints import vit_mapping
 from xaijax.checkpoints.torch_pickle import load_state_dict
 from xaijax.models import preprocess, registry
 
@@ -49,6 +50,8 @@ _HEADS = {
     "resnet": "fc.weight",
     "densenet": "classifier.weight",
     "inception": "fc.weight",
+    "vit": "heads.head.weight",
+    "deit": "head.weight",
 }
 
 
@@ -148,6 +151,8 @@ def load_torch_weights(
         raise CheckpointMismatchError(
             f"{path} looks like a {guessed} checkpoint, but --arch {arch} is a {spec.family} model" + (f"; {hint}" if hint else "")
         )
+    if spec.family in vit_mapping.FAMILIES:  # image_size (position-embedding grid), distilled
+        kwargs = {**vit_mapping.model_kwargs_from_state_dict(sd), **kwargs}
     if num_classes is None:
         num_classes = num_classes_of(spec.family, sd)
     if num_classes is not None:

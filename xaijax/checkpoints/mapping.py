@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.checkpoints.errors import CheckpointMismatchError
+from xaijax.checkpoints import vit_mapping
 
 __all__ = ["from_torch_state_dict", "to_torch_state_dict", "guess_family", "guess_arch", "describe_structure", "variable_template"]
 
@@ -50,6 +51,8 @@ _IGNORED_PREFIXES = {"inception": ("AuxLogits.",)}
 
 def variable_template(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 224, 3)) -> dict:
     """Shapes/dtypes of ``model``'s variables (``jax.ShapeDtypeStruct`` leaves), via eval_shape."""
+    if vit_mapping.is_vit(model):  # a ViT takes exactly its image_size
+        input_shape = (input_shape[0], model.image_size, model.image_size, input_shape[-1])
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 
@@ -257,6 +260,8 @@ def from_torch_state_dict(
     Raises:
       CheckpointMismatchError: one error listing every missing / unexpected / mis-shaped key.
     """
+    if vit_mapping.is_vit(model):  # ViT / DeiT: xaijax.checkpoints.vit_mapping
+        return vit_mapping.from_torch_state_dict(model, state_dict, strict=strict)
     template = _flat(variable_template(model, input_shape))
     family = _family_of(model)
     filled: dict[tuple[str, ...], np.ndarray] = {}
@@ -361,6 +366,8 @@ def to_torch_state_dict(model: nn.Module, variables: Mapping[str, Any]) -> dict[
     BatchNorm layers get ``num_batches_tracked = 0`` (int64) as torch expects. VGG's first
     classifier weight is written in torch's (out, C*H*W) layout.
     """
+    if vit_mapping.is_vit(model):
+        return vit_mapping.to_torch_state_dict(model, variables)
     family = _family_of(model)
     out: dict[str, np.ndarray] = {}
     for path, v in _flat(variables).items():

@@ -6,7 +6,7 @@ intermediate layers are addressed by torchvision's dotted names through
 :func:`xaijax.models.preprocess.normalize` for the weights' convention.
 """
 
-from xaijax.models import densenet, inception, resnet, vgg  # noqa: F401  (register architectures)
+from xaijax.models import densenet, inception, resnet, vgg, vit  # noqa: F401  (register architectures)
 from xaijax.models import detector, layers, preprocess, taps
 from xaijax.models.densenet import DenseNet
 from xaijax.models.inception import Inception3
