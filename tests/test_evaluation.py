@@ -334,6 +334,20 @@ def test_model_metric_experiments_match_direct_computations(tiny_weights, tmp_pa
     vals = seg(metrics.PairBatch(maps=cmaps, regions=fg, classes=np.zeros(3, np.int64), dif=np.zeros(3, bool)))
     assert res["rows"][0]["pairs"] == 3
     assert res["rows"][0]["fgbg_miou"] == pytest.approx(seg.summarize(vals, np.zeros(3, np.int64), np.zeros(3, bool), 12)["fgbg_miou"])
+    # --crf: every thresholded map refined by the dense CRF on its image (the "+ CRF" rows)
+    pytest.importorskip("pydensecrf.densecrf")
+    res = run_experiment(EvalConfig("segmentation", tmp_path / "crf", ("center",), weights=str(tiny_weights), images=3,
+                                    seeds="top1", crf=True), progress=False)
+    seg_crf = metrics.get("fgbg-miou", crf=True)
+    images = np.stack([r.image for r in recs])
+    vals = seg_crf(metrics.PairBatch(maps=cmaps, regions=fg, classes=np.zeros(3, np.int64), dif=np.zeros(3, bool), images=images))
+    want = seg_crf.summarize(vals, np.zeros(3, np.int64), np.zeros(3, bool), 12)["fgbg_miou"]
+    assert res["rows"][0]["fgbg_miou"] == pytest.approx(want)
+    assert want != pytest.approx(res_plain := seg.summarize(vals_plain := seg(metrics.PairBatch(
+        maps=cmaps, regions=fg, classes=np.zeros(3, np.int64), dif=np.zeros(3, bool))), np.zeros(3, np.int64), np.zeros(3, bool), 12)["fgbg_miou"])
+    assert np.isfinite(res_plain) and vals_plain["miou"].shape == vals["miou"].shape == (3,)  # the CRF changed the masks
+    with pytest.raises(ValueError, match="--crf refines the segmentation"):
+        run_experiment(EvalConfig("pointing", tmp_path / "p2", ("center",), weights=str(tiny_weights), images=1, crf=True), progress=False)
 
 
 def test_sanity_experiment_of_a_model_independent_map_is_perfectly_stable(tiny_weights, tmp_path):

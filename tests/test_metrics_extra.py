@@ -67,7 +67,7 @@ def test_foreground_background_iou_by_hand():
     assert s["miou_pixels"] == pytest.approx((0.75 + 0.8) / 2)
     # numeric threshold on min-max normalised maps: image 0 -> [0, .5, 1, .3667] > .5 -> only (1,0)
     np.testing.assert_array_equal(iou.threshold_maps(m[:1], 0.5), [[[False, False], [True, False]]])
-    with pytest.raises(NotImplementedError, match="pydensecrf"):
+    with pytest.raises(ValueError, match="needs the images"):
         iou.foreground_background_iou(m, g, crf=True)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         iou.threshold_maps(m, 2.0)

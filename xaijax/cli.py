@@ -264,7 +264,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         boxes_dir=args.boxes_dir,
         split=args.split, size=args.size, arch=args.arch, weights=args.weights, preprocess=args.preprocess,
         hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images, pick=args.pick,
-        shard_index=args.shard_index, shard_count=args.shard_count,
+        shard_index=args.shard_index, shard_count=args.shard_count, crf=args.crf,
     )
     run_experiment(cfg, progress=not args.no_progress)
     print(f"wrote {out}/results.md, results.csv, results.json")
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(use spread for class-ordered splits such as imagenet-val)")
     s.add_argument("--shard-index", type=int, default=0, help="multi-host: this process's slice")
     s.add_argument("--shard-count", type=int, default=1, help="multi-host: number of processes")
+    s.add_argument("--crf", action="store_true",
+                   help="segmentation: refine each thresholded map with a dense CRF on its image (the '+ CRF' rows; "
+                        "needs the crf extra; use its own --out)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", default=None, help="output folder (default results/eval/EXPERIMENT-DATASET); rerun to resume")
     s.set_defaults(func=_cmd_eval)

@@ -139,6 +139,7 @@ class EvalConfig:
     pick: str = "first"
     shard_index: int = 0
     shard_count: int = 1
+    crf: bool = False
 
 
 def _file_digest(path: Path) -> str:
@@ -180,6 +181,12 @@ def _check(cfg: EvalConfig) -> None:
         raise ValueError(f"--size must be a positive number of pixels; got {cfg.size}")
     if cfg.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {cfg.experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+    if cfg.crf and cfg.experiment != "segmentation":
+        raise ValueError(f"--crf refines the segmentation experiment's thresholded maps; it does not apply to {cfg.experiment!r}")
+    if cfg.crf:
+        from xaijax.metrics.crf import require_densecrf
+
+        require_densecrf()  # a missing extra fails before anything is read or written
     if cfg.seeds not in SEEDS:
         raise ValueError(f"seeds must be 'labels' (all ground-truth classes, L), 'predicted' (P) or 'top1'; got {cfg.seeds!r}")
     if cfg.batch < 1:
@@ -259,7 +266,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     num_classes = len(ds.class_names)
     indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
     pair_names, model_names = EXPERIMENT_METRICS[cfg.experiment]
-    pair_metrics = {n: metrics.get(n) for n in pair_names}
+    pair_metrics = {n: metrics.get(n, crf=True) if (cfg.crf and n == "fgbg-miou") else metrics.get(n) for n in pair_names}
     model_metrics = {n: metrics.get_model_metric(n) for n in model_names}
     base_config = {
         "experiment": cfg.experiment,
@@ -274,6 +281,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "seeds": seeds,
         "metrics": sorted(pair_metrics) + sorted(model_metrics),
         "shard": [cfg.shard_index, cfg.shard_count],
+        **({"crf": "DenseCRF()"} if cfg.crf else {}),  # absent without --crf: earlier stores stay valid
     }
     forward = jax.jit(lambda v, x: model.apply(v, x))
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
@@ -441,7 +449,9 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
                 sel = np.flatnonzero(img_of == k)
                 native = np.stack([reg for _, reg, _ in ps])
                 m_native = _to_native(maps[sel], native.shape[1:], smooth)
-                batch = metrics.PairBatch(maps=m_native, regions=native, classes=classes[sel], dif=np.asarray([d for _, _, d in ps], bool))
+                images = np.broadcast_to(records[k][1].image, (len(ps),) + records[k][1].image.shape) if cfg.crf else None
+                batch = metrics.PairBatch(maps=m_native, regions=native, classes=classes[sel], dif=np.asarray([d for _, _, d in ps], bool),
+                                          images=images)
                 part: dict[str, np.ndarray] = {}
                 for m in ctx.pair_metrics.values():
                     part.update({key: np.asarray(v) for key, v in m(batch).items()})

@@ -26,12 +26,17 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["DenseCRF", "CRF_INSTALL_HINT"]
+__all__ = ["DenseCRF", "CRF_INSTALL_HINT", "require_densecrf"]
 
 CRF_INSTALL_HINT = (
     "dense-CRF refinement needs the pydensecrf2 package (Kraehenbuehl's dense CRF): "
     'pip install "xaijax[crf]"  (or: pip install pydensecrf2)'
 )
+
+
+def require_densecrf() -> None:
+    """Raise ``ImportError`` with the install hint unless the dense-CRF binding is importable."""
+    _densecrf()
 
 
 def _densecrf():

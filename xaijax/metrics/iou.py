@@ -27,19 +27,21 @@ images (``miou_images``) and, as the public evaluation scripts derived from Chef
 ``imagenet_seg_eval.py`` (e.g. ``agf/imagenet_seg_eval.py`` in KU-HJH/UCAG) accumulate it,
 from intersections and unions summed over the whole dataset (``miou_pixels``).
 
-Dense-CRF refinement (the seed's "+ CRF" rows) is not implemented: the usual binding,
-``pydensecrf``, has had no release since 2018 (1.0rc3) and ships no wheels for current
-Pythons; the 2024 fork ``pydensecrf2`` is source-only (C++/Cython build). Asking for
-``crf=True`` raises :class:`NotImplementedError` saying so.
+Dense-CRF refinement (the seed's "+ CRF" rows): ``foreground_background_iou(..., crf=DenseCRF(),
+images=...)`` refines each thresholded map with :class:`xaijax.metrics.crf.DenseCRF` on its
+image before the IoU (the optional ``crf`` extra, ``pydensecrf2``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from xaijax.imageops import minmax_normalize, safe_divide
+from xaijax.metrics.crf import DenseCRF
 
 __all__ = [
     "binarize",
@@ -50,16 +52,8 @@ __all__ = [
     "threshold_maps",
     "foreground_background_iou",
     "summarize_foreground_background",
-    "CRF_UNAVAILABLE",
 ]
 
-#: Message of the NotImplementedError raised for ``crf=True``.
-CRF_UNAVAILABLE = (
-    "dense-CRF refinement is not available in xaijax: pydensecrf, the usual binding of "
-    "Kraehenbuehl's dense CRF, is unmaintained since 2018 (last release 1.0rc3, no wheels "
-    "for Python 3.11), and its fork pydensecrf2 is a source-only C++ build that xaijax does "
-    "not depend on; evaluate with crf=False"
-)
 
 
 #: What the mIoU columns of the tables measure (their legend).
@@ -142,7 +136,7 @@ def threshold_maps(maps: jax.Array, threshold: str | float = "mean") -> jax.Arra
 
 
 def foreground_background_iou(
-    maps: jax.Array, masks: jax.Array, threshold: str | float = "mean", *, crf: bool = False
+    maps: jax.Array, masks: jax.Array, threshold: str | float = "mean", *, crf: Any = None, images: Any = None
 ) -> dict[str, jax.Array]:
     """Foreground and background IoU of thresholded maps with ground-truth foreground masks.
 
@@ -150,17 +144,23 @@ def foreground_background_iou(
       maps: (N, H, W) maps at mask resolution.
       masks: (N, H, W) bool ground-truth foreground.
       threshold: see :func:`threshold_maps` (``"mean"`` is the protocol's default).
-      crf: dense-CRF refinement; not available (raises :class:`NotImplementedError`).
+      crf: ``None``, or a :class:`xaijax.metrics.crf.DenseCRF` that refines each thresholded
+        map on its image before the IoU (``True``: ``DenseCRF()`` with its defaults).
+      images: (N, H, W, 3) RGB images (uint8, or floats in [0, 1]) at mask resolution; needed
+        with ``crf``.
 
     Returns:
       per-image ``iou_fg``, ``iou_bg``, ``miou`` = (iou_fg + iou_bg) / 2 (float, (N,)), and
       the integer counts ``inter_fg``, ``union_fg``, ``inter_bg``, ``union_bg`` (N,) for
       dataset-level accumulation. An empty union gives IoU 0, as :func:`iou` does.
     """
-    if crf:
-        raise NotImplementedError(CRF_UNAVAILABLE)
     masks = jnp.asarray(masks, bool)
     pred = threshold_maps(maps, threshold)
+    if crf is not None and crf is not False:
+        if images is None:
+            raise ValueError("dense-CRF refinement needs the images: pass images=(N, H, W, 3) with crf")
+        refine = DenseCRF() if crf is True else crf
+        pred = jnp.asarray(refine.refine_batch(np.asarray(images), np.asarray(pred)))
     if pred.shape != masks.shape:
         raise ValueError(f"maps and masks must have the same shape (N, H, W); got {pred.shape} and {masks.shape}")
     out: dict[str, jax.Array] = {}

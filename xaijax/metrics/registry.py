@@ -57,12 +57,15 @@ class PairBatch:
       regions: (P, H, W) bool ground-truth region of the pair's class.
       classes: (P,) int class of each pair.
       dif: (P,) bool, True for pairs in the pointing game's DIF subset.
+      images: optional (P, H, W, 3) RGB images of the pairs at image resolution (uint8), for
+        metrics that look at the image (the dense-CRF refinement).
     """
 
     maps: np.ndarray
     regions: np.ndarray
     classes: np.ndarray
     dif: np.ndarray
+    images: np.ndarray | None = None
 
 
 class PairMetric(Protocol):
@@ -133,12 +136,19 @@ class MapDensityMetric:
 
 @dataclasses.dataclass(frozen=True)
 class ForegroundBackgroundIoUMetric:
-    """Foreground/background mean IoU of maps thresholded at their mean (ImageNet-seg protocol)."""
+    """Foreground/background mean IoU of maps thresholded at their mean (ImageNet-seg protocol).
+
+    ``crf``: refine each thresholded map with a dense CRF on its image first (the "+ CRF" rows;
+    ``True`` for :class:`xaijax.metrics.crf.DenseCRF`'s defaults, or a configured one).
+    """
 
     threshold: str | float = "mean"
+    crf: Any = None
 
     def __call__(self, batch: PairBatch) -> dict[str, np.ndarray]:
-        v = _iou.foreground_background_iou(batch.maps, batch.regions, self.threshold)
+        if self.crf and batch.images is None:
+            raise ValueError("fgbg-miou with crf needs the pair batch's images (PairBatch.images)")
+        v = _iou.foreground_background_iou(batch.maps, batch.regions, self.threshold, crf=self.crf or None, images=batch.images)
         return {k: np.asarray(a) for k, a in v.items()}
 
     def summarize(self, values, classes, dif, num_classes):
@@ -162,14 +172,18 @@ def register(name: str, factory: Callable[[], PairMetric]) -> None:
     _REGISTRY[name] = factory
 
 
-def get(name: str) -> PairMetric:
-    """Build the registered metric ``name``."""
+def get(name: str, **options: Any) -> PairMetric:
+    """Build the registered metric ``name`` (``options``: its fields, e.g. ``crf=True`` for ``fgbg-miou``)."""
     try:
-        return _REGISTRY[name]()
+        factory = _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown metric {name!r}; registered: {', '.join(names())}.{hint}") from None
+    try:
+        return factory(**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for metric {name!r}: {e}") from None
 
 
 def names() -> list[str]:
