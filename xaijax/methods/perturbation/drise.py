@@ -30,7 +30,7 @@ the masked image is ``x * M`` in the detector's input space (for the TinyDetecto
 Call signature (D-RISE is a *detection* method, ``kind = "detection"``; it does not take
 ``(model, variables, x, target)``)::
 
-    DRise(...)(detector_fn, x, target_detection, key=None) -> (N, H, W) float32
+    DRise(...)(detector_fn, x, target_detection, key=None) -> (N, H, W), the dtype of x
 
 ``target_detection``: a mapping with ``"box"`` ((4,) or (N, 4)) and either ``"label"`` (int
 or (N,) ints: one-hot class vectors) or ``"class_probs"`` ((K,) or (N, K) floats); or a
@@ -239,7 +239,7 @@ class DRise(Method):
             )
 
     def __call__(self, detector_fn: DetectorFn, x: jax.Array, target_detection: Any, key: Any = None) -> jax.Array:
-        """(N, H, W) float32 D-RISE maps of ``x`` (N, H, W, C) for one target detection per image."""
+        """(N, H, W) D-RISE maps of ``x`` (N, H, W, C) for one target detection per image (``x``'s dtype)."""
         if not callable(detector_fn):
             raise TypeError(f"d-rise: detector_fn must be a function images -> proposals, got {detector_fn!r}")
         check_inputs(x)
@@ -271,19 +271,22 @@ def _drise(detector_fn, x, t_box, t_probs, key, n: int, s: int, p: float, chunk:
     n_chunks = -(-n // chunk)
     sim = jax.vmap(jax.vmap(detection_similarity, in_axes=(0, 0, 0, 0, 0)), in_axes=(None, None, 0, 0, 0))
 
+    dt = x.dtype  # a float64 run stays float64
+    t_box, t_probs = t_box.astype(dt), t_probs.astype(dt)
+
     def step(acc, ci):
         idx = ci * chunk + jnp.arange(chunk)
-        masks = rise_masks(key, idx, (h, w), s, p).astype(x.dtype)  # (m, H, W)
+        masks = rise_masks(key, idx, (h, w), s, p).astype(dt)  # (m, H, W)
         xm = (x[None] * masks[:, None, :, :, None]).reshape((chunk * b, h, w, c))
         props = normalize_proposals(detector_fn(xm), m=chunk * b)
-        boxes = props["boxes"].astype(jnp.float32).reshape((chunk, b) + props["boxes"].shape[1:])
-        probs = props["class_probs"].astype(jnp.float32).reshape((chunk, b) + props["class_probs"].shape[1:])
-        obj = props["objectness"].astype(jnp.float32).reshape((chunk, b, -1))
+        boxes = props["boxes"].astype(dt).reshape((chunk, b) + props["boxes"].shape[1:])
+        probs = props["class_probs"].astype(dt).reshape((chunk, b) + props["class_probs"].shape[1:])
+        obj = props["objectness"].astype(dt).reshape((chunk, b, -1))
         wts = sim(t_box, t_probs, boxes, probs, obj)  # (m, B)
         wts = jnp.where((idx < n)[:, None], wts, 0.0)
-        return acc + jnp.einsum("mb,mhw->bhw", wts, masks.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST), None
+        return acc + jnp.einsum("mb,mhw->bhw", wts, masks, precision=jax.lax.Precision.HIGHEST), None
 
-    acc0 = jnp.zeros((b, h, w), jnp.float32)
+    acc0 = jnp.zeros((b, h, w), dt)
     sal, _ = jax.lax.scan(step, acc0, jnp.arange(n_chunks))
     return sal / n
 

@@ -143,7 +143,7 @@ def mask_geometry(shape: tuple[int, int], step: int, sigma: float) -> MaskGeomet
 
 
 def _window_weights(g: MaskGeometry) -> np.ndarray:
-    """Kernel values ``K(|u - margin - step * i| / sigma)`` as ``(step, step, D * D)`` float32.
+    """Kernel values ``K(|u - margin - step * i| / sigma)`` as ``(step, step, D * D)`` float64.
 
     Output pixel ``u = step * a + r`` (``0 <= r < step``) and window slot ``k`` read padded
     grid index ``a + k``, i.e. grid point ``i = a + k - P`` centred at ``margin + step * i``:
@@ -154,7 +154,7 @@ def _window_weights(g: MaskGeometry) -> np.ndarray:
     r, k = np.arange(g.step), np.arange(d)
     dist = r[:, None] - (g.margin + g.step * (k[None, :] - g.padding))  # (step, D)
     delta = np.sqrt(dist[:, None, :, None] ** 2 + dist[None, :, None, :] ** 2) / g.sigma  # (r, s, k, l)
-    return np.exp(-2.0 * np.maximum(delta - 0.5, 0.0) ** 2).reshape(g.step, g.step, d * d).astype(np.float32)
+    return np.exp(-2.0 * np.maximum(delta - 0.5, 0.0) ** 2).reshape(g.step, g.step, d * d)
 
 
 def _slot_values(win: jax.Array, weight: jax.Array, j: jax.Array) -> jax.Array:
@@ -237,9 +237,11 @@ def extremal_mask(pm: jax.Array, g: MaskGeometry, coldness: float = 20.0) -> tup
     d, st = 2 * g.radius + 1, g.step
     ho, wo = g.shape_out
     mh, mw = -(-ho // st), -(-wo // st)  # grid cells that cover the full mask
-    padded = jnp.pad(pm.astype(jnp.float32), g.padding)
+    pm = jnp.asarray(pm)
+    padded = jnp.pad(pm if jnp.issubdtype(pm.dtype, jnp.floating) else pm.astype(jnp.float32), g.padding)
     win = jnp.stack([padded[k : k + mh, l : l + mw] for k in range(d) for l in range(d)], axis=-1)  # (mh, mw, J)
-    full = _smooth_max(win, jnp.asarray(_window_weights(g)), float(coldness)).reshape(mh * st, mw * st)[:ho, :wo]
+    weight = jnp.asarray(_window_weights(g), padded.dtype)
+    full = _smooth_max(win, weight, float(coldness)).reshape(mh * st, mw * st)[:ho, :wo]
     full = _clamp01(full)
     c = g.crop
     return full[c : c + g.shape[0], c : c + g.shape[1]], full
@@ -253,8 +255,8 @@ def _clamp01(v: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- perturbation
 
 
-def blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """(n, n) float32 matrix of TorchRay's 1-D Gaussian filter with zero padding.
+def blur_matrix(n: int, sigma: float, dtype: Any = np.float32) -> np.ndarray:
+    """(n, n) matrix (``dtype``, float32 as TorchRay's) of TorchRay's 1-D Gaussian filter with zero padding.
 
     Taps ``f_i ∝ exp(-(i / (sqrt(2) sigma + eps))^2)``, ``i = -W .. W``, ``W = ceil(4 sigma)``,
     normalised to sum 1; row ``o`` holds the weights of inputs ``o - W .. o + W`` that lie in
@@ -271,7 +273,7 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
     for o in range(n):
         lo, hi = max(0, o - width), min(n, o + width + 1)
         m[o, lo:hi] = f[lo - o + width : hi - o + width]
-    return m.astype(np.float32)
+    return m.astype(dtype)
 
 
 def perturbation_pyramid(x: jax.Array, kind: str = "blur", num_levels: int = 8, max_blur: float = 20.0) -> jax.Array:
@@ -285,8 +287,8 @@ def perturbation_pyramid(x: jax.Array, kind: str = "blur", num_levels: int = 8, 
         if kind == "fade":
             levels.append(x * t)
         else:
-            bh = jnp.asarray(blur_matrix(h, (1.0 - t) * max_blur))
-            bw = jnp.asarray(blur_matrix(w, (1.0 - t) * max_blur))
+            bh = jnp.asarray(blur_matrix(h, (1.0 - t) * max_blur, x.dtype))
+            bw = jnp.asarray(blur_matrix(w, (1.0 - t) * max_blur, x.dtype))
             levels.append(jnp.einsum("hi,ijc,wj->hwc", bh, x, bw, precision=jax.lax.Precision.HIGHEST))
     return jnp.stack(levels).astype(x.dtype)
 
@@ -337,7 +339,7 @@ def torch_sgd(learning_rate: float, momentum: float = 0.9, dampening: float = 0.
 class ExtremalResult(NamedTuple):
     """Output of :meth:`ExtremalPerturbation.optimise`.
 
-    ``masks`` (N, A, H, W) float32 (after ``smooth``), ``full_masks`` (N, A, H_out, W_out) the
+    ``masks`` (N, A, H, W) in the input's dtype (after ``smooth``), ``full_masks`` (N, A, H_out, W_out) the
     last iteration's masks with margin, ``reward`` and ``regul`` (T, N, A) per iteration
     (before the update of that iteration, as TorchRay's history).
     """
@@ -443,12 +445,12 @@ class ExtremalPerturbation(Method):
     # -- public API ---------------------------------------------------------------------
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) float32: the mask of the single area, or the sum/mean over ``areas``."""
+        """(N, H, W) in ``x``'s dtype: the mask of the single area, or the sum/mean over ``areas``."""
         m = self.masks(model, variables, x, target)
         return m.sum(1) if self.combine == "sum" else m.mean(1)
 
     def masks(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, A, H, W) float32: one mask per sample and area (``A = len(areas)``)."""
+        """(N, A, H, W) in ``x``'s dtype: one mask per sample and area (``A = len(areas)``)."""
         return self.optimise(model, variables, x, target).masks
 
     def optimise(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> ExtremalResult:
@@ -462,7 +464,7 @@ class ExtremalPerturbation(Method):
         t = jnp.asarray(target)
         if self.reward == "contrastive" and not jnp.issubdtype(t.dtype, jnp.integer):
             raise ValueError("extremal-perturbation: reward='contrastive' needs class indices as target, not a float seed")
-        seed = as_seed(t, k, n, jnp.float32)  # (N, K)
+        seed = as_seed(t, k, n, x.dtype)  # (N, K); a float64 run optimises in float64
         mask_geometry((h, w), self.step, self.sigma)  # readable errors before tracing
         return _optimise(self, model, variables, x, seed)
 
@@ -532,7 +534,7 @@ def _start(cfg: ExtremalPerturbation, x: jax.Array) -> tuple[jax.Array, tuple]:
     n, h, w, _ = x.shape
     g = mask_geometry((h, w), cfg.step, cfg.sigma)
     pyramids = jax.vmap(lambda xi: perturbation_pyramid(xi, cfg.perturbation, cfg.num_levels, cfg.max_blur))(x)
-    pm0 = jnp.ones((n, len(cfg.areas)) + tuple(g.shape_in), jnp.float32)
+    pm0 = jnp.ones((n, len(cfg.areas)) + tuple(g.shape_in), x.dtype)
     return pyramids, (pm0, _optimiser(cfg).init(pm0), pm0)
 
 
@@ -553,11 +555,12 @@ def _step(
     g = mask_geometry((h, w), cfg.step, cfg.sigma)
     m_full = g.shape_out[0] * g.shape_out[1]
     n_zero = np.array([int(m_full * (1.0 - ar)) for ar in cfg.areas], np.int32)  # TorchRay's reference
-    reference = jnp.asarray(np.arange(m_full)[None, :] >= n_zero[:, None], jnp.float32)  # (A, M)
+    dt = pyramids.dtype
+    reference = jnp.asarray(np.arange(m_full)[None, :] >= n_zero[:, None], dt)  # (A, M)
     perturb = jax.vmap(jax.vmap(apply_perturbation, in_axes=(None, 0)), in_axes=(0, 0))  # (N,L..),(N,A,H,W)
 
     def score(out: jax.Array, s: jax.Array) -> jax.Array:  # out (N, A, K), s (N, 1, K)
-        out = out.astype(jnp.float32)
+        out = out.astype(dt)
         if cfg.reward == "contrastive":
             others = jnp.where(s > 0, -jnp.inf, out).max(-1)
             return (out * s).sum(-1) - others
@@ -581,7 +584,7 @@ def _step(
             reward = score(out, seed[:, None])
             if cfg.variant == "delete":
                 reward = -reward
-        lam = cfg.regul_weight * jnp.power(jnp.float32(cfg.regul_growth), it.astype(jnp.float32))
+        lam = cfg.regul_weight * jnp.power(jnp.asarray(cfg.regul_growth, dt), it.astype(dt))
         srt = jnp.sort(full.reshape(n, a, m_full), axis=-1)
         regul = -lam * ((srt - reference[None]) ** 2).mean(-1)
         return -(reward + regul).sum(), (reward, regul)
@@ -604,9 +607,9 @@ def _finish(
     crop, full = jax.lax.stop_gradient(_masks_of(cfg, (h, w))(pm_last))
     if cfg.smooth > 0:
         s = float(cfg.smooth) * min(h, w)
-        bh, bw = jnp.asarray(blur_matrix(h, s)), jnp.asarray(blur_matrix(w, s))
+        bh, bw = jnp.asarray(blur_matrix(h, s, crop.dtype)), jnp.asarray(blur_matrix(w, s, crop.dtype))
         crop = jnp.einsum("hi,naij,wj->nahw", bh, crop, bw, precision=jax.lax.Precision.HIGHEST)
-    return ExtremalResult(crop.astype(jnp.float32), full.astype(jnp.float32), rewards, reguls)
+    return ExtremalResult(crop, full, rewards, reguls)
 
 
 _finish_jit = jax.jit(_finish, static_argnums=(0, 1))
