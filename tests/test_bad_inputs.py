@@ -156,10 +156,7 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
 }
 
 #: Known gaps in files outside this change (strict: the test says when they are fixed).
-XFAIL = {
-    ("visualize", "missing weights"): "xaijax/features/cli.py creates --out before it reads --weights",
-    ("dissect", "missing weights"): "xaijax/features/dissect_cli.py creates --out before it reads --weights",
-}
+XFAIL: dict[tuple[str, str], str] = {}  # (subcommand, case) -> reason, for a known defect
 CASES["visualize"].append(
     ("missing weights", ["visualize", "--weights", "{work}/nope.safetensors", "--layer", "layer4", "--out", "{work}/vis"], "weights file not found")
 )

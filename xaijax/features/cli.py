@@ -140,8 +140,8 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch must be >= 1; got {args.batch}")
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size must be >= 1; got {args.size}")
-    out = _out_dir(args.out)
     model, variables, info = checkpoints.load(args.arch, args.weights)
+    out = _out_dir(args.out)  # after the weights are read: a bad --weights leaves no folder behind
     size, convention = _size_and_convention(args, info)
     layer = None if args.layer in ("logits", "output") else args.layer
     cfg = V.PreImage(

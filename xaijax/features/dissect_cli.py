@@ -77,8 +77,8 @@ def cmd_dissect(args: argparse.Namespace) -> dict[str, Any]:
         cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
         dataset = BrodenDataset(args.data_dir, categories=cats, split=args.split, size=args.size,
                                 mask_size=args.mask_size, max_images=args.images)
-    out = _out_dir(args.out)
     model, variables, info = checkpoints.load(args.arch, weights)
+    out = _out_dir(args.out)  # after the weights are read: a bad --weights leaves no folder behind
     convention = preprocess.convention(info, args.preprocess)
     layer = args.layer or registry.spec(info["arch"]).cam_layer
     t0 = time.perf_counter()
