@@ -124,13 +124,38 @@ def _num_classes_for_target(method: Method, model: Any, variables: Any, x: Any, 
     shape = np.shape(x)
     if len(shape) != 4 or shape[0] == 0:
         return None
+    return _output_classes(model, variables, x)
+
+
+#: (model, variables' structure and shapes, x's shape and dtype) -> number of outputs (or None).
+_OUTPUT_CLASSES: dict[Any, int | None] = {}
+
+
+def _output_classes(model: Any, variables: Any, x: Any) -> int | None:
+    """The model's number of outputs K for the batch ``x`` (None if it is not an (N, K) classifier).
+
+    One abstract evaluation of the model per model and shapes: the result is cached (nested
+    methods and repeated calls, e.g. combinators and evaluation loops, ask again)."""
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    try:
+        key = (model, tree, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves), np.shape(x), str(getattr(x, "dtype", "")))
+        hash(key)
+    except TypeError:  # an unhashable module: no cache
+        key = None
+    if key is not None and key in _OUTPUT_CLASSES:
+        return _OUTPUT_CLASSES[key]
     try:
         logits = jax.eval_shape(lambda v, xx: model.apply(v, xx), variables, x)
     except Exception:  # not a plain classifier forward pass (or a bad x, which the method reports)
-        return None
-    if not hasattr(logits, "shape") or len(logits.shape) != 2 or logits.shape[0] != shape[0]:
-        return None
-    return int(logits.shape[-1])
+        k = None
+    else:
+        ok = hasattr(logits, "shape") and len(logits.shape) == 2 and logits.shape[0] == np.shape(x)[0]
+        k = int(logits.shape[-1]) if ok else None
+    if key is not None:
+        if len(_OUTPUT_CLASSES) > 256:
+            _OUTPUT_CLASSES.clear()
+        _OUTPUT_CLASSES[key] = k
+    return k
 
 
 def _nan_where_out_of_range(target: Any, k: int, out: Any) -> Any:
