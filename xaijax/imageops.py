@@ -4,7 +4,10 @@
   centres, ``align_corners=False``, no antialiasing, also when shrinking),
   ``"bilinear-align-corners"`` (``align_corners=True``) and ``"bicubic"`` (Keys cubic
   convolution with ``a = -0.75``, half-pixel centres, border pixels replicated, no
-  antialiasing). :func:`resize_matrix` is the same operation along one axis as a matrix.
+  antialiasing); ``"bicubic-antialias"`` (``F.interpolate(mode="bicubic", antialias=True)``:
+  Keys cubic with ``a = -0.5``, support widened by the scale when shrinking, weights
+  normalised per output; what timm resamples position embeddings with).
+  :func:`resize_matrix` is the same operation along one axis as a matrix.
 * :func:`gaussian_blur` — separable Gaussian with reflect borders (kornia's
   ``gaussian_blur2d`` default, the taps of :func:`gaussian_kernel1d`).
 * :func:`minmax_normalize` — per-sample ``(m - min) / (max - min)``, constant maps -> 0.
@@ -33,7 +36,7 @@ __all__ = [
     "safe_divide",
 ]
 
-RESIZE_METHODS = ("bilinear", "bilinear-align-corners", "bicubic")
+RESIZE_METHODS = ("bilinear", "bilinear-align-corners", "bicubic", "bicubic-antialias")
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -55,6 +58,17 @@ def _resize_matrix_cached(in_size: int, out_size: int, method: str, a: float) ->
         t = src - i0
         np.add.at(m, (rows, i0), 1.0 - t)
         np.add.at(m, (rows, i1), t)
+        return m
+    if method == "bicubic-antialias":
+        scale = in_size / out_size
+        support = 2.0 * scale if scale >= 1.0 else 2.0
+        invscale = 1.0 / scale if scale >= 1.0 else 1.0
+        for i in range(out_size):
+            center = scale * (i + 0.5)
+            lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+            w = _cubic_weight((np.arange(lo, hi) - center + 0.5) * invscale, -0.5)
+            total = w.sum()
+            m[i, lo:hi] = w / total if total != 0 else w
         return m
     src = (rows + 0.5) * (in_size / out_size) - 0.5
     if method == "bilinear":

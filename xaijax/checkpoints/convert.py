@@ -206,7 +206,8 @@ def _tuplify(v: Any) -> Any:
 
 
 def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: Path) -> None:
-    from xaijax.checkpoints.mapping import _flat, variable_template
+    from xaijax.checkpoints.mapping import variable_template
+    from xaijax.checkpoints.trees import flatten as _flat
 
     want = {k: tuple(v.shape) for k, v in _flat(variable_template(model)).items()}
     have = {k: tuple(np.shape(v)) for k, v in _flat(variables).items()}

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.checkpoints.errors import CheckpointMismatchError
+from xaijax.checkpoints.trees import flatten as _flat
+from xaijax.checkpoints.trees import unflatten as _unflat
 from xaijax.checkpoints import vit_mapping
 
 __all__ = ["from_torch_state_dict", "to_torch_state_dict", "guess_family", "guess_arch", "describe_structure", "variable_template"]
@@ -55,26 +57,6 @@ def variable_template(model: nn.Module, input_shape: tuple[int, ...] = (1, 224, 
         input_shape = (input_shape[0], model.image_size, model.image_size, input_shape[-1])
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-
-
-def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = v
-    return out
 
 
 def guess_family(keys: Any) -> str | None:

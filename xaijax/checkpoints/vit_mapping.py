@@ -38,7 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax import imageops
 from xaijax.checkpoints.errors import CheckpointMismatchError
+from xaijax.checkpoints.trees import flatten as _flat
+from xaijax.checkpoints.trees import unflatten as _unflat
 
 __all__ = [
     "FAMILIES",
@@ -122,34 +125,11 @@ def model_kwargs_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any
 # position-embedding resampling
 
 
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
 def aa_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float64 matrix of ``F.interpolate(mode="bicubic", antialias=True,
-    align_corners=False)`` along one axis (torch's separable antialiased kernel: Keys cubic with
-    a = -0.5, support widened by the scale when shrinking, weights normalised per output, taps
-    outside the input dropped) -- what timm's ``resample_abs_pos_embed`` calls."""
-    in_size, out_size = int(in_size), int(out_size)
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
-    scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    m = np.zeros((out_size, in_size), np.float64)
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        j = np.arange(lo, hi)
-        w = _cubic((j - center + 0.5) * invscale, -0.5)
-        total = w.sum()
-        m[i, lo:hi] = w / total if total != 0 else w
-    return m
+    align_corners=False)`` along one axis -- what timm's ``resample_abs_pos_embed`` calls
+    (:func:`xaijax.imageops.resize_matrix` with ``"bicubic-antialias"``)."""
+    return imageops.resize_matrix(in_size, out_size, "bicubic-antialias")
 
 
 def resample_pos_embed(
@@ -198,26 +178,6 @@ def resample_pos_embed(
 
 # --------------------------------------------------------------------------------------------
 # state dict <-> variables
-
-
-def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for p in path[:-1]:
-            d = d.setdefault(p, {})
-        d[path[-1]] = v
-    return out
 
 
 def _template(model: nn.Module) -> dict[tuple[str, ...], Any]:

@@ -53,6 +53,7 @@ __all__ = [
     "CLASSIFIER_KINDS",
     "Method",
     "FunctionMethod",
+    "Wrapper",
     "as_method",
     "NotApplicable",
     "check_inputs",
@@ -245,6 +246,34 @@ def as_method(fn: Any, kind: str = "attribution", accepts_seed: bool = True) -> 
     if isinstance(fn, Method):
         return fn
     return FunctionMethod(fn, kind, accepts_seed)
+
+
+class Wrapper(Method):
+    """Base of the combinators: a method built around another one, its ``method`` field.
+
+    Its ``kind`` and ``accepts_seed`` are the wrapped method's (a smoothed Grad-CAM is still a
+    CAM); subclasses call :meth:`_adopt_method` first in ``__post_init__``.
+    """
+
+    method: Method
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        """The wrapped method's kind."""
+        return self.method.kind
+
+    @property
+    def accepts_seed(self) -> bool:  # type: ignore[override]
+        """Seeds pass through to the wrapped method."""
+        return self.method.accepts_seed
+
+    def _adopt_method(self, owner: str) -> None:
+        """Turn a plain function into a :class:`FunctionMethod`; refuse a non-classifier kind."""
+        object.__setattr__(self, "method", as_method(self.method))
+        if not self.method.explains_classifier:
+            raise ValueError(
+                f"{owner} applies to classifier attribution methods; {type(self.method).__name__} is a {self.method.kind!r} method"
+            )
 
 
 def validate_positive_int(owner: str, name: str, value: Any, *, optional: bool = False) -> None:

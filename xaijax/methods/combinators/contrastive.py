@@ -62,7 +62,7 @@ import jax.numpy as jnp
 
 from xaijax.imageops import safe_divide
 from xaijax.methods import registry
-from xaijax.methods._core import Method, as_method, check_inputs, class_indices
+from xaijax.methods._core import Method, Wrapper, as_method, check_inputs, class_indices
 
 __all__ = ["Contrast", "contrast", "dual_seed", "seed_weights", "get_contrast"]
 
@@ -115,7 +115,7 @@ def _per_sample_sum(r: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Contrast(Method):
+class Contrast(Wrapper):
     """``method``'s map for the target minus its map for the other classes (module docstring).
 
     Attributes:
@@ -136,26 +136,16 @@ class Contrast(Method):
     weights: str | Callable[..., Any] = "one"
     dual_method: Method | None = None
 
-    accepts_seed = False
-
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        """The wrapped method's kind (a contrastive CAM is still a CAM)."""
-        return self.method.kind
+    accepts_seed = False  # a contrast needs class indices (its own seeds come from them)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", as_method(self.method))
+        self._adopt_method("contrast")  # its kind is the wrapped method's: a contrastive CAM is still a CAM
         if self.dual_method is not None:
             object.__setattr__(self, "dual_method", as_method(self.dual_method))
+            if not self.dual_method.explains_classifier:
+                raise ValueError(f"contrast: the dual method {type(self.dual_method).__name__} is a {self.dual_method.kind!r} method")
         for m in (self.method, self.dual_method):
-            if m is None:
-                continue
-            if not m.explains_classifier:
-                raise ValueError(
-                    f"contrast applies to attribution methods (model, variables, x, target) -> (N, H, W); "
-                    f"{type(m).__name__} is a {m.kind!r} method"
-                )
-            if not m.accepts_seed:
+            if m is not None and not m.accepts_seed:
                 raise ValueError(
                     f"contrast: {type(m).__name__} takes class indices only, not float seeds (N, K); contrast needs "
                     "a method that accepts float seeds (gradient, LRP, Grad-CAM, RISE, ...); CLRP and SGLRP are "

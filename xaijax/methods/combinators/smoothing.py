@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from xaijax.methods import registry
-from xaijax.methods._core import Method, as_method, check_inputs, validate_positive_int
+from xaijax.methods._core import Method, Wrapper, check_inputs, validate_positive_int
 
 __all__ = ["Smooth", "smooth", "get_smooth"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Smooth(Method):
+class Smooth(Wrapper):
     """Average of ``method`` over ``n`` noisy copies of the input (SmoothGrad / noise tunnel).
 
     For each sample ``x_i`` the noise level is ``sigma_i = noise * (max(x_i) - min(x_i))``
@@ -53,20 +53,8 @@ class Smooth(Method):
     seed: int = 0
     chunk: int | None = None
 
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        """The wrapped method's kind."""
-        return self.method.kind
-
-    @property
-    def accepts_seed(self) -> bool:  # type: ignore[override]
-        """Seeds pass through to the wrapped method."""
-        return self.method.accepts_seed
-
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", as_method(self.method))
-        if not self.method.explains_classifier:
-            raise ValueError(f"smooth applies to classifier attribution methods; {type(self.method).__name__} is a {self.method.kind!r} method")
+        self._adopt_method("smooth")
         validate_positive_int("smooth", "n", self.n)
         if not float(self.noise) >= 0.0:
             raise ValueError(f"smooth: noise must be a non-negative fraction of the input range, got {self.noise!r}")

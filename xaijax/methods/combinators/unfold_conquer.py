@@ -59,7 +59,7 @@ import numpy as np
 
 from xaijax import imageops
 from xaijax.methods import registry
-from xaijax.methods._core import Method, as_method, check_inputs, class_indices, target_scores, validate_positive_int
+from xaijax.methods._core import Method, Wrapper, check_inputs, class_indices, target_scores, validate_positive_int
 
 __all__ = ["Ucag", "ucag", "get_ucag", "UcagGeometry"]
 
@@ -88,7 +88,7 @@ class UcagGeometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Ucag(Method):
+class Ucag(Wrapper):
     """Unfold-and-conquer wrapper of ``method`` (see the module docstring for the formulas).
 
     Attributes:
@@ -116,20 +116,8 @@ class Ucag(Method):
     postprocess: str = "auto"
     chunk: int | None = None
 
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        """The wrapped method's kind."""
-        return self.method.kind
-
-    @property
-    def accepts_seed(self) -> bool:  # type: ignore[override]
-        """Seeds pass through to the wrapped method."""
-        return self.method.accepts_seed
-
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", as_method(self.method))
-        if not self.method.explains_classifier:
-            raise ValueError(f"ucag applies to classifier attribution methods; {type(self.method).__name__} is a {self.method.kind!r} method")
+        self._adopt_method("ucag")
         validate_positive_int("ucag", "n", self.n)
         validate_positive_int("ucag", "patch", self.patch)
         validate_positive_int("ucag", "reference_size", self.reference_size)
