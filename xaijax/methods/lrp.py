@@ -57,7 +57,9 @@ SGLRP (Iwana, Kuroki & Uchida, ICCVW 2019). Seeds from the softmax gradient: tar
 ``y_t (1 - y_t)`` (plus 1e-8), others ``y_t y_i``; map ``R_target - R_others * sum(R_target)
 / sum(R_others)`` (``scaling=True``, as in the authors' code; ``scaling=False`` gives LRP of
 the signed softmax gradient itself). Rule set as for CLRP (the same ``composite`` and
-``low``/``high``/``bias`` options).
+``low``/``high``/``bias`` options). Where ``sum(R_others)`` is exactly zero the authors' code
+divides by it and its map becomes NaN; xaijax deliberately drops the dual term there (the map
+is ``R_target``), as for CLRP.
 
 Both are the :func:`~xaijax.methods.combinators.contrast` combinator over seed-propagating
 LRP (``LRP(composite, output="seed")``): CLRP with ``weights="abs-logit"`` and
