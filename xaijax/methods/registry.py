@@ -13,11 +13,11 @@ then calls ``get_ucag("rsp", **hparams)``. The registry imports no method module
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from xaijax.methods._core import Method
 
-__all__ = ["register", "register_prefix", "get", "names", "prefixes", "describe", "kind"]
+__all__ = ["register", "register_prefix", "get", "get_wrapped", "names", "prefixes", "describe", "kind"]
 
 _REGISTRY: dict[str, tuple[Callable[..., Method], str]] = {}
 _PREFIXES: dict[str, tuple[Callable[..., Method], str]] = {}
@@ -64,6 +64,20 @@ def get(name: str, **hparams: Any) -> Method:
         return factory(**hparams)
     except TypeError as e:
         raise ValueError(f"bad hyperparameters for method {name!r}: {e}") from None
+
+
+def get_wrapped(prefix: str, wrapper: Callable[..., Method], fields: Sequence[str], name: str, hparams: Mapping[str, Any]) -> Method:
+    """``wrapper(get(name, **rest), **options)``: the ``<prefix>:<name>`` lookup of a combinator.
+
+    Keys ``<prefix>_<field>`` of ``hparams`` configure the wrapper (``field`` one of
+    ``fields``); all other keys are hyperparameters of the base method ``name``.
+    """
+    p = prefix + "_"
+    options = {key[len(p):]: v for key, v in hparams.items() if key.startswith(p)}
+    bad = sorted(set(options) - set(fields))
+    if bad:
+        raise ValueError(f"unknown {prefix} option(s) {', '.join(p + b for b in bad)}; use {p} + one of {tuple(fields)}")
+    return wrapper(get(name, **{key: v for key, v in hparams.items() if not key.startswith(p)}), **options)
 
 
 def names() -> list[str]:

@@ -220,14 +220,7 @@ def get_contrast(name: str, **hparams: Any) -> Contrast:
     ``contrast_scale="none"``, ``contrast_positive=True``); the rest are hyperparameters of
     the base method, built with :func:`xaijax.methods.registry.get`.
     """
-    opts = {key[9:]: v for key, v in hparams.items() if key.startswith("contrast_")}
-    bad = sorted(set(opts) - set(_CONTRAST_FIELDS))
-    if bad:
-        raise ValueError(
-            f"unknown contrast option(s) {', '.join('contrast_' + b for b in bad)}; use contrast_ + one of {_CONTRAST_FIELDS}"
-        )
-    base = registry.get(name, **{key: v for key, v in hparams.items() if not key.startswith("contrast_")})
-    return Contrast(base, **opts)
+    return registry.get_wrapped("contrast", Contrast, _CONTRAST_FIELDS, name, hparams)
 
 
 registry.register_prefix("contrast", get_contrast, "contrast (target minus the other classes)")

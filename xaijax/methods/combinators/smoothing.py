@@ -100,12 +100,7 @@ def get_smooth(name: str, **hparams: Any) -> Smooth:
     Keyword arguments prefixed ``smooth_`` configure the wrapper (``smooth_n=20``); the rest
     are hyperparameters of the base method.
     """
-    opts = {key[7:]: v for key, v in hparams.items() if key.startswith("smooth_")}
-    bad = sorted(set(opts) - set(_SMOOTH_FIELDS))
-    if bad:
-        raise ValueError(f"unknown smooth option(s) {', '.join('smooth_' + b for b in bad)}; use smooth_ + one of {_SMOOTH_FIELDS}")
-    base = registry.get(name, **{key: v for key, v in hparams.items() if not key.startswith("smooth_")})
-    return Smooth(base, **opts)
+    return registry.get_wrapped("smooth", Smooth, _SMOOTH_FIELDS, name, hparams)
 
 
 registry.register_prefix("smooth", get_smooth, "SmoothGrad-style noise averaging")

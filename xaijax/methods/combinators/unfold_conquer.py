@@ -267,12 +267,7 @@ def get_ucag(name: str, **hparams: Any) -> Ucag:
     ``ucag_weighting="none"``, ...); all others are hyperparameters of the base method,
     built with :func:`xaijax.methods.registry.get`.
     """
-    opts = {key[5:]: v for key, v in hparams.items() if key.startswith("ucag_")}
-    bad = sorted(set(opts) - set(_UCAG_FIELDS))
-    if bad:
-        raise ValueError(f"unknown ucag option(s) {', '.join('ucag_' + b for b in bad)}; use ucag_ + one of {_UCAG_FIELDS}")
-    base = registry.get(name, **{key: v for key, v in hparams.items() if not key.startswith("ucag_")})
-    return Ucag(base, **opts)
+    return registry.get_wrapped("ucag", Ucag, _UCAG_FIELDS, name, hparams)
 
 
 registry.register_prefix("ucag", get_ucag, "UCAG (Hwang et al. 2023): zoomed patches, confidence-weighted")
