@@ -47,6 +47,9 @@ def _cmd_methods(args: argparse.Namespace) -> None:
 
     for n in methods.names():
         print(f"{n:28s} {methods.describe(n)}")
+    print()
+    for p in methods.prefixes():
+        print(f"{p + ':<method>':28s} {methods.registry.describe_prefix(p)} (options {p}_...)")
 
 
 def _cmd_port(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from xaijax.methods._core import Method
 
-__all__ = ["register", "register_prefix", "get", "get_wrapped", "names", "prefixes", "describe", "kind"]
+__all__ = ["register", "register_prefix", "get", "get_wrapped", "names", "prefixes", "describe", "describe_prefix", "kind"]
 
 _REGISTRY: dict[str, tuple[Callable[..., Method], str]] = {}
 _PREFIXES: dict[str, tuple[Callable[..., Method], str]] = {}
@@ -99,6 +99,13 @@ def describe(name: str) -> str:
     if name not in _REGISTRY:
         get(name)  # raises the readable error
     return _REGISTRY[name][1]
+
+
+def describe_prefix(prefix: str) -> str:
+    """One-line summary of a registered combinator prefix (``"ucag"``)."""
+    if prefix not in _PREFIXES:
+        raise ValueError(f"unknown method prefix {prefix!r}; registered prefixes: {', '.join(prefixes())}")
+    return _PREFIXES[prefix][1]
 
 
 def kind(name: str) -> str:
