@@ -500,3 +500,18 @@ def test_registry_and_errors(tiny):
             rsp.RSP()(models.get(name, **kw), {}, jnp.zeros((1, 75, 75, 3)), 0)
     with pytest.raises(ValueError, match="applies to convolutions"):
         RSPConv().check("fc", "dense", [(1, 4)], (1, 2))
+
+
+def test_contrastive_rsp_refuses_a_one_position_cam_layer():
+    """At a 1x1 CAM layer every channel's normalised map is 1, target and hostile maps cancel and
+    the seed is rounding noise (jit vs no-jit differed by up to 100 % of the map): a clear error."""
+    import jax.numpy as jnp
+
+    from xaijax import methods, models
+    from xaijax.models.init import random_variables
+
+    m = models.get("resnet18", num_classes=4, width=8, layers=(1, 1, 1, 1))
+    v = random_variables(m, (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="more than one position"):
+        methods.get("contrastive-rsp")(m, v, jnp.ones((1, 32, 32, 3)), 1)
+    assert methods.get("contrastive-rsp")(m, v, jnp.ones((1, 64, 64, 3)), 1).shape == (1, 64, 64)

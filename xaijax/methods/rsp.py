@@ -258,6 +258,13 @@ class ContrastiveRSP(Method):
         # needs fewer passes through the head above the CAM layer)
         out, lin, a = jax.linearize(head, zeros, has_aux=True)
         _check_map(a, name)
+        if a.shape[1] * a.shape[2] == 1:
+            # every channel's normalised map is 1 at its single position: the target's and the
+            # hostile classes' maps cancel and the seed is rounding noise
+            raise ValueError(
+                f"contrastive-rsp needs a CAM layer with more than one position; {name!r} is 1x1 for a "
+                f"{x.shape[1]}x{x.shape[2]} input: use a larger input or pass layer= an earlier layer"
+            )
         n, k = out.shape
         if k < 2:
             raise ValueError(f"contrastive-rsp needs a model with at least 2 outputs; this one has {k}")
