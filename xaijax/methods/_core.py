@@ -57,6 +57,7 @@ __all__ = [
     "as_method",
     "NotApplicable",
     "check_inputs",
+    "declared_layer",
     "class_indices",
     "as_seed",
     "target_scores",
@@ -274,6 +275,22 @@ class Wrapper(Method):
             raise ValueError(
                 f"{owner} applies to classifier attribution methods; {type(self.method).__name__} is a {self.method.kind!r} method"
             )
+
+
+def declared_layer(model: nn.Module, attribute: str, what: str) -> str:
+    """The default layer a model declares as the string attribute ``attribute`` (``cam_layer``,
+    ``excitation_layer``): the model protocol for default layers, one source per architecture.
+
+    Raises:
+      NotApplicable: the model declares none (``what`` names the layer in the message).
+    """
+    layer = getattr(model, attribute, None)
+    if isinstance(layer, str):
+        return layer
+    raise NotApplicable(
+        f"no default {what} for a {type(model).__name__}; pass layer='<dotted layer name>' "
+        f"(see xaijax.models.taps.layer_names) or give the module the string attribute {attribute}"
+    )
 
 
 def validate_positive_int(owner: str, name: str, value: Any, *, optional: bool = False) -> None:

@@ -114,7 +114,7 @@ import jax
 import jax.numpy as jnp
 
 from xaijax import imageops
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, layer_gradients, validate_positive_int
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, declared_layer, layer_gradients, validate_positive_int
 from xaijax.methods.combinators import Ucag
 from xaijax.methods.registry import register
 from xaijax.models import layers as L
@@ -152,13 +152,7 @@ def default_cam_layer(model: nn.Module) -> str:
     Raises:
       NotApplicable: the model declares no ``cam_layer`` (pass ``layer=`` explicitly).
     """
-    layer = getattr(model, "cam_layer", None)  # the model protocol, not a method probe
-    if isinstance(layer, str):
-        return layer
-    raise NotApplicable(
-        f"no default CAM layer for a {type(model).__name__}; pass layer='<dotted layer name>' "
-        "(see xaijax.models.taps.layer_names) or give the module a cam_layer attribute"
-    )
+    return declared_layer(model, "cam_layer", "CAM layer")
 
 
 def activation_and_gradient(

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from xaijax import imageops
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs
+from xaijax.methods._core import Method, as_seed, check_inputs, declared_layer
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
 from xaijax.propagation.engine import plan, relevance
@@ -48,13 +48,7 @@ def default_excitation_layer(model: nn.Module) -> str:
     Raises:
       NotApplicable: the model declares none (pass ``layer=`` explicitly).
     """
-    layer = getattr(model, "excitation_layer", None)  # the model protocol, not a method probe
-    if isinstance(layer, str):
-        return layer
-    raise NotApplicable(
-        f"no default Excitation Backprop layer for a {type(model).__name__}; pass layer='<dotted layer name>' "
-        "or give the module an excitation_layer attribute"
-    )
+    return declared_layer(model, "excitation_layer", "Excitation Backprop layer")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -201,7 +201,27 @@ def _check(model: nn.Module, x: jax.Array) -> None:
 
 
 class _ViTFacts:
-    """Properties shared by both layouts (mixed into the linen modules)."""
+    """Properties shared by both layouts (mixed into the linen modules); each layout names its
+    blocks with ``_block_name`` (formatted with the block index) and its attention softmax with
+    ``_attention_suffix`` inside a block."""
+
+    _block_name: ClassVar[str]
+    _attention_suffix: ClassVar[str]
+
+    @property
+    def block_layers(self) -> tuple[str, ...]:
+        """Names of the blocks (their outputs are the tokens, (N, T, D))."""
+        return tuple(self._block_name.format(i) for i in range(self.num_layers))
+
+    @property
+    def attention_layers(self) -> tuple[str, ...]:
+        """Names of the softmax modules: the attention probabilities (N, heads, T, T) of each block."""
+        return tuple(f"{b}.{self._attention_suffix}" for b in self.block_layers)
+
+    @property
+    def cam_layer(self) -> str:
+        """Default CAM layer: the last block's output tokens (token-grid handling is the CAM methods' job)."""
+        return self.block_layers[-1]
 
     @property
     def grid_size(self) -> int:
@@ -229,6 +249,8 @@ class VisionTransformer(_ViTFacts, nn.Module):
 
     family: ClassVar[str] = "vit"
     num_prefix_tokens: ClassVar[int] = 1
+    _block_name: ClassVar[str] = "encoder.layers.encoder_layer_{}"
+    _attention_suffix: ClassVar[str] = "self_attention.attn"
 
     image_size: int = 224
     patch_size: int = 16
@@ -238,21 +260,6 @@ class VisionTransformer(_ViTFacts, nn.Module):
     mlp_dim: int = 3072
     num_classes: int = 1000
     eps: float = 1e-6
-
-    @property
-    def block_layers(self) -> tuple[str, ...]:
-        """Names of the blocks (their outputs are the tokens, (N, T, D))."""
-        return tuple(f"encoder.layers.encoder_layer_{i}" for i in range(self.num_layers))
-
-    @property
-    def attention_layers(self) -> tuple[str, ...]:
-        """Names of the softmax modules: the attention probabilities (N, heads, T, T) of each block."""
-        return tuple(f"{b}.self_attention.attn" for b in self.block_layers)
-
-    @property
-    def cam_layer(self) -> str:
-        """Default CAM layer: the last block's output tokens (token-grid handling is the CAM methods' job)."""
-        return self.block_layers[-1]
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -276,6 +283,8 @@ class DeiT(_ViTFacts, nn.Module):
     """
 
     family: ClassVar[str] = "deit"
+    _block_name: ClassVar[str] = "blocks.{}"
+    _attention_suffix: ClassVar[str] = "attn.attn"
 
     image_size: int = 224
     patch_size: int = 16
@@ -291,21 +300,6 @@ class DeiT(_ViTFacts, nn.Module):
     def num_prefix_tokens(self) -> int:
         """1, or 2 for distilled models (class and distillation tokens, in that order)."""
         return 2 if self.distilled else 1
-
-    @property
-    def block_layers(self) -> tuple[str, ...]:
-        """Names of the blocks (their outputs are the tokens, (N, T, D))."""
-        return tuple(f"blocks.{i}" for i in range(self.num_layers))
-
-    @property
-    def attention_layers(self) -> tuple[str, ...]:
-        """Names of the softmax modules: the attention probabilities (N, heads, T, T) of each block."""
-        return tuple(f"{b}.attn.attn" for b in self.block_layers)
-
-    @property
-    def cam_layer(self) -> str:
-        """Default CAM layer: the last block's output tokens (token-grid handling is the CAM methods' job)."""
-        return self.block_layers[-1]
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
