@@ -229,7 +229,7 @@ def test_taps_capture_attention_probabilities_and_tokens(x64):
         assert a.shape == (2, fm.num_heads, t, t)
         assert (a >= 0).all()
         np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-12)
-    assert cap[fm.cam_layer].shape == (2, t, fm.hidden_dim) and fm.cam_layer == fm.block_layers[-1]
+    assert cap[fm.block_layers[-1]].shape == (2, t, fm.hidden_dim) and fm.cam_layer == fm.block_layers[-1] + ".ln_1"
     # the probabilities of block 0 are torch's MultiheadAttention weights (per head)
     with torch.no_grad():
         xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -250,7 +250,7 @@ def test_deit_attention_names_and_layer_list():
     for n in ("patch_embed.proj", "blocks.1.attn.qkv", "blocks.1.attn.qk", "blocks.1.attn.attn", "blocks.1.attn.av", "blocks.1.attn.proj",
               "blocks.1.mlp.fc1", "blocks.1.mlp.act", "blocks.1.norm2", "norm", "head", "head_dist", "head_mean"):
         assert n in names, n
-    assert fm.attention_layers == ("blocks.0.attn.attn", "blocks.1.attn.attn") and fm.cam_layer == "blocks.1"
+    assert fm.attention_layers == ("blocks.0.attn.attn", "blocks.1.attn.attn") and fm.cam_layer == "blocks.1.norm1"
     assert fm.num_prefix_tokens == 2 and fm.num_tokens == 18
 
 
@@ -268,7 +268,7 @@ def test_registry_entries():
         s = models.spec(name)
         m = s.build()
         assert (s.family, m.patch_size, m.num_layers, m.hidden_dim, s.input_size) == (fam, p, depth, d, 224)
-        assert s.cam_layer == m.block_layers[-1]
+        assert s.cam_layer == m.block_layers[-1] + (".ln_1" if fam == "vit" else ".norm1")
     assert models.get("deit_tiny_distilled_patch16_224").distilled
     assert models.get("vit_l_16").num_heads == 16 and models.get("deit_small_patch16_224").num_heads == 6
     # torchvision's shapes for vit_b_16 (traced only)

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.models import taps
+from xaijax.models import transformer_layers as _tl
 
 __all__ = [
     "KINDS",
@@ -63,6 +64,10 @@ __all__ = [
     "target_scores",
     "target_score",
     "layer_gradients",
+    "token_grid",
+    "fixed_input_size",
+    "non_piecewise_linear_layers",
+    "require_piecewise_linear",
     "reduce_channels",
     "validate_positive_int",
 ]
@@ -442,6 +447,126 @@ def layer_gradients(
     zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
     grads, (acts, out) = jax.grad(score, has_aux=True)(zeros)
     return acts, grads, out
+
+
+def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
+    """A layer's output as an NHWC grid: (N, h, w, C) maps unchanged; vision-transformer tokens
+    (N, T, D) without their prefix tokens, reshaped to the patch grid (N, gh, gw, D).
+
+    The grid comes from the model, never from the caller: it must declare the int attribute
+    ``num_prefix_tokens`` (tokens in front of the patch tokens: 1 for the class token, 2 with
+    DeiT's distillation token) and ``grid_size`` (patches per side, an int or ``(rows,
+    cols)``), as :class:`xaijax.models.vit.VisionTransformer` and ``DeiT`` do. Patch tokens
+    are in row-major order (the order of the patch embedding's flatten). Apply it to a layer's
+    activation *and* to its gradient (same shapes).
+
+    Raises:
+      ValueError: an output that is neither (N, h, w, C) nor (N, T, D); tokens on a model that
+        does not declare ``num_prefix_tokens`` and ``grid_size`` (the message says which is
+        missing); a token count that is not ``num_prefix_tokens + rows * cols``.
+    """
+    shape = tuple(a.shape)
+    if len(shape) == 4:
+        return a
+    if len(shape) != 3:
+        raise ValueError(
+            f"layer {layer!r} outputs an array of shape {shape}; a map method needs an NHWC feature map "
+            "(N, h, w, C) or vision-transformer tokens (N, T, D)"
+        )
+    prefix = getattr(model, "num_prefix_tokens", None)
+    grid = getattr(model, "grid_size", None)
+    missing = []
+    if isinstance(prefix, bool) or not isinstance(prefix, (int, np.integer)) or prefix < 0:
+        missing.append("num_prefix_tokens (an int: class/distillation tokens before the patch tokens)")
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        grid = (int(grid), int(grid))
+    elif not (isinstance(grid, tuple) and len(grid) == 2 and all(isinstance(g, (int, np.integer)) for g in grid)):
+        missing.append("grid_size (an int, patches per side, or (rows, cols))")
+    if missing:
+        raise ValueError(
+            f"layer {layer!r} outputs tokens (N, T, D) = {shape}; turning them into a patch grid needs the model "
+            f"to declare {' and '.join(missing)}; {type(model).__name__} does not. Give the module these "
+            "attributes (as xaijax.models.vit.VisionTransformer does) or pick a layer with an NHWC output"
+        )
+    rows, cols = int(grid[0]), int(grid[1])
+    if shape[1] != int(prefix) + rows * cols:
+        raise ValueError(
+            f"layer {layer!r} outputs {shape[1]} tokens, but {type(model).__name__} declares {int(prefix)} prefix "
+            f"token(s) and a {rows}x{cols} patch grid ({int(prefix) + rows * cols} tokens)"
+        )
+    return a[:, int(prefix) :].reshape(shape[0], rows, cols, shape[2])
+
+
+def fixed_input_size(model: nn.Module) -> int | None:
+    """The only input side a model accepts (its int attribute ``image_size``, as the vision
+    transformers declare: their position embedding is made for one grid), or ``None`` for
+    models that take any size (the CNNs). Methods that resize the input (UCAG's zoomed
+    patches, CAMERAS' resolutions) read it."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0:
+        return int(size)
+    return None
+
+
+#: Layer kinds that make a network not piecewise linear (transformer layers): the ReLU rules
+#: (DeconvNet, Guided Backprop), FullGrad's decomposition and the ReLU-network propagation
+#: methods (RAP, RSP, Excitation Backprop, BiLRP's default rules) are not defined through them.
+_NOT_PIECEWISE_LINEAR: tuple[type, ...] = (_tl.LayerNorm, _tl.Softmax, _tl.GELU, _tl.MatMul, nn.LayerNorm, nn.GroupNorm)
+_NPL_CACHE: dict[Any, tuple[str, ...]] = {}
+
+
+def non_piecewise_linear_layers(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> tuple[str, ...]:
+    """The kinds of layers in ``model``'s forward pass that are not piecewise linear
+    (LayerNorm, softmax, GELU, the bilinear attention products ``MatMul``), as sorted
+    ``"Kind (first.layer.name)"`` strings; empty for a ReLU network.
+
+    One abstract evaluation (``jax.eval_shape``: nothing is computed), cached per model and
+    shapes; works on traced arguments (inside ``jit``/``vmap``).
+    """
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    try:
+        key = (model, tree, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves), np.shape(x), str(getattr(x, "dtype", "")))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _NPL_CACHE:
+        return _NPL_CACHE[key]
+    first: dict[str, str] = {}
+
+    def on_call(name, module, call_next, args, kwargs):
+        if isinstance(module, _NOT_PIECEWISE_LINEAR):
+            first.setdefault(type(module).__name__, name)
+        return call_next(*args, **kwargs)
+
+    def run(v, xx):
+        with taps.intercept_calls(on_call):
+            return model.apply(v, xx)
+
+    jax.eval_shape(run, variables, x)
+    found = tuple(f"{k} ({first[k]})" for k in sorted(first))
+    if key is not None:
+        if len(_NPL_CACHE) > 256:
+            _NPL_CACHE.clear()
+        _NPL_CACHE[key] = found
+    return found
+
+
+def require_piecewise_linear(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, method: str, why: str) -> None:
+    """Raise :class:`NotApplicable` if ``model`` calls layers that are not piecewise linear
+    (a transformer: LayerNorm, softmax, GELU, attention products).
+
+    Args:
+      method: the method's name for the message.
+      why: what the method needs from a ReLU network (a sentence fragment for the message).
+    """
+    found = non_piecewise_linear_layers(model, variables, x)
+    if found:
+        raise NotApplicable(
+            f"{method} is defined for piecewise-linear (ReLU) networks: {why}; {type(model).__name__} calls "
+            f"layers that are not piecewise linear: {', '.join(found)} (a transformer). For transformers use the "
+            "gradient family (gradient, gradient-x-input, integrated-gradients, smoothgrad), the CAM family "
+            "(grad-cam etc.: token grids are handled), rise, extremal-perturbation, or LRP rules for transformers"
+        )
 
 
 def reduce_channels(a: jax.Array, how: str) -> jax.Array:

@@ -36,7 +36,10 @@ the input layer (ImageNet-normalised RGB bounds), LRP-gamma with gamma 0.5 up to
 0.25 up to conv4_1, 0.1 up to conv5_1 and 0 (the z-rule, stabiliser 1e-9) above, max pooling
 winner-take-all. Other networks get the same schedule by relative depth among their
 convolutions (the k-th of n convolutions uses the VGG-16 gamma of depth k / n). Any
-:class:`~xaijax.propagation.Composite` or composite name can be passed instead.
+:class:`~xaijax.propagation.Composite` or composite name can be passed instead. With the
+default rules, a model that is not piecewise linear (a vision transformer: LayerNorm,
+softmax, GELU) raises :class:`~xaijax.methods.NotApplicable`; an explicit ``composite`` is
+left to the propagation engine.
 
 Deliberate differences from the authors' code: patches are *sum*-pooled (the reference
 average-pools, which only divides by the patch area) so that the pair relevances add up to
@@ -58,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.atomic import atomic_write
-from xaijax.methods._core import Method, check_inputs
+from xaijax.methods._core import Method, check_inputs, require_piecewise_linear
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
 from xaijax.propagation.composites import Composite
@@ -284,6 +287,15 @@ class BiLRP(Method):
             )
         if x.dtype != x_prime.dtype:
             raise ValueError(f"x and x_prime must have the same dtype; got {x.dtype} and {x_prime.dtype}")
+        if self.composite is None:
+            require_piecewise_linear(
+                model,
+                variables,
+                x,
+                "BiLRP with its default rules",
+                "the authors' gamma schedule is for convolutions and dense layers with ReLU; pass composite= an "
+                "LRP composite that covers the model's layers",
+            )
         from xaijax.methods.cam import default_cam_layer
 
         layer = default_cam_layer(model) if self.layer is None else self.layer

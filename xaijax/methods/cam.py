@@ -11,6 +11,17 @@ sample. ``A`` (N, h, w, K) is the activation of the CAM layer (a dotted layer na
 :func:`xaijax.imageops.resize` (PyTorch's ``bilinear``, ``align_corners=False``) and are
 *not* min-max normalised at the end unless stated (metrics normalise when they need to).
 
+Vision transformers. A CAM layer whose output is tokens (N, T, D) — a ViT/DeiT block or one of
+its LayerNorms — is turned into an NHWC grid before any CAM computation, activations and
+gradients alike: the model's ``num_prefix_tokens`` prefix tokens (class, distillation) are
+dropped and the patch tokens reshaped to its ``grid_size`` (:func:`xaijax.methods._core.token_grid`;
+the user never passes a reshape; a token layer on a model that does not declare both facts
+raises a ``ValueError`` naming what is missing). The ViTs' default layer is the last block's
+first LayerNorm (see :mod:`xaijax.models.vit`: at the block's output the patch tokens' gradients
+are exactly zero). ``cam`` (Zhou et al.) needs a global-pooling head and is
+:class:`~xaijax.methods.NotApplicable` on a ViT; ``cameras`` resizes the input and is
+NotApplicable on a model that takes one input size only (``image_size``).
+
 * ``grad-cam`` (Selvaraju et al., 2017): ``w_k = mean_ab g_abk``,
   ``cam = relu(sum_k w_k A_k)``.
 * ``grad-cam-plus-plus`` (Chattopadhay et al., 2018), the closed form for an exponential
@@ -114,7 +125,17 @@ import jax
 import jax.numpy as jnp
 
 from xaijax import imageops
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, declared_layer, layer_gradients, validate_positive_int
+from xaijax.methods._core import (
+    Method,
+    NotApplicable,
+    as_seed,
+    check_inputs,
+    declared_layer,
+    fixed_input_size,
+    layer_gradients,
+    token_grid,
+    validate_positive_int,
+)
 from xaijax.methods.combinators import Ucag
 from xaijax.methods.registry import register
 from xaijax.models import layers as L
@@ -185,8 +206,11 @@ def _layer_name(model: nn.Module, layer: str | None) -> str:
 
 
 def _spatial_layers(model, variables, x, target, names):
-    """``layer_gradients`` for ``names``, each checked to be an NHWC feature map."""
+    """``layer_gradients`` for ``names``, each an NHWC feature map (vision-transformer tokens
+    turned into their patch grid by :func:`~xaijax.methods._core.token_grid`)."""
     acts, grads, out = layer_gradients(model, variables, x, target, names)
+    acts = {k: token_grid(model, acts[k], k) for k in names}
+    grads = {k: token_grid(model, grads[k], k) for k in names}
     for k in names:
         _check_spatial(k, acts[k])
     return acts, grads, out
@@ -333,7 +357,8 @@ def gap_linear_head(
     if "out" not in seen:
         taps.check_layers(model, variables, x, [layer])  # raises the readable unknown-layer error
         raise ValueError(f"layer {layer!r} was not called in the forward pass")
-    a = seen["out"]
+    a_out = seen["out"]
+    a = token_grid(model, a_out, layer)
     _check_spatial(layer, a)
     leaves = [c for c in calls if c.leaf]
 
@@ -357,7 +382,7 @@ def gap_linear_head(
     is_gap = getattr(pool.out, "ndim", 0) == 4 and pool.out.shape[1:3] == (1, 1)
     if not (isinstance(pool.module, L.AdaptiveAvgPool2d) and is_gap):
         fail(f"The first layer after it, {pool.name!r}, is not a global AdaptiveAvgPool2d(1).")
-    if pool.arg is not a:
+    if pool.arg is not a_out:
         fail(f"The global pool {pool.name!r} does not take the layer's output as its input.")
     if sum(isinstance(c.module, nn.Dense) for c in leaves) > 1:
         fail("There is more than one linear layer.")
@@ -542,7 +567,7 @@ class ScoreCAM(CamMethod):
         check_inputs(x)
         name = _layer_name(model, self.layer)
         out, acts = taps.forward(model, variables, x, capture=[name])
-        a = jax.lax.stop_gradient(acts[name])
+        a = token_grid(model, jax.lax.stop_gradient(acts[name]), name)
         _check_spatial(name, a)
         n, size, c = x.shape[0], x.shape[1:3], a.shape[-1]
         seed = as_seed(target, out.shape[-1], n, x.dtype)
@@ -674,6 +699,13 @@ class CAMERAS(CamMethod):
         name = _layer_name(model, self.layer)
         size = x.shape[1:3]
         sizes = self.sizes(size)
+        fixed = fixed_input_size(model)
+        if fixed is not None and any(hw != (fixed, fixed) for hw in sizes):
+            raise NotApplicable(
+                f"CAMERAS runs the model on the input resized to {sorted(set(sizes))}; {type(model).__name__} takes only "
+                f"{fixed}x{fixed} inputs (its position embedding is made for one patch grid), and resizing back to "
+                f"{fixed} px would give the same features at every scale. Use grad-cam or another CAM method"
+            )
         mean_a = mean_g = None
         for hw in sizes:
             xr = imageops.resize(x, hw, "bicubic")

@@ -17,6 +17,9 @@ passes with the subtraction at a "contrast layer" (VGG ``relu7``, ResNet ``avgpo
 since propagation below that layer is linear in the signal the result is the same as
 subtracting at the classifier (:class:`~xaijax.propagation.rules.FlipContrast`), which needs one
 pass and no contrast layer. The c-EB map is clamped at zero, as in TorchRay.
+
+Models that are not piecewise linear (vision transformers: LayerNorm, softmax, GELU) raise
+:class:`~xaijax.methods.NotApplicable`: Excitation Backprop is defined for ReLU networks.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from xaijax import imageops
-from xaijax.methods._core import Method, as_seed, check_inputs, declared_layer
+from xaijax.methods._core import Method, as_seed, check_inputs, declared_layer, require_piecewise_linear
 from xaijax.methods.registry import register
 from xaijax.propagation import composites as C
 from xaijax.propagation.engine import plan, relevance
@@ -69,6 +72,13 @@ class ExcitationBackprop(Method):
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         check_inputs(x)
+        require_piecewise_linear(
+            model,
+            variables,
+            x,
+            "Excitation Backprop",
+            "marginal winning probabilities flow through the positive weights of convolutions and dense layers and ReLUs",
+        )
         layer = default_excitation_layer(model) if self.layer is None else self.layer
         comp = C.contrastive_excitation(self.stabilizer) if self.contrastive else C.excitation(self.stabilizer)
         n, k = plan(model, variables, x, comp).logits_shape

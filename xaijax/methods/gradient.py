@@ -36,6 +36,11 @@ Registered names:
   channels), summed over channels, bilinearly resized to the input size with
   **align_corners=True** (as the reference does), and the maps are summed.
 
+FullGrad is :class:`~xaijax.methods.NotApplicable` on models that are not piecewise linear
+(:func:`~xaijax.methods._core.require_piecewise_linear`: vision transformers, whose
+LayerNorm, softmax and GELU break the decomposition: on a tiny random ViT the input and bias
+terms sum to 0.15 where the logit is -1.88).
+
 DeconvNet and Guided Backprop change the backward pass of the zoo's ReLU modules
 (:class:`xaijax.models.layers.ReLU`) only: the modules are intercepted with
 ``flax.linen.intercept_methods`` inside the differentiated function and computed by a
@@ -43,7 +48,9 @@ DeconvNet and Guided Backprop change the backward pass of the zoo's ReLU modules
 dense layers keep their ordinary gradients (max-pool "switches" and transposed filters, as
 in both papers). ReLUs written as plain functions (``nn.relu``) inside a user's module are
 not seen; a model without any ``layers.ReLU`` module is refused with
-:class:`~xaijax.methods.NotApplicable`.
+:class:`~xaijax.methods.NotApplicable`. On a vision transformer (GELU, no ReLU) both rules
+would reduce to the plain gradient; they are refused rather than returned as a copy of
+``gradient`` under another name (a table would then show two methods that are one).
 
 All maps are (N, H, W) at input resolution; channel reductions follow
 :func:`xaijax.methods.reduce_channels` (``abs-max`` by default for the signed
@@ -62,7 +69,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax import imageops
-from xaijax.methods._core import Method, NotApplicable, check_inputs, reduce_channels, target_score
+from xaijax.methods._core import (
+    Method,
+    NotApplicable,
+    check_inputs,
+    non_piecewise_linear_layers,
+    reduce_channels,
+    require_piecewise_linear,
+    target_score,
+)
 from xaijax.methods.combinators import contrast, smooth
 from xaijax.methods.registry import register
 from xaijax.models import layers, taps
@@ -206,6 +221,13 @@ def modified_gradient(
 
     g = jax.grad(score)(x)
     if not seen:
+        other = non_piecewise_linear_layers(model, variables, x)
+        if other:
+            raise NotApplicable(
+                f"the {rule!r} rule is defined by the masks of ReLUs, and {type(model).__name__} has no ReLU: its "
+                f"nonlinearities are {', '.join(other)} (a transformer). Without ReLUs the method is just the "
+                "plain input gradient; use 'gradient' (or 'smoothgrad', 'integrated-gradients')"
+            )
         raise NotApplicable(
             f"{type(model).__name__} has no xaijax.models.layers.ReLU modules, so the {rule!r} ReLU rule "
             "cannot be applied; build the model's ReLUs with layers.ReLU(name=...)"
@@ -463,7 +485,21 @@ class FullGrad(Method):
     eps: float = 1e-6
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
+        """(N, H, W) map for ``x`` (N, H, W, C).
+
+        Raises:
+          NotApplicable: a model that is not piecewise linear (a transformer), where the
+            decomposition is not complete.
+        """
+        check_inputs(x)
+        require_piecewise_linear(
+            model,
+            variables,
+            x,
+            "FullGrad",
+            "its decomposition S = x.dS/dx + sum_l b_l.dS/dz_l is exact only there (through LayerNorm, "
+            "softmax and GELU it misses part of the score, and token layers' bias terms have no spatial map)",
+        )
         input_term, bias_terms, _ = fullgrad_decompose(model, variables, x, target)
         size = x.shape[1:3]
         cam = _fullgrad_postprocess(input_term, self.eps).sum(-1)

@@ -30,7 +30,8 @@ the reference's basic-block code path does not run), DenseNet
 ``transform_input=False``: RAP's input rule needs the model input to reach the first
 convolution unchanged, so ``transform_input=True`` is refused with a clear error).
 The classifier must be a dense layer (absolute influence normalisation is defined for it);
-anything else raises a ``ValueError`` at plan time.
+anything else raises a ``ValueError`` at plan time. Models that are not piecewise linear
+(vision transformers: LayerNorm, softmax, GELU) raise :class:`~xaijax.methods.NotApplicable`.
 
 Deliberate differences from the reference code (see also the rules module): samples are
 independent (the reference detects the classifier by ``R.max() == 1`` over the batch;
@@ -50,13 +51,19 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, reduce_channels
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, reduce_channels, require_piecewise_linear
 from xaijax.methods.registry import register
 from xaijax.models.inception import Inception3
 from xaijax.propagation.engine import plan, relevance
 from xaijax.propagation.rap_rules import rap_composite
 
 __all__ = ["RAP"]
+
+
+_RAP_NEEDS = (
+    "its rules split relevance through the positive and negative weights of convolutions and dense layers, "
+    "with ReLU, pooling, BatchNorm and residual sums"
+)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -84,6 +91,7 @@ class RAP(Method):
         """RAP maps (N, H, W) float32 for class indices (int or (N,)) or a float seed (N, K)."""
         check_inputs(x)
         _check_model(model)
+        require_piecewise_linear(model, variables, x, "RAP", _RAP_NEEDS)
         composite = rap_composite(self.stabilizer)
         n, k = plan(model, variables, x, composite).logits_shape
         seed = as_seed(target, k, n, x.dtype)

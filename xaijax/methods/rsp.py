@@ -58,7 +58,9 @@ Deliberate differences from the reference code:
   normalisations, which in the reference could divide by zero.
 
 Families: the paper evaluates VGG-16 and ResNet-50 and the reference implements VGG and
-ResNet only; DenseNet and Inception-v3 are rejected with a ``ValueError``. Other models work
+ResNet only; DenseNet and Inception-v3 are rejected with a ``ValueError``
+(:class:`~xaijax.methods.NotApplicable`), and so are models that are not piecewise linear
+(vision transformers: LayerNorm, softmax, GELU). Other models work
 when every layer below the CAM layer is one the engine knows (``layer=`` or a ``cam_layer``
 attribute names the CAM layer).
 
@@ -75,7 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from xaijax.imageops import safe_divide as _divide
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, class_indices, reduce_channels
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, class_indices, reduce_channels, require_piecewise_linear
 from xaijax.methods.cam import activation_and_gradient, default_cam_layer
 from xaijax.methods.registry import register
 from xaijax.models import taps
@@ -97,6 +99,12 @@ Array = jax.Array
 
 #: The constant of the reference's normalisations.
 EPS = 1e-9
+
+
+_RSP_NEEDS = (
+    "its sectional rules propagate through convolutions and dense layers with ReLU, pooling, BatchNorm "
+    "and residual sums"
+)
 
 
 def rsp_layer(model: nn.Module, layer: str | None = None) -> str:
@@ -195,6 +203,7 @@ class RSP(Method):
     def seed(self, model: nn.Module, variables: Mapping[str, Any], x: Array, target: Any) -> tuple[str, Array]:
         """Stage 1: ``(layer name, seed (N, h, w, C))``."""
         check_inputs(x)
+        require_piecewise_linear(model, variables, x, "RSP", _RSP_NEEDS)
         name = rsp_layer(model, self.layer)
         a, g, _ = activation_and_gradient(model, variables, x, target, name)
         _check_map(a, name)
@@ -243,6 +252,7 @@ class ContrastiveRSP(Method):
     def seed(self, model: nn.Module, variables: Mapping[str, Any], x: Array, target: Any) -> tuple[str, Array]:
         """Stage 1: ``(layer name, seed (N, h, w, C))``."""
         check_inputs(x)
+        require_piecewise_linear(model, variables, x, "c*RSP", _RSP_NEEDS)
         name = rsp_layer(model, self.layer)
         class_indices(target, x.shape[0], None, "contrastive-rsp")  # a float seed is refused before any work
         _, acts = jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=[name]), x)

@@ -37,10 +37,17 @@ position embedding was made for; another size needs a model built with that
 are logits (N, num_classes). LayerNorm eps is 1e-6 (torchvision's and timm's ViTs), GELU is
 exact (erf).
 
-CAM layer: the last block's output (``encoder.layers.encoder_layer_{L-1}`` /
-``blocks.{L-1}``), tokens (N, 1 + h*w, D). Turning it into a (h, w) grid for CAM methods
-(prefix tokens dropped, tokens reshaped; :attr:`VisionTransformer.num_prefix_tokens` and
-``grid_size`` say how) is a later step of the CAM methods, not done here.
+CAM layer (``cam_layer``): the output of the last block's first LayerNorm, the input of its
+attention path (``encoder.layers.encoder_layer_{L-1}.ln_1`` / ``blocks.{L-1}.norm1``), tokens
+(N, prefix + h*w, D); pytorch-grad-cam gives the same advice for ViTs. Not the last block's
+output: the head reads only the class token (after the final LayerNorm, which acts on each
+token separately), so the gradient of every logit with respect to the last block's *patch*
+tokens is exactly zero and Grad-CAM there is an all-zero map. At ``ln_1``/``norm1`` the patch
+tokens still reach the class token through the last attention (as keys and values), so their
+gradients are not zero. CAM methods turn tokens into a (h, w) grid themselves
+(:func:`xaijax.methods._core.token_grid`: the ``num_prefix_tokens`` prefix tokens dropped,
+the patch tokens reshaped to ``grid_size`` x ``grid_size``); no model declares an
+``excitation_layer`` (Excitation Backprop is defined for ReLU networks only).
 """
 
 from __future__ import annotations
@@ -202,11 +209,13 @@ def _check(model: nn.Module, x: jax.Array) -> None:
 
 class _ViTFacts:
     """Properties shared by both layouts (mixed into the linen modules); each layout names its
-    blocks with ``_block_name`` (formatted with the block index) and its attention softmax with
-    ``_attention_suffix`` inside a block."""
+    blocks with ``_block_name`` (formatted with the block index), its attention softmax with
+    ``_attention_suffix`` and its first LayerNorm (the CAM layer) with ``_cam_suffix`` inside a
+    block."""
 
     _block_name: ClassVar[str]
     _attention_suffix: ClassVar[str]
+    _cam_suffix: ClassVar[str]
 
     @property
     def block_layers(self) -> tuple[str, ...]:
@@ -220,8 +229,10 @@ class _ViTFacts:
 
     @property
     def cam_layer(self) -> str:
-        """Default CAM layer: the last block's output tokens (token-grid handling is the CAM methods' job)."""
-        return self.block_layers[-1]
+        """Default CAM layer: the last block's first LayerNorm (``ln_1`` / ``norm1``), tokens
+        (N, T, D); see the module docstring for why not the block's output (zero gradients on
+        the patch tokens there). CAM methods reshape the tokens to the patch grid."""
+        return f"{self.block_layers[-1]}.{self._cam_suffix}"
 
     @property
     def grid_size(self) -> int:
@@ -251,6 +262,7 @@ class VisionTransformer(_ViTFacts, nn.Module):
     num_prefix_tokens: ClassVar[int] = 1
     _block_name: ClassVar[str] = "encoder.layers.encoder_layer_{}"
     _attention_suffix: ClassVar[str] = "self_attention.attn"
+    _cam_suffix: ClassVar[str] = "ln_1"
 
     image_size: int = 224
     patch_size: int = 16
@@ -285,6 +297,7 @@ class DeiT(_ViTFacts, nn.Module):
     family: ClassVar[str] = "deit"
     _block_name: ClassVar[str] = "blocks.{}"
     _attention_suffix: ClassVar[str] = "attn.attn"
+    _cam_suffix: ClassVar[str] = "norm1"
 
     image_size: int = 224
     patch_size: int = 16

@@ -13,7 +13,11 @@ the whole-image map). For an image of size (H, W) and reference defaults for 224
 2. Zoom: each patch is resized to ``S = int(P * scale)`` (322 px for ``scale=2.6``) with
    bicubic interpolation in PyTorch's convention (``F.interpolate(mode="bicubic",
    align_corners=False)``, a = -0.75, clamped borders, no antialiasing): see
-   :func:`xaijax.imageops.resize_matrix`.
+   :func:`xaijax.imageops.resize_matrix`. A model that takes one input size only (its
+   ``image_size``, :func:`xaijax.methods._core.fixed_input_size`: the vision transformers,
+   whose position embedding is made for one patch grid) gets its patches resized to that
+   size instead (a zoom of ``image_size / P``, e.g. 224 / 124 = 1.8 for 224-px ViTs), since
+   it cannot take ``S``-px images.
 3. Conquer: all ``N * n * n`` patches go through ``method`` in ONE call (a batch of
    patches; samples are independent, so this is a vmap over patches), each with its
    sample's target. ``chunk`` instead processes them in ``lax.map`` chunks. For a method
@@ -59,7 +63,7 @@ import numpy as np
 
 from xaijax import imageops
 from xaijax.methods import registry
-from xaijax.methods._core import Method, Wrapper, check_inputs, class_indices, target_scores, validate_positive_int
+from xaijax.methods._core import Method, Wrapper, check_inputs, class_indices, fixed_input_size, target_scores, validate_positive_int
 
 __all__ = ["Ucag", "ucag", "get_ucag", "UcagGeometry"]
 
@@ -131,8 +135,12 @@ class Ucag(Wrapper):
         validate_positive_int("ucag", "chunk", self.chunk, optional=True)
 
     # ---------------------------------------------------------------- geometry
-    def geometry(self, size: tuple[int, int]) -> UcagGeometry:
-        """Patch sides, zoomed sides, strides and offsets for an (H, W) image."""
+    def geometry(self, size: tuple[int, int], input_size: int | None = None) -> UcagGeometry:
+        """Patch sides, zoomed sides, strides and offsets for an (H, W) image.
+
+        ``input_size``: the only input side the model takes (``None``: any; patches are zoomed by
+        ``scale``); given, every patch is resized to ``input_size`` instead.
+        """
         patch, zoom, stride, offsets = [], [], [], []
         for dim in (int(size[0]), int(size[1])):
             p = int(self.patch * dim / self.reference_size)
@@ -149,7 +157,7 @@ class Ucag(Wrapper):
                     f"ucag: {self.n} patches of {p} px with stride {st} do not fit in {dim} px; "
                     "lower n, patch or stride"
                 )
-            z = int(p * float(self.scale))
+            z = int(p * float(self.scale)) if input_size is None else int(input_size)
             if z < 1:
                 raise ValueError(f"ucag: scale {self.scale} shrinks {p} px patches to nothing")
             patch.append(p)
@@ -174,11 +182,12 @@ class Ucag(Wrapper):
             m[i, o : o + p, :] = r
         return m
 
-    def patches(self, x: jax.Array) -> jax.Array:
-        """Zoomed patches of ``x`` (N, H, W, C): (N, n*n, S_h, S_w, C), patch ``k = i * n + j``."""
+    def patches(self, x: jax.Array, input_size: int | None = None) -> jax.Array:
+        """Zoomed patches of ``x`` (N, H, W, C): (N, n*n, S_h, S_w, C), patch ``k = i * n + j``
+        (``input_size``: see :meth:`geometry`)."""
         check_inputs(x)
         n_, h, w, c = x.shape
-        g = self.geometry((h, w))
+        g = self.geometry((h, w), input_size)
         ah = jnp.asarray(self._crop_resize(h, g.patch[0], g.zoom[0], g.offsets_h), x.dtype)
         aw = jnp.asarray(self._crop_resize(w, g.patch[1], g.zoom[1], g.offsets_w), x.dtype)
         p = jnp.einsum("iah,nhwc,jbw->nijabc", ah, x, aw, precision=_HI)
@@ -226,9 +235,10 @@ class Ucag(Wrapper):
         """UCAG map (N, H, W) for ``x`` (N, H, W, C)."""
         check_inputs(x)
         b, h, w, _ = x.shape
-        g = self.geometry((h, w))
+        fixed = fixed_input_size(model)
+        g = self.geometry((h, w), fixed)
         k = self.n * self.n
-        patches = self.patches(x)  # (B, k, S_h, S_w, C)
+        patches = self.patches(x, fixed)  # (B, k, S_h, S_w, C)
         flat = patches.reshape((b * k,) + patches.shape[2:])
         t = self._repeat_target(target, b)
         explain = self.method.layer_map if self.method.has_layer_map else self.method
