@@ -14,9 +14,14 @@ Subpackages:
 
 Conventions: images are NHWC float32; a method is called as
 ``method(model, variables, x, target) -> (N, H, W) maps``.
+
+Your own model: ``model, variables = xaijax.wrap(my_model[, params])`` adapts a Flax linen or
+NNX module, an Equinox module or a function ``apply(params, x) -> logits`` (N, K) to that pair
+(:func:`xaijax.models.adapters.wrap`; docs/your_model.md).
 """
 
 from xaijax import checkpoints, data, evaluation, features, methods, metrics, models, propagation, viz
+from xaijax.models.adapters import wrap
 
 __version__ = "0.1.0"
-__all__ = ["checkpoints", "data", "evaluation", "features", "methods", "metrics", "models", "propagation", "viz", "__version__"]
+__all__ = ["checkpoints", "data", "evaluation", "features", "methods", "metrics", "models", "propagation", "viz", "wrap", "__version__"]

@@ -1,4 +1,7 @@
-"""The Flax model zoo: VGG, ResNet, DenseNet and Inception-v3 with torchvision names.
+"""The Flax model zoo: VGG, ResNet, DenseNet and Inception-v3 with torchvision names,
+and :func:`wrap`, which adapts the user's own model (Flax linen or NNX, Equinox, a plain
+function ``apply(params, x) -> logits``) to the ``(module, variables)`` pair every method takes
+(:mod:`xaijax.models.adapters`).
 
 ``get(name, **overrides)`` builds a registered architecture (``names()`` lists them);
 intermediate layers are addressed by torchvision's dotted names through
@@ -7,7 +10,8 @@ intermediate layers are addressed by torchvision's dotted names through
 """
 
 from xaijax.models import densenet, inception, resnet, vgg, vit  # noqa: F401  (register architectures)
-from xaijax.models import detector, layers, preprocess, taps
+from xaijax.models import adapters, detector, layers, preprocess, taps
+from xaijax.models.adapters import wrap
 from xaijax.models.densenet import DenseNet
 from xaijax.models.inception import Inception3
 from xaijax.models.init import random_variables
@@ -21,6 +25,7 @@ __all__ = [
     "Inception3",
     "ResNet",
     "VGG",
+    "adapters",
     "get",
     "detector",
     "layers",
@@ -30,4 +35,5 @@ __all__ = [
     "register",
     "spec",
     "taps",
+    "wrap",
 ]
