@@ -85,7 +85,8 @@ def _checkpoint_inputs(args: argparse.Namespace):
     names — what the checkpoint records (:func:`xaijax.models.preprocess.recorded`) unless a
     flag says otherwise."""
     from xaijax import checkpoints
-    from xaijax.models import preprocess, registry
+    from xaijax.checkpoints.input_size import model_input_size
+    from xaijax.models import preprocess
 
     if args.size is not None and args.size < 1:
         raise UserError(f"--size must be a positive number of pixels; got {args.size}")
@@ -96,7 +97,10 @@ def _checkpoint_inputs(args: argparse.Namespace):
             raise UserError(f"image not found: {p}")
     model, variables, info = checkpoints.load(args.arch, args.weights)
     rec = preprocess.recorded(info)
-    size = args.size or rec.input_size or registry.spec(info["arch"]).input_size
+    try:  # --size, else the model's fixed image_size (ViT), else the recorded size, else the arch's
+        size = model_input_size(model, info, args.size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     resize = size if rec.whole_image else None
     convention = preprocess.convention(info, args.preprocess)
     activation = args.activation or rec.output
@@ -370,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="print the top classes for images")
     s.add_argument("--arch", default=None, help="architecture (optional for native files, which record it)")
     s.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .msgpack")
-    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: recorded in the checkpoint, else the architecture's)")
+    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's fixed image_size (ViT), else recorded in the checkpoint, else the architecture's)")
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None,
                    help="input normalisation (default: recorded in the checkpoint)")
     s.add_argument("--activation", choices=["softmax", "sigmoid"], default=None,
@@ -386,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", required=True, help="a registered method (see `xaijax methods`)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
     s.add_argument("--target", type=int, default=None, help="class index to explain (default: the top class)")
-    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: recorded in the checkpoint, else the architecture's)")
+    s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's fixed image_size (ViT), else recorded in the checkpoint, else the architecture's)")
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None,
                    help="input normalisation (default: recorded in the checkpoint)")
     s.add_argument("--activation", choices=["softmax", "sigmoid"], default=None,
@@ -415,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=None, help="dataset folder (not needed for synthetic)")
     s.add_argument("--boxes-dir", default=None, help="imagenet-val: folder of ILSVRC2012 validation bounding-box XMLs")
     s.add_argument("--split", default=None, help="dataset split (default: test)")
-    s.add_argument("--size", type=int, default=None, help="square image side (default 128 synthetic, 224 otherwise)")
+    s.add_argument("--size", type=int, default=None, help="square image side (default: the model's fixed image_size (ViT), else the size recorded in the checkpoint, else 128 synthetic / 224 otherwise)")
     s.add_argument("--arch", default=None, help="architecture (needed for .pth weights)")
     s.add_argument("--weights", default=None, help="weights file (default for synthetic: the bundled VGG16-style model)")
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
