@@ -64,6 +64,7 @@ import numpy as np
 from xaijax import checkpoints, data, imageops, metrics
 from xaijax import methods as methods_registry
 from xaijax.atomic import atomic_bytes, atomic_text
+from xaijax.checkpoints.input_size import model_input_size
 from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError, latest_rows, read_store
@@ -171,9 +172,11 @@ def image_pairs(record: data.Record, predicted: np.ndarray | None = None, top1: 
     return out
 
 
-def model_size(cfg: EvalConfig) -> int:
-    """Side of the square model input: ``cfg.size``, else 128 (synthetic) or 224."""
-    return int(cfg.size) if cfg.size else (128 if cfg.dataset == "synthetic" else 224)
+def model_size(cfg: EvalConfig, model: Any, info: dict[str, Any]) -> int:
+    """Side of the square model input (:func:`xaijax.checkpoints.input_size.model_input_size`):
+    ``cfg.size`` (which must agree with a ViT's fixed ``image_size``), else the model's fixed
+    ``image_size``, else the size the checkpoint records, else 128 (synthetic) or 224."""
+    return model_input_size(model, info, cfg.size, 128 if cfg.dataset == "synthetic" else 224)
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -260,7 +263,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
     wpath, model, variables, convention, info = _load_model(cfg)
     seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
-    check_classes(cfg.dataset, ds.class_names, model, variables, info, model_size(cfg), seeds)  # before the first image
+    size = model_size(cfg, model, info)  # a --size a ViT cannot take fails here, before anything is written
+    check_classes(cfg.dataset, ds.class_names, model, variables, info, size, seeds)  # before the first image
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     num_classes = len(ds.class_names)
@@ -274,7 +278,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
         "boxes_dir": str(Path(cfg.boxes_dir).resolve()) if cfg.boxes_dir else None,
         "split": cfg.split or ("test" if cfg.dataset in ("synthetic", "voc07", "voc07-tfds") else None),
-        "size": model_size(cfg),
+        "size": size,
         "arch": type(model).__name__,
         "weights_sha256": _file_digest(wpath),
         "preprocess": convention,
@@ -286,8 +290,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     forward = jax.jit(lambda v, x: model.apply(v, x))
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
     # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
-    fresh = random_variables(model, (1, model_size(cfg), model_size(cfg), 3), seed=0) if cfg.experiment == "sanity" else None
-    ctx = _Context(model_size(cfg), model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh)
+    fresh = random_variables(model, (1, size, size, 3), seed=0) if cfg.experiment == "sanity" else None
+    ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh)
     rows = []
     extras: dict[str, Any] = {}
     run_id = time.strftime("%Y-%m-%d %H:%M:%S")  # stored with each image's row: the tables say which run made a row
@@ -327,7 +331,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         runs.append(_runs_of(stored, set(indices)))
     result = {
         "experiment": cfg.experiment,
-        "dataset": {"name": cfg.dataset, "split": base_config["split"], "size": model_size(cfg), "images": len(indices)},
+        "dataset": {"name": cfg.dataset, "split": base_config["split"], "size": size, "images": len(indices)},
         "model": {"arch": base_config["arch"], "weights": str(wpath), "weights_sha256": base_config["weights_sha256"]},
         "seeds": seeds,
         "rows": rows,
