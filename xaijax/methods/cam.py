@@ -201,6 +201,17 @@ def _check_spatial(name: str, a: jax.Array) -> None:
         raise ValueError(f"CAM layer {name!r} must output an NHWC feature map (N, h, w, K); its output has shape {a.shape}")
 
 
+def _grid(model: nn.Module, name: str, a: jax.Array) -> jax.Array:
+    """The CAM layer's output ``a`` as an NHWC map: tokens (N, T, D) become the model's patch grid
+    (:func:`~xaijax.methods._core.token_grid`); any other non-NHWC output is refused."""
+    if a.ndim not in (3, 4):
+        raise ValueError(
+            f"CAM layer {name!r} must output an NHWC feature map (N, h, w, K) or vision-transformer tokens "
+            f"(N, T, D); its output has shape {a.shape}"
+        )
+    return token_grid(model, a, name)
+
+
 def _layer_name(model: nn.Module, layer: str | None) -> str:
     return default_cam_layer(model) if layer is None else layer
 
@@ -209,8 +220,8 @@ def _spatial_layers(model, variables, x, target, names):
     """``layer_gradients`` for ``names``, each an NHWC feature map (vision-transformer tokens
     turned into their patch grid by :func:`~xaijax.methods._core.token_grid`)."""
     acts, grads, out = layer_gradients(model, variables, x, target, names)
-    acts = {k: token_grid(model, acts[k], k) for k in names}
-    grads = {k: token_grid(model, grads[k], k) for k in names}
+    acts = {k: _grid(model, k, acts[k]) for k in names}
+    grads = {k: _grid(model, k, grads[k]) for k in names}
     for k in names:
         _check_spatial(k, acts[k])
     return acts, grads, out
@@ -358,7 +369,7 @@ def gap_linear_head(
         taps.check_layers(model, variables, x, [layer])  # raises the readable unknown-layer error
         raise ValueError(f"layer {layer!r} was not called in the forward pass")
     a_out = seen["out"]
-    a = token_grid(model, a_out, layer)
+    a = _grid(model, layer, a_out)
     _check_spatial(layer, a)
     leaves = [c for c in calls if c.leaf]
 
@@ -567,7 +578,7 @@ class ScoreCAM(CamMethod):
         check_inputs(x)
         name = _layer_name(model, self.layer)
         out, acts = taps.forward(model, variables, x, capture=[name])
-        a = token_grid(model, jax.lax.stop_gradient(acts[name]), name)
+        a = _grid(model, name, jax.lax.stop_gradient(acts[name]))
         _check_spatial(name, a)
         n, size, c = x.shape[0], x.shape[1:3], a.shape[-1]
         seed = as_seed(target, out.shape[-1], n, x.dtype)
