@@ -521,7 +521,9 @@ def non_piecewise_linear_layers(model: nn.Module, variables: Mapping[str, Any], 
     ``"Kind (first.layer.name)"`` strings; empty for a ReLU network.
 
     One abstract evaluation (``jax.eval_shape``: nothing is computed), cached per model and
-    shapes; works on traced arguments (inside ``jit``/``vmap``).
+    shapes; works on traced arguments (inside ``jit``/``vmap``). A forward pass that fails
+    (a bad input, a train-mode BatchNorm) is not reported here: the kinds seen before the
+    failure are returned and the method's own checks raise their readable error.
     """
     leaves, tree = jax.tree_util.tree_flatten(variables)
     try:
@@ -542,7 +544,10 @@ def non_piecewise_linear_layers(model: nn.Module, variables: Mapping[str, Any], 
         with taps.intercept_calls(on_call):
             return model.apply(v, xx)
 
-    jax.eval_shape(run, variables, x)
+    try:
+        jax.eval_shape(run, variables, x)
+    except Exception:  # not a plain forward pass (e.g. train-mode BatchNorm): the method's own checks report it
+        return tuple(f"{k} ({first[k]})" for k in sorted(first))
     found = tuple(f"{k} ({first[k]})" for k in sorted(first))
     if key is not None:
         if len(_NPL_CACHE) > 256:
