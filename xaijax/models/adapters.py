@@ -65,6 +65,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+from flax import errors as flax_errors
 import jax.numpy as jnp
 import numpy as np
 
@@ -442,11 +443,13 @@ def check_eval_mode(model: nn.Module, variables: Mapping[str, Any], input_shape:
             ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
             if not (module.use_running_average if ura is None else ura):
                 bad.append(f"BatchNorm {label!r} (use_running_average=False)")
+                return args[0]  # same shape; the trace goes on to report every layer
         if isinstance(module, nn.Dropout) and module.rate > 0:
             det = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
             det = module.deterministic if det is None else det
             if not det:
                 bad.append(f"Dropout {label!r} (deterministic=False)")
+                return args[0]
         return call_next(*args, **kwargs)
 
     def run(v, xx):
@@ -454,15 +457,22 @@ def check_eval_mode(model: nn.Module, variables: Mapping[str, Any], input_shape:
             return model.apply(v, xx)
 
     shape = tuple(int(s) for s in input_shape)
+    training = "the linen model is in training mode: {}; build it with train=False"
     try:
         out = jax.eval_shape(run, variables, jax.ShapeDtypeStruct(shape, _float_dtype(variables)))
-    except nn.errors.ScopeCollectionNotFound as e:
+    except flax_errors.ScopeCollectionNotFound as e:
+        if bad:
+            raise ValueError(training.format(", ".join(bad))) from None
         raise ValueError(
-            f"the linen model needs a variable collection that was not given ({e.col_name!r}); "
-            "it is probably in training mode (BatchNorm updating batch_stats): build it with train=False"
+            f"the linen model needs a variable collection that was not given ({e.col_name!r}): pass all of its "
+            "variables (params, batch_stats, ...)"
         ) from None
+    except flax_errors.FlaxError:
+        if bad:  # e.g. a training-mode BatchNorm writing batch_stats
+            raise ValueError(training.format(", ".join(bad))) from None
+        raise
     if bad:
-        raise ValueError("the linen model is in training mode: " + ", ".join(bad) + "; build it with train=False")
+        raise ValueError(training.format(", ".join(bad)))
     check_logits(out, shape[0], f"the linen model {type(model).__name__}")
 
 
