@@ -84,7 +84,6 @@ def _checkpoint_inputs(args: argparse.Namespace):
     input size, whole image or torchvision's crop, normalisation, output activation and class
     names — what the checkpoint records (:func:`xaijax.models.preprocess.recorded`) unless a
     flag says otherwise."""
-    from xaijax import checkpoints
     from xaijax.checkpoints.input_size import model_input_size
     from xaijax.models import preprocess
 
@@ -95,8 +94,10 @@ def _checkpoint_inputs(args: argparse.Namespace):
             raise UserError(f"image {p} is a directory, not an image file; pass the image files (e.g. {p}/*.jpg)")
         if not Path(p).is_file():
             raise UserError(f"image not found: {p}")
-    model, variables, info = checkpoints.load(args.arch, args.weights)
+    model, variables, info = _load_model(args)
     rec = preprocess.recorded(info)
+    if args.model and args.size is None and rec.input_size is None:
+        raise UserError(f"--model {args.model}: the factory gives no input_size; pass --size")
     try:  # --size, else the model's fixed image_size (ViT), else the recorded size, else the arch's
         size = model_input_size(model, info, args.size)
     except ValueError as e:
@@ -105,6 +106,27 @@ def _checkpoint_inputs(args: argparse.Namespace):
     convention = preprocess.convention(info, args.preprocess)
     activation = args.activation or rec.output
     return model, variables, info, rec, size, resize, convention, activation
+
+
+def _load_model(args: argparse.Namespace):
+    """``(model, variables, info)`` from ``--model package.module:factory`` (the user's own model,
+    :mod:`xaijax.models.entry_points`) or from ``--weights`` (exactly one of them)."""
+    from xaijax import checkpoints
+
+    if (args.model is None) == (args.weights is None):
+        raise UserError("pass exactly one of --weights (a checkpoint) and --model (package.module:factory)")
+    if args.model is None:
+        return checkpoints.load(args.arch, args.weights)
+    from xaijax.models import entry_points
+
+    try:
+        return entry_points.load(args.model)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+
+
+def _model_label(args: argparse.Namespace, info) -> str:
+    return args.model if args.model else f"{info['arch']} ({Path(args.weights).name})"
 
 
 def _probabilities(logits, activation: str):
@@ -248,7 +270,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         name = f"{Path(path).stem}.{args.method.replace(':', '_')}"
         out.mkdir(parents=True, exist_ok=True)
         atomic_npy(out / f"{name}.npy", m)
-        viz.save_explanation(out / f"{name}.png", img, m, method=args.method, model=f"{info['arch']} ({Path(args.weights).name})",
+        viz.save_explanation(out / f"{name}.png", img, m, method=args.method, model=_model_label(args, info),
                              target=target, class_name=class_name, score=prob, score_name=activation, logit=float(logits[target]))
         print(f"{path}: {class_name} (class {target}, logit {logits[target]:.3f}, {activation} {prob:.3f}) -> {out}/{name}.png")
 
@@ -269,7 +291,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(
         experiment=args.experiment, out=Path(out), methods=tuple(names), dataset=args.dataset, data_dir=args.data_dir,
         boxes_dir=args.boxes_dir,
-        split=args.split, size=args.size, arch=args.arch, weights=args.weights, preprocess=args.preprocess,
+        split=args.split, size=args.size, arch=args.arch, weights=args.weights, model=args.model, preprocess=args.preprocess,
         hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images, pick=args.pick,
         shard_index=args.shard_index, shard_count=args.shard_count, crf=args.crf,
     )
@@ -354,6 +376,14 @@ def _writable_dir(p: str) -> Path:
     return path
 
 
+#: ``--model`` of explain and eval (the user's own model, :mod:`xaijax.models.entry_points`).
+MODEL_HELP = (
+    "your own model instead of --weights: package.module:factory (or file.py:factory), a function returning "
+    "(model, variables), an NNX/Equinox module, or a dict with 'model' and optional 'variables', 'wrap', "
+    "'input_size', 'preprocess', 'class_names' (see docs/your_model.md)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xaijax", description="Explainable AI for JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -373,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="print the top classes for images")
     s.add_argument("--arch", default=None, help="architecture (optional for native files, which record it)")
-    s.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .msgpack")
+    s.add_argument("--weights", default=None, help=".pth/.pt, .safetensors or .msgpack (or use --model)")
+    s.add_argument("--model", default=None, metavar="MODULE:FACTORY", help=MODEL_HELP)
     s.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's fixed image_size (ViT), else recorded in the checkpoint, else the architecture's)")
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None,
                    help="input normalisation (default: recorded in the checkpoint)")
@@ -386,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("explain", help="attribution maps for images (.npy + overlay PNG per image)")
     s.add_argument("--arch", default=None, help="architecture (optional for native files, which record it)")
-    s.add_argument("--weights", required=True, help=".pth/.pt, .safetensors or .msgpack")
+    s.add_argument("--weights", default=None, help=".pth/.pt, .safetensors or .msgpack (or use --model)")
+    s.add_argument("--model", default=None, metavar="MODULE:FACTORY", help=MODEL_HELP)
     s.add_argument("--method", required=True, help="a registered method (see `xaijax methods`)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
     s.add_argument("--target", type=int, default=None, help="class index to explain (default: the top class)")
@@ -422,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None, help="square image side (default: the model's fixed image_size (ViT), else the size recorded in the checkpoint, else 128 synthetic / 224 otherwise)")
     s.add_argument("--arch", default=None, help="architecture (needed for .pth weights)")
     s.add_argument("--weights", default=None, help="weights file (default for synthetic: the bundled VGG16-style model)")
+    s.add_argument("--model", default=None, metavar="MODULE:FACTORY", help=MODEL_HELP)
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
     s.add_argument("--methods", required=True, help="comma-separated method names")
     s.add_argument("--param", action="append", default=[], help="METHOD:key=value hyperparameter override (repeatable)")

@@ -70,7 +70,7 @@ from xaijax.evaluation.parallel import DataParallel, make_mesh
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError, latest_rows, read_store
 from xaijax.evaluation.tables import write_tables
 from xaijax.methods import CLASSIFIER_KINDS
-from xaijax.models import preprocess
+from xaijax.models import entry_points, preprocess
 from xaijax.models.init import random_variables
 from xaijax.models.preprocess import normalize
 
@@ -130,6 +130,7 @@ class EvalConfig:
     size: int | None = None
     arch: str | None = None
     weights: str | None = None
+    model: str | None = None  # the user's own model, package.module:factory (instead of weights)
     preprocess: str | None = None
     hparams: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     seeds: str = "labels"
@@ -214,6 +215,11 @@ def _check(cfg: EvalConfig) -> None:
 
 
 def _load_model(cfg: EvalConfig):
+    if cfg.model is not None:  # the user's own model (xaijax.models.entry_points); its weights' digest is the variables'
+        if cfg.weights is not None:
+            raise ValueError("pass either --weights or --model, not both")
+        model, variables, info = entry_points.load(cfg.model)
+        return None, model, variables, preprocess.convention(info, cfg.preprocess), info
     if cfg.weights is None:
         if cfg.dataset != "synthetic":
             raise ValueError("--weights is required (the bundled weights only fit the synthetic dataset)")
@@ -262,6 +268,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     mesh = make_mesh(cfg.devices)  # a bad --devices fails before anything is read or written
     ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
     wpath, model, variables, convention, info = _load_model(cfg)
+    wname, wdigest = (wpath.name, _file_digest(wpath)) if wpath is not None else (cfg.model, entry_points.digest(variables))
     seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
     size = model_size(cfg, model, info)  # a --size a ViT cannot take fails here, before anything is written
     check_classes(cfg.dataset, ds.class_names, model, variables, info, size, seeds)  # before the first image
@@ -280,7 +287,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "split": cfg.split or ("test" if cfg.dataset in ("synthetic", "voc07", "voc07-tfds") else None),
         "size": size,
         "arch": type(model).__name__,
-        "weights_sha256": _file_digest(wpath),
+        "weights_sha256": wdigest,
         "preprocess": convention,
         "seeds": seeds,
         "metrics": sorted(pair_metrics) + sorted(model_metrics),
@@ -332,7 +339,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     result = {
         "experiment": cfg.experiment,
         "dataset": {"name": cfg.dataset, "split": base_config["split"], "size": size, "images": len(indices)},
-        "model": {"arch": base_config["arch"], "weights": str(wpath), "weights_sha256": base_config["weights_sha256"]},
+        "model": {"arch": base_config["arch"], "weights": str(wpath) if wpath is not None else cfg.model, "weights_sha256": base_config["weights_sha256"]},
         "seeds": seeds,
         "rows": rows,
         "runs": {"this_run": run_id, "rows": {r["method"]: ran for r, ran in zip(rows, runs)}},
@@ -341,7 +348,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     header = [
         f"# xaijax eval {cfg.experiment} — {cfg.dataset}",
         "",
-        f"Model {base_config['arch']} (`{wpath.name}`, sha256 {base_config['weights_sha256'][:12]}), preprocessing "
+        f"Model {base_config['arch']} (`{wname}`, sha256 {base_config['weights_sha256'][:12]}), preprocessing "
         f"{convention}; {len(indices)} images; seeds {seeds}; metrics {', '.join(base_config['metrics']) or 'cascading randomisation'}.",
     ]
     footer = _coverage_notes(rows, len(indices), cfg.methods, notes) + _figures(out, cfg.experiment, result["curves"])
