@@ -480,3 +480,103 @@ def test_linen_model_is_returned_as_is(x64):
     m, v = wrap(model, lv, input_shape=(1, 16, 16, 3))
     assert m is model and v is lv
     assert adapters.model_kind(model) == "linen" and adapters.model_kind(apply_fn) == "function"
+
+
+# ----------------------------------------------------------------------------- the examples
+
+EXAMPLES = [
+    ("examples.user_models.flax_resnet:make", "layer2.0"),
+    ("examples.user_models.nnx_cnn:make", "conv2"),
+    ("examples.user_models.equinox_cnn:make", "features"),
+    ("examples/user_models/plain_function.py:make", "block2"),
+]
+
+
+@pytest.mark.parametrize("spec,layer", EXAMPLES, ids=lambda s: s.split("/")[-1].split(".")[-1] if "." in s else s)
+def test_examples_explained_and_scored(spec, layer, monkeypatch):
+    """Each example model (loaded as ``--model`` loads it) with Grad-CAM and RISE, scored by
+    deletion / insertion. Identities: a curve starts (deletion) or ends (insertion) at the
+    target's softmax probability on the untouched image; Grad-CAM at the layer equals
+    relu(sum_k mean_ab(dS/dA_k) A_k) built from the layer's activation and gradient."""
+    from pathlib import Path
+
+    from xaijax.models import entry_points
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    model, variables, _ = entry_points.load(spec)
+    x = jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
+    target = jnp.array([1, 4])
+    cam = methods.get("grad-cam", layer=layer)
+    a, g, _ = methods.activation_and_gradient(model, variables, x, target, layer)
+    low = jax.nn.relu((a * g.mean(axis=(1, 2), keepdims=True)).sum(-1))
+    np.testing.assert_allclose(cam.layer_map(model, variables, x, target), (a * g.mean(axis=(1, 2), keepdims=True)).sum(-1), rtol=1e-5, atol=1e-6)
+    maps = {"grad-cam": cam(model, variables, x, target), "rise": methods.get("rise", n=32, s=4, chunk=16)(model, variables, x, target)}
+    assert float(jnp.abs(low).max()) > 0
+    probs = np.asarray(jax.nn.softmax(model.apply(variables, x), -1))[np.arange(2), np.asarray(target)]
+    fn = metrics.faithfulness.classifier_fn(model, variables)
+    for name, m in maps.items():
+        assert m.shape == (2, 32, 32) and bool(jnp.isfinite(m).all()), name
+        d = metrics.faithfulness.Deletion(step_pixels=128)(fn, x, m, target)
+        i = metrics.faithfulness.Insertion(step_pixels=128, kernel_size=5, sigma=2.0)(fn, x, m, target)
+        np.testing.assert_allclose(d["curve"][:, 0], probs, rtol=1e-5)
+        np.testing.assert_allclose(i["curve"][:, -1], probs, rtol=1e-5)
+        assert np.all((d["auc"] >= 0) & (d["auc"] <= 1)) and np.all((i["auc"] >= 0) & (i["auc"] <= 1))
+
+
+def test_cli_explain_with_model_entry_point(tmp_path, monkeypatch):
+    """``xaijax explain --model file.py:factory`` writes the same map as the Python API."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from xaijax import cli
+    from xaijax.models import entry_points
+    from xaijax.models.preprocess import load_image, normalize
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "img.png")
+    spec = "examples/user_models/nnx_cnn.py:make"
+    argv = ["explain", "--model", spec, "--size", "32", "--preprocess", "none", "--method", "grad-cam",
+            "--param", "layer=conv2", "--target", "3", "--out", str(tmp_path / "out"), str(tmp_path / "img.png")]
+    assert cli.main(argv) == 0
+    got = np.load(tmp_path / "out" / "img.grad-cam.npy")
+    model, variables, _ = entry_points.load(spec)
+    x = normalize(load_image(tmp_path / "img.png", 32, None)[None], "none")
+    ref = np.asarray(methods.get("grad-cam", layer="conv2")(model, variables, jnp.asarray(x), jnp.array([3])))[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # exactly one of --weights / --model; a factory without input_size needs --size
+    assert cli.main(["explain", "--method", "gradient", str(tmp_path / "img.png")]) == 2
+    assert cli.main(["explain", "--model", spec, "--method", "gradient", str(tmp_path / "img.png")]) == 2
+    assert cli.main(["explain", "--model", "examples.user_models.nnx_cnn:nope", "--size", "32", "--method", "gradient",
+                     str(tmp_path / "img.png")]) == 2
+
+
+def test_entry_point_dict_is_checked(tmp_path, monkeypatch):
+    from xaijax.models import entry_points
+
+    (tmp_path / "bad_factory.py").write_text(
+        "def extra():\n    return {'model': print, 'variables': {}, 'colour': 1}\n"
+        "def size():\n    return {'model': print, 'variables': {}, 'input_size': -3}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"needs 'model' and may hold.*got keys \['colour'"):
+        entry_points.load("bad_factory:extra")
+    with pytest.raises(ValueError, match="input_size must be a positive int"):
+        entry_points.load("bad_factory:size")
+    with pytest.raises(ValueError, match="expects package.module:factory"):
+        entry_points.load("bad_factory")
+    with pytest.raises(ValueError, match="cannot import"):
+        entry_points.load("no_such_module_xyz:make")
+
+
+def test_variables_digest_tracks_the_weights(x64):
+    from xaijax.models import entry_points
+
+    w = _weights()
+    d = entry_points.digest(w)
+    assert d == entry_points.digest(_weights()) and len(d) == 64
+    w2 = jax.tree_util.tree_map(lambda a: a, w)
+    w2["fc"]["bias"] = w2["fc"]["bias"].at[0].add(1e-12)
+    assert entry_points.digest(w2) != d
