@@ -570,25 +570,48 @@ class Scale(nn.Module):
         return 2.0 * x
 
 
+class Squash(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(x)
+
+
 class WithScale(nn.Module):
+    inner: type = Scale
+
     @nn.compact
     def __call__(self, x):
         h = layers.dense(3, bias=False, name="fc1")(x)
-        h = Scale(name="scale")(h)
+        h = self.inner(name="scale")(h)
         h = layers.ReLU(name="relu")(h)
         return layers.dense(2, bias=False, name="fc2")(h)
 
 
 def test_unknown_layer_types_are_listed_and_can_be_mapped():
-    model = WithScale()
     x = jnp.asarray(X2, jnp.float32)
+    # a module of unknown type whose operations all have functional rules runs (2 * x: relevance passes)
+    model = WithScale()
     v = models.random_variables(model, x.shape)
-    with pytest.raises(ValueError, match=r"no propagation rule for layer\(s\) 'scale' \(Scale\).*Supported layer types"):
-        relevance(model, v, x, lambda out: out, "zero")
-    comp = Composite(types={Scale: Epsilon(0.0)})
-    r = relevance(model, v, x, lambda out: out, comp)
     gxi = jax.grad(lambda xx: model.apply(v, xx).sum())(x) * x
+    r = relevance(model, v, x, lambda out: out, "zero")
     np.testing.assert_allclose(np.asarray(r), np.asarray(gxi), rtol=1e-5, atol=1e-6)
+    # one computing something without a rule is listed by its path, with the way to give it one
+    model = WithScale(Squash)
+    with pytest.raises(ValueError, match=r"no propagation rule for operation\(s\) scale: tanh\..*Composite\(types=\{MyLayer.*Layer types with a rule"):
+        relevance(model, v, x, lambda out: out, "zero")
+    comp = Composite(types={Squash: Epsilon(0.0)})
+    r = relevance(model, v, x, lambda out: out, comp)
+    h = np.asarray(x) @ np.asarray(v["params"]["fc1"]["kernel"])
+    z = np.tanh(h)
+    a = np.maximum(z, 0)
+    out = a @ np.asarray(v["params"]["fc2"]["kernel"])
+    # LRP-0 by hand: fc2 (z-rule), ReLU (pass), tanh (z-rule: R_h = h * tanh'(h) * R_z / z), fc1 (z-rule)
+    w2 = np.asarray(v["params"]["fc2"]["kernel"])
+    ra = a * (np.ones_like(out) @ w2.T)  # sum_k a_j w_jk R_k / out_k with R_k = out_k
+    rh = h * (1 - z**2) * ra / np.where(z == 0, 1, z)
+    w1 = np.asarray(v["params"]["fc1"]["kernel"])
+    rx = np.asarray(x) * ((rh / np.where(h == 0, 1, h)) @ w1.T)
+    np.testing.assert_allclose(np.asarray(r), rx, rtol=1e-4, atol=1e-5)
 
 
 def test_readable_errors_for_misfit_rules_training_mode_and_layer_names():
