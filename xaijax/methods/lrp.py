@@ -23,7 +23,21 @@ a composite (:mod:`xaijax.propagation.composites`) and summed over channels:
                                       z^B with each image's own min/max on the first,
                                       BatchNorm passes relevance (not folded); the input
                                       total is the target logit
+``attnlrp``                           AttnLRP (Achtibat et al. 2024) for vision
+                                      transformers: LayerNorm normaliser held constant,
+                                      AttnLRP's softmax rule, q.k / attention.v split half
+                                      and half, GELU identity, gamma on convolutions (0.25)
+                                      and dense layers (0.05); ``conv_gamma=None`` /
+                                      ``dense_gamma=None``: epsilon there
+``cp-lrp``                            CP-LRP (Ali et al. 2022): as ``attnlrp`` but the
+                                      attention is a constant: attention.v sends all
+                                      relevance to v, none to the softmax / q.k path
 ====================================  ====================================================
+
+``attnlrp`` and ``cp-lrp`` are composites like the others: on a network without transformer
+layers they are LRP with gamma (or epsilon) on its convolutions and dense layers. Every other
+``lrp-*`` method also runs on the zoo's ViT/DeiT, with AttnLRP's rules on the transformer
+layers (see :mod:`xaijax.propagation.composites`).
 
 Hyperparameters: ``eps`` (1e-6), ``gamma`` (0.25), ``alpha``/``beta``, ``low``/``high`` (z^B
 bounds; default: the ImageNet-normalised range of RGB values in [0, 1]) and ``composite``,
@@ -247,6 +261,20 @@ register(
     "lrp-zplus-nobias-samplebox",
     _lrp_factory(lambda input_stabilizer=1e-9: C.zplus_nobias_samplebox(input_stabilizer)),
     "LRP baseline of the RAP/RSP authors' code: z+ ignoring biases, z^B with per-image bounds, BatchNorm passes",
+)
+register(
+    "attnlrp",
+    _lrp_factory(
+        lambda eps=1e-6, conv_gamma=C.VIT_CONV_GAMMA, dense_gamma=C.VIT_DENSE_GAMMA: C.attnlrp(eps, conv_gamma, dense_gamma)
+    ),
+    "AttnLRP for vision transformers (Achtibat et al. 2024): softmax and bilinear attention rules, gamma on linear layers",
+)
+register(
+    "cp-lrp",
+    _lrp_factory(
+        lambda eps=1e-6, conv_gamma=C.VIT_CONV_GAMMA, dense_gamma=C.VIT_DENSE_GAMMA: C.cp_lrp(eps, conv_gamma, dense_gamma)
+    ),
+    "CP-LRP for vision transformers (Ali et al. 2022): attention held constant, relevance only through the values",
 )
 
 

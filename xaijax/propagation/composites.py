@@ -29,6 +29,26 @@ Default rules of the parameter-free layers (:data:`DEFAULT_RULES`):
   to shape);
 * ``batchnorm`` — see ``canonize``.
 
+Transformer layers (:mod:`xaijax.models.transformer_layers`), the same in every composite
+unless it maps them (AttnLRP's rules, :mod:`~xaijax.propagation.transformer_rules`, since
+plain LRP rules do not fit them: the epsilon rule on a bilinear product passes on twice the
+relevance, on a LayerNorm it follows the normaliser's derivative):
+
+* ``layernorm`` — :class:`~xaijax.propagation.transformer_rules.LayerNormRule` (eps 1e-6):
+  normaliser held constant, epsilon rule on the rest;
+* ``softmax`` — :class:`~xaijax.propagation.transformer_rules.SoftmaxRule`;
+* ``matmul`` (``q.k^T``, ``attention.v``) —
+  :class:`~xaijax.propagation.transformer_rules.BilinearUniform` (eps 1e-6): each factor half;
+* ``activation`` (GELU) — :class:`~xaijax.propagation.rules.Pass` (identity rule);
+* ``rearrange`` (patch tokens, head split/merge, token concatenation/selection) —
+  :class:`~xaijax.propagation.rules.Vjp`: exact, every output entry is one input entry.
+  Relevance reaching a prefix token (class/distillation token, a parameter) stays there,
+  as relevance reaching a bias does;
+* ``average`` (a distilled DeiT's two heads) — ``Epsilon(0)``, the z-rule.
+
+On a network without transformer layers the composites ``attnlrp`` and ``cp_lrp`` are plain
+LRP-epsilon (or gamma) composites.
+
 ``canonize=True`` (default) folds every eval-mode BatchNorm whose input is the output of a
 convolution or dense layer read by nothing else into that layer
 (:mod:`xaijax.propagation.canonizers`): the layer's rule sees the effective weights and
@@ -59,6 +79,7 @@ from xaijax.propagation.rules import (
     ZBox,
     ZPlus,
 )
+from xaijax.propagation.transformer_rules import BilinearUniform, ConstantFactor, LayerNormRule, SoftmaxRule, Stop
 from xaijax.propagation.rsp_rules import RSPAdd, RSPBatchNorm, RSPConv, RSPShifted
 
 __all__ = [
@@ -76,13 +97,33 @@ __all__ = [
     "excitation",
     "contrastive_excitation",
     "rsp",
+    "attnlrp",
+    "cp_lrp",
     "get",
     "names",
     "resolve",
 ]
 
 #: Layer kinds the engine recognises (``custom``: a type mapped through ``Composite.types``).
-KINDS = ("conv", "dense", "batchnorm", "relu", "maxpool", "avgpool", "add", "concat", "reshape", "dropout", "identity")
+KINDS = (
+    "conv",
+    "dense",
+    "batchnorm",
+    "relu",
+    "maxpool",
+    "avgpool",
+    "add",
+    "concat",
+    "reshape",
+    "dropout",
+    "identity",
+    "layernorm",
+    "softmax",
+    "matmul",
+    "activation",
+    "rearrange",
+    "average",
+)
 
 #: Rules of the layer kinds that a composite does not map.
 DEFAULT_RULES: dict[str, Rule] = {
@@ -97,6 +138,12 @@ DEFAULT_RULES: dict[str, Rule] = {
     "reshape": Vjp(),
     "dropout": Vjp(),
     "identity": Vjp(),
+    "layernorm": LayerNormRule(1e-6),
+    "softmax": SoftmaxRule(),
+    "matmul": BilinearUniform(1e-6),
+    "activation": Pass(),
+    "rearrange": Vjp(),
+    "average": Epsilon(0.0),
 }
 
 
@@ -349,6 +396,60 @@ def rsp() -> Composite:
     )
 
 
+#: Gamma of AttnLRP on a ViT's convolution (patch embedding) and dense layers: the middle
+#: values of the grid the AttnLRP authors' ViT example sweeps (``lxt``, ``examples/vit_torch.py``:
+#: convolution 0.1, 0.25, 100; linear 0, 0.01, 0.05, 0.1, 1). They give no single recommended
+#: value; the paper's main rule for linear layers is epsilon (``conv_gamma=None,
+#: dense_gamma=None``).
+VIT_CONV_GAMMA = 0.25
+VIT_DENSE_GAMMA = 0.05
+
+
+def _linear_rule(gamma: float | None, eps: float) -> Rule:
+    return Epsilon(eps) if gamma is None else Gamma(gamma)
+
+
+def attnlrp(eps: float = 1e-6, conv_gamma: float | None = VIT_CONV_GAMMA, dense_gamma: float | None = VIT_DENSE_GAMMA) -> Composite:
+    """AttnLRP (Achtibat et al., ICML 2024) for the zoo's vision transformers.
+
+    * LayerNorm: :class:`~xaijax.propagation.transformer_rules.LayerNormRule` (``eps``);
+    * softmax: :class:`~xaijax.propagation.transformer_rules.SoftmaxRule`;
+    * ``q.k^T`` and ``attention.v``: :class:`~xaijax.propagation.transformer_rules.BilinearUniform`
+      (``eps``), each factor gets half;
+    * GELU: identity (:class:`~xaijax.propagation.rules.Pass`); token re-arrangements: Vjp;
+      residual sums, the position-embedding sum and averages: the z-rule;
+    * convolutions / dense layers: ``Gamma(conv_gamma)`` / ``Gamma(dense_gamma)`` (the gamma
+      rule the authors use on ViTs, :data:`VIT_CONV_GAMMA`, :data:`VIT_DENSE_GAMMA`), or
+      ``Epsilon(eps)`` where the gamma is None (the paper's epsilon rule).
+
+    With ``eps=0``, no gamma and zero biases every layer but the softmax conserves relevance.
+    """
+    return Composite(
+        conv=_linear_rule(conv_gamma, eps),
+        dense=_linear_rule(dense_gamma, eps),
+        kinds={"layernorm": LayerNormRule(eps), "softmax": SoftmaxRule(), "matmul": BilinearUniform(eps)},
+    )
+
+
+def cp_lrp(eps: float = 1e-6, conv_gamma: float | None = VIT_CONV_GAMMA, dense_gamma: float | None = VIT_DENSE_GAMMA) -> Composite:
+    """CP-LRP (Ali et al., ICML 2022, "conservative propagation"): attention held constant.
+
+    As :func:`attnlrp` except inside attention: in ``attention.v`` the attention probabilities
+    are constants and ``v`` gets all the relevance
+    (:class:`~xaijax.propagation.transformer_rules.ConstantFactor`, first factor held — the
+    zoo's ``MatMul()(attn, v)`` order), and the softmax passes nothing
+    (:class:`~xaijax.propagation.transformer_rules.Stop`), so ``q``, ``k`` and their projection
+    receive no relevance. LayerNorm as in AttnLRP (normaliser held constant). With ``eps=0``,
+    no gamma and zero biases (position embedding and prefix tokens included) the input total
+    equals the target logit.
+    """
+    return Composite(
+        conv=_linear_rule(conv_gamma, eps),
+        dense=_linear_rule(dense_gamma, eps),
+        kinds={"layernorm": LayerNormRule(eps), "softmax": Stop(), "matmul": ConstantFactor(0, eps)},
+    )
+
+
 _NAMED: dict[str, Callable[..., Composite]] = {
     "zero": zero,
     "epsilon": epsilon,
@@ -363,6 +464,8 @@ _NAMED: dict[str, Callable[..., Composite]] = {
     "excitation": excitation,
     "contrastive-excitation": contrastive_excitation,
     "rsp": rsp,
+    "attnlrp": attnlrp,
+    "cp-lrp": cp_lrp,
 }
 
 

@@ -56,8 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.models import layers as L
+from xaijax.models import transformer_layers as T
 from xaijax.models.taps import module_name
 from xaijax.propagation.canonizers import batchnorm_affine, check_eval_batchnorm, fold_batchnorm
+from xaijax.propagation import functional
 from xaijax.propagation.composites import KINDS, Composite, resolve
 from xaijax.propagation.rules import ConvGeometry, LayerView, Rule
 
@@ -90,12 +92,29 @@ _KIND_OF: tuple[tuple[type, str], ...] = (
     (L.Add, "add"),
     (L.Concat, "concat"),
     (L.Identity, "identity"),
+    (T.LayerNorm, "layernorm"),
+    (T.Softmax, "softmax"),
+    (T.MatMul, "matmul"),
+    (T.GELU, "activation"),
+    (T.PatchTokens, "rearrange"),
+    (T.SplitHeads, "rearrange"),
+    (T.MergeHeads, "rearrange"),
+    (T.TokenConcat, "rearrange"),
+    (T.SelectToken, "rearrange"),
+    (T.Average, "average"),
 )
 
 #: kinds whose output is non-negative when all their inputs are
-_NONNEG_PRESERVING = ("maxpool", "avgpool", "reshape", "dropout", "identity", "concat", "add")
+_NONNEG_PRESERVING = ("maxpool", "avgpool", "reshape", "dropout", "identity", "concat", "add", "rearrange", "average")
 
-_SUPPORTED = "nn.Conv, nn.Dense, nn.BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Add, Concat, Identity"
+#: kinds whose output is non-negative whatever their inputs
+_NONNEG_OUTPUT = ("relu", "softmax")
+
+_SUPPORTED = (
+    "nn.Conv, nn.Dense, nn.BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Add, Concat, "
+    "Identity, and the transformer layers LayerNorm, Softmax, MatMul, GELU, PatchTokens, SplitHeads, MergeHeads, "
+    "TokenConcat, SelectToken, Average (xaijax.models.transformer_layers)"
+)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -130,11 +149,15 @@ class LayerPlan:
       kind: one of :data:`KINDS` or ``"custom"``.
       type_name: the module's class name.
       rule: the rule (None for a BatchNorm folded into the preceding layer).
-      in_shapes, out_shape: array shapes of the call.
+      in_shapes, out_shape: array shapes of the call; for a layer that returns a tuple of
+        arrays (``multi_output``, e.g. SplitHeads' ``(q, k, v)``) ``out_shape`` is the tuple of
+        their shapes.
       fold: for a convolution/dense layer, the index of the BatchNorm folded into it.
       folded_into: for a folded BatchNorm, the index of that convolution/dense layer.
       nonneg: every input is known to be non-negative (produced by a ReLU, or by pooling,
         reshaping, concatenating or adding such arrays); rules may skip vanishing terms.
+      multi_output: the layer returns a tuple of arrays; its rule then receives ``out`` and
+        ``R`` as tuples (only rules written for that, such as Vjp, apply).
     """
 
     index: int
@@ -147,6 +170,7 @@ class LayerPlan:
     fold: int | None = None
     folded_into: int | None = None
     nonneg: bool = False
+    multi_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,14 +181,19 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     outputs: tuple[tuple[str, tuple[int, ...]], ...]
     logits_shape: tuple[int, ...]
+    functional: tuple[functional.Functional, ...] = ()
 
     def describe(self) -> str:
-        """One line per layer: name, kind and rule."""
+        """One line per layer (name, kind and rule), then one per functional operation
+        (``<module path>:<primitive>``, its class and rule; see :mod:`xaijax.propagation.functional`)."""
         lines = []
         for e in self.layers:
             rule = f"folded into {self.layers[e.folded_into].name}" if e.folded_into is not None else repr(e.rule)
             extra = f" (+ {self.layers[e.fold].name})" if e.fold is not None else ""
             lines.append(f"{e.name or '<root>'}{extra}: {e.kind} -> {rule}")
+        if self.functional:
+            lines.append("functional operations:")
+            lines.extend(f"{op.name}: {op.kind} -> {op.rule!r}" for op in self.functional)
         return "\n".join(lines)
 
     def output_shape(self, name: str) -> tuple[int, ...]:
@@ -194,6 +223,7 @@ class _Call:
     out_shape: tuple[int, ...]
     nonneg: bool
     foldable: int | None  # index of a BatchNorm that reads only this layer's output
+    multi_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +231,7 @@ class _Graph:
     calls: tuple[_Call, ...]
     outputs: tuple[tuple[str, tuple[int, ...]], ...]
     logits_shape: tuple[int, ...]
+    functional: tuple[functional.Functional, ...] = ()  # classes only; rules come with the composite
 
 
 def plan(model: nn.Module, variables: Mapping[str, Any], x: Array, composite: Composite | str = "zero") -> Plan:
@@ -239,7 +270,6 @@ def _trace_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
 
     calls: list[dict[str, Any]] = []
     outputs: list[tuple[str, tuple[int, ...]]] = []
-    unknown: list[str] = []
     stack: list[dict[str, Any]] = []
     keep: list[Any] = []  # keeps traced arrays alive so their ids stay unique
     producer: dict[int, int] = {}
@@ -257,15 +287,13 @@ def _trace_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
         module = context.module
         name = module_name(module)
         kind = _leaf_kind(module, mapped)
-        if kind is None:
+        if kind is None:  # a container, or a module whose operations are functional (classified below)
             frame = {"module": module, "container": False}
             stack.append(frame)
             try:
                 out = next_fun(*args, **kwargs)
             finally:
                 stack.pop()
-            if not frame["container"]:
-                unknown.append(f"{name or '<root>'!r} ({type(module).__name__})")
             if isinstance(out, jax.Array):
                 outputs.append((name, tuple(out.shape)))
             return out
@@ -277,47 +305,52 @@ def _trace_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
         if kind == "dropout" and (getattr(module, "train", False) or getattr(module, "deterministic", True) is False):
             raise ValueError(f"dropout layer {name!r} is active (training mode); propagation needs an eval-mode model")
         state["bypass"] += 1
-        try:
-            out = next_fun(*args, **kwargs)
+        try:  # opaque, as the rules' wrappers make it in the forward pass
+            out = functional.opaque(lambda *a: next_fun(*a, **kwargs), *args)
         finally:
             state["bypass"] -= 1
-        if not isinstance(out, jax.Array):
-            raise ValueError(f"layer {name!r} returns {type(out).__name__}, not an array")
+        multi = isinstance(out, tuple) and len(out) > 0 and all(isinstance(o, jax.Array) for o in out)
+        if not multi and not isinstance(out, jax.Array):
+            raise ValueError(f"layer {name!r} returns {type(out).__name__}, not an array (or a tuple of arrays)")
+        outs = out if multi else (out,)
         index = len(calls)
         inputs_nonneg = all(id(a) in nonneg for a in args)
-        if kind == "relu" or (kind in _NONNEG_PRESERVING and inputs_nonneg):
-            nonneg.add(id(out))
+        if kind in _NONNEG_OUTPUT or (kind in _NONNEG_PRESERVING and inputs_nonneg):
+            nonneg.update(id(o) for o in outs)
         calls.append(
             {
                 "name": name,
                 "kind": kind,
                 "module_type": type(module),
                 "in_shapes": tuple(tuple(a.shape) for a in args),
-                "out_shape": tuple(out.shape),
+                "out_shape": tuple(tuple(o.shape) for o in outs) if multi else tuple(out.shape),
                 "inputs": [id(a) for a in args],
-                "out": id(out),
+                "out": None if multi else id(out),
                 "nonneg": inputs_nonneg,
+                "multi": multi,
             }
         )
         for a in args:
             consumers[id(a)].append(index)
-        producer[id(out)] = index
+        for o in outs:
+            producer[id(o)] = index
         keep.extend(args)
-        keep.append(out)
-        outputs.append((name, tuple(out.shape)))
+        keep.extend(outs)
+        if not multi:
+            outputs.append((name, tuple(out.shape)))
         return out
 
     def run(v, xx):
         with nn.intercept_methods(interceptor):
             return model.apply(v, xx)
 
-    out = jax.eval_shape(run, variables, x)
-    if unknown:
-        raise ValueError(
-            "no propagation rule for layer(s) " + ", ".join(unknown) + f". Supported layer types: {_SUPPORTED} "
-            "(and modules that only call those). Give other types a rule with "
-            "Composite(types={MyLayer: Epsilon(0.0)}) (rules without weights: Epsilon, Vjp, Pass)."
-        )
+    closed, out = jax.make_jaxpr(run, return_shape=True)(variables, x)
+    # every operation outside the intercepted layers: a functional rule, or an error listing it
+    n_vars = len(jax.tree_util.tree_leaves(variables))
+    try:
+        ops = functional.analyse(closed, [False] * n_vars + [True])
+    except ValueError as e:
+        raise ValueError(f"{e} Layer types with a rule: {_SUPPORTED}.") from None
     if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) != 2:
         raise ValueError(f"the model must return logits of shape (N, K); got {out}")
     if not calls:
@@ -334,11 +367,14 @@ def _trace_graph(model, types, treedef, var_spec, x_spec) -> _Graph:
             foldable[i] = j
     return _Graph(
         tuple(
-            _Call(c["name"], c["kind"], c["module_type"], c["in_shapes"], c["out_shape"], c["nonneg"], foldable.get(i))
+            _Call(
+                c["name"], c["kind"], c["module_type"], c["in_shapes"], c["out_shape"], c["nonneg"], foldable.get(i), c["multi"]
+            )
             for i, c in enumerate(calls)
         ),
         tuple(outputs),
         tuple(out.shape),
+        ops,
     )
 
 
@@ -359,6 +395,11 @@ def _assign_rules(graph: _Graph, composite: Composite) -> Plan:
             if rule is None:  # pragma: no cover - custom kinds always have a mapped rule
                 raise ValueError(f"no rule for layer {c.name!r} ({c.module_type.__name__})")
             out_shape = calls[fold[i]].out_shape if i in fold else c.out_shape
+            if c.multi_output and not rule.multi_output:
+                raise ValueError(
+                    f"layer {c.name!r} ({c.module_type.__name__}) returns {len(c.out_shape)} arrays; rule {rule!r} "
+                    "handles single-output layers (rules for several outputs: Vjp, Stop)"
+                )
             rule.check(c.name, c.kind, c.in_shapes, out_shape)
         entries.append(
             LayerPlan(
@@ -372,9 +413,16 @@ def _assign_rules(graph: _Graph, composite: Composite) -> Plan:
                 fold=fold.get(i),
                 folded_into=folded_into.get(i),
                 nonneg=c.nonneg,
+                multi_output=c.multi_output,
             )
         )
-    return Plan(tuple(entries), graph.outputs, graph.logits_shape)
+    ops = []
+    for op in graph.functional:
+        rule = composite.rule_for(op.name, op.kind, functional.FunctionalOp) if op.kind != "scale" else op.rule
+        rule = op.rule if rule is None else rule
+        rule.check(op.name, op.kind, op.in_shapes, op.out_shape)
+        ops.append(dataclasses.replace(op, rule=rule))
+    return Plan(tuple(entries), graph.outputs, graph.logits_shape, tuple(ops))
 
 
 # ----------------------------------------------------------------------- layer views
@@ -440,7 +488,33 @@ def _view_builder(module: nn.Module, kind: str, kwargs: Mapping[str, Any], name:
             return LayerView(name, kind, fn_of(params), lambda k, x: x * k, a, c, nonneg)
 
         return build
+    if kind == "layernorm":
+        return _layernorm_builder(unbound, fn_of, name, nonneg)
+    if kind == "softmax":
+        return lambda params: LayerView(name, kind, fn_of(params), nonneg=nonneg, axis=unbound.axis)
     return lambda params: LayerView(name, kind, fn_of(params), nonneg=nonneg)
+
+
+def _layernorm_builder(unbound: nn.Module, fn_of: Callable[[Any], Callable[..., Array]], name: str, nonneg: bool):
+    """View of a :class:`~xaijax.models.transformer_layers.LayerNorm` with ``linearized``: the
+    layer with its normaliser ``rsqrt(var + eps)`` held constant (``stop_gradient``), i.e. the
+    same values as the layer and the derivative of the affine map ``(x - mean) * r * scale +
+    bias`` with ``r`` fixed. It mirrors that module's formula (mean and biased variance over
+    the last axis, ``eps`` inside the root); tests check that both give the same values."""
+    epsilon = float(unbound.epsilon)
+
+    def build(params):
+        p = params["params"]
+        scale, bias = p["scale"], p["bias"]
+
+        def linearized(x):
+            xc = x - jnp.mean(x, axis=-1, keepdims=True)
+            r = jax.lax.stop_gradient(jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + epsilon))
+            return xc * r * scale + bias
+
+        return LayerView(name, "layernorm", fn_of(params), nonneg=nonneg, axis=-1, linearized=linearized)
+
+    return build
 
 
 def _folded_builder(
@@ -470,6 +544,16 @@ def _folded_builder(
 
 
 # ---------------------------------------------------------------------- forward pass
+
+
+def _unbroadcast(r: Array, shape: tuple[int, ...]) -> Array:
+    """``r`` summed down to an input's ``shape`` where a rule computed it broadcast (an input
+    of shape (1, T, D) added to (N, T, D), e.g. a position embedding): what the VJP of the
+    broadcast does. Other shape mismatches are left for JAX to report."""
+    if r.shape == tuple(shape) or r.ndim != len(shape):
+        return r
+    axes = tuple(i for i, (a, b) in enumerate(zip(r.shape, shape)) if b == 1 and a != 1)
+    return r.sum(axis=axes, keepdims=True) if axes else r
 
 
 class _Runner:
@@ -534,7 +618,7 @@ class _Runner:
             params, xs, out = res
             with runner.bypassing():
                 rin = rule.backward(build(params), xs, out, R)
-            rin = tuple(jnp.asarray(r).astype(x.dtype) for r, x in zip(rin, xs))
+            rin = tuple(_unbroadcast(jnp.asarray(r), x.shape).astype(x.dtype) for r, x in zip(rin, xs))
             return (jax.tree_util.tree_map(jnp.zeros_like, params),) + rin
 
         layer.defvjp(fwd, bwd)
@@ -581,7 +665,9 @@ class _Runner:
             build = _view_builder(module, kind, kwargs, name, entry.nonneg)
             out = self.wrap(entry.rule, build, module.variables, xs)
         if out_probe is not None:
-            out = out + out_probe.astype(out.dtype)
+            out = jax.tree_util.tree_map(lambda o, p: o + p.astype(o.dtype), out, out_probe)
+        if entry.multi_output:  # a tuple of arrays: not addressable by read_at / seed_at
+            return out
         return self._read(name, out)
 
 
@@ -601,6 +687,8 @@ def _forward(model, variables, the_plan, composite, capture: str | None = None) 
             return runner.captured
         return out
 
+    if the_plan.functional:  # functional operations get their rules (see functional's docstring)
+        return functional.evaluate(f, composite, lambda args: jax.tree_util.tree_map(lambda _: True, args))
     return f
 
 
@@ -694,7 +782,8 @@ class LayerRelevance:
     Attributes:
       name, kind, rule: the layer and its rule (a folded BatchNorm is listed in ``folded``).
       inputs: relevance this layer sends to each of its inputs (shapes of the inputs).
-      output: relevance arriving at its output (after the folded BatchNorm, if any).
+      output: relevance arriving at its output (after the folded BatchNorm, if any); a tuple
+        for a layer returning several arrays (SplitHeads).
     """
 
     name: str
@@ -702,12 +791,17 @@ class LayerRelevance:
     rule: Rule
     folded: str | None
     inputs: tuple[Array, ...]
-    output: Array
+    output: Array | tuple[Array, ...]
 
     def totals(self) -> tuple[Array, Array]:
-        """Per-sample sums ``(sum of input relevance, output relevance)``, each (N,)."""
+        """Per-sample sums ``(sum of input relevance, output relevance)``, each (N,).
+
+        An input broadcast over the batch (a transformer's class token, shape (1, 1, D)) has
+        one relevance for the whole batch; it is added to every sample's input total.
+        """
         tin = sum(r.reshape(r.shape[0], -1).sum(-1) for r in self.inputs)
-        tout = self.output.reshape(self.output.shape[0], -1).sum(-1)
+        outs = self.output if isinstance(self.output, tuple) else (self.output,)
+        tout = sum(r.reshape(r.shape[0], -1).sum(-1) for r in outs)
         return tin, tout
 
 
@@ -741,7 +835,8 @@ def relevance_trace(
         if e.folded_into is not None:
             continue
         out_shape = the_plan.layers[e.fold].out_shape if e.fold is not None else e.out_shape
-        probes[e.index] = (tuple(jnp.zeros(s, x.dtype) for s in e.in_shapes), jnp.zeros(out_shape, x.dtype))
+        out_probe = tuple(jnp.zeros(s, x.dtype) for s in out_shape) if e.multi_output else jnp.zeros(out_shape, x.dtype)
+        probes[e.index] = (tuple(jnp.zeros(s, x.dtype) for s in e.in_shapes), out_probe)
     f = _forward(model, variables, the_plan, composite, seed_at)
     out, vjp = jax.vjp(lambda xx, pr: f(xx, pr, None), x, probes)
     rx, rp = vjp(_output_relevance(output_relevance, out, seed_at))

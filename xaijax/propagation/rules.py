@@ -158,8 +158,9 @@ class LayerView:
 
     Attributes:
       name: dotted layer name (for error messages).
-      kind: ``conv``, ``dense``, ``batchnorm``, ``relu``, ``maxpool``, ``avgpool``, ``add``,
-        ``concat``, ``reshape``, ``dropout``, ``identity`` or ``custom``.
+      kind: one of :data:`~xaijax.propagation.composites.KINDS` (``conv``, ``dense``,
+        ``batchnorm``, ``relu``, ..., the transformer kinds ``layernorm``, ``softmax``,
+        ``matmul``, ``activation``, ``rearrange``, ``average``) or ``custom``.
       fn: ``fn(*xs) -> out``, the layer's forward function with its parameters.
       op: ``op(kernel, x) -> y``, linear in ``x``, bias-free (weighted layers only).
       kernel: weight array accepted by ``op`` (weighted layers only).
@@ -168,6 +169,10 @@ class LayerView:
         concatenations of those); rules may skip terms that would be zero.
       geometry: a plain convolution's :class:`ConvGeometry` (None for other layers and for
         convolutions with feature groups, input dilation or a mask).
+      axis: the normalised axis of a ``softmax`` or ``layernorm`` layer (else None).
+      linearized: ``layernorm`` layers: ``linearized(x)``, the layer with its data-dependent
+        normaliser ``1 / sqrt(var + eps)`` held constant (``stop_gradient``): the same values
+        as ``fn``, the derivative of the remaining affine map (else None).
     """
 
     name: str
@@ -178,6 +183,8 @@ class LayerView:
     bias: Array | None = None
     nonneg: bool = False
     geometry: ConvGeometry | None = None
+    axis: int | None = None
+    linearized: Callable[[Array], Array] | None = None
 
     def linear(self, rule: "Rule") -> tuple[Callable[[Array, Array], Array], Array, Array | None]:
         """``(op, kernel, bias)``; a readable error if the layer has no weights."""
@@ -285,9 +292,12 @@ class Rule:
     """Base class of relevance rules (subclasses are frozen dataclasses).
 
     ``needs_weights``: the rule uses ``op``/``kernel``/``bias`` (only weighted layers).
+    ``multi_output``: the rule handles layers that return a tuple of arrays (``out`` and
+    ``R`` are then tuples); the engine refuses other rules on such layers at plan time.
     """
 
     needs_weights: ClassVar[bool] = False
+    multi_output: ClassVar[bool] = False
 
     def backward(self, layer: LayerView, xs: tuple[Array, ...], out: Array, R: Array) -> tuple[Array, ...]:
         """Relevance at each input (shapes of ``xs``) from the relevance ``R`` at ``out``."""
@@ -634,14 +644,21 @@ class Vjp(Rule):
     """The ordinary vector-Jacobian product of the layer: ``R_in = J^T R`` (chain rule).
 
     Relevance is moved as a gradient would be: winner-take-all for max pooling, split by
-    channels for concatenations, identity up to shape for flatten/dropout/identity layers.
+    channels for concatenations, identity up to shape for flatten/dropout/identity layers
+    and for the transformers' token re-arrangements (``rearrange``: patch tokens, head
+    split/merge, token concatenation and selection, where it is exact: every output entry is
+    one input entry). Also the rule of layers returning several arrays (``out`` and ``R``
+    are then tuples).
     (Formerly ``rules.Gradient``, renamed so as not to be confused with the attribution
     method :class:`xaijax.methods.Gradient`.)
     """
 
+    multi_output: ClassVar[bool] = True
+
     def backward(self, layer, xs, out, R):
         _, pullback = jax.vjp(layer.fn, *xs)
-        return tuple(pullback(R.astype(out.dtype)))
+        # a layer returning a tuple of arrays (SplitHeads' q, k, v) gets a tuple of relevances
+        return tuple(pullback(jax.tree_util.tree_map(lambda r, o: r.astype(o.dtype), R, out)))
 
 
 @dataclasses.dataclass(frozen=True)
