@@ -5,8 +5,11 @@
   flip-contrast);
 * :mod:`~xaijax.propagation.rap_rules` / :mod:`~xaijax.propagation.rsp_rules` — the rules
   of Relative Attributing Propagation and Relative Sectional Propagation;
+* :mod:`~xaijax.propagation.transformer_rules` — transformer layers (AttnLRP, CP-LRP):
+  LayerNorm with its normaliser held constant, AttnLRP's softmax rule, the uniform rule of
+  bilinear products (``q.k^T``, ``attention.v``), CP-LRP's constant attention, stop;
 * :mod:`~xaijax.propagation.composites` — layer -> rule maps (by name, position, type,
-  kind) and the named composites (epsilon-plus, epsilon-gamma-box, ...);
+  kind) and the named composites (epsilon-plus, epsilon-gamma-box, attnlrp, cp-lrp, ...);
 * :mod:`~xaijax.propagation.canonizers` — BatchNorm folding;
 * :mod:`~xaijax.propagation.engine` — the interception/custom-VJP machinery:
   :func:`relevance`, :func:`pullback`, :func:`relevance_trace`, :func:`plan`.
@@ -17,7 +20,7 @@ Example::
     R = P.relevance(model, variables, x, lambda out: one_hot * out, P.composites.epsilon_plus())
 """
 
-from xaijax.propagation import canonizers, composites, engine, rules
+from xaijax.propagation import canonizers, composites, engine, rules, transformer_rules
 from xaijax.propagation.composites import Composite
 from xaijax.propagation.engine import (
     LayerPlan,
@@ -46,12 +49,14 @@ from xaijax.propagation.rules import (
     ZBox,
     ZPlus,
 )
+from xaijax.propagation.transformer_rules import BilinearUniform, ConstantFactor, LayerNormRule, SoftmaxRule, Stop
 
 __all__ = [
     "canonizers",
     "composites",
     "engine",
     "rules",
+    "transformer_rules",
     "Composite",
     "LayerPlan",
     "LayerRelevance",
@@ -76,6 +81,11 @@ __all__ = [
     "WSquare",
     "ZBox",
     "ZPlus",
+    "LayerNormRule",
+    "SoftmaxRule",
+    "BilinearUniform",
+    "ConstantFactor",
+    "Stop",
 ]
 
 

@@ -31,6 +31,16 @@ layer's VJP is replaced:
    that layer itself (and everything below it) applies, the layers above it are not
    propagated.
 
+Transformer layers (:mod:`xaijax.models.transformer_layers`) are leaf layers of their own
+kinds: ``layernorm``, ``softmax``, ``matmul`` (a bilinear product of two inputs),
+``activation`` (GELU), ``rearrange`` (patch tokens, head split/merge, token concatenation
+and selection) and ``average``. A layer may return a tuple of arrays (``SplitHeads``' q,
+k, v): its custom VJP then receives a tuple of relevances, and only rules declaring
+``multi_output`` (Vjp, Stop) apply to it; such outputs cannot be read with ``read_at`` or
+seeded with ``seed_at``. Inputs broadcast over the batch (a position embedding or class
+token of batch size 1) get the relevance summed over the batch, as their VJP would: it stays
+there, like relevance reaching a bias.
+
 Everything is traced JAX: wrap the calls in ``jax.jit`` (model static) and ``jax.vmap``;
 the interception context is entered inside the traced function and the rule set is
 static. Operations that are not Flax modules (e.g. Inception's ``transform_input``
