@@ -132,3 +132,11 @@ def test_bundled_vit_is_trained():
     m64, _ = training.mean_average_precision(res["logits"][:64], test["multi_hot"][:64])
     chance = training.chance_map(test["multi_hot"][:64])
     assert m64 > chance + 0.2, (m64, chance)
+
+
+def test_visualize_feeds_the_vit_its_own_size(tiny_vit, tmp_path):
+    path, _, _ = tiny_vit
+    out = tmp_path / "vis"
+    assert cli.main(["visualize", "--weights", str(path), "--layer", "logits", "--units", "0:2", "--steps", "2",
+                     "--batch", "2", "--out", str(out)]) == 0
+    assert np.load(out / "logits_class.npy").shape == (2, 32, 32, 3)

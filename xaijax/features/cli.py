@@ -104,18 +104,13 @@ def _out_dir(p: str) -> Path:
     return path
 
 
-def _size_and_convention(args: argparse.Namespace, info: dict[str, Any]) -> tuple[int, str]:
-    from xaijax.models import preprocess, registry
+def _size_and_convention(args: argparse.Namespace, model: Any, info: dict[str, Any]) -> tuple[int, str]:
+    """Input side (``--size``, else the model's fixed ``image_size``, else the recorded size, else
+    the architecture's: :func:`xaijax.checkpoints.input_size.model_input_size`) and normalisation."""
+    from xaijax.checkpoints.input_size import model_input_size
+    from xaijax.models import preprocess
 
-    meta = info.get("metadata") or {}
-    size = args.size
-    if size is None:
-        try:
-            size = int(json.loads(meta.get("dataset", "{}")).get("size", 0)) or None
-        except (ValueError, AttributeError):
-            size = None
-        size = size or registry.spec(info["arch"]).input_size
-    return int(size), preprocess.convention(info, args.preprocess)
+    return model_input_size(model, info, args.size), preprocess.convention(info, args.preprocess)
 
 
 def _class_names(info: dict[str, Any], n: int) -> list[str] | None:
@@ -142,7 +137,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
         raise ValueError(f"--size must be >= 1; got {args.size}")
     model, variables, info = checkpoints.load(args.arch, args.weights)
     out = _out_dir(args.out)  # after the weights are read: a bad --weights leaves no folder behind
-    size, convention = _size_and_convention(args, info)
+    size, convention = _size_and_convention(args, model, info)
     layer = None if args.layer in ("logits", "output") else args.layer
     cfg = V.PreImage(
         steps=args.steps,
