@@ -125,13 +125,15 @@ def test_last_block_output_has_zero_patch_gradients(kind, x64):
     v, x = _perturbed(m, jnp.float64), _x(2, jnp.float64)
     last = m.block_layers[-1]
     assert m.cam_layer == last + (".ln_1" if kind == "vit" else ".norm1")
-    _, grads, _ = layer_gradients(m, v, x, jnp.array([1, 3]), [last, m.cam_layer])
+    t = jnp.array([1, 3])
+    _, grads, _ = jax.jit(lambda v_, x_: layer_gradients(m, v_, x_, t, [last, m.cam_layer]))(v, x)
     p = m.num_prefix_tokens
     assert np.all(np.asarray(grads[last][:, p:]) == 0.0)
     assert np.abs(np.asarray(grads[last][:, :p])).min(axis=-1).max() > 0  # the prefix tokens do matter
     assert np.abs(np.asarray(grads[m.cam_layer][:, p:])).max() > 1e-3
-    assert np.all(np.asarray(GradCAM(layer=last)(m, v, x, jnp.array([1, 3]))) == 0.0)
-    default = np.asarray(GradCAM()(m, v, x, jnp.array([1, 3])))
+    both = jax.jit(lambda v_, x_: (GradCAM(layer=last)(m, v_, x_, t), GradCAM()(m, v_, x_, t)))
+    at_last, default = (np.asarray(a) for a in both(v, x))
+    assert np.all(at_last == 0.0)
     assert default.shape == (2, 32, 32) and (default.reshape(2, -1).max(1) > 0).all()
 
 
@@ -182,21 +184,23 @@ def test_grad_cam_equals_hand_written_grad_cam_on_the_token_grid(kind, x64):
     m = _model(kind)
     v, x = _perturbed(m, jnp.float64), _x(2, jnp.float64)
     t = np.array([1, 3])
-    out, cap = taps.forward(m, v, x, capture=[m.block_layers[0], m.cam_layer])
+    out, cap = jax.jit(lambda v_, x_: taps.forward(m, v_, x_, capture=[m.block_layers[0], m.cam_layer]))(v, x)
     a, xin = cap[m.cam_layer], cap[m.block_layers[0]]
     tail = _tail(kind, v["params"], m.num_heads)
-    np.testing.assert_allclose(np.asarray(tail(a, xin)), np.asarray(out), rtol=1e-12, atol=1e-12)  # the hand tail is the model
-    g = jax.grad(lambda aa: tail(aa, xin)[np.arange(2), t].sum())(a)
+    logits, g = jax.jit(jax.value_and_grad(lambda aa: tail(aa, xin)[np.arange(2), t].sum()))(a)
+    np.testing.assert_allclose(float(logits), float(np.asarray(out)[np.arange(2), t].sum()), rtol=1e-12)  # the hand tail is the model
+    np.testing.assert_allclose(np.asarray(jax.jit(tail)(a, xin)), np.asarray(out), rtol=1e-12, atol=1e-12)
     p, s = m.num_prefix_tokens, m.grid_size
     ag = np.asarray(a)[:, p:].reshape(2, s, s, -1)
     gg = np.asarray(g)[:, p:].reshape(2, s, s, -1)
     cam = np.maximum((gg.mean(axis=(1, 2))[:, None, None, :] * ag).sum(-1), 0.0)
     expected = np.asarray(imageops.resize(jnp.asarray(cam), (32, 32)))
     assert np.abs(cam).max() > 1e-3
-    got = GradCAM()(m, v, x, jnp.asarray(t))
+    both = jax.jit(lambda v_, x_: (GradCAM()(m, v_, x_, jnp.asarray(t)), GradCAM().layer_map(m, v_, x_, jnp.asarray(t))))
+    got, raw = both(v, x)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(GradCAM().layer_map(m, v, x, jnp.asarray(t))), (gg.mean(axis=(1, 2))[:, None, None, :] * ag).sum(-1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(raw), (gg.mean(axis=(1, 2))[:, None, None, :] * ag).sum(-1), rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ UCAG
@@ -224,12 +228,13 @@ def test_ucag_resizes_patches_to_a_fixed_size_model(x64):
     g = u.geometry((32, 32), 32)
     assert g.patch == (17, 17) and g.zoom == (32, 32)  # 124 * 32 / 224 = 17 px patches, zoomed to 32 (not 2.6x: 44)
     assert u.geometry((32, 32)).zoom == (44, 44)
-    got = u(m, v, x, jnp.array([1, 3]))
+    t = jnp.array([1, 3])
+    got = jax.jit(u, static_argnums=0)(m, v, x, t)
     wrapped = _Unsized(m)
     wv = {"params": {"inner": v["params"]}}
     explicit = Ucag(GradCAM(layer="inner." + m.cam_layer), n=2, scale=32 / 17 + 1e-9)
     assert explicit.geometry((32, 32)).zoom == (32, 32)
-    ref = explicit(wrapped, wv, x, jnp.array([1, 3]))
+    ref = jax.jit(explicit, static_argnums=0)(wrapped, wv, x, t)
     assert float(jnp.abs(ref).max()) > 0
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-10, atol=1e-12)
 
@@ -255,15 +260,17 @@ NOT_APPLICABLE = {
 def test_not_applicable_on_vit_says_why(name):
     m = _model("deit_distilled" if name in ("rsp", "cameras") else "vit")
     v, x = _perturbed(m), _x(1)
-    with pytest.raises(NotApplicable, match=NOT_APPLICABLE[name]):
-        registry.get(name)(m, v, x, jnp.array([1]))
+    method = registry.get(name)
+    with pytest.raises(NotApplicable, match=NOT_APPLICABLE[name]):  # raised while tracing: nothing is computed
+        jax.eval_shape(lambda v_, x_: method(m, v_, x_, jnp.array([1])), v, x)
 
 
 def test_bilrp_default_rules_not_applicable_on_vit():
     m = _model("vit")
     v, x = _perturbed(m), _x(1)
+    method = registry.get("bilrp", patch=8)
     with pytest.raises(NotApplicable, match=r"BiLRP with its default rules is defined for piecewise-linear"):
-        registry.get("bilrp", patch=8)(m, v, x, x[::-1])
+        jax.eval_shape(lambda v_, x_: method(m, v_, x_, x_[::-1]), v, x)
 
 
 def test_cameras_at_scale_one_runs_on_vit():
@@ -271,5 +278,5 @@ def test_cameras_at_scale_one_runs_on_vit():
     activation x gradient map, min-max normalised)."""
     m = _model("vit")
     v, x = _perturbed(m), _x(2)
-    out = registry.get("cameras", scales=(1.0,))(m, v, x, jnp.array([1, 3]))
+    out = jax.jit(registry.get("cameras", scales=(1.0,)), static_argnums=0)(m, v, x, jnp.array([1, 3]))
     assert out.shape == (2, 32, 32) and np.isfinite(np.asarray(out)).all() and float(out.max()) == pytest.approx(1.0)
