@@ -16,7 +16,8 @@ from jax.scipy.special import erf
 
 from xaijax import imageops, models
 from xaijax.methods import NotApplicable, registry
-from xaijax.methods._core import fixed_input_size, layer_gradients, token_grid
+from xaijax.checkpoints.input_size import fixed_input_size
+from xaijax.methods._core import layer_gradients, token_grid
 from xaijax.methods.cam import GradCAM
 from xaijax.methods.combinators import Ucag
 from xaijax.models import taps, vit

@@ -65,7 +65,6 @@ __all__ = [
     "target_score",
     "layer_gradients",
     "token_grid",
-    "fixed_input_size",
     "non_piecewise_linear_layers",
     "require_piecewise_linear",
     "reduce_channels",
@@ -495,17 +494,6 @@ def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
             f"token(s) and a {rows}x{cols} patch grid ({int(prefix) + rows * cols} tokens)"
         )
     return a[:, int(prefix) :].reshape(shape[0], rows, cols, shape[2])
-
-
-def fixed_input_size(model: nn.Module) -> int | None:
-    """The only input side a model accepts (its int attribute ``image_size``, as the vision
-    transformers declare: their position embedding is made for one grid), or ``None`` for
-    models that take any size (the CNNs). Methods that resize the input (UCAG's zoomed
-    patches, CAMERAS' resolutions) read it."""
-    size = getattr(model, "image_size", None)
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0:
-        return int(size)
-    return None
 
 
 #: Layer kinds that make a network not piecewise linear (transformer layers): the ReLU rules

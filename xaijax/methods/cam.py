@@ -125,13 +125,13 @@ import jax
 import jax.numpy as jnp
 
 from xaijax import imageops
+from xaijax.checkpoints.input_size import fixed_input_size
 from xaijax.methods._core import (
     Method,
     NotApplicable,
     as_seed,
     check_inputs,
     declared_layer,
-    fixed_input_size,
     layer_gradients,
     token_grid,
     validate_positive_int,

@@ -14,7 +14,7 @@ the whole-image map). For an image of size (H, W) and reference defaults for 224
    bicubic interpolation in PyTorch's convention (``F.interpolate(mode="bicubic",
    align_corners=False)``, a = -0.75, clamped borders, no antialiasing): see
    :func:`xaijax.imageops.resize_matrix`. A model that takes one input size only (its
-   ``image_size``, :func:`xaijax.methods._core.fixed_input_size`: the vision transformers,
+   ``image_size``, :func:`xaijax.checkpoints.input_size.fixed_input_size`: the vision transformers,
    whose position embedding is made for one patch grid) gets its patches resized to that
    size instead (a zoom of ``image_size / P``, e.g. 224 / 124 = 1.8 for 224-px ViTs), since
    it cannot take ``S``-px images.
@@ -63,7 +63,8 @@ import numpy as np
 
 from xaijax import imageops
 from xaijax.methods import registry
-from xaijax.methods._core import Method, Wrapper, check_inputs, class_indices, fixed_input_size, target_scores, validate_positive_int
+from xaijax.checkpoints.input_size import fixed_input_size
+from xaijax.methods._core import Method, Wrapper, check_inputs, class_indices, target_scores, validate_positive_int
 
 __all__ = ["Ucag", "ucag", "get_ucag", "UcagGeometry"]
 
