@@ -21,9 +21,9 @@ metrics
 CAM, layer        named           every submodule (linen:   the activations the model
 methods           activations     module path; NNX:         routes through ``tap(name, h)``
                                   attribute path)
-rule-based        interceptable   linen layers (NNX: not    no: the engine raises, naming
-(LRP, EB, RAP,    layers          yet, see below)           the missing layers
-RSP)
+rule-based        interceptable   linen layers; NNX's       no: the engine raises, naming
+(LRP, EB, RAP,    layers          Conv/Linear/BatchNorm     the layers it cannot
+RSP)                              run as linen layers       intercept
 ================  ==============  ========================  ===============================
 
 **Named activations of functions and Equinox models.** If the function (or the Equinox
@@ -41,12 +41,17 @@ channels-last one. A per-example model with taps runs twice per call (once to re
 tapped activations, once with them routed through the named taps); a batched one runs once.
 
 **NNX.** The module is split with ``nnx.split`` into a graph definition (static) and its
-floating-point state (the variables ``{"params": {"<attribute path>": array}}``, e.g.
-``"conv1.kernel"``, ``"layers.0.bias"``); the call merges them with ``nnx.merge`` inside the
-traced function. Every callable submodule's output is a named layer, addressed by its
+floating-point state (the variables: ``variables["params"]["<attribute path>"]``, e.g.
+``"blocks.0.scale"``, for arrays outside the standard layers below); the call merges them
+with ``nnx.merge`` inside the traced function. Every callable submodule's output is a named layer, addressed by its
 attribute path (``layer4``, ``layers.3``, ``layer4.conv``). Non-floating state (RNG keys and
-counts) is held as a constant. Rule-based propagation on NNX modules is not implemented yet
-(the engine reports the wrapper as a layer without a rule).
+counts) is held as a constant. For rule-based propagation, every plain ``nnx.Conv``,
+``nnx.Linear`` and ``nnx.BatchNorm`` of the merged copy is replaced by the equivalent
+``flax.linen`` layer (same hyper-parameters) named by its path, whose arrays are
+``variables["params"][path]`` (and ``variables["batch_stats"][path]`` for BatchNorm's
+statistics): the engine intercepts them as it intercepts any linen layer, and the functional
+operations between them (``nnx.relu``, pooling, means, residual sums) get the engine's
+functional rules. Other submodules' outputs pass a named identity layer (:class:`NNXTap`).
 
 **Bad input** is refused with a readable error before any heavy computation: a model kind that
 is not recognised, missing or unexpected variables, training-mode BatchNorm / Dropout (linen
@@ -61,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -69,9 +74,20 @@ from flax import errors as flax_errors
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.models import layers as L
 from xaijax.models.taps import call_interceptor
 
-__all__ = ["wrap", "model_kind", "Tap", "FunctionModel", "NNXModel", "check_logits", "check_eval_mode"]
+__all__ = [
+    "wrap",
+    "model_kind",
+    "Tap",
+    "FunctionModel",
+    "NNXModel",
+    "NNXTap",
+    "check_logits",
+    "check_eval_mode",
+    "propagation_refusal",
+]
 
 KINDS = ("linen", "nnx", "equinox", "function")
 
@@ -197,9 +213,6 @@ class FunctionModel(nn.Module):
     layout: str = "NHWC"
     who: str = "the model function"
 
-    #: rule-based propagation needs interceptable layers, which a function does not have.
-    interceptable_layers: ClassVar[bool] = False
-
     def _params(self) -> Any:
         return _unflatten(self.treedef, self.paths, _unstatic(self.others), _read_params(self, self.who))
 
@@ -299,9 +312,9 @@ def _path_name(path: Sequence[Any]) -> str:
 
 
 class _NNXTapped:
-    """Stands in for one submodule of the merged NNX copy: its output goes through a Tap."""
+    """Stands in for one submodule of the merged NNX copy: its output goes through a tap."""
 
-    def __init__(self, module: Any, tap: Tap) -> None:
+    def __init__(self, module: Any, tap: nn.Module) -> None:
         self.module = module
         self.tap = tap
 
@@ -310,15 +323,83 @@ class _NNXTapped:
         return self.tap(out) if isinstance(out, jax.Array) else out
 
 
+class NNXTap(L.Identity):
+    """The named identity layer after an NNX submodule that is not a standard layer (a block, a
+    custom module): relevance passes through it unchanged, as through the zoo's ``Identity``."""
+
+
+class _LinenLayer:
+    """Stands in for an ``nnx.Conv`` / ``nnx.Linear`` / ``nnx.BatchNorm`` of the merged copy: the
+    equivalent ``flax.linen`` layer, named by the NNX attribute path, reading the same arrays from
+    the wrapper's variables (so the propagation engine intercepts it like any linen layer)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        if args or kwargs:
+            raise ValueError(f"NNX layer {self.layer.name!r} is called with extra arguments; xaijax calls it on one array")
+        return self.layer(x)
+
+
+#: the linen layer equivalent to each standard NNX layer, and where its arrays live:
+#: ``(linen class, {NNX leaf: (collection, linen leaf)})``.
+_LINEN_OF = {
+    "conv": (nn.Conv, {"kernel": ("params", "kernel"), "bias": ("params", "bias")}),
+    "dense": (nn.Dense, {"kernel": ("params", "kernel"), "bias": ("params", "bias")}),
+    "batchnorm": (nn.BatchNorm, {"scale": ("params", "scale"), "bias": ("params", "bias"), "mean": ("batch_stats", "mean"), "var": ("batch_stats", "var")}),
+}
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_hashable(a) for a in v)
+    if isinstance(v, tuple):
+        return tuple(_hashable(a) for a in v)
+    return v
+
+
+def _linen_spec(m: Any) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    """``(kind, linen keyword arguments)`` of a standard NNX layer, or None (kept as NNX)."""
+    from flax import nnx
+
+    if type(m) is nnx.Conv:
+        if m.mask is not None or m.conv_general_dilated is not jax.lax.conv_general_dilated or m.preferred_element_type is not None:
+            return None
+        kw = dict(features=m.out_features, kernel_size=tuple(m.kernel.get_value().shape[:-2]), strides=m.strides,
+                  padding=m.padding, input_dilation=m.input_dilation, kernel_dilation=m.kernel_dilation,
+                  feature_group_count=m.feature_group_count, use_bias=m.use_bias, dtype=m.dtype,
+                  param_dtype=m.param_dtype, precision=m.precision)
+        return "conv", tuple((k, _hashable(v)) for k, v in kw.items())
+    if type(m) is nnx.Linear:
+        if m.dot_general is not jax.lax.dot_general or m.preferred_element_type is not None:
+            return None
+        kw = dict(features=m.out_features, use_bias=m.use_bias, dtype=m.dtype, param_dtype=m.param_dtype, precision=m.precision)
+        return "dense", tuple(kw.items())
+    if type(m) is nnx.BatchNorm:
+        if m.axis_name is not None:
+            return None
+        kw = dict(use_running_average=True, axis=_hashable(m.axis), momentum=m.momentum, epsilon=m.epsilon, dtype=m.dtype,
+                  param_dtype=m.param_dtype, use_bias=m.use_bias, use_scale=m.use_scale,
+                  use_fast_variance=m.use_fast_variance)
+        return "batchnorm", tuple(kw.items())
+    return None
+
+
 class NNXModel(nn.Module):
     """``flax.linen`` wrapper of a Flax NNX module (see :func:`wrap`).
 
     Attributes:
       graphdef: ``nnx.split``'s graph definition (static).
       treedef, paths, others: structure of the floating-point state, the dotted path of each
-        array (its name in ``variables["params"]``) and its non-array leaves.
+        array and its non-array leaves.
       rest: the non-floating state (RNG keys, counters), held as a constant.
       layers: attribute paths of the callable submodules, each a named layer.
+      linen_layers: ``(path, kind, linen keyword arguments)`` of the standard layers
+        (``nnx.Conv``, ``nnx.Linear``, ``nnx.BatchNorm``) run as the equivalent linen layers.
+      locations: ``(array path, collection, layer path, leaf)`` of the arrays those layers read
+        from ``variables[collection][layer path][leaf]``; every other array is
+        ``variables["params"][array path]``.
     """
 
     graphdef: Any
@@ -327,23 +408,48 @@ class NNXModel(nn.Module):
     others: Any
     rest: Any
     layers: tuple[str, ...]
+    linen_layers: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = ()
+    locations: tuple[tuple[str, str, str, str], ...] = ()
 
-    interceptable_layers: ClassVar[bool] = False
+    def _arrays(self) -> dict[str, Any]:
+        where = {a: (c, p, leaf) for a, c, p, leaf in self.locations}
+        arrays, missing = {}, []
+        for key in self.paths:
+            if not key:
+                continue
+            col, sub, leaf = where.get(key, ("params", None, key))
+            tree = self.variables.get(col, {})
+            tree = tree.get(sub, {}) if sub is not None else tree
+            if leaf in tree:
+                arrays[key] = tree[leaf]
+            else:
+                missing.append(f"{col}/{sub}/{leaf}" if sub is not None else key)
+        if missing:
+            raise ValueError(
+                f"the variables lack {len(missing)} array(s) of the NNX model, e.g. {missing[:3]}; pass the variables "
+                "that xaijax.wrap returned (the wrapper has no initialiser)"
+            )
+        return arrays
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         from flax import nnx
 
-        arrays = _read_params(self, "the NNX model")
-        state = _unflatten(self.treedef, self.paths, _unstatic(self.others), arrays)
+        state = _unflatten(self.treedef, self.paths, _unstatic(self.others), self._arrays())
         model = nnx.merge(self.graphdef, state, *_unstatic(self.rest))
+        specs = {p: (kind, dict(kw)) for p, kind, kw in self.linen_layers}
         wanted = set(self.layers)
         found = [(path, m) for path, m in nnx.iter_modules(model) if _path_name(path) in wanted]
         for path, m in found:
+            name = _path_name(path)
+            if name in specs:
+                kind, kw = specs[name]
+                stand_in: Any = _LinenLayer(_LINEN_OF[kind][0](**kw, name=name))
+            else:
+                stand_in = _NNXTapped(m, NNXTap(name=name))
             parent = model
             for p in path[:-1]:
                 parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-            stand_in = _NNXTapped(m, Tap(name=_path_name(path)))
             if isinstance(path[-1], int):
                 parent[path[-1]] = stand_in
             else:
@@ -382,11 +488,26 @@ def _wrap_nnx(model: Any) -> tuple[nn.Module, dict[str, Any]]:
 
     graphdef, state, *rest = nnx.split(model, floating, ...)
     arrays, treedef, paths, others = _flatten(state, suffix=".value")
-    layers = tuple(_path_name(p) for p, m in nnx.iter_modules(model) if p and callable(m))
+    modules = [(_path_name(p), m) for p, m in nnx.iter_modules(model) if p and callable(m)]
+    linen_layers, locations = [], []
+    variables: dict[str, Any] = {"params": {}}
+    for name, m in modules:
+        spec = _linen_spec(m)
+        leaves = _LINEN_OF[spec[0]][1] if spec is not None else {}
+        if spec is None or not all(f"{name}.{leaf}" in arrays for leaf in leaves if getattr(m, leaf, None) is not None):
+            continue
+        linen_layers.append((name, spec[0], spec[1]))
+        for leaf, (col, linen_leaf) in leaves.items():
+            key = f"{name}.{leaf}"
+            if key in arrays:
+                variables.setdefault(col, {}).setdefault(name, {})[linen_leaf] = arrays.pop(key)
+                locations.append((key, col, name, linen_leaf))
+    variables["params"].update(arrays)
     wrapped = NNXModel(
-        graphdef=graphdef, treedef=treedef, paths=paths, others=_static(others), rest=_Held(tuple(rest)), layers=layers
+        graphdef=graphdef, treedef=treedef, paths=paths, others=_static(others), rest=_Held(tuple(rest)),
+        layers=tuple(n for n, _ in modules), linen_layers=tuple(linen_layers), locations=tuple(locations),
     )
-    return wrapped, {"params": arrays}
+    return wrapped, variables
 
 
 # ------------------------------------------------------------------------------- Equinox
@@ -426,6 +547,27 @@ def _wrap_equinox(model: Any, batched: bool | None, layout: str | None) -> tuple
         layout=layout or "NCHW", who=f"the Equinox model {type(model).__name__}",
     )
     return wrapped, {"params": arrays}
+
+
+# ------------------------------------------------------------------- rule-based propagation
+
+
+def propagation_refusal(model: Any) -> str | None:
+    """Why rule-based propagation (LRP, EB, RAP, RSP, ...) cannot run on ``model``, or None.
+
+    A wrapped function or Equinox model (:class:`FunctionModel`) has no layers to intercept: its
+    convolutions and matrix products are bare JAX operations. The propagation engine may ask this
+    before tracing (one home for the message); any other module, a wrapped NNX model included
+    (its standard layers run as linen layers), returns None.
+    """
+    if isinstance(model, FunctionModel):
+        return (
+            f"rule-based propagation needs interceptable layers: {model.who} is adapted from a function of "
+            "arrays, whose convolutions and matrix products are not flax.linen layers. Pass a flax.linen or "
+            "Flax NNX model (nn.Conv / nnx.Conv, nn.Dense / nnx.Linear, BatchNorm), or use the gradient, CAM "
+            "or perturbation families"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------- linen
@@ -528,8 +670,11 @@ def wrap(
 
     Returns:
       ``(module, variables)``: call methods as ``method(module, variables, x, target)`` with
-      x (N, H, W, C); the logits are the model's own (N, K). For functions, Equinox and NNX,
-      ``variables = {"params": {dotted path: array}}`` (e.g. ``"layer4.conv.kernel"``).
+      x (N, H, W, C); the logits are the model's own (N, K). For functions and Equinox,
+      ``variables = {"params": {dotted path: array}}`` (e.g. ``"block1.w"``); for NNX, each
+      ``nnx.Conv`` / ``nnx.Linear`` / ``nnx.BatchNorm`` has linen's layout under its attribute
+      path (``variables["params"]["layer4.conv"]["kernel"]``, ``variables["batch_stats"]["bn1"]``)
+      and other arrays are ``variables["params"]["<dotted path>"]``.
 
     Raises:
       TypeError: an unknown model kind, or variables given where none are expected.
