@@ -20,6 +20,7 @@ import sys as _sys
 
 from xaijax.methods import (  # noqa: F401  (importing registers the methods)
     _core,
+    attention,
     baselines,
     bilrp,
     cam,
@@ -48,6 +49,7 @@ from xaijax.methods._core import (
     target_score,
     target_scores,
 )
+from xaijax.methods.attention import AttentionFlow, AttentionRollout, CheferLRP, GenericAttention, RawAttention
 from xaijax.methods.baselines import Center
 from xaijax.methods.bilrp import BiLRP, BiLRPResult, bilrp_composite, plot_bilrp
 from xaijax.methods.cam import (
@@ -114,6 +116,11 @@ __all__ = [
     "register",
     "register_prefix",
     "Center",
+    "RawAttention",
+    "AttentionRollout",
+    "AttentionFlow",
+    "GenericAttention",
+    "CheferLRP",
     "Gradient",
     "ModifiedGradient",
     "IntegratedGradients",
