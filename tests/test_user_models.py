@@ -483,19 +483,40 @@ def test_propagation_refusal_only_for_functions_and_equinox(forms):
     assert "the model function apply_fn" in adapters.propagation_refusal(forms["function"][0])
 
 
-@pytest.mark.parametrize(
-    "name", ["lrp-epsilon", "lrp-epsilon-plus", "lrp-alpha1-beta0", "lrp-epsilon-gamma-box", "rap", "fullgrad"]
+_EB_ZERO = pytest.mark.xfail(
+    strict=True,
+    reason="Excitation Backprop gives an all-zero map on the Flax-style linen and NNX forms (zoo: nonzero); "
+    "a propagation-engine issue reported to the lead",
 )
-def test_rule_based_maps_same_on_flax_and_nnx_forms(forms, name):
-    """LRP composites, RAP and FullGrad: the Flax-style linen form (functional ops get the
-    engine's functional rules) and the NNX form (its Conv/Linear/BatchNorm run as linen layers)
-    give the zoo form's map."""
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ("lrp-epsilon", {}),
+        ("lrp-epsilon-plus", {}),
+        ("lrp-alpha1-beta0", {}),
+        ("lrp-epsilon-gamma-box", {}),
+        ("clrp", {}),
+        ("rap", {}),
+        ("rsp", {"layer": "layer4"}),
+        ("fullgrad", {}),
+        pytest.param(("excitation-backprop", {"layer": "layer4"}), marks=_EB_ZERO),
+    ],
+    ids=lambda m: m[0],
+)
+def test_rule_based_maps_same_on_flax_and_nnx_forms(forms, method):
+    """LRP composites, CLRP, RAP, RSP and FullGrad: the Flax-style linen form (functional ops get
+    the engine's functional rules) and the NNX form (its Conv/Linear/BatchNorm run as linen
+    layers) give the zoo form's map."""
+    name, kw = method
     x = _x()
     target = jnp.array([1, 3])
-    ref = np.asarray(methods.get(name)(*forms["zoo"], x, target))
+    ref = np.asarray(methods.get(name, **kw)(*forms["zoo"], x, target))
     assert ref.shape == (2, 16, 16) and np.abs(ref).max() > 1e-3
     for form in ("flax", "nnx"):
-        np.testing.assert_allclose(methods.get(name)(*forms[form], x, target), ref, rtol=0, atol=1e-10 * np.abs(ref).max(), err_msg=form)
+        got = methods.get(name, **kw)(*forms[form], x, target)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10 * np.abs(ref).max(), err_msg=form)
 
 
 def test_linen_model_is_returned_as_is(x64):
