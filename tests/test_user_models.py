@@ -529,20 +529,21 @@ def test_linen_model_is_returned_as_is(x64):
 
 # ----------------------------------------------------------------------------- the examples
 
-EXAMPLES = [
-    ("examples.user_models.flax_resnet:make", "layer2.0"),
-    ("examples.user_models.nnx_cnn:make", "conv2"),
-    ("examples.user_models.equinox_cnn:make", "features"),
-    ("examples/user_models/plain_function.py:make", "block2"),
+EXAMPLES = [  # (entry point, CAM layer, LRP defined)
+    ("examples.user_models.flax_resnet:make", "layer2.0", True),
+    ("examples.user_models.nnx_cnn:make", "conv2", True),
+    ("examples.user_models.equinox_cnn:make", "features", False),
+    ("examples/user_models/plain_function.py:make", "block2", False),
 ]
 
 
-@pytest.mark.parametrize("spec,layer", EXAMPLES, ids=lambda s: s.split("/")[-1].split(".")[-1] if "." in s else s)
-def test_examples_explained_and_scored(spec, layer, monkeypatch):
-    """Each example model (loaded as ``--model`` loads it) with Grad-CAM and RISE, scored by
-    deletion / insertion. Identities: a curve starts (deletion) or ends (insertion) at the
-    target's softmax probability on the untouched image; Grad-CAM at the layer equals
-    relu(sum_k mean_ab(dS/dA_k) A_k) built from the layer's activation and gradient."""
+@pytest.mark.parametrize("spec,layer,lrp", EXAMPLES, ids=["flax_resnet", "nnx_cnn", "equinox_cnn", "plain_function"])
+def test_examples_explained_and_scored(spec, layer, lrp, monkeypatch):
+    """Each example model (loaded as ``--model`` loads it) with Grad-CAM, RISE and (where
+    defined) LRP-epsilon, scored by deletion / insertion. Identities: a curve starts (deletion)
+    or ends (insertion) at the target's softmax probability on the untouched image; Grad-CAM
+    at the layer equals relu(sum_k mean_ab(dS/dA_k) A_k) of the layer's activation and gradient,
+    upsampled. Where LRP is not defined it raises."""
     from pathlib import Path
 
     from xaijax.models import entry_points
@@ -557,6 +558,11 @@ def test_examples_explained_and_scored(spec, layer, monkeypatch):
     assert float(low.max()) > 0
     maps = {"grad-cam": cam(model, variables, x, target), "rise": methods.get("rise", n=16, s=4, chunk=16)(model, variables, x, target)}
     np.testing.assert_allclose(maps["grad-cam"], methods.upsample_bilinear(low, (32, 32)), rtol=1e-5, atol=1e-6)
+    if lrp:
+        maps["lrp-epsilon"] = methods.get("lrp-epsilon")(model, variables, x, target)
+    else:
+        with pytest.raises(ValueError, match="no propagation rule"):
+            methods.get("lrp-epsilon")(model, variables, x, target)
     probs = np.asarray(jax.nn.softmax(model.apply(variables, x), -1))[np.arange(2), np.asarray(target)]
     fn = metrics.faithfulness.classifier_fn(model, variables)
     for name, m in maps.items():
@@ -596,6 +602,31 @@ def test_cli_explain_with_model_entry_point(tmp_path, monkeypatch):
     assert cli.main(["explain", "--model", spec, "--method", "gradient", str(tmp_path / "img.png")]) == 2
     assert cli.main(["explain", "--model", "examples.user_models.nnx_cnn:nope", "--size", "32", "--method", "gradient",
                      str(tmp_path / "img.png")]) == 2
+
+
+def test_cli_eval_with_model_entry_point(tmp_path, monkeypatch):
+    """``xaijax eval insdel --model ...`` runs on the synthetic data and records the model by its
+    entry point and the variables' digest; a second run resumes (the configuration matches)."""
+    import json
+    from pathlib import Path
+
+    from xaijax import cli
+    from xaijax.models import entry_points
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    spec = "examples/user_models/plain_function.py:make"
+    out = tmp_path / "eval"
+    argv = ["eval", "insdel", "--model", spec, "--seeds", "top1", "--images", "2", "--size", "32", "--methods",
+            "gradient", "--batch", "2", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    _, variables, _ = entry_points.load(spec)
+    assert res["model"]["weights"] == spec and res["model"]["weights_sha256"] == entry_points.digest(variables)
+    row = res["rows"][0]
+    assert row["images"] == 2 and 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+    assert cli.main(argv) == 0  # resumes: same configuration, nothing recomputed
+    assert json.loads((out / "results.json").read_text())["rows"][0]["deletion_auc"] == row["deletion_auc"]
+    assert cli.main(argv[:4] + ["--weights", "w.safetensors"] + argv[4:]) == 2  # not both
 
 
 def test_entry_point_dict_is_checked(tmp_path, monkeypatch):
