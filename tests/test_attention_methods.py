@@ -217,10 +217,11 @@ def test_attention_rollout(setups, kind, fusion, residual, start, x64):
 
 def test_rollout_rows_sum_to_one(setups, x64):
     model, variables, x = setups["deit_distilled"]
-    probs, layout = att.attention_probabilities(model, variables, x)
+    probs = att.attention_probabilities(model, variables, x)
+    t = 2 + model.grid_size**2
     for fusion in att.HEAD_FUSIONS:
         r = att.rollout(probs, fusion, 0.2)
-        assert r.shape == (2, layout.num_tokens, layout.num_tokens)
+        assert r.shape == (2, t, t)
         np.testing.assert_allclose(np.asarray(r).sum(-1), 1.0, rtol=1e-12)
         assert float(r.min()) > 0
 
@@ -372,16 +373,25 @@ def test_chefer_lrp_combination_formula(setups, x64):
 
 
 def test_chefer_lrp_default_composite_on_vit(setups, x64):
-    """The default composite on a ViT needs transformer rules from the propagation engine."""
+    """The default composite on a ViT: R_A read from one relevance pass equals the relevance
+    the engine returns at each attention layer on its own (``read_at``), combined by the formula."""
     model, variables, x = setups["vit"]
-    from xaijax.propagation import engine
+    from xaijax import propagation as P
 
     try:
-        engine.plan(model, variables, x, "alpha1-beta0")
+        P.plan(model, variables, x, "alpha1-beta0")
     except ValueError as e:
-        pytest.skip(f"the propagation engine has no rules yet for the ViT's transformer layers ({str(e)[:160]}...)")
-    got = M.get("chefer-lrp")(model, variables, x, jnp.array([0, 1]))
-    assert got.shape == (2, 16, 16) and bool(jnp.isfinite(got).all())
+        pytest.skip(f"the propagation engine has no rules for the ViT's transformer layers ({str(e)[:160]}...)")
+    target = jnp.array([0, 3])
+    seed = jax.nn.one_hot(target, NUM_CLASSES, dtype=jnp.float64)
+    got = M.get("chefer-lrp").layer_map(model, variables, x, target)
+    atts, grads = _ref_attention_grads(model, variables, x, target)
+    rel = [np.asarray(P.relevance(model, variables, x, seed, "alpha1-beta0", read_at=n)) for n in model.attention_layers]
+    for i in range(2):
+        abars = [_mean_heads(np.maximum(grads[l][i] * rel[l][i], 0)) for l in range(model.num_layers)]
+        want = _grid(_accumulate(abars)[0], model)
+        assert np.abs(want).max() > 1e-6
+        np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-13)
 
 
 # -------------------------------------------------------------------- shared contracts
@@ -394,26 +404,18 @@ def _method(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_call_upsamples_layer_map(setups, name, x64):
+def test_call_jit_and_vmap(setups, name, x64):
+    """The map is the layer map upsampled, float64 in float64 out; jit and vmap give the same maps."""
     model, variables, x = setups["deit_distilled"]
     m = _method(name)
     assert m.kind == "attribution" and m.has_layer_map and not m.runs_own_loop
-    grid = m.layer_map(model, variables, x, 1)
-    out = m(model, variables, x, 1)
-    assert out.shape == (2, 16, 16) and out.dtype == jnp.float64
-    np.testing.assert_allclose(out, imageops.resize(grid, (16, 16)), rtol=1e-12, atol=1e-15)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_jit_and_vmap_agree(setups, name, x64):
-    model, variables, x = setups["vit"]
-    m = _method(name)
     target = jnp.array([1, 3])
-    plain = m(model, variables, x, target)
-    jitted = jax.jit(m, static_argnums=0)(model, variables, x, target)
-    vmapped = jax.vmap(lambda xi, ti: m(model, variables, xi[None], ti)[0])(x, target)
-    np.testing.assert_allclose(jitted, plain, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(vmapped, plain, rtol=1e-10, atol=1e-14)
+    grid = m.layer_map(model, variables, x, target)
+    out = jax.jit(m, static_argnums=0)(model, variables, x, target)
+    assert grid.shape == (2, 4, 4) and out.shape == (2, 16, 16) and out.dtype == jnp.float64
+    np.testing.assert_allclose(out, imageops.resize(grid, (16, 16)), rtol=1e-10, atol=1e-14)
+    vmapped = jax.jit(jax.vmap(lambda xi, ti: m(model, variables, xi[None], ti)[0]))(x, target)
+    np.testing.assert_allclose(vmapped, out, rtol=1e-10, atol=1e-14)
 
 
 class _TinyCNN(nn.Module):

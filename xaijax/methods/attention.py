@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax import imageops
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, layer_gradients, validate_positive_int
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, layer_gradients, token_grid, validate_positive_int
 from xaijax.methods.registry import register
 from xaijax.models import taps
 from xaijax.propagation.composites import Composite
@@ -73,8 +73,7 @@ from xaijax.propagation.engine import relevance_trace
 
 __all__ = [
     "HEAD_FUSIONS",
-    "TokenLayout",
-    "token_layout",
+    "attention_layers",
     "attention_probabilities",
     "fuse_heads",
     "residual_attention",
@@ -96,33 +95,11 @@ HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 _HI = jax.lax.Precision.HIGHEST
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenLayout:
-    """How a vision transformer lays out its tokens.
-
-    Attributes:
-      attention_layers: dotted names of the softmax modules (attention probabilities
-        (N, heads, T, T)), first block first.
-      num_prefix_tokens: tokens before the patches (class token first; 2 for a distilled DeiT).
-      grid_size: patches per side; ``T = num_prefix_tokens + grid_size**2``.
-    """
-
-    attention_layers: tuple[str, ...]
-    num_prefix_tokens: int
-    grid_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image T."""
-        return self.num_prefix_tokens + self.grid_size**2
-
-
-def token_layout(model: nn.Module, method: str = "this attention method") -> TokenLayout:
-    """The token layout a model declares (``attention_layers``, ``num_prefix_tokens``, ``grid_size``).
+def attention_layers(model: nn.Module, method: str = "this attention method") -> tuple[str, ...]:
+    """The names of a vision transformer's attention softmax modules (its ``attention_layers``).
 
     Raises:
-      NotApplicable: the model is not a vision transformer (it has no ``attention_layers``),
-        or it does not declare its prefix tokens and token grid.
+      NotApplicable: the model is not a vision transformer (it declares no ``attention_layers``).
     """
     layers = getattr(model, "attention_layers", None)
     if not (isinstance(layers, (tuple, list)) and layers and all(isinstance(n, str) for n in layers)):
@@ -131,41 +108,32 @@ def token_layout(model: nn.Module, method: str = "this attention method") -> Tok
             f"names of the softmax modules whose outputs are the attention probabilities (N, heads, T, T) of "
             f"each block); {type(model).__name__} has none"
         )
-    prefix = getattr(model, "num_prefix_tokens", None)
-    grid = getattr(model, "grid_size", None)
-    ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (prefix, grid))
-    if not ok or prefix < 1 or grid < 1:
-        raise NotApplicable(
-            f"{method} needs a vision transformer that declares 'num_prefix_tokens' (>= 1, the class token "
-            f"first) and 'grid_size' (patches per side); {type(model).__name__} has "
-            f"num_prefix_tokens={prefix!r}, grid_size={grid!r}"
-        )
-    return TokenLayout(tuple(layers), int(prefix), int(grid))
+    return tuple(layers)
 
 
-def _check_attention(name: str, a: jax.Array, layout: TokenLayout) -> None:
-    t = layout.num_tokens
-    if a.ndim != 4 or a.shape[2:] != (t, t):
+def _check_attention(name: str, a: jax.Array) -> None:
+    if a.ndim != 4 or a.shape[2] != a.shape[3]:
         raise ValueError(
-            f"attention layer {name!r} must output attention probabilities (N, heads, {t}, {t}) "
-            f"({layout.num_prefix_tokens} prefix tokens + {layout.grid_size}x{layout.grid_size} patches); "
-            f"its output has shape {a.shape}"
+            f"attention layer {name!r} must output attention probabilities (N, heads, T, T); its output has shape {a.shape}"
         )
 
 
 def attention_probabilities(
     model: nn.Module, variables: Mapping[str, Any], x: jax.Array, method: str = "attention probabilities"
-) -> tuple[tuple[jax.Array, ...], TokenLayout]:
-    """The attention probabilities of every block, each (N, heads, T, T), and the token layout.
+) -> tuple[jax.Array, ...]:
+    """The attention probabilities of every block, each (N, heads, T, T), first block first.
 
     One forward pass (:func:`xaijax.models.taps.forward`). ``x``: NHWC batch.
+
+    Raises:
+      NotApplicable: not a vision transformer (no ``attention_layers``).
     """
-    layout = token_layout(model, method)
+    names = attention_layers(model, method)
     check_inputs(x)
-    _, acts = taps.forward(model, variables, x, capture=layout.attention_layers)
-    for name in layout.attention_layers:
-        _check_attention(name, acts[name], layout)
-    return tuple(acts[n] for n in layout.attention_layers), layout
+    _, acts = taps.forward(model, variables, x, capture=names)
+    for name in names:
+        _check_attention(name, acts[name])
+    return tuple(acts[n] for n in names)
 
 
 def fuse_heads(a: jax.Array, how: str = "mean") -> jax.Array:
@@ -216,18 +184,19 @@ def accumulate_relevance(maps: Sequence[jax.Array]) -> jax.Array:
     return r
 
 
-def class_token_grid(r: jax.Array, layout: TokenLayout) -> jax.Array:
-    """(N, T, T) token matrix -> (N, g, g): the class token's row over the patch tokens
-    (prefix tokens dropped), reshaped row-major to the token grid."""
-    g = layout.grid_size
-    return r[:, 0, layout.num_prefix_tokens :].reshape(r.shape[0], g, g)
+def class_token_grid(model: nn.Module, r: jax.Array, layer: str = "attention") -> jax.Array:
+    """(N, T, T) token matrix -> (N, g, g): the class token's row (token 0) over the patch
+    tokens, prefix tokens dropped and the patches laid out on the model's grid
+    (:func:`xaijax.methods._core.token_grid`: ``num_prefix_tokens`` and ``grid_size``)."""
+    return token_grid(model, r[:, 0, :, None], layer)[..., 0]
 
 
-def _blocks(layout: TokenLayout, start_layer: int, method: str) -> int:
-    n = len(layout.attention_layers)
-    if start_layer >= n:
-        raise ValueError(f"{method}: start_layer {start_layer} is out of range for a model with {n} blocks (0..{n - 1})")
-    return start_layer
+def _first_block(names: tuple[str, ...], start_layer: int, method: str) -> tuple[str, ...]:
+    if start_layer >= len(names):
+        raise ValueError(
+            f"{method}: start_layer {start_layer} is out of range for a model with {len(names)} blocks (0..{len(names) - 1})"
+        )
+    return names[start_layer:]
 
 
 def _validate_start_layer(owner: str, value: Any) -> None:
@@ -384,15 +353,15 @@ class RawAttention(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) attention of the class token to the patch tokens."""
-        layout = token_layout(model, "raw-attention")
-        n = len(layout.attention_layers)
+        layers = attention_layers(model, "raw-attention")
+        n = len(layers)
         if not -n <= self.block < n:
             raise ValueError(f"raw-attention: block {self.block} is out of range for a model with {n} blocks")
         check_inputs(x)
-        name = layout.attention_layers[self.block]
+        name = layers[self.block]
         _, acts = taps.forward(model, variables, x, capture=[name])
-        _check_attention(name, acts[name], layout)
-        return class_token_grid(fuse_heads(acts[name], self.head_fusion), layout).astype(x.dtype)
+        _check_attention(name, acts[name])
+        return class_token_grid(model, fuse_heads(acts[name], self.head_fusion), name).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,10 +384,11 @@ class AttentionRollout(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) class-token row of the rollout over the patch tokens."""
-        atts, layout = attention_probabilities(model, variables, x, "attention-rollout")
-        s = _blocks(layout, self.start_layer, "attention-rollout")
+        names = _first_block(attention_layers(model, "attention-rollout"), self.start_layer, "attention-rollout")
+        atts = attention_probabilities(model, variables, x, "attention-rollout")
+        s = self.start_layer
         r = rollout(atts[s:], self.head_fusion, self.residual)
-        return class_token_grid(r, layout).astype(x.dtype)
+        return class_token_grid(model, r, names[-1]).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,18 +416,18 @@ class AttentionFlow(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) max-flow value from each patch token to the top layer's class token."""
-        atts, layout = attention_probabilities(model, variables, x, "attention-flow")
-        s = _blocks(layout, self.start_layer, "attention-flow")
+        names = _first_block(attention_layers(model, "attention-flow"), self.start_layer, "attention-flow")
+        atts = attention_probabilities(model, variables, x, "attention-flow")
+        s = self.start_layer
         cap = jnp.stack([residual_attention(a, self.head_fusion, self.residual) for a in atts[s:]], axis=1)  # (N, L, T, T)
-        sources = jnp.arange(layout.num_prefix_tokens, layout.num_tokens, dtype=jnp.int32)
+        sources = jnp.arange(cap.shape[-1], dtype=jnp.int32)  # every token (the prefix tokens are dropped below)
         chunk = min(int(self.chunk), int(sources.shape[0]))
 
         def one_image(c):
             return jax.lax.map(lambda src: layered_max_flow(c, src, 0), sources, batch_size=chunk)
 
-        flows = jax.vmap(one_image)(cap)  # (N, g*g)
-        g = layout.grid_size
-        return flows.reshape(flows.shape[0], g, g).astype(x.dtype)
+        flows = jax.vmap(one_image)(cap)  # (N, T): flow from each token of the input layer
+        return token_grid(model, flows[..., None], names[-1])[..., 0].astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,14 +448,12 @@ class GenericAttention(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) class-token row of ``R`` over the patch tokens."""
-        layout = token_layout(model, "generic-attention")
-        s = _blocks(layout, self.start_layer, "generic-attention")
-        names = layout.attention_layers[s:]
+        names = _first_block(attention_layers(model, "generic-attention"), self.start_layer, "generic-attention")
         acts, grads, _ = layer_gradients(model, variables, x, target, names)
         for name in names:
-            _check_attention(name, acts[name], layout)
+            _check_attention(name, acts[name])
         maps = [jax.nn.relu(grads[n] * acts[n]).mean(1) for n in names]
-        return class_token_grid(accumulate_relevance(maps), layout).astype(x.dtype)
+        return class_token_grid(model, accumulate_relevance(maps), names[-1]).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,19 +481,17 @@ class CheferLRP(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) class-token row of ``R`` over the patch tokens."""
-        layout = token_layout(model, "chefer-lrp")
-        s = _blocks(layout, self.start_layer, "chefer-lrp")
-        names = layout.attention_layers[s:]
+        names = _first_block(attention_layers(model, "chefer-lrp"), self.start_layer, "chefer-lrp")
         acts, grads, out = layer_gradients(model, variables, x, target, names)
         for name in names:
-            _check_attention(name, acts[name], layout)
+            _check_attention(name, acts[name])
         seed = as_seed(target, out.shape[-1], out.shape[0], out.dtype)
         _, trace = relevance_trace(model, variables, x, seed, self.composite)
         missing = [n for n in names if n not in trace]
         if missing:
             raise ValueError(f"chefer-lrp: the relevance pass of composite {self.composite!r} reports no relevance at {missing}")
         maps = [jax.nn.relu(grads[n] * trace[n].output).mean(1) for n in names]
-        return class_token_grid(accumulate_relevance(maps), layout).astype(x.dtype)
+        return class_token_grid(model, accumulate_relevance(maps), names[-1]).astype(x.dtype)
 
 
 register("raw-attention", RawAttention, "Raw attention: the last block's class-token attention to the patches (ViT/DeiT)")
