@@ -274,7 +274,7 @@ def test_deletion_insertion_same_every_form(forms):
 
 
 def test_jit_and_vmap_of_wrapped_models(forms):
-    """Methods stay pure: a jitted Grad-CAM on a wrapped model equals the eager one."""
+    """Methods stay pure: a jitted and a vmapped Grad-CAM on a wrapped model equal the eager one."""
     x = _x()
     gc = methods.get("grad-cam", layer="layer4")
     for form in ("nnx", "equinox", "function"):
@@ -282,6 +282,8 @@ def test_jit_and_vmap_of_wrapped_models(forms):
         eager = gc(m, v, x, 1)
         jitted = jax.jit(gc, static_argnums=0)(m, v, x, 1)
         np.testing.assert_allclose(jitted, eager, rtol=0, atol=1e-12, err_msg=form)
+        vmapped = jax.vmap(lambda xi: gc(m, v, xi[None], 1)[0])(x)  # one sample at a time
+        np.testing.assert_allclose(vmapped, eager, rtol=0, atol=1e-12, err_msg=form)
 
 
 # ----------------------------------------------------------------------------- layer names
