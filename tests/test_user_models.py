@@ -473,9 +473,10 @@ def test_wrap_argument_errors(x64):
         h = tap("a", x)
         return tap("a", h).mean((1, 2))
 
-    m, v = wrap(two_taps, w, batched=False)
-    with pytest.raises(ValueError, match="tap name 'a' is used twice"):
-        m.apply(v, _x())
+    for batched in (True, False):
+        m, v = wrap(two_taps, w, batched=batched)
+        with pytest.raises(ValueError, match="tap name 'a' is used twice"):
+            m.apply(v, _x())
 
 
 def test_propagation_refusal_only_for_functions_and_equinox(forms):

@@ -237,8 +237,13 @@ class FunctionModel(nn.Module):
             if not self.accepts_tap:
                 out = fn(params, x)
             else:
+                used: set[str] = set()
+
                 def tap(name: str, h: jax.Array) -> jax.Array:
                     m = tap_module(name)
+                    if name in used:
+                        raise ValueError(f"tap name {name!r} is used twice in one call; give each activation its own name")
+                    used.add(name)
                     return _from_channels_last(m(_to_channels_last(h, self.layout, False)), self.layout, False)
 
                 out = fn(params, x, tap=tap)
