@@ -442,6 +442,10 @@ def cp_lrp(eps: float = 1e-6, conv_gamma: float | None = VIT_CONV_GAMMA, dense_g
     receive no relevance. LayerNorm as in AttnLRP (normaliser held constant). With ``eps=0``,
     no gamma and zero biases (position embedding and prefix tokens included) the input total
     equals the target logit.
+
+    This is also what the AttnLRP authors' ``lxt`` does to torchvision's ViT in its efficient
+    mode (CP-LRP inside the attention, AttnLRP's LayerNorm and GELU rules outside; their
+    comment: easier to tune with gamma).
     """
     return Composite(
         conv=_linear_rule(conv_gamma, eps),
