@@ -6,7 +6,7 @@ The bundled files were made with (see their model cards for results and timings)
         --train-bn --out weights/synthetic_vgg16.safetensors
     python experiments/train_classifier.py --arch resnet18 --steps 1200 --batch 32 --seed 0 --cache \
         --out weights/synthetic_resnet18.safetensors
-    python experiments/train_classifier.py --arch vit --steps 2000 --batch 32 --seed 0 --cache \
+    python experiments/train_classifier.py --arch vit --steps 1200 --batch 32 --seed 0 --cache \
         --out weights/synthetic_vit.safetensors
 
 Multi-label sigmoid BCE, AdamW with linear warm-up (5%) and cosine decay, He-normal init

@@ -12,6 +12,8 @@ from xaijax import checkpoints, cli, data, demo, methods, metrics, models
 KW = {
     "synthetic_vgg16": ("vgg16", {"num_classes": 12, "width": 1 / 16, "hidden": 16, "pool_size": 1}),
     "synthetic_resnet18": ("resnet18", {"num_classes": 12, "width": 8}),
+    "synthetic_vit": ("vit_b_16", {"num_classes": 12, "image_size": 128, "patch_size": 32, "num_layers": 1, "num_heads": 2,
+                                   "hidden_dim": 8, "mlp_dim": 8}),
 }
 
 
@@ -45,8 +47,9 @@ def test_demo_writes_tables_and_figure(weights, tmp_path):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
     assert [(r["model"], r["method"]) for r in res["rows"]] == [
-        (m, n) for m in ("synthetic_vgg16", "synthetic_resnet18") for n in ("center", "gradient")
+        (m, n) for m in ("synthetic_vgg16", "synthetic_resnet18", "synthetic_vit") for n in ("center", "gradient")
     ]
+    assert res["models"] == [f.split(".")[0] for f in demo.BUNDLED_CLASSIFIERS] == list(KW)
     # the centre baseline's numbers, recomputed independently of the demo
     recs = data.SyntheticScenes().records("test", 0, 3)
     pairs = demo.build_pairs(recs)
@@ -151,3 +154,18 @@ def test_demo_records_methods_undefined_for_a_model(weights, tmp_path):
     by_model = {r["model"]: r for r in res["rows"]}
     assert "not defined for this model" in by_model["synthetic_vgg16"]["error"] and "CAM" in by_model["synthetic_vgg16"]["error"]
     assert "error" not in by_model["synthetic_resnet18"] and "pointing_all" in by_model["synthetic_resnet18"]
+
+
+def test_demo_refuses_a_model_made_for_another_size(weights, tmp_path):
+    import shutil
+
+    d = tmp_path / "w"
+    shutil.copytree(weights, d)
+    arch, kw = KW["synthetic_vit"]
+    kw = {**kw, "image_size": 64}
+    m = models.get(arch, **kw)
+    checkpoints.save_variables(d / "synthetic_vit.safetensors", models.random_variables(m, (1, 64, 64, 3), seed=1),
+                               metadata={"arch": arch, "model_kwargs": json.dumps(kw)})
+    with pytest.raises(ValueError, match="synthetic_vit.safetensors: the model takes 64x64 px inputs.*128x128"):
+        demo.run_demo(tmp_path / "o", 1, method_names=["center"], weights=d, progress=False)
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="all methods x all metrics on the synthetic benchmark with the bundled models")
     s.add_argument("--images", type=int, default=None, help="held-out images to use (default 20; 8 with --quick)")
     s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, one method per family, cheaper sampling settings (a minute or two)")
-    s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18; synthetic_resnet18 with --quick)")
+    s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18,synthetic_vit; synthetic_resnet18 with --quick)")
     s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
     s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
     s.add_argument("--model-metric-pairs", type=int, default=None,

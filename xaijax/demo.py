@@ -1,5 +1,6 @@
-"""``xaijax demo``: every registered method x every registered metric x both bundled
-classifiers, on the held-out split of the synthetic benchmark, offline on a CPU.
+"""``xaijax demo``: every registered method x every registered metric x the bundled
+classifiers (a small VGG16, ResNet-18 and ViT), on the held-out split of the synthetic
+benchmark, offline on a CPU.
 
 For each test image and each class present in it (classes whose every instance is marked
 difficult are skipped, as in VOC), the method explains that class; the map is scored
@@ -14,8 +15,10 @@ The demo is a client of :mod:`xaijax.evaluation`: the (image, class) pairs come 
 (:func:`~xaijax.evaluation.map_batches`), the tables from its writer. It runs the methods
 that explain a classifier's decision (kinds ``"attribution"`` and ``"cam"``); a method that
 raises :class:`~xaijax.methods.NotApplicable` for a model (CAM on VGG's fully connected
-head, ...) gets a row saying "not defined for this model"; any other error is a failure and
-propagates.
+head, ...) gets a row saying "not defined for this model" (``n/a`` in the tables); any other
+error is a failure and propagates. Every model is fed the benchmark's images at their own
+size, which must be the model's input size (:func:`~xaijax.checkpoints.input_size.model_input_size`;
+the bundled ViT was built for it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 from xaijax import checkpoints, data, metrics
 from xaijax import methods as methods_registry
 from xaijax.checkpoints import weights_dir  # re-exported: the bundled weights' folder
+from xaijax.checkpoints.input_size import model_input_size
 from xaijax.evaluation import image_pairs, map_batches, write_tables
 from xaijax.methods import CLASSIFIER_KINDS, NotApplicable
 from xaijax.models import preprocess
@@ -41,7 +45,7 @@ from xaijax.viz import ROBUST_PERCENTILE
 
 __all__ = ["BUNDLED_CLASSIFIERS", "weights_dir", "build_pairs", "run_demo"]
 
-BUNDLED_CLASSIFIERS = ("synthetic_vgg16.safetensors", "synthetic_resnet18.safetensors")
+BUNDLED_CLASSIFIERS = ("synthetic_vgg16.safetensors", "synthetic_resnet18.safetensors", "synthetic_vit.safetensors")
 
 #: Hyperparameters the demo uses instead of the defaults, to keep a CPU run to minutes.
 #: They are written into the results (column ``hparams``) so the table says what ran.
@@ -221,6 +225,12 @@ def run_demo(
     loaded = []
     for p in paths:
         model, variables, info = checkpoints.load(None, p)
+        size = model_input_size(model, info, fallback=scenes.size)
+        if size != scenes.size:  # the regions are the benchmark's: no resizing of images or maps here
+            raise ValueError(
+                f"{p.name}: the model takes {size}x{size} px inputs but the synthetic benchmark's images are "
+                f"{scenes.size}x{scenes.size}; the demo runs models made for the benchmark's size"
+            )
         loaded.append((p.stem, model, variables, preprocess.convention(info)))
 
     steps = len(loaded) * len(names) * max(1, -(-len(pairs.classes) // batch))
