@@ -165,30 +165,135 @@ def test_relevance_is_conserved_through_functional_operations(x64):
     np.testing.assert_allclose(np.asarray(r), np.asarray(jax.grad(score)(xn) * xn), rtol=1e-9, atol=1e-12)
 
 
-class Tanh(nn.Module):
+class MyDense(nn.Module):
+    """A weighted operation written with a bare parameter (no layer module the engine knows)."""
+
     @nn.compact
     def __call__(self, x):
-        return jnp.tanh(x)
+        return x @ self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 4))
 
 
-class WithTanh(nn.Module):
+class WithCustom(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(4, name="fc1")(x)
-        h = Tanh(name="squash")(h)
-        h = h * h  # a product of two activations
+        h = nn.relu(MyDense(name="mine")(h))
+        h = jnp.cumsum(h, axis=-1)
         return nn.Dense(2, name="fc2")(h)
 
 
 def test_operations_without_a_rule_are_listed_before_any_computation():
-    model = WithTanh()
+    model = WithCustom()
     x = jnp.ones((2, 3))
     v = model.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"no propagation rule for operation\(s\) squash: tanh, <root>: mul\..*Composite\(types=\{MyLayer"):
+    with pytest.raises(ValueError, match=r"no propagation rule for operation\(s\) mine: dot_general, <root>: cumsum\..*Composite\(types=\{MyLayer"):
         engine.plan(model, v, x, "zero")
-    # giving the module a rule removes it from the list; the product still has none
-    with pytest.raises(ValueError, match=r"operation\(s\) <root>: mul\."):
-        engine.plan(model, v, x, Composite(types={Tanh: Vjp()}))
+    # giving the module a rule removes it from the list; the cumulative sum still has none
+    with pytest.raises(ValueError, match=r"operation\(s\) <root>: cumsum\."):
+        engine.plan(model, v, x, Composite(types={MyDense: Epsilon(0.0)}))
+
+
+# ----------------------------------------------------------------- transformers, the Flax way
+
+
+class FlaxEncoderBlock(nn.Module):
+    """A pre-norm ViT block from flax.linen's standard layers, activations and sums written as functions."""
+
+    heads: int
+    mlp: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(1e-6, param_dtype=F64, name="ln_1")(x)
+        h = nn.MultiHeadDotProductAttention(self.heads, param_dtype=F64, deterministic=True, name="attn")(h)
+        x = x + h
+        h = nn.Dense(self.mlp, param_dtype=F64, name="fc1")(nn.LayerNorm(1e-6, param_dtype=F64, name="ln_2")(x))
+        h = nn.Dense(x.shape[-1], param_dtype=F64, name="fc2")(nn.gelu(h, approximate=False))
+        return x + h
+
+
+class FlaxViT(nn.Module):
+    """torchvision's ViT layout (no position embedding: see the test) written the Flax way."""
+
+    width: int = 8
+    heads: int = 2
+    mlp: int = 16
+    patch: int = 8
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.width, (self.patch, self.patch), self.patch, padding="VALID", param_dtype=F64, name="patches")(x)
+        x = x.reshape(x.shape[0], -1, self.width)
+        cls = self.param("cls", nn.initializers.normal(1.0), (1, 1, self.width), F64)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+        x = FlaxEncoderBlock(self.heads, self.mlp, name="block")(x)
+        x = nn.LayerNorm(1e-6, param_dtype=F64, name="ln")(x)
+        return nn.Dense(self.classes, param_dtype=F64, name="head")(x[:, 0])
+
+
+def _zoo_twin(v):
+    """The zoo's ViT with FlaxViT's weights (q/k/v kernels fused into in_proj, heads merged)."""
+    from xaijax import models
+
+    p = v["params"]
+    a = p["block"]["attn"]
+    d = p["cls"].shape[-1]
+    fuse = lambda key: jnp.concatenate([a[n][key].reshape(a[n][key].shape[0] if key == "kernel" else 1, -1) if key == "kernel" else a[n][key].reshape(-1) for n in ("query", "key", "value")], axis=-1)  # noqa: E731
+    zoo = {
+        "class_token": p["cls"],
+        "conv_proj": p["patches"],
+        "encoder": {
+            "pos_embedding": jnp.zeros((1, 1 + (16 // 8) ** 2, d), F64),
+            "ln": p["ln"],
+            "layers": {
+                "encoder_layer_0": {
+                    "ln_1": p["block"]["ln_1"],
+                    "ln_2": p["block"]["ln_2"],
+                    "mlp": {"0": p["block"]["fc1"], "3": p["block"]["fc2"]},
+                    "self_attention": {
+                        "in_proj": {"kernel": fuse("kernel"), "bias": fuse("bias")},
+                        "out_proj": {"kernel": a["out"]["kernel"].reshape(d, d), "bias": a["out"]["bias"]},
+                    },
+                }
+            },
+        },
+        "heads": {"head": p["head"]},
+    }
+    model = models.get("vit_b_16", image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=d, mlp_dim=16, num_classes=3)
+    return model, {"params": zoo}
+
+
+@pytest.fixture
+def vit_twins(x64):
+    x = jax.random.normal(jax.random.key(5), (2, 16, 16, 3), F64)
+    model = FlaxViT()
+    v = model.init(jax.random.key(6), x)
+    zoo, zv = _zoo_twin(v)
+    return model, v, zoo, zv, x
+
+
+def test_the_plan_of_a_flax_transformer_lists_its_attention_and_activation(vit_twins):
+    model, v, _, _, x = vit_twins
+    p = engine.plan(model, v, x, "attnlrp")
+    kinds = {o.name: o.kind for o in p.functional}
+    assert kinds["block.attn:dot_general"] == "matmul" and kinds["block.attn:dot_general#1"] == "matmul"
+    assert kinds["block.attn:softmax"] == "softmax"
+    assert kinds["block:add"] == "add" and kinds["block:add#1"] == "add"
+    assert {o.kind for o in p.functional if o.name.startswith("block:") and o.kind not in ("add",)} <= {"activation", "merge", "scale"}
+    layers = {e.name: e.kind for e in p.layers}
+    assert layers["block.ln_1"] == "layernorm" and layers["block.attn.query"] == "dense" and layers["block.attn.out"] == "dense"
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp", "epsilon"])
+def test_a_flax_transformer_equals_the_zoo_vit(vit_twins, composite):
+    model, v, zoo, zv, x = vit_twins
+    np.testing.assert_allclose(np.asarray(model.apply(v, x)), np.asarray(zoo.apply(zv, x)), rtol=1e-12, atol=1e-12)
+    r_fn = relevance(model, v, x, _target_times_logits, composite)
+    r_zoo = relevance(zoo, zv, x, _target_times_logits, composite)
+    scale = float(jnp.abs(r_zoo).max())
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(r_fn), np.asarray(r_zoo), rtol=0, atol=1e-10 * scale)
 
 
 def test_zoo_models_need_no_functional_pass():
@@ -200,5 +305,35 @@ def test_zoo_models_need_no_functional_pass():
     assert engine.plan(model, v, x, "epsilon-plus").functional == ()
 
 
+def test_element_wise_activations_pass_relevance(x64):
+    """GELU, SiLU, tanh, sigmoid, and sums and products of functions of the same value: one
+    element-wise activation of that value (AttnLRP's identity rule), so its relevance passes
+    back unchanged and LRP-0 of this bias-free network has a closed form."""
+    x = jax.random.normal(jax.random.key(7), (3, 5), F64)
+
+    class Acts(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(6, use_bias=False, param_dtype=F64, name="a")(x)
+            h = nn.gelu(h) + nn.silu(h) * 0.5 + jnp.tanh(h) * jax.nn.sigmoid(h)
+            return nn.Dense(2, use_bias=False, param_dtype=F64, name="b")(h)
+
+    model = Acts()
+    v = model.init(jax.random.key(8), x)
+    kinds = {o.kind for o in engine.plan(model, v, x, "zero").functional}
+    assert {"activation", "merge"} <= kinds and "add" not in kinds and "matmul" not in kinds
+    r = relevance(model, v, x, _target_times_logits, "zero")
+    out = np.asarray(model.apply(v, x))
+    wa, wb = np.asarray(v["params"]["a"]["kernel"]), np.asarray(v["params"]["b"]["kernel"])
+    h = np.asarray(x) @ wa
+    g = np.asarray(nn.gelu(h) + nn.silu(h) * 0.5 + jnp.tanh(h) * jax.nn.sigmoid(h))
+    target = np.eye(2)[out.argmax(1)]
+    r_g = g * ((target * out / out) @ wb.T)  # z-rule of the output layer
+    r_h = r_g  # the activation passes it unchanged
+    r_x = np.asarray(x) * ((r_h / h) @ wa.T)  # z-rule of the first layer
+    np.testing.assert_allclose(np.asarray(r), r_x, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(r).sum(1), (target * out).sum(1), rtol=1e-9)
+
+
 def test_classes_of_primitives():
-    assert set(functional.CLASSES) == {"relu", "maxpool", "avgpool", "add", "scale"}
+    assert set(functional.CLASSES) == {"relu", "maxpool", "avgpool", "add", "scale", "activation", "merge", "matmul", "softmax"}

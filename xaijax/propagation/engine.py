@@ -91,6 +91,7 @@ OutputRelevance = Callable[[Array], Array] | Array
 _KIND_OF: tuple[tuple[type, str], ...] = (
     (nn.Conv, "conv"),
     (nn.Dense, "dense"),
+    (nn.DenseGeneral, "dense"),
     (nn.BatchNorm, "batchnorm"),
     (L.ReLU, "relu"),
     (L.MaxPool2d, "maxpool"),
@@ -103,6 +104,7 @@ _KIND_OF: tuple[tuple[type, str], ...] = (
     (L.Concat, "concat"),
     (L.Identity, "identity"),
     (T.LayerNorm, "layernorm"),
+    (nn.LayerNorm, "layernorm"),
     (T.Softmax, "softmax"),
     (T.MatMul, "matmul"),
     (T.GELU, "activation"),
@@ -428,9 +430,8 @@ def _assign_rules(graph: _Graph, composite: Composite) -> Plan:
         )
     ops = []
     for op in graph.functional:
-        rule = composite.rule_for(op.name, op.kind, functional.FunctionalOp) if op.kind != "scale" else op.rule
-        rule = op.rule if rule is None else rule
-        rule.check(op.name, op.kind, op.in_shapes, op.out_shape)
+        rule = functional.rule_for(composite, op.name, op.kind)
+        rule.check(op.name, functional.composite_kind(op.kind), op.in_shapes, op.out_shape)
         ops.append(dataclasses.replace(op, rule=rule))
     return Plan(tuple(entries), graph.outputs, graph.logits_shape, tuple(ops))
 
@@ -506,16 +507,24 @@ def _view_builder(module: nn.Module, kind: str, kwargs: Mapping[str, Any], name:
 
 
 def _layernorm_builder(unbound: nn.Module, fn_of: Callable[[Any], Callable[..., Array]], name: str, nonneg: bool):
-    """View of a :class:`~xaijax.models.transformer_layers.LayerNorm` with ``linearized``: the
-    layer with its normaliser ``rsqrt(var + eps)`` held constant (``stop_gradient``), i.e. the
-    same values as the layer and the derivative of the affine map ``(x - mean) * r * scale +
-    bias`` with ``r`` fixed. It mirrors that module's formula (mean and biased variance over
-    the last axis, ``eps`` inside the root); tests check that both give the same values."""
+    """View of a :class:`~xaijax.models.transformer_layers.LayerNorm` (or a ``flax.linen.LayerNorm``
+    over the last axis) with ``linearized``: the layer with its normaliser ``rsqrt(var + eps)``
+    held constant (``stop_gradient``), i.e. the same values as the layer and the derivative of
+    the affine map ``(x - mean) * r * scale + bias`` with ``r`` fixed. It mirrors that module's
+    formula (mean and biased variance over the last axis, ``eps`` inside the root); tests check
+    that both give the same values."""
     epsilon = float(unbound.epsilon)
+    if isinstance(unbound, nn.LayerNorm) and (
+        unbound.reduction_axes not in (-1, (-1,)) or unbound.feature_axes not in (-1, (-1,))
+    ):
+        raise ValueError(
+            f"LayerNorm {name!r} normalises over axes {unbound.reduction_axes} (features {unbound.feature_axes}); "
+            "the layernorm rule handles the last axis only"
+        )
 
     def build(params):
-        p = params["params"]
-        scale, bias = p["scale"], p["bias"]
+        p = params.get("params", {})
+        scale, bias = p.get("scale", 1.0), p.get("bias", 0.0)
 
         def linearized(x):
             xc = x - jnp.mean(x, axis=-1, keepdims=True)
