@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +141,48 @@ def test_visualize_feeds_the_vit_its_own_size(tiny_vit, tmp_path):
     assert cli.main(["visualize", "--weights", str(path), "--layer", "logits", "--units", "0:2", "--steps", "2",
                      "--batch", "2", "--out", str(out)]) == 0
     assert np.load(out / "logits_class.npy").shape == (2, 32, 32, 3)
+
+
+def _train_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "train_classifier.py"
+    spec = importlib.util.spec_from_file_location("train_classifier_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_training_script_vit_config_and_init():
+    tc = _train_script()
+    cfg = tc.CONFIGS["vit"]
+    assert tc.registry_name("vit") == "vit_b_16" and tc.registry_name("resnet18") == "resnet18"
+    assert cfg["model_kwargs"]["image_size"] == SyntheticScenes().size
+    model = models.get("vit_b_16", **TINY)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    p = tc.vit_init(shapes["params"], seed=3)
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(p).items()}
+    assert set(flat) == {"/".join(k) for k in flax.traverse_util.flatten_dict(shapes["params"])}
+    for k, v in flat.items():
+        name = k.rsplit("/", 1)[-1]
+        if name in ("kernel", "pos_embedding"):
+            assert np.abs(v).max() <= 2 * tc.VIT_INIT_STD and v.std() > 0, k
+        elif name == "scale":
+            np.testing.assert_array_equal(v, 1.0)
+        else:  # biases, class token
+            np.testing.assert_array_equal(v, 0.0)
+    # a truncated standard normal (cut at 2) has std 0.8796; the MLP kernel has 16*24 draws
+    assert np.std(flat["encoder/layers/encoder_layer_0/mlp/0/kernel"]) == pytest.approx(0.8796 * 0.02, rel=0.15)
+    again = tc.vit_init(shapes["params"], seed=3)
+    np.testing.assert_array_equal(again["conv_proj"]["kernel"], p["conv_proj"]["kernel"])
+    with pytest.raises(ValueError, match="vit_init.*weird"):
+        tc.vit_init({"weird": jax.ShapeDtypeStruct((2,), jnp.float32)}, seed=0)
+
+
+@pytest.mark.skipif(not BUNDLED_VIT.is_file(), reason="weights/synthetic_vit.safetensors not bundled")
+def test_bundled_vit_metadata_matches_the_script():
+    tc = _train_script()
+    _, meta = checkpoints.load_variables(BUNDLED_VIT)
+    assert meta["arch"] == tc.registry_name("vit")
+    assert json.loads(meta["model_kwargs"]) == tc.CONFIGS["vit"]["model_kwargs"]
+    assert meta["command"].startswith("python experiments/train_classifier.py --arch vit ")
