@@ -115,8 +115,8 @@ def _reference(model, variables, x, deltas=None):
     return logits, atts, z
 
 
-def _ref_attention_grads(model, variables, x, target):
-    """Attention probabilities (NumPy) and d(target logit)/dA through the explicit reference."""
+@functools.partial(jax.jit, static_argnums=0)
+def _ref_attention_grads_jit(model, variables, x, target):
     _, atts, _ = _reference(model, variables, x)
     zeros = [jnp.zeros_like(a) for a in atts]
 
@@ -124,8 +124,18 @@ def _ref_attention_grads(model, variables, x, target):
         logits = _reference(model, variables, x, ds)[0]
         return logits[jnp.arange(x.shape[0]), target].sum()
 
-    grads = jax.grad(score)(zeros)
+    return atts, jax.grad(score)(zeros)
+
+
+def _ref_attention_grads(model, variables, x, target):
+    """Attention probabilities (NumPy) and d(target logit)/dA through the explicit reference."""
+    atts, grads = _ref_attention_grads_jit(model, variables, x, jnp.asarray(target))
     return [np.asarray(a) for a in atts], [np.asarray(gr) for gr in grads]
+
+
+def _layer_map(method, model, variables, x, target):
+    """``method.layer_map`` jitted (the model static): one compilation instead of op-by-op dispatch."""
+    return jax.jit(method.layer_map, static_argnums=0)(model, variables, x, jnp.asarray(target))
 
 
 def _mean_heads(a):
@@ -148,7 +158,7 @@ def _accumulate(abars):
     return r
 
 
-KINDS_ = ["vit", "deit", "deit_distilled"]
+KINDS_ = ["vit", "deit_distilled"]  # torchvision and timm layouts; 1 and 2 prefix tokens
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +169,8 @@ def setups():
     for kind in KINDS_:
         model = _model(kind)
         out[kind] = (model, _variables(model, seed=len(kind)), _images())
+    small = _model("deit_distilled", layers=1)  # for the jit/vmap contracts: less to compile
+    out["small"] = (small, _variables(small, seed=3), _images())
     yield out
     jax.config.update("jax_enable_x64", prev)
 
@@ -182,13 +194,13 @@ def test_reference_matches_model(setups, x64):
 def test_raw_attention(setups, kind, x64):
     model, variables, x = setups[kind]
     atts, _ = _ref_attention_grads(model, variables, x, jnp.zeros(2, int))
-    got = M.get("raw-attention").layer_map(model, variables, x, 0)
+    got = _layer_map(M.get("raw-attention"), model, variables, x, 0)
     assert got.shape == (2, model.grid_size, model.grid_size) and got.dtype == jnp.float64
     for i in range(2):
         want = _grid(_mean_heads(atts[-1][i])[0], model)
         np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-13)
     # another block, max fusion
-    got0 = M.get("raw-attention", block=0, head_fusion="max").layer_map(model, variables, x, 0)
+    got0 = _layer_map(M.get("raw-attention", block=0, head_fusion="max"), model, variables, x, 0)
     np.testing.assert_allclose(got0[1], _grid(atts[0][1].max(0)[0], model), rtol=1e-10)
     # distilled DeiT: both prefix tokens dropped, so the map is not the class row from token 1
     if kind == "deit_distilled":
@@ -202,7 +214,7 @@ def test_raw_attention(setups, kind, x64):
 def test_attention_rollout(setups, kind, fusion, residual, start, x64):
     model, variables, x = setups[kind]
     atts, _ = _ref_attention_grads(model, variables, x, jnp.zeros(2, int))
-    got = M.get("attention-rollout", head_fusion=fusion, residual=residual, start_layer=start).layer_map(model, variables, x, 1)
+    got = _layer_map(M.get("attention-rollout", head_fusion=fusion, residual=residual, start_layer=start), model, variables, x, 1)
     reduce = {"mean": _mean_heads, "max": lambda a: a.max(0), "min": lambda a: a.min(0)}[fusion]
     t = atts[0].shape[-1]
     for i in range(2):
@@ -231,19 +243,19 @@ def test_generic_attention(setups, kind, x64):
     model, variables, x = setups[kind]
     target = jnp.array([3, 1])
     atts, grads = _ref_attention_grads(model, variables, x, target)
-    got = M.get("generic-attention").layer_map(model, variables, x, target)
+    got = _layer_map(M.get("generic-attention"), model, variables, x, target)
     for i in range(2):
         abars = [_mean_heads(np.maximum(grads[l][i] * atts[l][i], 0)) for l in range(model.num_layers)]
         want = _grid(_accumulate(abars)[0], model)
         assert np.abs(want).max() > 1e-6  # not trivially zero
         np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-13)
     # start_layer=1 uses the last block only
-    got1 = M.get("generic-attention", start_layer=1).layer_map(model, variables, x, target)
+    got1 = _layer_map(M.get("generic-attention", start_layer=1), model, variables, x, target)
     want1 = _grid(_accumulate([_mean_heads(np.maximum(grads[1][0] * atts[1][0], 0))])[0], model)
     np.testing.assert_allclose(got1[0], want1, rtol=1e-9, atol=1e-13)
     # a seed target: the same as class indices given as one-hot rows
     seed = jax.nn.one_hot(target, NUM_CLASSES, dtype=jnp.float64)
-    np.testing.assert_allclose(M.get("generic-attention").layer_map(model, variables, x, seed), got, rtol=1e-12)
+    np.testing.assert_allclose(_layer_map(M.get("generic-attention"), model, variables, x, seed), got, rtol=1e-12)
 
 
 def _lp_max_flow(cap, source, sink):
@@ -301,12 +313,12 @@ def test_layered_max_flow_matches_linear_program(x64):
     assert _lp_max_flow(cap, 0, 0) == pytest.approx(2.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit_distilled"])
+@pytest.mark.parametrize("kind", KINDS_)
 def test_attention_flow(setups, kind, x64):
     pytest.importorskip("scipy")
     model, variables, x = setups[kind]
     atts, _ = _ref_attention_grads(model, variables, x, jnp.zeros(2, int))
-    got = M.get("attention-flow", chunk=5).layer_map(model, variables, x, 0)
+    got = _layer_map(M.get("attention-flow", chunk=5), model, variables, x, 0)
     t = atts[0].shape[-1]
     p = model.num_prefix_tokens
     for i in range(1):
@@ -318,7 +330,7 @@ def test_attention_flow(setups, kind, x64):
         want = np.array([_lp_max_flow(cap, j, 0) for j in range(p, t)]).reshape(model.grid_size, model.grid_size)
         np.testing.assert_allclose(got[i], want, rtol=1e-8, atol=1e-10)
         # flow differs from rollout (it is not rollout in disguise)
-        roll = M.get("attention-rollout").layer_map(model, variables, x, 0)
+        roll = _layer_map(M.get("attention-rollout"), model, variables, x, 0)
         assert not np.allclose(got[i], roll[i], rtol=1e-3)
 
 
@@ -328,13 +340,24 @@ def _vjp_composite():
     return Composite(conv=Vjp(), dense=Vjp(), kinds={k: Vjp() for k in KINDS}, types={t: Vjp() for t in tl})
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _ref_tokens(model, variables, x):
+    return _reference(model, variables, x)[2]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ref_tokens_vjp(model, variables, x, cot):
+    """The cotangent of each block's attention probabilities for the cotangent ``cot`` of the final tokens."""
+    zeros = [jnp.zeros_like(a) for a in _reference(model, variables, x)[1]]
+    _, pull = jax.vjp(lambda ds: _reference(model, variables, x, ds)[2], zeros)
+    return pull(cot)[0]
+
+
 def _chefer_ref(model, variables, x, target, cotangent):
     """Chefer et al.'s accumulation with R_A = vjp of (A -> final tokens) at ``cotangent(final tokens)``."""
     atts, grads = _ref_attention_grads(model, variables, x, target)
-    zeros = [jnp.zeros_like(jnp.asarray(a)) for a in atts]
-    z = _reference(model, variables, x)[2]
-    _, pull = jax.vjp(lambda ds: _reference(model, variables, x, ds)[2], zeros)
-    (rel,) = pull(cotangent(z))
+    z = _ref_tokens(model, variables, x)
+    rel = _ref_tokens_vjp(model, variables, x, cotangent(z))
     maps = []
     for i in range(x.shape[0]):
         abars = [_mean_heads(np.maximum(grads[l][i] * np.asarray(rel[l][i]), 0)) for l in range(model.num_layers)]
@@ -355,7 +378,7 @@ def test_chefer_lrp_combination_formula(setups, x64):
         c[:, 0] = seed @ w.T
         return jnp.asarray(c)
 
-    got = M.get("chefer-lrp", composite=_vjp_composite()).layer_map(model, variables, x, target)
+    got = _layer_map(M.get("chefer-lrp", composite=_vjp_composite()), model, variables, x, target)
     np.testing.assert_allclose(got, _chefer_ref(model, variables, x, target, grad_cot), rtol=1e-9, atol=1e-13)
 
     logits = np.asarray(_reference(model, variables, x)[0])
@@ -366,7 +389,7 @@ def test_chefer_lrp_combination_formula(setups, x64):
         return jnp.asarray(c)
 
     comp = _vjp_composite().replace(names={"heads.head": Epsilon(0.0)})
-    got_z = M.get("chefer-lrp", composite=comp).layer_map(model, variables, x, target)
+    got_z = _layer_map(M.get("chefer-lrp", composite=comp), model, variables, x, target)
     want_z = _chefer_ref(model, variables, x, target, z_cot)
     np.testing.assert_allclose(got_z, want_z, rtol=1e-8, atol=1e-13)
     assert not np.allclose(got_z, got, rtol=1e-3)  # the relevance, not the gradient, is used
@@ -384,9 +407,12 @@ def test_chefer_lrp_default_composite_on_vit(setups, x64):
         pytest.skip(f"the propagation engine has no rules for the ViT's transformer layers ({str(e)[:160]}...)")
     target = jnp.array([0, 3])
     seed = jax.nn.one_hot(target, NUM_CLASSES, dtype=jnp.float64)
-    got = M.get("chefer-lrp").layer_map(model, variables, x, target)
+    got = _layer_map(M.get("chefer-lrp"), model, variables, x, target)
     atts, grads = _ref_attention_grads(model, variables, x, target)
-    rel = [np.asarray(P.relevance(model, variables, x, seed, "alpha1-beta0", read_at=n)) for n in model.attention_layers]
+    rel = [
+        np.asarray(jax.jit(lambda v, xx, sd, n=n: P.relevance(model, v, xx, sd, "alpha1-beta0", read_at=n))(variables, x, seed))
+        for n in model.attention_layers
+    ]
     for i in range(2):
         abars = [_mean_heads(np.maximum(grads[l][i] * rel[l][i], 0)) for l in range(model.num_layers)]
         want = _grid(_accumulate(abars)[0], model)
@@ -406,7 +432,7 @@ def _method(name):
 @pytest.mark.parametrize("name", ALL)
 def test_call_jit_and_vmap(setups, name, x64):
     """The map is the layer map upsampled, float64 in float64 out; jit and vmap give the same maps."""
-    model, variables, x = setups["deit_distilled"]
+    model, variables, x = setups["small"]
     m = _method(name)
     assert m.kind == "attribution" and m.has_layer_map and not m.runs_own_loop
     target = jnp.array([1, 3])
