@@ -46,9 +46,15 @@ transformer").
   ``A_bar = mean_heads((dS/dA * R_A)^+)``. ``R_A`` is read from one relevance pass
   (:func:`xaijax.propagation.relevance_trace`) with the ``composite`` given as a
   hyperparameter, seeded, as in the authors' code, with the one-hot target itself (the seed,
-  not ``seed * logits``). The authors use alpha1-beta0 on linear layers (the default
-  ``"alpha1-beta0"``); the parameter-free transformer layers (LayerNorm, softmax, the
-  bilinear products, GELU) need rules from the propagation engine or the composite.
+  not ``seed * logits``). The default composite ``"alpha1-beta0"`` has the authors' rule on
+  the linear layers (alpha = 1, beta = 0) and the engine's default rules on the
+  transformer layers (see :mod:`xaijax.propagation.composites`: the bilinear products split
+  relevance half and half between their factors, as the authors' code halves the z-rule
+  relevance of ``attention.v`` and ``q.k``). Where the authors' code (``layers_ours.py`` of
+  ``hila-chefer/Transformer-Explainability``) differs: relevance passes LayerNorm, softmax and
+  GELU unchanged, residual additions use a z-rule re-normalised per branch, linear layers
+  ignore their bias and the patch embedding uses z^B; pass a :class:`Composite` with those
+  rules to follow it more closely (no built-in composite reproduces it exactly yet).
 
 ``raw-attention``, ``attention-rollout`` and ``attention-flow`` do not depend on the target
 (they explain the class token, whatever the class); the target is still range-checked.
@@ -467,7 +473,8 @@ class CheferLRP(AttentionMethod):
     Attributes:
       composite: a :class:`~xaijax.propagation.Composite` or a built-in composite name
         (default ``"alpha1-beta0"``, the authors' rule on linear layers; the transformer layers
-        without weights take the engine's default rules for their kinds).
+        without weights take the engine's default rules for their kinds; see the module
+        docstring for where that differs from the authors' code).
       start_layer: first block accumulated (default 0).
     """
 
