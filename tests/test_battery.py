@@ -19,6 +19,14 @@ defined there) a method must:
   (``accepts_seed``), or raise ``ValueError`` for a float seed (methods that need class
   indices).
 
+Vision transformers (``test_method_battery_transformer``): the same checks on a tiny ViT
+(torchvision names; every classifier method) and a tiny distilled DeiT (timm names, two prefix
+tokens and two heads; the CAM family, whose token grid depends on the prefix count, the
+gradient, AttnLRP and attention rollout), jitted only: each method passes them or raises
+NotApplicable (DeconvNet/Guided Backprop: no ReLU; FullGrad, RAP, RSP, Excitation Backprop: not
+piecewise linear; CAM: no GAP head; CAMERAS: the model takes one input size only). Their float64
+traces run with the other architectures in ``test_method_float64``.
+
 Methods that ``runs_own_loop`` run that loop when called unjitted and a ``lax.scan`` of the
 same step under ``jit``/``vmap``; they are compared at the same tolerance (with the few SGD
 steps of ``OVERRIDES`` extremal perturbation's scan and loop agree to ~4e-7 of the map scale).
@@ -70,14 +78,23 @@ TARGETS = np.array([1, 3])  # N = 2 samples
 #: smallest sides DenseNet (4 blocks: 29) and Inception (75) accept; 64 px for ResNet, whose
 #: CAM layer (layer4, stride 32) would otherwise have one position, where c*RSP's seed is the
 #: difference of two normalised totals that cancel to ~1e-10 and the map is rounding noise).
+_VIT_TINY = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
 ARCHS: dict[str, tuple[str, dict[str, Any], int]] = {
     "vgg": ("vgg11", dict(width=1 / 16, hidden=16, pool_size=1), 32),
     "resnet": ("resnet18", dict(width=8, layers=(1, 1, 1, 1)), 64),
     "densenet": ("densenet121", dict(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8, bn_size=1), 29),
     "inception": ("inception_v3", dict(width=1 / 16), 75),
+    # vision transformers (token grids, LayerNorm/softmax/GELU, fixed input size): one block,
+    # 16 wide, 32 px images in 8 px patches (a 4 x 4 grid); torchvision's ViT, and timm's
+    # distilled DeiT (two prefix tokens, two heads averaged)
+    "vit": ("vit_b_16", _VIT_TINY, 32),
+    "deit": ("deit_tiny_distilled_patch16_224", _VIT_TINY, 32),
 }
 #: the architecture of the float32 battery.
 BATTERY_ARCH = "resnet"
+#: the transformers of the float32 battery: ViT gets every classifier method, the distilled DeiT
+#: (where only the prefix-token count and the head differ) the CAM family and ``_DEIT_OTHERS``.
+TRANSFORMER_ARCHS = ("vit", "deit")
 #: float64: architectures where the method runs (others: traced with jax.eval_shape).
 FLOAT64_RUN_ARCHS = ("vgg",)
 
@@ -194,7 +211,76 @@ def _check_map(a, n: int, size: int, what: str) -> None:
 
 @pytest.mark.parametrize("name", CLASSIFIER_METHODS)
 def test_method_battery(name):
-    arch = BATTERY_ARCH
+    _battery(name, BATTERY_ARCH)
+
+
+#: besides the CAM family (whose token grid depends on the prefix-token count), the methods of the
+#: DeiT battery: the plain gradient and one of each transformer family that reads prefix tokens.
+_DEIT_OTHERS = ("gradient", "attnlrp", "attention-rollout")
+
+
+def _transformer_pairs():
+    out = []
+    for n in CLASSIFIER_METHODS:
+        for a in TRANSFORMER_ARCHS:
+            if a == "deit" and _get(n).kind != "cam" and n not in _DEIT_OTHERS:
+                continue
+            out.append(pytest.param(n, a, id=f"{n}-{a}"))
+    return out
+
+
+@pytest.mark.parametrize("name,arch", _transformer_pairs())
+def test_method_battery_transformer(name, arch):
+    """The battery on a tiny ViT / distilled DeiT, jitted only: the method passes every check or
+    raises NotApplicable while tracing (e.g. ReLU rules, FullGrad, RAP, CAMERAS' resizing, CAM's
+    GAP head). jit == no-jit and own loop == scan are the ResNet battery's (op-by-op calls of a
+    transformer cost minutes); here a jitted batch of N is compared with ``jit(vmap)`` of the
+    per-sample call (samples independent), a permuted batch, a second call (no retrace) and the
+    one-hot seed (or its refusal)."""
+    m = _get(name)
+    model, v, x, t, _, _ = _setup(arch)
+    n, size = x.shape[0], x.shape[1]
+    what = f"{name} on {arch}"
+    failed: dict[str, str] = {}
+
+    def compare(check: str, actual, desired, label: str) -> None:
+        if not _is_close(actual, desired, RTOL):
+            err, scale = _diff(actual, desired)
+            failed[check] = f"{label}: max |diff| {err:.3g}, map scale {scale:.3g}, rtol {RTOL:g}"
+
+    traces = [0]
+
+    def counted(model_, v_, x_, t_):
+        traces[0] += 1
+        return m(model_, v_, x_, t_)
+
+    jitted = jax.jit(counted, static_argnums=0, **COMPILE)
+    try:
+        a = jitted(model, v, x, t)
+    except NotApplicable as e:
+        pytest.skip(f"{name} is not defined for {arch} (NotApplicable: {e})")
+    _check_map(a, n, size, f"{what}, jitted")
+    assert float(jnp.abs(a).max()) > 0, f"{what}: an all-zero map"
+    b = jitted(model, v, x[::-1], t[::-1])
+    if traces[0] != 1:
+        failed["retrace"] = f"traced {traces[0]} times for two calls with the same shapes"
+    compare("permutation", b, a[::-1], "jitted permuted batch vs permuted maps")
+    vm = jax.jit(jax.vmap(lambda xi, ti: m(model, v, xi[None], ti[None])[0]), **COMPILE)(x, t)
+    _check_map(vm, n, size, f"{what}, vmap")
+    compare("vmap", vm, a, f"jit(vmap) over samples vs the jitted batch of {n}")
+    seed = jax.nn.one_hot(t, N_CLASSES)
+    if m.accepts_seed:
+        compare("seed", jitted(model, v, x, seed), a, "one-hot seed vs class indices (jitted batch)")
+    else:
+        try:
+            m(model, v, x[:1], seed[:1])
+            failed["seed"] = "accepts_seed is False but a float seed was not refused with ValueError"
+        except ValueError:
+            pass
+    _judge(name, what, failed)
+
+
+def _battery(name: str, arch: str) -> None:
     m = _get(name)
     assert m.kind in ("attribution", "cam") and m.explains_classifier
     model, v, x, t, _, _ = _setup(arch)
