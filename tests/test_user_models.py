@@ -614,6 +614,10 @@ def test_cli_explain_with_model_entry_point(tmp_path, monkeypatch):
     x = normalize(load_image(tmp_path / "img.png", 32, None)[None], "none")
     ref = np.asarray(methods.get("grad-cam", layer="conv2")(model, variables, jnp.asarray(x), jnp.array([3])))[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert cli.main(["predict", "--model", spec, "--size", "32", str(tmp_path / "img.png")]) == 0
+    # a file path whose module defines dataclasses (linen, Equinox) loads too
+    assert entry_points.load("examples/user_models/flax_resnet.py:make")[2]["metadata"]["input_size"] == 32
+    assert entry_points.load("examples/user_models/equinox_cnn.py:make")[2]["arch"] == "examples/user_models/equinox_cnn.py:make"
     # exactly one of --weights / --model; a factory without input_size needs --size
     assert cli.main(["explain", "--method", "gradient", str(tmp_path / "img.png")]) == 2
     assert cli.main(["explain", "--model", spec, "--method", "gradient", str(tmp_path / "img.png")]) == 2

@@ -48,9 +48,15 @@ def _import(spec: str) -> tuple[Any, str]:
         path = Path(where)
         if not path.is_file():
             raise ValueError(f"--model {spec}: no such file {where}")
-        mspec = importlib.util.spec_from_file_location(f"xaijax_user_model_{path.stem}", path)
+        name = f"xaijax_user_model_{path.stem}"
+        mspec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(module)  # type: ignore[union-attr]
+        sys.modules[name] = module  # dataclasses (linen, Equinox modules) look their module up while the file runs
+        try:
+            mspec.loader.exec_module(module)  # type: ignore[union-attr]
+        except BaseException:
+            del sys.modules[name]
+            raise
     else:
         cwd = os.getcwd()
         if cwd not in sys.path:
