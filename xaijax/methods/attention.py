@@ -307,20 +307,17 @@ def layered_max_flow(capacity: jax.Array, source: Any, sink: int = 0) -> jax.Arr
         raise ValueError(f"capacity must have shape (L, T, T); got {cap.shape}")
     source = jnp.asarray(source, jnp.int32)
     rf0 = jnp.maximum(cap, 0)
-    rb0 = jnp.zeros_like(rf0)
-    found, pdir, ptok = _bfs(rf0, rb0, source, sink)
 
-    def cond(s):
-        return s[3]
-
-    def body(s):
-        rf, rb, total, found, pdir, ptok = s
-        rf, rb, b = _augment(rf, rb, pdir, ptok, found, source, sink)
+    def body(s):  # one search and, if it reached the sink, one augmentation
+        rf, rb, total, _ = s
         found, pdir, ptok = _bfs(rf, rb, source, sink)
-        return rf, rb, total + b, found, pdir, ptok
+        rf, rb, b = _augment(rf, rb, pdir, ptok, found, source, sink)
+        return rf, rb, total + b, found
 
-    init = (rf0, rb0, jnp.zeros((), rf0.dtype), found, pdir, ptok)
-    return jax.lax.while_loop(cond, body, init)[2]
+    # the first search runs inside the loop: with the all-zero reverse residuals as a constant
+    # outside it, XLA would spend seconds constant-folding that search
+    init = (rf0, jnp.zeros_like(rf0), jnp.zeros((), rf0.dtype), jnp.asarray(True))
+    return jax.lax.while_loop(lambda s: s[3], body, init)[2]
 
 
 # ------------------------------------------------------------------------------ methods
