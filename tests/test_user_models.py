@@ -349,26 +349,20 @@ RULE_BASED = ["lrp-epsilon", "lrp-epsilon-plus", "excitation-backprop", "rap", "
 @pytest.mark.parametrize("form", ["equinox", "function"])
 @pytest.mark.parametrize("name", RULE_BASED)
 def test_rule_based_methods_refuse_functions_and_equinox(forms, form, name):
-    """Rule-based propagation needs interceptable layers: refused before any propagation.
-
-    Today the engine names the layers it cannot intercept (the wrapper's taps, or the wrapper
-    itself); ``adapters.propagation_refusal`` is the message a dedicated engine check raises."""
+    """Rule-based propagation needs interceptable layers: the engine's plan raises
+    ``adapters.propagation_refusal``'s message before any propagation."""
     m, v = forms[form]
     assert "needs interceptable layers" in adapters.propagation_refusal(m)
     kw = {"layer": "layer4"} if name in ("rsp", "excitation-backprop") else {}
-    with pytest.raises(ValueError, match=r"no propagation rule|interceptable"):
+    with pytest.raises(ValueError, match=r"rule-based propagation needs interceptable layers"):
         methods.get(name, **kw)(m, v, _x(), 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FullGrad finds no biased linen layer in a wrapped function / Equinox model and silently returns "
-    "only its input-gradient term; it should raise NotApplicable (methods/gradient.py, reported to the lead)",
-)
 @pytest.mark.parametrize("form", ["equinox", "function"])
 def test_fullgrad_refuses_functions_and_equinox(forms, form):
+    """FullGrad's bias terms come from the layers' biases, which a function's bare operations hide."""
     m, v = forms[form]
-    with pytest.raises(ValueError):
+    with pytest.raises(methods.NotApplicable, match="interceptable layers"):
         methods.get("fullgrad")(m, v, _x(), 1)
 
 
@@ -500,13 +494,6 @@ def test_propagation_refusal_only_for_functions_and_equinox(forms):
     assert "the model function apply_fn" in adapters.propagation_refusal(forms["function"][0])
 
 
-_EB_ZERO = pytest.mark.xfail(
-    strict=True,
-    reason="Excitation Backprop gives an all-zero map on the Flax-style linen and NNX forms (zoo: nonzero); "
-    "a propagation-engine issue reported to the lead",
-)
-
-
 @pytest.mark.parametrize(
     "method",
     [
@@ -518,7 +505,7 @@ _EB_ZERO = pytest.mark.xfail(
         ("rap", {}),
         ("rsp", {"layer": "layer4"}),
         ("fullgrad", {}),
-        pytest.param(("excitation-backprop", {"layer": "layer4"}), marks=_EB_ZERO),
+        ("excitation-backprop", {"layer": "layer4"}),
     ],
     ids=lambda m: m[0],
 )
@@ -578,7 +565,7 @@ def test_examples_explained_and_scored(spec, layer, lrp, monkeypatch):
     if lrp:
         maps["lrp-epsilon"] = methods.get("lrp-epsilon")(model, variables, x, target)
     else:
-        with pytest.raises(ValueError, match="no propagation rule"):
+        with pytest.raises(ValueError, match="rule-based propagation needs interceptable layers"):
             methods.get("lrp-epsilon")(model, variables, x, target)
     probs = np.asarray(jax.nn.softmax(model.apply(variables, x), -1))[np.arange(2), np.asarray(target)]
     fn = metrics.faithfulness.classifier_fn(model, variables)

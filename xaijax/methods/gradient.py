@@ -81,6 +81,7 @@ from xaijax.methods._core import (
 from xaijax.methods.combinators import contrast, smooth
 from xaijax.methods.registry import register
 from xaijax.models import layers, taps
+from xaijax.models.adapters import propagation_refusal
 from xaijax.propagation.canonizers import batchnorm_affine
 
 __all__ = [
@@ -492,6 +493,9 @@ class FullGrad(Method):
             decomposition is not complete.
         """
         check_inputs(x)
+        refusal = propagation_refusal(model)
+        if refusal is not None:  # the bias terms would be missing without a word
+            raise NotApplicable(f"FullGrad sums the gradients of every layer's bias: {refusal}")
         require_piecewise_linear(
             model,
             variables,

@@ -67,6 +67,7 @@ import numpy as np
 
 from xaijax.models import layers as L
 from xaijax.models import transformer_layers as T
+from xaijax.models.adapters import propagation_refusal
 from xaijax.models.taps import module_name
 from xaijax.propagation.canonizers import batchnorm_affine, check_eval_batchnorm, fold_batchnorm
 from xaijax.propagation import functional
@@ -257,6 +258,9 @@ def plan(model: nn.Module, variables: Mapping[str, Any], x: Array, composite: Co
         a training-mode BatchNorm/Dropout, or non-array layer inputs.
     """
     composite = resolve(composite)
+    refusal = propagation_refusal(model)
+    if refusal is not None:
+        raise ValueError(refusal)
     leaves, treedef = jax.tree_util.tree_flatten(variables)
     var_spec = tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
     x_spec = (tuple(np.shape(x)), str(x.dtype))
@@ -707,7 +711,11 @@ def _forward(model, variables, the_plan, composite, capture: str | None = None) 
         return out
 
     if the_plan.functional:  # functional operations get their rules (see functional's docstring)
-        return functional.evaluate(f, composite, lambda args: jax.tree_util.tree_map(lambda _: True, args))
+        def flags(args):  # (x, probes, reads): probes and reads are zero arrays added to read relevance
+            x, probes, reads = args
+            return (True, jax.tree_util.tree_map(lambda _: "probe", probes), jax.tree_util.tree_map(lambda _: "probe", reads))
+
+        return functional.evaluate(f, composite, flags)
     return f
 
 

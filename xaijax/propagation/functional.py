@@ -413,10 +413,13 @@ def _eval(
 
     for v, c in zip(jaxpr.constvars, consts):
         env[v] = c
+    probe: set[Any] = set()  # zero probes the engine adds to read relevance (ordinary derivative)
     for i, (v, a, p) in enumerate(zip(jaxpr.invars, args, on_path)):
         env[v] = a
         path[v] = bool(p)
         root[v] = arg_roots[i] if arg_roots is not None and arg_roots[i] is not None else v
+        if isinstance(p, str) and p == "probe":
+            probe.add(v)
 
     eqns = _live(jaxpr)
     softmax_at, inside = _softmax_patterns(eqns)
@@ -427,7 +430,18 @@ def _eval(
         multiple = eqn.primitive.multiple_results
         out_roots: list[Any] = [None] * len(eqn.outvars)
         cls = None
-        if not any(flags) or id(eqn) in inside:
+        path_vars = [v for v, f in zip(eqn.invars, flags) if f]
+        if path_vars and all(v in probe for v in path_vars):  # a probe, cast or broadcast
+            out = _bind(eqn, ins)
+            outs = list(out) if multiple else [out]
+            out_flags = [True] * len(outs)
+            probe.update(eqn.outvars)
+        elif eqn.primitive.name in ("add", "add_any") and len(path_vars) == 2 and any(v in probe for v in path_vars):
+            out = _bind(eqn, ins)  # value + probe: the ordinary derivative hands the probe the relevance there
+            outs = [out]
+            out_flags = [True]
+            out_roots = [root.get(next(v for v in path_vars if v not in probe))]
+        elif not any(flags) or id(eqn) in inside:
             out = _bind(eqn, ins)
             outs = list(out) if multiple else [out]
             out_flags = [any(flags)] * len(outs)
@@ -568,7 +582,9 @@ def evaluate(fn: Callable[..., Any], composite: Composite, on_path: Callable[[An
 
     ``fn(*args)`` is traced to a jaxpr (its layers with rules already opaque custom VJPs) and
     evaluated again equation by equation (see the module docstring). ``on_path(args)`` gives,
-    for ``args``' pytree, a matching pytree of booleans: True where relevance flows.
+    for ``args``' pytree, a matching pytree of flags: True where relevance flows, False for
+    constants, ``"probe"`` for zero arrays added to values to read the relevance arriving
+    there (their sums keep the ordinary derivative, which hands each probe that relevance).
     """
 
     def wrapped(*args):
