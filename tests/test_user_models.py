@@ -664,3 +664,46 @@ def test_variables_digest_tracks_the_weights(x64):
     w2 = jax.tree_util.tree_map(lambda a: a, w)
     w2["fc"]["bias"] = w2["fc"]["bias"].at[0].add(1e-12)
     assert entry_points.digest(w2) != d
+
+
+def test_nnx_layernorm_and_functional_gelu_match_linen_under_attnlrp(x64):
+    """An NNX token model (nnx.LayerNorm, nnx.Linear, nnx.gelu, a mean over tokens) gets the same
+    AttnLRP relevance as the same network in linen: its LayerNorm runs as nn.LayerNorm (the
+    layernorm rule), the GELU and the mean get the functional rules."""
+    from flax import nnx
+
+    from xaijax.propagation import engine, relevance
+
+    class Tokens(nnx.Module):
+        def __init__(self, rngs):
+            self.ln = nnx.LayerNorm(6, param_dtype=jnp.float64, rngs=rngs)
+            self.fc1 = nnx.Linear(6, 8, param_dtype=jnp.float64, rngs=rngs)
+            self.fc2 = nnx.Linear(8, 3, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.mean(self.fc2(nnx.gelu(self.fc1(self.ln(x)))), axis=1)
+
+    class LinenTokens(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm(param_dtype=jnp.float64, name="ln")(x)
+            h = nn.Dense(3, param_dtype=jnp.float64, name="fc2")(nn.gelu(nn.Dense(8, param_dtype=jnp.float64, name="fc1")(h)))
+            return jnp.mean(h, axis=1)
+
+    nnx_model = Tokens(nnx.Rngs(3))
+    nnx_model.ln.scale[...] = nnx_model.ln.scale[...] + jnp.arange(6.0) / 10
+    nnx_model.ln.bias[...] = nnx_model.ln.bias[...] + 0.1
+    m, v = wrap(nnx_model)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6), jnp.float64)
+    lv = {"params": {"ln": {"scale": nnx_model.ln.scale[...], "bias": nnx_model.ln.bias[...]},
+                     **{n: {"kernel": getattr(nnx_model, n).kernel[...], "bias": getattr(nnx_model, n).bias[...]} for n in ("fc1", "fc2")}}}
+    np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(LinenTokens().apply(lv, x)), rtol=1e-12)
+    assert {e.name: e.kind for e in engine.plan(m, v, x, "attnlrp").layers}["ln"] == "layernorm"
+
+    def seed(out):
+        return jax.nn.one_hot(jnp.argmax(out, 1), 3, dtype=out.dtype) * out
+
+    r_nnx = relevance(m, v, x, seed, "attnlrp")
+    r_linen = relevance(LinenTokens(), lv, x, seed, "attnlrp")
+    assert float(jnp.abs(r_linen).max()) > 0
+    np.testing.assert_allclose(np.asarray(r_nnx), np.asarray(r_linen), rtol=0, atol=1e-10 * float(jnp.abs(r_linen).max()))

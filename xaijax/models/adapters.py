@@ -46,7 +46,7 @@ floating-point state (the variables: ``variables["params"]["<attribute path>"]``
 with ``nnx.merge`` inside the traced function. Every callable submodule's output is a named layer, addressed by its
 attribute path (``layer4``, ``layers.3``, ``layer4.conv``). Non-floating state (RNG keys and
 counts) is held as a constant. For rule-based propagation, every plain ``nnx.Conv``,
-``nnx.Linear`` and ``nnx.BatchNorm`` of the merged copy is replaced by the equivalent
+``nnx.Linear``, ``nnx.BatchNorm`` and ``nnx.LayerNorm`` of the merged copy is replaced by the equivalent
 ``flax.linen`` layer (same hyper-parameters) named by its path, whose arrays are
 ``variables["params"][path]`` (and ``variables["batch_stats"][path]`` for BatchNorm's
 statistics): the engine intercepts them as it intercepts any linen layer, and the functional
@@ -334,7 +334,7 @@ class NNXTap(L.Identity):
 
 
 class _LinenLayer:
-    """Stands in for an ``nnx.Conv`` / ``nnx.Linear`` / ``nnx.BatchNorm`` of the merged copy: the
+    """Stands in for an ``nnx.Conv`` / ``nnx.Linear`` / ``nnx.BatchNorm`` / ``nnx.LayerNorm`` of the merged copy: the
     equivalent ``flax.linen`` layer, named by the NNX attribute path, reading the same arrays from
     the wrapper's variables (so the propagation engine intercepts it like any linen layer)."""
 
@@ -353,6 +353,7 @@ _LINEN_OF = {
     "conv": (nn.Conv, {"kernel": ("params", "kernel"), "bias": ("params", "bias")}),
     "dense": (nn.Dense, {"kernel": ("params", "kernel"), "bias": ("params", "bias")}),
     "batchnorm": (nn.BatchNorm, {"scale": ("params", "scale"), "bias": ("params", "bias"), "mean": ("batch_stats", "mean"), "var": ("batch_stats", "var")}),
+    "layernorm": (nn.LayerNorm, {"scale": ("params", "scale"), "bias": ("params", "bias")}),
 }
 
 
@@ -388,6 +389,13 @@ def _linen_spec(m: Any) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
                   param_dtype=m.param_dtype, use_bias=m.use_bias, use_scale=m.use_scale,
                   use_fast_variance=m.use_fast_variance)
         return "batchnorm", tuple(kw.items())
+    if type(m) is nnx.LayerNorm:
+        if m.axis_name is not None:
+            return None
+        kw = dict(epsilon=m.epsilon, dtype=m.dtype, param_dtype=m.param_dtype, use_bias=m.use_bias, use_scale=m.use_scale,
+                  reduction_axes=_hashable(m.reduction_axes), feature_axes=_hashable(m.feature_axes),
+                  use_fast_variance=m.use_fast_variance)
+        return "layernorm", tuple(kw.items())
     return None
 
 
