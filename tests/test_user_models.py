@@ -707,3 +707,46 @@ def test_nnx_layernorm_and_functional_gelu_match_linen_under_attnlrp(x64):
     r_linen = relevance(LinenTokens(), lv, x, seed, "attnlrp")
     assert float(jnp.abs(r_linen).max()) > 0
     np.testing.assert_allclose(np.asarray(r_nnx), np.asarray(r_linen), rtol=0, atol=1e-10 * float(jnp.abs(r_linen).max()))
+
+
+def test_nnx_multi_head_attention_matches_linen_under_attnlrp(x64):
+    """nnx.MultiHeadAttention (its LinearGeneral projections run as nn.DenseGeneral, the attention
+    itself gets the functional rules: q.k, softmax, attention.v) == nn.MultiHeadDotProductAttention."""
+    from flax import nnx
+
+    from xaijax.propagation import engine, relevance
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = nnx.MultiHeadAttention(2, 8, param_dtype=jnp.float64, decode=False, deterministic=True, rngs=rngs)
+            self.head = nnx.Linear(8, 3, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jnp.mean(x + self.attn(x), axis=1))
+
+    class LinenAttn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.MultiHeadDotProductAttention(2, param_dtype=jnp.float64, deterministic=True, name="attn")(x)
+            return nn.Dense(3, param_dtype=jnp.float64, name="head")(jnp.mean(x + h, axis=1))
+
+    model = Attn(nnx.Rngs(4))
+    m, v = wrap(model)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8), jnp.float64)
+    pick = lambda mod: {"kernel": mod.kernel[...], "bias": mod.bias[...]}  # noqa: E731
+    lv = {"params": {"attn": {n: pick(getattr(model.attn, n)) for n in ("query", "key", "value", "out")}, "head": pick(model.head)}}
+    # NNX's and linen's attention modules order their arithmetic differently: equal to ~1e-8 in float64
+    np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(model(x)), rtol=0, atol=0)
+    np.testing.assert_allclose(np.asarray(m.apply(v, x)), np.asarray(LinenAttn().apply(lv, x)), rtol=1e-6)
+    kinds = {e.name: e.kind for e in engine.plan(m, v, x, "attnlrp").layers}
+    assert kinds["attn.query"] == "dense" and kinds["attn.out"] == "dense"
+    assert "softmax" in {o.kind for o in engine.plan(m, v, x, "attnlrp").functional}
+
+    def seed(out):
+        return jax.nn.one_hot(jnp.argmax(out, 1), 3, dtype=out.dtype) * out
+
+    for composite in ("attnlrp", "cp-lrp"):
+        r_nnx = relevance(m, v, x, seed, composite)
+        r_linen = relevance(LinenAttn(), lv, x, seed, composite)
+        assert float(jnp.abs(r_linen).max()) > 0
+        np.testing.assert_allclose(np.asarray(r_nnx), np.asarray(r_linen), rtol=0, atol=1e-6 * float(jnp.abs(r_linen).max()))

@@ -46,7 +46,7 @@ floating-point state (the variables: ``variables["params"]["<attribute path>"]``
 with ``nnx.merge`` inside the traced function. Every callable submodule's output is a named layer, addressed by its
 attribute path (``layer4``, ``layers.3``, ``layer4.conv``). Non-floating state (RNG keys and
 counts) is held as a constant. For rule-based propagation, every plain ``nnx.Conv``,
-``nnx.Linear``, ``nnx.BatchNorm`` and ``nnx.LayerNorm`` of the merged copy is replaced by the equivalent
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.BatchNorm`` and ``nnx.LayerNorm`` of the merged copy is replaced by the equivalent
 ``flax.linen`` layer (same hyper-parameters) named by its path, whose arrays are
 ``variables["params"][path]`` (and ``variables["batch_stats"][path]`` for BatchNorm's
 statistics): the engine intercepts them as it intercepts any linen layer, and the functional
@@ -342,8 +342,12 @@ class _LinenLayer:
         self.layer = layer
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        if args or kwargs:
-            raise ValueError(f"NNX layer {self.layer.name!r} is called with extra arguments; xaijax calls it on one array")
+        extra = {k: v for k, v in kwargs.items() if v is not None}  # e.g. out_sharding=None from nnx.MultiHeadAttention
+        if args or extra:
+            raise ValueError(
+                f"NNX layer {self.layer.name!r} is called with extra arguments ({', '.join(extra) or len(args)}); "
+                "xaijax runs it as a linen layer on one array"
+            )
         return self.layer(x)
 
 
@@ -354,6 +358,7 @@ _LINEN_OF = {
     "dense": (nn.Dense, {"kernel": ("params", "kernel"), "bias": ("params", "bias")}),
     "batchnorm": (nn.BatchNorm, {"scale": ("params", "scale"), "bias": ("params", "bias"), "mean": ("batch_stats", "mean"), "var": ("batch_stats", "var")}),
     "layernorm": (nn.LayerNorm, {"scale": ("params", "scale"), "bias": ("params", "bias")}),
+    "densegeneral": (nn.DenseGeneral, {"kernel": ("params", "kernel"), "bias": ("params", "bias")}),
 }
 
 
@@ -389,6 +394,14 @@ def _linen_spec(m: Any) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
                   param_dtype=m.param_dtype, use_bias=m.use_bias, use_scale=m.use_scale,
                   use_fast_variance=m.use_fast_variance)
         return "batchnorm", tuple(kw.items())
+    if type(m) is nnx.LinearGeneral:  # nnx.MultiHeadAttention's query / key / value / out
+        if m.batch_axis or m.dot_general is not None or getattr(m, "dot_general_cls", None) is not None:
+            return None
+        if getattr(m, "preferred_element_type", None) is not None:
+            return None
+        kw = dict(features=_hashable(m.out_features), axis=_hashable(m.axis), use_bias=m.use_bias, dtype=m.dtype,
+                  param_dtype=m.param_dtype, precision=m.precision)
+        return "densegeneral", tuple(kw.items())
     if type(m) is nnx.LayerNorm:
         if m.axis_name is not None:
             return None
