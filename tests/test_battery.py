@@ -234,9 +234,9 @@ def test_method_battery_transformer(name, arch):
     """The battery on a tiny ViT / distilled DeiT, jitted only: the method passes every check or
     raises NotApplicable while tracing (e.g. ReLU rules, FullGrad, RAP, CAMERAS' resizing, CAM's
     GAP head). jit == no-jit and own loop == scan are the ResNet battery's (op-by-op calls of a
-    transformer cost minutes); here a jitted batch of N is compared with ``jit(vmap)`` of the
+    transformer cost minutes); here a jitted batch of N is compared with ``vmap`` of the
     per-sample call (samples independent), a permuted batch, a second call (no retrace) and the
-    one-hot seed (or its refusal)."""
+    one-hot seed (or its refusal), all from one jitted program (one compile per method)."""
     m = _get(name)
     model, v, x, t, _, _ = _setup(arch)
     n, size = x.shape[0], x.shape[1]
@@ -248,32 +248,34 @@ def test_method_battery_transformer(name, arch):
             err, scale = _diff(actual, desired)
             failed[check] = f"{label}: max |diff| {err:.3g}, map scale {scale:.3g}, rtol {RTOL:g}"
 
+    seed = jax.nn.one_hot(t, N_CLASSES)
     traces = [0]
 
-    def counted(model_, v_, x_, t_):
+    def maps(v_, x_, t_, seed_):
+        """(batch of N, jit(vmap) per sample, the one-hot seed's batch): one program, one compile."""
         traces[0] += 1
-        return m(model_, v_, x_, t_)
+        per_sample = jax.vmap(lambda xi, ti: m(model, v_, xi[None], ti[None])[0])(x_, t_)
+        by_seed = m(model, v_, x_, seed_) if m.accepts_seed else None
+        return m(model, v_, x_, t_), per_sample, by_seed
 
-    jitted = jax.jit(counted, static_argnums=0, **COMPILE)
+    jitted = jax.jit(maps, **COMPILE)
     try:
-        a = jitted(model, v, x, t)
+        a, vm, by_seed = jitted(v, x, t, seed)
     except NotApplicable as e:
         pytest.skip(f"{name} is not defined for {arch} (NotApplicable: {e})")
     _check_map(a, n, size, f"{what}, jitted")
+    _check_map(vm, n, size, f"{what}, vmap")
     assert float(jnp.abs(a).max()) > 0, f"{what}: an all-zero map"
-    b = jitted(model, v, x[::-1], t[::-1])
+    b = jitted(v, x[::-1], t[::-1], seed[::-1])[0]
     if traces[0] != 1:
         failed["retrace"] = f"traced {traces[0]} times for two calls with the same shapes"
     compare("permutation", b, a[::-1], "jitted permuted batch vs permuted maps")
-    vm = jax.jit(jax.vmap(lambda xi, ti: m(model, v, xi[None], ti[None])[0]), **COMPILE)(x, t)
-    _check_map(vm, n, size, f"{what}, vmap")
     compare("vmap", vm, a, f"jit(vmap) over samples vs the jitted batch of {n}")
-    seed = jax.nn.one_hot(t, N_CLASSES)
     if m.accepts_seed:
-        compare("seed", jitted(model, v, x, seed), a, "one-hot seed vs class indices (jitted batch)")
+        compare("seed", by_seed, a, "one-hot seed vs class indices (jitted batch)")
     else:
         try:
-            m(model, v, x[:1], seed[:1])
+            jax.eval_shape(lambda v_, x_: m(model, v_, x_, seed[:1]), v, x[:1])
             failed["seed"] = "accepts_seed is False but a float seed was not refused with ValueError"
         except ValueError:
             pass
