@@ -29,7 +29,16 @@ from xaijax import methods, models
 from xaijax.atomic import atomic_text
 from xaijax.models import vit
 
-METHODS = ["attnlrp", "cp-lrp", "lrp-epsilon"]
+_EPS = {"conv_gamma": None, "dense_gamma": None}
+#: label -> (registered method, hyperparameters): the defaults (gamma 0.25 on the patch
+#: embedding, 0.05 on dense layers) and the paper's epsilon rule on every linear layer
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "attnlrp": ("attnlrp", {}),
+    "attnlrp-epsilon": ("attnlrp", _EPS),
+    "cp-lrp": ("cp-lrp", {}),
+    "cp-lrp-epsilon": ("cp-lrp", _EPS),
+    "lrp-epsilon": ("lrp-epsilon", {}),
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -60,7 +69,8 @@ def bench(model, size: int, repeats: int, names: list[str]) -> dict:
     load_before = _loadavg()
     calls, compile_s, flops = {}, {}, {}
     for name in ["gradient"] + names:
-        fn = jax.jit(methods.get(name), static_argnums=0)
+        method, hparams = VARIANTS.get(name, (name, {}))
+        fn = jax.jit(methods.get(method, **hparams), static_argnums=0)
         t0 = time.perf_counter()
         compiled = fn.lower(model, variables, x, target).compile()
         compile_s[name] = round(time.perf_counter() - t0, 2)
@@ -102,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 2-block ViT at 32 px, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated registered methods")
+    ap.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} or registered methods")
     args = ap.parse_args()
     names = [n for n in args.methods.split(",") if n]
     if args.quick:
@@ -114,6 +124,7 @@ def main() -> None:
     result = bench(model, size, repeats, names)
     payload = {
         "what": "median over repeats of (method time / gradient time), ViT, batch 1, random weights",
+        "variants": {k: {"method": m, "hparams": h} for k, (m, h) in VARIANTS.items() if k in names},
         "environment": {
             "jax": jax.__version__,
             "platform": platform.platform(),

@@ -372,26 +372,25 @@ class Gamma(Rule):
     def backward(self, layer, xs, out, R):
         x = _single(xs, self, layer)
         op, k, b = layer.linear(self)
-        kp = k + self.gamma * jnp.maximum(k, 0)  # W^+
-        kn = k + self.gamma * jnp.minimum(k, 0)  # W^-
-        bp = None if b is None else b + self.gamma * jnp.maximum(b, 0)
-        bn = None if b is None else b + self.gamma * jnp.minimum(b, 0)
-        xp = x if layer.nonneg else jnp.maximum(x, 0)
-        zp, tp = _linear_many(op, (kp, kn), xp)  # x+ W^+, x+ W^-: one stacked operation
-        if layer.nonneg:
-            d_pos, d_neg = _add_bias(zp[0], bp), _add_bias(zp[1], bn)
-        else:
-            xn = jnp.minimum(x, 0)
-            zn, tn = _linear_many(op, (kn, kp), xn)  # x- W^-, x- W^+
-            d_pos, d_neg = _add_bias(zp[0] + zn[0], bp), _add_bias(zp[1] + zn[1], bn)
-        R = R.astype(zp.dtype)
+        g = self.gamma
+        # Every product term x_i w_ij is boosted by gamma where its sign is the output's:
+        # (x w)+ = (|x| |w| + x w) / 2 and (x w)- = (x w - |x| |w|) / 2, so the denominators
+        # need only x W (the output minus its bias) and |x| |W|, and the relevance two
+        # transposed products: R = x (1 + g/2) W^T (s+ + s-) + |x| (g/2) |W|^T (s+ - s-).
+        # (The same arithmetic as W + gamma W+ on x+ plus W + gamma W- on x-, in half the
+        # products: two instead of four forward products, two instead of four transposed.)
+        ax = x if layer.nonneg else jnp.abs(x)
+        ka = jnp.abs(k)
+        za, ta = jax.vjp(lambda v: op(ka, v), ax)  # |x| |W|
+        zx = out.astype(za.dtype) if b is None else out.astype(za.dtype) - b  # x W
+        d_pos = _add_bias(zx + g * 0.5 * (za + zx), None if b is None else b + g * jnp.maximum(b, 0))
+        d_neg = _add_bias(zx + g * 0.5 * (zx - za), None if b is None else b + g * jnp.minimum(b, 0))
+        R = R.astype(za.dtype)
         zero = jnp.zeros((), R.dtype)
         s_pos = jnp.where(out > 0, safe_divide(R, _stabilize(d_pos, self.stabilizer)), zero)
         s_neg = jnp.where(out < 0, safe_divide(R, _stabilize(d_neg, self.stabilizer)), zero)
-        s = jnp.stack([s_pos, s_neg])
-        if layer.nonneg:
-            return (xp * tp(s),)
-        return (xp * tp(s) + xn * tn(s),)
+        tw = jax.linear_transpose(lambda v: op(k, v), x)
+        return (x * ((1 + 0.5 * g) * tw(s_pos + s_neg)[0]) + ax * (0.5 * g * ta(s_pos - s_neg)[0]),)
 
 
 @dataclasses.dataclass(frozen=True)
