@@ -213,7 +213,7 @@ class FlaxEncoderBlock(nn.Module):
 
 
 class FlaxViT(nn.Module):
-    """torchvision's ViT layout (no position embedding: see the test) written the Flax way."""
+    """torchvision's ViT layout written the Flax way (the position embedding a plain ``+``)."""
 
     width: int = 8
     heads: int = 2
@@ -227,6 +227,7 @@ class FlaxViT(nn.Module):
         x = x.reshape(x.shape[0], -1, self.width)
         cls = self.param("cls", nn.initializers.normal(1.0), (1, 1, self.width), F64)
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+        x = x + self.param("pos", nn.initializers.normal(0.5), (1, x.shape[1], self.width), F64)
         x = FlaxEncoderBlock(self.heads, self.mlp, name="block")(x)
         x = nn.LayerNorm(1e-6, param_dtype=F64, name="ln")(x)
         return nn.Dense(self.classes, param_dtype=F64, name="head")(x[:, 0])
@@ -244,7 +245,7 @@ def _zoo_twin(v):
         "class_token": p["cls"],
         "conv_proj": p["patches"],
         "encoder": {
-            "pos_embedding": jnp.zeros((1, 1 + (16 // 8) ** 2, d), F64),
+            "pos_embedding": p["pos"],
             "ln": p["ln"],
             "layers": {
                 "encoder_layer_0": {
@@ -280,6 +281,7 @@ def test_the_plan_of_a_flax_transformer_lists_its_attention_and_activation(vit_t
     assert kinds["block.attn:dot_general"] == "matmul" and kinds["block.attn:dot_general#1"] == "matmul"
     assert kinds["block.attn:softmax"] == "softmax"
     assert kinds["block:add"] == "add" and kinds["block:add#1"] == "add"
+    assert kinds[":add"] == "bias"  # the position embedding, a constant added to an activation: the z-rule
     assert {o.kind for o in p.functional if o.name.startswith("block:") and o.kind not in ("add",)} <= {"activation", "merge", "scale"}
     layers = {e.name: e.kind for e in p.layers}
     assert layers["block.ln_1"] == "layernorm" and layers["block.attn.query"] == "dense" and layers["block.attn.out"] == "dense"
@@ -336,4 +338,4 @@ def test_element_wise_activations_pass_relevance(x64):
 
 
 def test_classes_of_primitives():
-    assert set(functional.CLASSES) == {"relu", "maxpool", "avgpool", "add", "scale", "activation", "merge", "matmul", "softmax"}
+    assert set(functional.CLASSES) == {"relu", "maxpool", "avgpool", "add", "bias", "scale", "activation", "merge", "matmul", "softmax"}

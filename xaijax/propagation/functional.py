@@ -23,8 +23,12 @@ class          primitives                                           rule
                (``jnp.mean``, ``jnp.sum``)                            (z-rule by default)
 ``add``        ``add`` / ``sub`` of two values that depend on the     the composite's ``add`` rule
                input through different paths (residual sums)          (z-rule by default)
-``scale``      ``add`` / ``sub`` / ``mul`` / ``div`` with one constant  :class:`~xaijax.propagation.rules.Pass`
-               operand, ``neg``, ``convert_element_type``             (relevance unchanged)
+``bias``       a constant added to an activation (a position           the composite's ``add`` rule
+               embedding, ``h + b``)                                  (z-rule: it absorbs its share)
+``scale``      ``mul`` / ``div`` by a constant, ``neg``,                :class:`~xaijax.propagation.rules.Pass`
+               ``convert_element_type``; a constant added to the      (relevance unchanged)
+               model input itself (an in-model normalisation) or
+               inside an element-wise activation (``1 + erf(...)``)
 ``activation`` an element-wise function of one value (``tanh``,       the composite's ``activation``
                ``exp``, ``erf``, ``logistic``, ``integer_pow``, ...:   rule (identity by default:
                ``nn.gelu``, ``nn.silu``, ``nn.sigmoid``, ...)          AttnLRP's rule)
@@ -42,10 +46,12 @@ class          primitives                                           rule
 ``call``       ``jit`` / ``pjit``, other ``custom_jvp_call``          their equations, classified
 =============  ===================================================  ==============================
 
-``scale`` is the z-rule of an element-wise affine map with constant coefficients: ``a * x``
-gives back all of its relevance to ``x`` (the gradient would scale it by ``a``), and a constant
-offset is the input's reference point (an in-model normalisation), not a bias that absorbs
-relevance. ``avgpool`` is applied to the *sum* (``nn.avg_pool`` and ``jnp.mean`` divide by the
+``scale`` is the z-rule of ``x -> a * x``: all of the relevance goes back to ``x`` (the gradient
+would scale it by ``a``). A constant offset on the model input itself (reached from the input by
+re-arrangements and scalings only) is the input's reference point (an in-model normalisation
+``(x - mean) / std``), not a bias: relevance passes. A constant added to any other activation is
+a bias, as in a layer, and gets the z-rule of the sum (the zoo's ``Add`` of a position
+embedding does the same). ``avgpool`` is applied to the *sum* (``nn.avg_pool`` and ``jnp.mean`` divide by the
 window size afterwards, a ``scale``): the z-rule splits a sum in proportion to its terms, as the
 zoo's pooling layers do, so a model written with functions and the same model written with
 the zoo's layers get the same relevance (tested for a Flax-example ResNet and for a ViT
@@ -79,7 +85,7 @@ __all__ = ["FunctionalOp", "Functional", "ToFirst", "analyse", "evaluate", "opaq
 Array = jax.Array
 
 #: Every class an operation on the input's path can have (see the module docstring).
-CLASSES = ("relu", "maxpool", "avgpool", "add", "scale", "activation", "merge", "matmul", "softmax")
+CLASSES = ("relu", "maxpool", "avgpool", "add", "bias", "scale", "activation", "merge", "matmul", "softmax")
 
 _MOVE = frozenset(
     {
@@ -165,8 +171,8 @@ class ToFirst(Rule):
 _TO_FIRST = ToFirst()
 #: classes whose rule is fixed (not the composite's)
 _FIXED: dict[str, Rule] = {"scale": _PASS, "merge": _TO_FIRST}
-#: the composite kind whose rule a class takes ("merge" is part of an activation)
-_KIND = {"merge": "activation"}
+#: the composite kind whose rule a class takes ("merge" is part of an activation, "bias" a sum)
+_KIND = {"merge": "activation", "bias": "add"}
 
 
 def _scope(eqn: Any, prefix: str | None) -> str:
@@ -198,14 +204,16 @@ def _shape(v: Any) -> tuple[int, ...]:
     return tuple(getattr(v.aval, "shape", ()))
 
 
-def _classify(eqn: Any, on_path: Sequence[bool], known: Sequence[Any], roots: Sequence[Any]) -> str:
+def _classify(eqn: Any, on_path: Sequence[bool], known: Sequence[Any], roots: Sequence[Any], tags: Sequence[str | None] = ()) -> str:
     """The class of an equation with at least one operand on the input's path.
 
     Returns one of :data:`CLASSES`, ``"merge"`` (a binary step inside one element-wise
     activation), ``"layer"``, ``"move"``, ``"call"``, ``"const"`` (the output carries no
     relevance) or ``"unsupported"``. ``known``: the concrete value of each constant operand
     where it is known (literals), else None; ``roots``: each path operand's element-wise root
-    (the value an element-wise chain started from), else None.
+    (the value an element-wise chain started from), else None; ``tags``: each operand's
+    provenance, ``"input"`` (the model input, re-arranged or scaled) or ``"act"`` (inside an
+    element-wise activation), else None.
     """
     p = eqn.primitive.name
     out_shape = _shape(eqn.outvars[0]) if eqn.outvars else ()
@@ -242,6 +250,8 @@ def _classify(eqn: Any, on_path: Sequence[bool], known: Sequence[Any], roots: Se
                 return "activation" if elementwise else "unsupported"
             if p in ("max", "min", "atan2", "pow"):
                 return "activation" if elementwise else "unsupported"
+            if p in ("add", "sub", "add_any") and next(t for t, f in zip(tags, on_path) if f) not in ("input", "act"):
+                return "bias"  # a constant added to an activation: a bias (position embedding)
             return "scale"
         if elementwise and roots[0] is not None and roots[0] == roots[1]:
             return "merge"  # both operands come from the same value by element-wise steps
@@ -395,11 +405,13 @@ def _eval(
     ctx: _Context,
     prefix: str | None,
     arg_roots: Sequence[Any] | None = None,
-) -> tuple[list[Any], list[bool], list[Any]]:
+    arg_tags: Sequence[str | None] | None = None,
+) -> tuple[list[Any], list[bool], list[Any], list[str | None]]:
     env: dict[Any, Any] = {}
     path: dict[Any, bool] = {}
     known: dict[Any, Any] = {}
     root: dict[Any, Any] = {}
+    tag: dict[Any, str | None] = {}  # "input": the model input re-arranged or scaled; "act": inside an activation
     probs: set[Any] = set()  # softmax outputs (attention probabilities), re-arranged or cast
 
     def read(v):
@@ -420,6 +432,7 @@ def _eval(
         root[v] = arg_roots[i] if arg_roots is not None and arg_roots[i] is not None else v
         if isinstance(p, str) and p == "probe":
             probe.add(v)
+        tag[v] = arg_tags[i] if arg_tags is not None else ("input" if p is True else None)
 
     eqns = _live(jaxpr)
     softmax_at, inside = _softmax_patterns(eqns)
@@ -429,6 +442,7 @@ def _eval(
         flags = [is_path(v) for v in eqn.invars]
         multiple = eqn.primitive.multiple_results
         out_roots: list[Any] = [None] * len(eqn.outvars)
+        out_tags: list[str | None] = [None] * len(eqn.outvars)
         cls = None
         path_vars = [v for v, f in zip(eqn.invars, flags) if f]
         if path_vars and all(v in probe for v in path_vars):  # a probe, cast or broadcast
@@ -441,6 +455,7 @@ def _eval(
             outs = [out]
             out_flags = [True]
             out_roots = [root.get(next(v for v in path_vars if v not in probe))]
+            out_tags = [tag.get(next(v for v in path_vars if v not in probe))]
         elif not any(flags) or id(eqn) in inside:
             out = _bind(eqn, ins)
             outs = list(out) if multiple else [out]
@@ -450,21 +465,28 @@ def _eval(
                     known[eqn.outvars[0]] = known_value(eqn.invars[0])
         else:
             in_roots = [root.get(v) if f else None for v, f in zip(eqn.invars, flags)]
+            in_tags = [tag.get(v) if f else None for v, f in zip(eqn.invars, flags)]
+            path_tags = {tag.get(v) for v in path_vars}
+            same_tag = path_tags.pop() if len(path_tags) == 1 else None
             if id(eqn) in softmax_at:
                 cls = "softmax"
             else:
-                cls = _classify(eqn, flags, [known_value(v) for v in eqn.invars], in_roots)
+                cls = _classify(eqn, flags, [known_value(v) for v in eqn.invars], in_roots, in_tags)
             scope = _scope(eqn, prefix)
             if cls == "call":
                 sub, sub_consts = _inner(eqn)
                 n_extra = len(ins) - len(sub.invars)  # custom_jvp_call / closed_call carry no extras
-                outs, out_flags, out_roots = _eval(sub, sub_consts, ins[n_extra:], flags[n_extra:], ctx, scope, in_roots[n_extra:])
+                outs, out_flags, out_roots, out_tags = _eval(
+                    sub, sub_consts, ins[n_extra:], flags[n_extra:], ctx, scope, in_roots[n_extra:], in_tags[n_extra:]
+                )
             elif cls in ("layer", "move", "const", "unsupported"):
                 if cls == "unsupported":
                     ctx.unsupported.append(f"{scope or '<root>'}: {eqn.primitive.name}")
                 out = _bind(eqn, ins)
                 outs = list(out) if multiple else [out]
                 out_flags = [cls != "const"] * len(outs)
+                if cls == "move":
+                    out_tags = [same_tag] * len(outs)
             else:
                 if len(eqn.outvars) != 1:  # pragma: no cover - the classes above have one output
                     raise RuntimeError(f"functional operation {eqn.primitive.name!r} has {len(eqn.outvars)} outputs")
@@ -511,19 +533,23 @@ def _eval(
                 outs, out_flags = [out], [True]
                 path_root = next(r for r in in_roots if r is not None)
                 if cls in ("activation", "merge"):  # element-wise: the chain's root carries on
-                    out_roots = [path_root]
-                elif cls == "scale" and all(tuple(x.shape) == out_shape for x in xs):
-                    out_roots = [path_root]
+                    out_roots, out_tags = [path_root], ["act"]
+                elif cls == "scale":
+                    out_tags = [same_tag]
+                    if all(tuple(x.shape) == out_shape for x in xs):
+                        out_roots = [path_root]
         if cls == "softmax" or (cls in ("move", "scale") and any(v in probs for v in eqn.invars if not isinstance(v, jcore.Literal))):
             probs.update(eqn.outvars)
-        for v, o, f, r in zip(eqn.outvars, outs, out_flags, out_roots):
+        for v, o, f, r, t in zip(eqn.outvars, outs, out_flags, out_roots, out_tags):
             if isinstance(v, jcore.DropVar):
                 continue
             env[v] = o
             path[v] = f
             if f:
                 root[v] = r if r is not None else v
-    return [read(v) for v in jaxpr.outvars], [is_path(v) for v in jaxpr.outvars], [root.get(v) for v in jaxpr.outvars]
+                tag[v] = t
+    outs_ = jaxpr.outvars
+    return [read(v) for v in outs_], [is_path(v) for v in outs_], [root.get(v) for v in outs_], [tag.get(v) for v in outs_]
 
 
 def opaque(fn: Callable[..., Any], *args: Any) -> Any:
