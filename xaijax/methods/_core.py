@@ -33,6 +33,13 @@ need to know as class attributes (never probed with ``getattr``):
 A method that is not defined for a model (CAM on a head that is not global pooling + one
 linear layer, a ReLU rule on a model without ReLU modules, ...) raises
 :class:`NotApplicable`, a ``ValueError`` that tables record as "not defined for this model".
+:func:`require_piecewise_linear` is that refusal for the methods defined on ReLU networks only
+(FullGrad, RAP, RSP, Excitation Backprop, BiLRP's default rules) when a model calls
+transformer layers (LayerNorm, softmax, GELU, attention products).
+
+Vision transformers: a layer whose output is tokens (N, T, D) becomes an NHWC grid with
+:func:`token_grid`, from facts the model declares (``num_prefix_tokens``, ``grid_size``); the
+caller never passes a reshape.
 """
 
 from __future__ import annotations
