@@ -128,10 +128,11 @@ MODELS = ["vit", "deit", "deit_distilled"]
 _BIAS_LIKE = ("bias", "pos_embedding", "pos_embed", "class_token", "cls_token", "dist_token")
 
 
-def _model(kind):
+def _model(kind, num_layers=CFG["num_layers"]):
+    cfg = dict(CFG, num_layers=num_layers)
     if kind == "vit":
-        return vit.VisionTransformer(**CFG)
-    return vit.DeiT(**CFG, distilled=kind == "deit_distilled")
+        return vit.VisionTransformer(**cfg)
+    return vit.DeiT(**cfg, distilled=kind == "deit_distilled")
 
 
 def _variables(model, x, zero_bias):
@@ -255,7 +256,7 @@ def test_attnlrp_with_gamma_conserves_on_bias_free_linear_layers(x64):
 @pytest.mark.parametrize("name", sorted(C.names()))
 def test_every_composite_runs_on_a_vit(name):
     """Every built-in composite plans and propagates on a ViT (finite, input-shaped)."""
-    model = _model("vit")
+    model = _model("vit", num_layers=1)
     x = jnp.asarray(_rng(5).standard_normal((2, 16, 16, 3)), jnp.float32)
     v = _variables(model, x, zero_bias=False)
     r = relevance(model, v, x, lambda out: jax.nn.one_hot(jnp.argmax(out, -1), 5) * out, name)
@@ -264,7 +265,7 @@ def test_every_composite_runs_on_a_vit(name):
 
 @pytest.mark.parametrize("name", ["attnlrp", "cp-lrp", "lrp-epsilon"])
 def test_methods_on_deit(name):
-    model = _model("deit_distilled")
+    model = _model("deit_distilled", num_layers=1)
     x = jnp.asarray(_rng(5).standard_normal((2, 16, 16, 3)), jnp.float32)
     v = _variables(model, x, zero_bias=False)
     method = registry.get(name)
@@ -299,7 +300,7 @@ def test_plan_describes_transformer_kinds():
 
 
 def test_clear_errors_for_rules_that_do_not_fit():
-    model = _model("vit")
+    model = _model("vit", num_layers=1)
     x = jnp.zeros((1, 16, 16, 3))
     v = _variables(model, x, zero_bias=False)
     with pytest.raises(ValueError, match="needs a weighted layer.*'softmax' layer"):
