@@ -46,8 +46,10 @@ from xaijax.methods._core import (
     class_indices,
     layer_gradients,
     reduce_channels,
+    require_piecewise_linear,
     target_score,
     target_scores,
+    token_grid,
 )
 from xaijax.methods.attention import AttentionFlow, AttentionRollout, CheferLRP, GenericAttention, RawAttention
 from xaijax.methods.baselines import Center
@@ -105,6 +107,8 @@ __all__ = [
     "check_inputs",
     "class_indices",
     "layer_gradients",
+    "token_grid",
+    "require_piecewise_linear",
     "reduce_channels",
     "target_score",
     "target_scores",
