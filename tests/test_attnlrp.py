@@ -341,3 +341,64 @@ def test_attnlrp_on_a_cnn_is_epsilon_lrp(x64):
     g = relevance(model, v, x, seed, "attnlrp")
     h = relevance(model, v, x, seed, C.Composite(Gamma(0.25), Gamma(0.05)))
     np.testing.assert_allclose(g, h, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------- independent end-to-end: modified gradient x input
+
+
+def _vit_by_hand(p, x, heads, mode):
+    """A tiny torchvision-layout ViT written out here (not the zoo's modules), with the
+    modifications under which LRP with eps 0 and no gamma is gradient x input (the "efficient"
+    form of AttnLRP / CP-LRP): LayerNorm's std and GELU's ratio gelu(x)/x held constant;
+    ``mode="attnlrp"``: each bilinear product passes half its gradient to each factor;
+    ``mode="cp"``: the attention probabilities are constants."""
+    sg = jax.lax.stop_gradient
+    p = jax.tree_util.tree_map(lambda a: a.astype(x.dtype), p)
+
+    def ln(h, q):
+        hc = h - h.mean(-1, keepdims=True)
+        return hc * sg(jax.lax.rsqrt((hc * hc).mean(-1, keepdims=True) + 1e-6)) * q["scale"] + q["bias"]
+
+    def bilinear(spec, a, b):
+        if mode == "cp":
+            return jnp.einsum(spec, a, b)
+        return 0.5 * (jnp.einsum(spec, a, sg(b)) + jnp.einsum(spec, sg(a), b))
+
+    n = x.shape[0]
+    k = p["conv_proj"]["kernel"]
+    h = jax.lax.conv_general_dilated(x, k, k.shape[:2], "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = (h + p["conv_proj"]["bias"]).reshape(n, -1, k.shape[-1])
+    h = jnp.concatenate([jnp.broadcast_to(p["class_token"], (n, 1, h.shape[-1])), h], 1) + p["encoder"]["pos_embedding"]
+    for blk in p["encoder"]["layers"].values():
+        a = ln(h, blk["ln_1"])
+        att = blk["self_attention"]
+        qkv = a @ att["in_proj"]["kernel"] + att["in_proj"]["bias"]
+        t, d = qkv.shape[1], qkv.shape[2] // 3
+        q, kk, v = (qkv[..., i * d:(i + 1) * d].reshape(n, t, heads, d // heads).transpose(0, 2, 1, 3) for i in range(3))
+        logits = bilinear("...ij,...kj->...ik", q, kk) * (d // heads) ** -0.5
+        probs = jax.nn.softmax(logits, -1)
+        if mode == "cp":
+            probs = sg(probs)
+        o = bilinear("...ij,...jk->...ik", probs, v).transpose(0, 2, 1, 3).reshape(n, t, d)
+        h = h + o @ att["out_proj"]["kernel"] + att["out_proj"]["bias"]
+        m = ln(h, blk["ln_2"]) @ blk["mlp"]["0"]["kernel"] + blk["mlp"]["0"]["bias"]
+        m = m * sg(jax.nn.gelu(m, approximate=False) / m)
+        h = h + m @ blk["mlp"]["3"]["kernel"] + blk["mlp"]["3"]["bias"]
+    h = ln(h, p["encoder"]["ln"])[:, 0]
+    return h @ p["heads"]["head"]["kernel"] + p["heads"]["head"]["bias"]
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_lrp_equals_modified_gradient_times_input_on_a_biased_vit(x64, mode):
+    """With biases, position embedding and class token all non-zero: AttnLRP / CP-LRP (eps 0,
+    no gamma) == gradient x input of a hand-written ViT with the rules' modifications."""
+    model, v, x, logits, onehot = _setup("vit", zero_bias=False)
+    hand = _vit_by_hand(v["params"], x, CFG["num_heads"], mode)
+    np.testing.assert_allclose(hand, logits, rtol=1e-12, atol=1e-12)  # the same network
+    gxi = x * jax.grad(lambda xx: (onehot * _vit_by_hand(v["params"], xx, CFG["num_heads"], mode)).sum())(x)
+    comp = C.attnlrp(0.0, None, None) if mode == "attnlrp" else C.cp_lrp(0.0, None, None)
+    r = relevance(model, v, x, _seed(onehot), comp)
+    np.testing.assert_allclose(r, gxi, rtol=1e-9, atol=1e-12)
+    # and it is not the plain gradient x input of the unmodified network
+    plain = x * jax.grad(lambda xx: (onehot * model.apply(v, xx)).sum())(x)
+    assert float(jnp.abs(plain - r).max()) > 1e-3 * float(jnp.abs(r).max())
