@@ -573,7 +573,7 @@ class Scale(nn.Module):
 class Squash(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return jnp.tanh(x)
+        return jnp.cumsum(x, axis=-1)  # no functional rule
 
 
 class WithScale(nn.Module):
@@ -597,18 +597,19 @@ def test_unknown_layer_types_are_listed_and_can_be_mapped():
     np.testing.assert_allclose(np.asarray(r), np.asarray(gxi), rtol=1e-5, atol=1e-6)
     # one computing something without a rule is listed by its path, with the way to give it one
     model = WithScale(Squash)
-    with pytest.raises(ValueError, match=r"no propagation rule for operation\(s\) scale: tanh\..*Composite\(types=\{MyLayer.*Layer types with a rule"):
+    with pytest.raises(ValueError, match=r"no propagation rule for operation\(s\) scale: cumsum\..*Composite\(types=\{MyLayer.*Layer types with a rule"):
         relevance(model, v, x, lambda out: out, "zero")
     comp = Composite(types={Squash: Epsilon(0.0)})
     r = relevance(model, v, x, lambda out: out, comp)
     h = np.asarray(x) @ np.asarray(v["params"]["fc1"]["kernel"])
-    z = np.tanh(h)
+    upper = np.triu(np.ones((h.shape[-1], h.shape[-1])))  # cumsum: z = h @ upper
+    z = h @ upper
     a = np.maximum(z, 0)
     out = a @ np.asarray(v["params"]["fc2"]["kernel"])
-    # LRP-0 by hand: fc2 (z-rule), ReLU (pass), tanh (z-rule: R_h = h * tanh'(h) * R_z / z), fc1 (z-rule)
+    # LRP-0 by hand: fc2 (z-rule), ReLU (pass), cumsum (z-rule, mapped), fc1 (z-rule)
     w2 = np.asarray(v["params"]["fc2"]["kernel"])
     ra = a * (np.ones_like(out) @ w2.T)  # sum_k a_j w_jk R_k / out_k with R_k = out_k
-    rh = h * (1 - z**2) * ra / np.where(z == 0, 1, z)
+    rh = h * ((ra / np.where(z == 0, 1, z)) @ upper.T)
     w1 = np.asarray(v["params"]["fc1"]["kernel"])
     rx = np.asarray(x) * ((rh / np.where(h == 0, 1, h)) @ w1.T)
     np.testing.assert_allclose(np.asarray(r), rx, rtol=1e-4, atol=1e-5)
