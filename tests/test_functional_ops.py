@@ -213,7 +213,8 @@ class FlaxEncoderBlock(nn.Module):
 
 
 class FlaxViT(nn.Module):
-    """torchvision's ViT layout written the Flax way (the position embedding a plain ``+``)."""
+    """torchvision's ViT layout written the Flax way (the position embedding an ``nn.Embed`` of the
+    token positions added with a plain ``+``)."""
 
     width: int = 8
     heads: int = 2
@@ -227,7 +228,7 @@ class FlaxViT(nn.Module):
         x = x.reshape(x.shape[0], -1, self.width)
         cls = self.param("cls", nn.initializers.normal(1.0), (1, 1, self.width), F64)
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
-        x = x + self.param("pos", nn.initializers.normal(0.5), (1, x.shape[1], self.width), F64)
+        x = x + nn.Embed(x.shape[1], self.width, embedding_init=nn.initializers.normal(0.5), param_dtype=F64, name="pos")(jnp.arange(x.shape[1]))
         x = FlaxEncoderBlock(self.heads, self.mlp, name="block")(x)
         x = nn.LayerNorm(1e-6, param_dtype=F64, name="ln")(x)
         return nn.Dense(self.classes, param_dtype=F64, name="head")(x[:, 0])
@@ -245,7 +246,7 @@ def _zoo_twin(v):
         "class_token": p["cls"],
         "conv_proj": p["patches"],
         "encoder": {
-            "pos_embedding": p["pos"],
+            "pos_embedding": p["pos"]["embedding"][None],
             "ln": p["ln"],
             "layers": {
                 "encoder_layer_0": {
