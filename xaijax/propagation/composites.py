@@ -445,7 +445,11 @@ def cp_lrp(eps: float = 1e-6, conv_gamma: float | None = VIT_CONV_GAMMA, dense_g
 
     This is also what the AttnLRP authors' ``lxt`` does to torchvision's ViT in its efficient
     mode (CP-LRP inside the attention, AttnLRP's LayerNorm and GELU rules outside; their
-    comment: easier to tune with gamma).
+    comment: easier to tune with gamma), with one difference: in torchvision's
+    ``nn.MultiheadAttention`` the q/k/v and output projections run through ``F.linear``, so
+    zennit's gamma hooks never reach them and ``lxt`` leaves them on the z-rule, while this
+    composite gives them the dense gamma like every other linear layer. ``tests/test_lxt_reference.py``
+    matches ``lxt`` to 1e-9 (float64) with ``names={"*.in_proj": Epsilon(0), "*.out_proj": Epsilon(0)}``.
     """
     return Composite(
         conv=_linear_rule(conv_gamma, eps),
