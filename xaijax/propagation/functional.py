@@ -575,7 +575,8 @@ def _no_rule_error(unsupported: Sequence[str]) -> ValueError:
     return ValueError(
         f"no propagation rule for operation(s) {listed}. Functional operations with a rule: "
         "nn.relu / max(x, 0), max and sum pooling (nn.max_pool, nn.avg_pool, jnp.max, jnp.mean, jnp.sum), "
-        "sums of two activations, element-wise affine maps with constants, and re-arrangements "
+        "sums of two activations, constants added or multiplied, element-wise activations (nn.gelu, nn.silu, "
+        "jnp.tanh, ...), jax.nn.softmax, products of two activations (q.k, attention.v) and re-arrangements "
         "(see xaijax.propagation.functional). Put any other computation in a flax.linen Module and give "
         "its type a rule: Composite(types={MyLayer: rules.Epsilon(0.0)}) (rules without weights: "
         "Epsilon, Vjp, Pass)."
