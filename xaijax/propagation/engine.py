@@ -43,9 +43,16 @@ there, like relevance reaching a bias.
 
 Everything is traced JAX: wrap the calls in ``jax.jit`` (model static) and ``jax.vmap``;
 the interception context is entered inside the traced function and the rule set is
-static. Operations that are not Flax modules (e.g. Inception's ``transform_input``
-rescaling) keep their ordinary derivative, which is the identity for reshapes but scales
-relevance for arithmetic; the zoo models make every other operation a named module.
+static.
+
+Operations that are not layer modules -- what a model computes between its layers with
+functions (``nn.relu``, ``nn.max_pool``, ``jnp.mean``, a residual ``+``, ``nn.gelu``,
+``jax.nn.softmax``, ``q @ k``), or inside a module of a type the engine does not know -- get
+rules keyed by JAX primitive (:mod:`xaijax.propagation.functional`): the plan's trace is a
+jaxpr in which intercepted layers are opaque, every other operation on the input's path is
+classified (``Plan.functional``; an operation without a rule is an error listing it), and when
+there is any, the forward pass is traced once more and re-evaluated with those rules. The zoo
+models make every operation a named module, so for them this costs nothing.
 
 Samples are independent: no rule mixes the batch.
 """
