@@ -2,6 +2,7 @@
 
     python experiments/bench_attnlrp.py            # ViT-B/16, 224 px, batch 1, 5 repeats
     python experiments/bench_attnlrp.py --quick    # a 2-block ViT at 32 px (smoke test)
+    python experiments/bench_attnlrp.py --batch 16 --repeats 3   # batch 16: bench_attnlrp_b16.json
 
 DESIGN.md section 6: one process, random seeded weights (``models.random_variables``), the
 same input; each method is compiled ahead of time (``jit(...).lower(...).compile()``, the
@@ -62,10 +63,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench(model, size: int, repeats: int, names: list[str]) -> dict:
+def bench(model, size: int, repeats: int, names: list[str], batch: int = 1) -> dict:
     variables = models.random_variables(model, (1, size, size, 3), seed=0)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, size, size, 3), np.float32))
-    target = jnp.asarray([3], jnp.int32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, size, size, 3), np.float32))
+    target = jnp.asarray([3 + i % 5 for i in range(batch)], jnp.int32)
     load_before = _loadavg()
     calls, compile_s, flops = {}, {}, {}
     for name in ["gradient"] + names:
@@ -89,7 +90,7 @@ def bench(model, size: int, repeats: int, names: list[str]) -> dict:
             ratios[n].append(t / tg)
     return {
         "model": {k: getattr(model, k) for k in ("image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")},
-        "batch": 1,
+        "batch": batch,
         "repeats": repeats,
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a 2-block ViT at 32 px, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
     ap.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)} or registered methods")
+    ap.add_argument("--batch", type=int, default=1, help="images per call (default 1; other sizes write bench_attnlrp_b<N>.json)")
     args = ap.parse_args()
     names = [n for n in args.methods.split(",") if n]
     if args.quick:
@@ -120,10 +122,12 @@ def main() -> None:
         size, repeats = 32, args.repeats or 3
     else:
         model, size, repeats = models.get("vit_b_16"), 224, args.repeats or 5
-    print(f"{type(model).__name__} {size} px, batch 1, {repeats} repeats on {jax.devices()[0].platform}", flush=True)
-    result = bench(model, size, repeats, names)
+    if args.batch < 1:
+        ap.error(f"--batch must be a positive integer, got {args.batch}")
+    print(f"{type(model).__name__} {size} px, batch {args.batch}, {repeats} repeats on {jax.devices()[0].platform}", flush=True)
+    result = bench(model, size, repeats, names, args.batch)
     payload = {
-        "what": "median over repeats of (method time / gradient time), ViT, batch 1, random weights",
+        "what": f"median over repeats of (method time / gradient time), ViT, batch {args.batch}, random weights",
         "variants": {k: {"method": m, "hparams": h} for k, (m, h) in VARIANTS.items() if k in names},
         "environment": {
             "jax": jax.__version__,
@@ -134,7 +138,8 @@ def main() -> None:
         "result": result,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("bench_attnlrp_quick.json" if args.quick else "bench_attnlrp.json")
+    suffix = "" if args.batch == 1 else f"_b{args.batch}"
+    path = RESULTS / (f"bench_attnlrp{suffix}_quick.json" if args.quick else f"bench_attnlrp{suffix}.json")
     atomic_text(path, json.dumps(payload, indent=2) + "\n")
     for n, r in result["methods"].items():
         print(f"{n}: {r['ratio_to_gradient']:.2f}x gradient ({r['median_s']:.3f} s vs {result['gradient']['median_s']:.3f} s)")
