@@ -205,6 +205,18 @@ def _first_block(names: tuple[str, ...], start_layer: int, method: str) -> tuple
     return names[start_layer:]
 
 
+def _attention_gradients(
+    method: str, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any, start_layer: int
+) -> tuple[tuple[str, ...], dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """``(names, attention, gradients, logits)``: the attention probabilities of the blocks from
+    ``start_layer`` on and the target score's gradients there, from one pass (checked shapes)."""
+    names = _first_block(attention_layers(model, method), start_layer, method)
+    acts, grads, out = layer_gradients(model, variables, x, target, names)
+    for name in names:
+        _check_attention(name, acts[name])
+    return names, acts, grads, out
+
+
 def _validate_start_layer(owner: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{owner}: start_layer must be an int >= 0 (the first block used), got {value!r}")
@@ -451,10 +463,7 @@ class GenericAttention(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) class-token row of ``R`` over the patch tokens."""
-        names = _first_block(attention_layers(model, "generic-attention"), self.start_layer, "generic-attention")
-        acts, grads, _ = layer_gradients(model, variables, x, target, names)
-        for name in names:
-            _check_attention(name, acts[name])
+        names, acts, grads, _ = _attention_gradients("generic-attention", model, variables, x, target, self.start_layer)
         maps = [jax.nn.relu(grads[n] * acts[n]).mean(1) for n in names]
         return class_token_grid(model, accumulate_relevance(maps), names[-1]).astype(x.dtype)
 
@@ -485,10 +494,7 @@ class CheferLRP(AttentionMethod):
 
     def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, g, g) class-token row of ``R`` over the patch tokens."""
-        names = _first_block(attention_layers(model, "chefer-lrp"), self.start_layer, "chefer-lrp")
-        acts, grads, out = layer_gradients(model, variables, x, target, names)
-        for name in names:
-            _check_attention(name, acts[name])
+        names, _, grads, out = _attention_gradients("chefer-lrp", model, variables, x, target, self.start_layer)
         seed = as_seed(target, out.shape[-1], out.shape[0], out.dtype)
         _, trace = relevance_trace(model, variables, x, seed, self.composite)
         missing = [n for n in names if n not in trace]

@@ -107,7 +107,6 @@ _MOVE = frozenset(
     }
 )
 _POOL = {"reduce_window_max": "maxpool", "reduce_max": "maxpool", "reduce_window_sum": "avgpool", "reduce_sum": "avgpool"}
-_AFFINE = frozenset({"add", "sub", "mul", "div", "add_any"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _PASS = Pass()
 _NAME = re.compile(r"[A-Za-z0-9_]+")
