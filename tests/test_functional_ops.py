@@ -338,5 +338,18 @@ def test_element_wise_activations_pass_relevance(x64):
     np.testing.assert_allclose(np.asarray(r).sum(1), (target * out).sum(1), rtol=1e-9)
 
 
-def test_classes_of_primitives():
+def test_every_class_takes_a_layer_kinds_rule():
+    """Each functional class maps to a layer kind the composites know, and gets a rule from
+    every built-in composite (fixed Pass / ToFirst for scale and merge)."""
+    from xaijax.propagation import composites
+    from xaijax.propagation.functional import ToFirst
+    from xaijax.propagation.rules import Rule
+
     assert set(functional.CLASSES) == {"relu", "maxpool", "avgpool", "add", "bias", "scale", "activation", "merge", "matmul", "softmax"}
+    for cls in functional.CLASSES:
+        assert functional.composite_kind(cls) in composites.KINDS + ("scale",), cls
+        for name in composites.names():
+            assert isinstance(functional.rule_for(composites.get(name), "x:op", cls), Rule), (cls, name)
+    assert functional.rule_for(composites.get("epsilon-plus"), "x:op", "scale") == Pass()
+    assert functional.rule_for(composites.get("epsilon-plus"), "x:op", "merge") == ToFirst()
+    assert functional.rule_for(Composite(kinds={"add": Vjp()}), "x:op", "bias") == Vjp()
