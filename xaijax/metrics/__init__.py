@@ -3,6 +3,15 @@ insertion, region insertion, sanity checks, detection mAP, and the registries th
 iterates over (pair metrics: :func:`names`; model-based metrics: :func:`model_metric_names`)."""
 
 from xaijax.metrics import density, detection, energy, faithfulness, iou, pointing, sanity
+from xaijax.metrics import (  # noqa: F401  (importing registers the metrics of issue 23)
+    axioms,
+    complexity,
+    faithfulness_correlation,
+    faithfulness_curves,
+    localisation,
+    randomisation,
+    robustness,
+)
 from xaijax.metrics.faithfulness import classifier_fn
 from xaijax.metrics.pointing import PointingGame, is_difficult_pair, pointing_hits
 from xaijax.metrics.registry import (

@@ -1,0 +1,3 @@
+"""Axiom metrics: completeness, non-sensitivity, input invariance.
+
+Work in progress (issue 23): nothing is registered here yet."""
