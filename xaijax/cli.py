@@ -52,6 +52,36 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         print(f"{p + ':<method>':28s} {methods.registry.describe_prefix(p)} (options {p}_...)")
 
 
+def metric_summary(name: str) -> str:
+    """The first line of a registered metric's docstring (pair, model-based or method metric)."""
+    from xaijax import metrics
+
+    if name in metrics.names():
+        obj = metrics.get(name)
+    elif name in metrics.model_metric_names():
+        obj = metrics.get_model_metric(name)
+    elif name in metrics.method_metric_names():
+        obj = metrics.get_method_metric(name)
+    else:
+        return "(not registered)"
+    doc = (type(obj).__doc__ or "").strip()
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
+def _cmd_metrics(args: argparse.Namespace) -> None:
+    from xaijax.evaluation import EXPERIMENTS, experiment_metrics
+
+    for exp in EXPERIMENTS:
+        names = experiment_metrics(exp)
+        if exp == "sanity":
+            print("sanity (xaijax eval sanity)\n  cascading randomisation: Spearman and SSIM per randomised layer (Adebayo et al. 2018)\n")
+            continue
+        print(f"{exp} (xaijax eval {exp})")
+        for n in names:
+            print(f"  {n:28s} {metric_summary(n)}")
+        print()
+
+
 def _cmd_port(args: argparse.Namespace) -> None:
     from xaijax import checkpoints
 
@@ -172,7 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     images = args.images if args.images is not None else (demo.QUICK_IMAGES if args.quick else demo.DEFAULT_IMAGES)
     chosen = [m.strip() for m in args.models.split(",")] if args.models else (list(demo.QUICK_MODELS) if args.quick else None)
     names = [m.strip() for m in args.methods.split(",")] if args.methods else (list(demo.QUICK_METHODS) if args.quick else None)
-    if names:
+    if names and names != ["all"]:
         from xaijax import methods
 
         for n in names:
@@ -185,8 +215,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     mm_pairs = args.model_metric_pairs
     if mm_pairs is None:
         mm_pairs = demo.QUICK_MODEL_METRIC_PAIRS if args.quick else demo.DEFAULT_MODEL_METRIC_PAIRS
+    metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     result = run_demo(args.out, images, method_names=names, batch=args.batch, models=chosen, hparams=hp,
-                      model_metric_pairs=mm_pairs)
+                      model_metric_pairs=mm_pairs, metric_names=metric_names)
     d = result["dataset"]
     print(f"{d['images']} images, {d['pairs']} pairs; wrote {args.out}/results.md, results.csv, results.json, figure.png")
     print((args.out / "results.md").read_text())
@@ -294,6 +325,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         split=args.split, size=args.size, arch=args.arch, weights=args.weights, model=args.model, preprocess=args.preprocess,
         hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images, pick=args.pick,
         shard_index=args.shard_index, shard_count=args.shard_count, crf=args.crf,
+        metrics=None if args.metrics is None else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
     )
     run_experiment(cfg, progress=not args.no_progress)
     print(f"wrote {out}/results.md, results.csv, results.json")
@@ -393,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("methods", help="list attribution methods")
     s.set_defaults(func=_cmd_methods)
 
+    s = sub.add_parser("metrics", help="list evaluation metrics by experiment (family)")
+    s.set_defaults(func=_cmd_metrics)
+
     s = sub.add_parser("port", help="convert a PyTorch checkpoint to .safetensors/.msgpack")
     s.add_argument("--arch", required=True, help="architecture, e.g. resnet50 (see `xaijax models`)")
     s.add_argument("--num-classes", type=int, default=None, help="default: read from the checkpoint")
@@ -436,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=None, help="held-out images to use (default 20; 8 with --quick)")
     s.add_argument("--quick", action="store_true", help="a fast run: one model, 8 images, one method per family, cheaper sampling settings (a minute or two)")
     s.add_argument("--models", default=None, help="comma-separated bundled models (default: synthetic_vgg16,synthetic_resnet18,synthetic_vit; synthetic_resnet18 with --quick)")
-    s.add_argument("--methods", default=None, help="comma-separated method names (default: every registered method)")
+    s.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default: the research's methods and those it compares against, demo.DEFAULT_METHODS)")
+    s.add_argument("--metrics", default=None, help="comma-separated metric names (default: every pair metric, deletion, insertion, region insertion; see `xaijax metrics`)")
     s.add_argument("--batch", type=int, default=16, help="maps computed per jitted call")
     s.add_argument("--model-metric-pairs", type=int, default=None,
                    help="(image, class) pairs scored by deletion / insertion / region insertion (default 8; all pairs get the localisation metrics)")
@@ -457,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, metavar="MODULE:FACTORY", help=MODEL_HELP)
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
     s.add_argument("--methods", required=True, help="comma-separated method names")
+    s.add_argument("--metrics", default=None, help="comma-separated subset of the experiment's metrics (default: all; see `xaijax metrics`)")
     s.add_argument("--param", action="append", default=[], help="METHOD:key=value hyperparameter override (repeatable)")
     s.add_argument("--seeds", choices=["labels", "predicted", "top1"], default="labels",
                    help="L: all GT classes; P: GT classes the model predicts; top1: the predicted class vs all objects")

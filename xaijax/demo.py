@@ -61,6 +61,27 @@ DEMO_HPARAMS: dict[str, dict[str, Any]] = {
     "attention-flow": {"start_layer": 4},
 }
 
+#: The methods of a default run: the research's methods and those it compares against (the
+#: catalogue before the peers' methods of issue 22). Every other registered method runs by
+#: name (``--methods occlusion,kernel-shap``) or with ``--methods all``: the peers' perturbation
+#: and Shapley methods cost hundreds of forward passes per map, which would take a default CPU
+#: run from minutes to hours.
+DEFAULT_METHODS = (
+    "attention-flow", "attention-rollout", "attnlrp", "cam", "cameras", "center", "chefer-lrp", "clrp",
+    "contrastive-excitation-backprop", "contrastive-gradient", "contrastive-rsp", "cp-lrp", "deconvnet",
+    "excitation-backprop", "extremal-perturbation", "fullgrad", "generic-attention", "grad-cam", "grad-cam-plus-plus",
+    "gradient", "gradient-x-input", "guided-backprop", "integrated-gradients", "layer-cam", "lrp-alpha1-beta0",
+    "lrp-alpha2-beta1", "lrp-epsilon", "lrp-epsilon-gamma-box", "lrp-epsilon-plus", "lrp-epsilon-plus-flat",
+    "lrp-zplus-nobias-samplebox", "normgrad", "rap", "raw-attention", "rise", "rsp", "score-cam", "sglrp", "smoothgrad",
+    "ucag-grad-cam", "xgrad-cam",
+)
+
+#: The metrics of a default run: every registered pair metric (cheap: one pass over the maps)
+#: and these model-based ones (tens of forward passes per pair). Any other registered metric
+#: (``xaijax metrics``: the faithfulness, robustness, randomisation and axiom families) runs by
+#: name with ``--metrics``.
+DEFAULT_MODEL_METRICS = ("deletion", "insertion", "region-insertion")
+
 #: Held-out images of a default ``xaijax demo`` run (20 images: 31 (image, class) pairs,
 #: two batches of 16 per method; ``--images`` scales up).
 DEFAULT_IMAGES = 20
@@ -166,15 +187,16 @@ def run_demo(
     models: Sequence[str] | None = None,
     hparams: dict[str, dict[str, Any]] | None = None,
     model_metric_pairs: int = DEFAULT_MODEL_METRIC_PAIRS,
+    metric_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the demo; returns the results dict that is also written to ``out/results.json``.
 
     Args:
       out: output folder (created).
       images: number of held-out test images (the first ``images`` of the split).
-      method_names: methods to run (default: every registered method of kind
-        ``"attribution"``; methods of other kinds, e.g. BiLRP or D-RISE, are listed in the
-        results as skipped).
+      method_names: methods to run (default: :data:`DEFAULT_METHODS`; ``["all"]``: every
+        registered method); methods of kinds other than ``"attribution"`` and ``"cam"``, e.g.
+        BiLRP or D-RISE, are listed in the results as skipped.
       batch: maps computed per jitted call.
       figure_images: images shown in the figure (per model).
       weights: folder with the bundled weights (default :func:`weights_dir`).
@@ -182,8 +204,11 @@ def run_demo(
         :data:`BUNDLED_CLASSIFIERS`).
       hparams: per-method hyperparameter overrides (default :data:`DEMO_HPARAMS`).
       model_metric_pairs: the model-based metrics (deletion, insertion, region insertion:
-        tens of forward passes per map) score the first this many pairs; the localisation
-        metrics score all pairs.
+        tens of forward passes per map) and the method metrics score the first this many pairs;
+        the pair metrics (localisation, complexity) score all pairs.
+      metric_names: metrics to score (default: every registered pair metric and
+        :data:`DEFAULT_MODEL_METRICS`): names of pair, model-based or method metrics
+        (``xaijax metrics``).
     """
     from tqdm import tqdm
 
@@ -200,7 +225,12 @@ def run_demo(
         raise ValueError(f"unknown bundled model {unknown[0]!r}; choose from {', '.join(stems)}")
     paths = [checkpoints.bundled_weights(f"{m}.safetensors", weights) for m in chosen]
     hparams = DEMO_HPARAMS if hparams is None else hparams
-    candidates = list(method_names) if method_names else methods_registry.names()
+    if method_names and list(method_names) == ["all"]:
+        candidates = methods_registry.names()
+    elif method_names:
+        candidates = list(method_names)
+    else:
+        candidates = [n for n in DEFAULT_METHODS if n in methods_registry.names()]
     kinds = {n: methods_registry.kind(n) for n in candidates}  # declared by each method
     if method_names and all(k not in CLASSIFIER_KINDS for k in kinds.values()):
         # nothing the demo can score (``xaijax demo`` refuses any such name up front; here a
@@ -216,9 +246,7 @@ def run_demo(
 
     names = [n for n in candidates if kinds[n] in CLASSIFIER_KINDS]
     skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k not in CLASSIFIER_KINDS}
-    first = ["pointing-game", "miou", "energy-pointing"]  # the research's headline numbers lead the table
-    metric_names = [m for m in first if m in metrics.names()] + [m for m in metrics.names() if m not in first]
-    model_metric_names = metrics.model_metric_names()
+    pair_metric_names, model_metric_names, method_metric_names = _chosen_metrics(metric_names)
     scenes = data.SyntheticScenes()
     records = [scenes.record("test", i) for i in range(images)]
     pairs = build_pairs(records)
@@ -266,16 +294,21 @@ def run_demo(
                     rows.append(row)
                     continue
                 pb = metrics.PairBatch(maps=maps, regions=pairs.regions, classes=pairs.classes, dif=pairs.dif)
-                for mname in metric_names:
+                for mname in pair_metric_names:
                     metric = metrics.get(mname)
                     row.update(metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
                 k = min(model_metric_pairs, len(pairs.classes))
                 t_metrics = time.perf_counter()
                 if k:
+                    sel = pairs.image_index[:k]
+                    t_k = jnp.asarray(pairs.classes[:k], jnp.int32)
                     for mname in model_metric_names:
                         metric = metrics.get_model_metric(mname)
-                        sel = pairs.image_index[:k]
-                        row.update(metric.summarize(metric(model_fn, x_all[sel], maps[:k], jnp.asarray(pairs.classes[:k], jnp.int32))))
+                        row.update(metric.summarize(metric(model_fn, x_all[sel], maps[:k], t_k)))
+                    for mname in method_metric_names:  # they run the method again (perturbed inputs, randomised weights)
+                        metric = metrics.get_method_metric(mname)
+                        method = methods_registry.get(name, **hp)
+                        row.update(metric.summarize(metric(model, variables, method, x_all[sel], t_k, maps=maps[:k])))
                 row["model_metrics_s"] = round(time.perf_counter() - t_metrics, 2)
                 figure_maps[(model_name, name)] = maps[fig_pairs]
                 rows.append(row)
@@ -288,14 +321,32 @@ def run_demo(
         "models": [m[0] for m in loaded],
         "methods": names,
         "skipped_methods": skipped,
-        "metrics": metric_names,
+        "metrics": pair_metric_names,
         "model_metrics": model_metric_names,
+        "method_metrics": method_metric_names,
         "model_metric_pairs": min(model_metric_pairs, int(len(pairs.classes))),
         "rows": rows,
     }
     _write_tables(out, result)
     _write_figure(out / "figure.png", imgs, records, pairs, fig_pairs, figure_maps, [m[0] for m in loaded], names, scenes.class_names)
     return result
+
+
+def _chosen_metrics(names: Sequence[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """(pair, model-based, method) metric names of a run: ``names`` split by registry (a readable
+    error for an unknown one), or the defaults (see :data:`DEFAULT_MODEL_METRICS`)."""
+    first = ["pointing-game", "miou", "energy-pointing"]  # the research's headline numbers lead the table
+    if names is None:
+        pair = [m for m in first if m in metrics.names()] + [m for m in metrics.names() if m not in first]
+        return pair, [m for m in DEFAULT_MODEL_METRICS if m in metrics.model_metric_names()], []
+    known = (metrics.names(), metrics.model_metric_names(), metrics.method_metric_names())
+    unknown = [n for n in names if not any(n in k for k in known)]
+    if unknown or not names:
+        raise ValueError(
+            f"--metrics {','.join(unknown) if unknown else '(empty)'}: not a registered metric; "
+            f"registered: {', '.join(sorted(set().union(*known)))} (see `xaijax metrics`)"
+        )
+    return [n for n in names if n in known[0]], [n for n in names if n in known[1]], [n for n in names if n in known[2]]
 
 
 def _hp_str(hp: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@
 
 from xaijax.evaluation.datasets import DATASETS, open_dataset, resize_record
 from xaijax.evaluation.parallel import DataParallel, make_mesh
-from xaijax.evaluation.runner import EXPERIMENTS, EvalConfig, image_pairs, map_batches, pick_images, run_experiment
+from xaijax.evaluation.runner import EXPERIMENTS, EvalConfig, experiment_metrics, image_pairs, map_batches, pick_images, run_experiment
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError, merge_shards, read_store
 from xaijax.evaluation.tables import markdown_table, write_tables
 
@@ -16,6 +16,7 @@ __all__ = [
     "EvalConfig",
     "ResultsStore",
     "StoreMismatchError",
+    "experiment_metrics",
     "image_pairs",
     "make_mesh",
     "map_batches",

@@ -36,6 +36,25 @@ Experiments
     step's, per layer; writes ``sanity.png`` (per-layer curves), ``sanity-METHOD.png`` (the
     first image's maps as the layers are randomised) and a per-layer table ``sanity_layers.csv``.
 
+The evaluation catalogue (Quantus' families; ``xaijax metrics`` lists every metric with its
+protocol, ``--metrics`` picks some of an experiment's):
+
+``localisation``
+    Relevance mass and rank accuracy, top-k intersection, attribution localisation, ROC AUC of
+    the map against the class region (pair metrics).
+``complexity``
+    Sparseness (Gini), complexity (entropy), effective complexity (pair metrics).
+``faithfulness``
+    Faithfulness correlation and estimate, monotonicity (and its correlation), pixel-flipping,
+    region perturbation, selectivity, sensitivity-n, IROF, infidelity, ROAD, sufficiency,
+    average drop and increase in confidence (model-based metrics: perturbed images through the
+    classifier, batched).
+``robustness``, ``randomisation``, ``axioms``
+    *Method metrics*, which run the explanation method again: on perturbed inputs
+    (max/avg sensitivity, local Lipschitz, continuity, consistency, RIS/ROS/RRS), on a model
+    with randomised parameters or another class (MPRT and its smooth/efficient variants,
+    random logit), and the axioms (completeness, non-sensitivity, input invariance).
+
 Targets (``seeds``): ``"labels"`` (L) explains every ground-truth class of an image against
 its region; ``"predicted"`` (P) only those the model predicts (sigmoid > 0.5);
 ``"top1"`` explains the model's top-1 class against the union of all objects (one pair per
@@ -74,16 +93,40 @@ from xaijax.models import entry_points, preprocess
 from xaijax.models.init import random_variables
 from xaijax.models.preprocess import normalize
 
-__all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "image_pairs", "map_batches", "check_classes"]
+__all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "experiment_metrics", "image_pairs", "map_batches", "check_classes"]
 
-#: experiment -> (pair metrics, model-based metrics); ``sanity`` is run on its own.
-EXPERIMENT_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "pointing": (("pointing-game", "miou", "energy-pointing"), ()),
-    "segmentation": (("fgbg-miou",), ()),
-    "density": (("map-density",), ()),
-    "insdel": ((), ("deletion", "insertion")),
-    "region-insertion": ((), ("region-insertion",)),
-    "sanity": ((), ()),
+#: experiment -> (pair metrics, model-based metrics, method metrics); ``sanity`` is run on its own.
+#: The catalogue experiments (``localisation`` ... ``axioms``) run every metric of their family;
+#: ``EvalConfig.metrics`` (``--metrics``) picks a subset.
+EXPERIMENT_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "pointing": (("pointing-game", "miou", "energy-pointing"), (), ()),
+    "segmentation": (("fgbg-miou",), (), ()),
+    "density": (("map-density",), (), ()),
+    "insdel": ((), ("deletion", "insertion"), ()),
+    "region-insertion": ((), ("region-insertion",), ()),
+    "sanity": ((), (), ()),
+    "localisation": (
+        ("relevance-mass-accuracy", "relevance-rank-accuracy", "top-k-intersection", "attribution-localisation", "auc"),
+        (),
+        (),
+    ),
+    "complexity": (("sparseness", "complexity", "effective-complexity"), (), ()),
+    "faithfulness": (
+        (),
+        (
+            "faithfulness-correlation", "faithfulness-estimate", "monotonicity", "monotonicity-correlation",
+            "pixel-flipping", "region-perturbation", "selectivity", "sensitivity-n", "irof", "infidelity", "road",
+            "sufficiency", "average-drop", "increase-in-confidence",
+        ),
+        (),
+    ),
+    "robustness": (
+        (),
+        (),
+        ("max-sensitivity", "avg-sensitivity", "local-lipschitz", "continuity", "consistency", "ris", "ros", "rrs"),
+    ),
+    "randomisation": ((), (), ("mprt", "smooth-mprt", "efficient-mprt", "random-logit")),
+    "axioms": ((), (), ("completeness", "non-sensitivity", "input-invariance")),
 }
 EXPERIMENTS = tuple(EXPERIMENT_METRICS)
 SEEDS = ("labels", "predicted", "top1")
@@ -117,7 +160,9 @@ class EvalConfig:
     class order, such as an ImageNet validation folder (50 images per class, class by class),
     where the first 100 images are two classes.
     ``shard_index``/``shard_count`` evaluate every ``shard_count``-th image starting at
-    ``shard_index`` (one process per host in multi-host runs).
+    ``shard_index`` (one process per host in multi-host runs). ``metrics`` runs only these of
+    the experiment's metrics (:func:`experiment_metrics` lists them); they are part of the stored
+    configuration.
     """
 
     experiment: str
@@ -142,6 +187,24 @@ class EvalConfig:
     shard_index: int = 0
     shard_count: int = 1
     crf: bool = False
+    metrics: tuple[str, ...] | None = None  # a subset of the experiment's metrics (default: all of them)
+
+
+def experiment_metrics(experiment: str) -> tuple[str, ...]:
+    """Every metric an experiment scores (pair, model-based and method metrics, in that order)."""
+    if experiment not in EXPERIMENT_METRICS:
+        raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+    pair, model, method = EXPERIMENT_METRICS[experiment]
+    return pair + model + method
+
+
+def _selected_metrics(cfg: EvalConfig) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The experiment's (pair, model, method) metric names, restricted to ``cfg.metrics``."""
+    groups = EXPERIMENT_METRICS[cfg.experiment]
+    if cfg.metrics is None:
+        return groups
+    wanted = set(cfg.metrics)
+    return tuple(tuple(n for n in g if n in wanted) for g in groups)  # type: ignore[return-value]
 
 
 def _file_digest(path: Path) -> str:
@@ -185,6 +248,14 @@ def _check(cfg: EvalConfig) -> None:
         raise ValueError(f"--size must be a positive number of pixels; got {cfg.size}")
     if cfg.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {cfg.experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+    if cfg.metrics is not None:
+        offered = experiment_metrics(cfg.experiment)
+        bad = [m for m in cfg.metrics if m not in offered]
+        if not cfg.metrics or bad:
+            raise ValueError(
+                f"--metrics {','.join(bad) if bad else '(empty)'}: the {cfg.experiment!r} experiment scores "
+                f"{', '.join(offered) if offered else 'no selectable metrics'}"
+            )
     if cfg.crf and cfg.experiment != "segmentation":
         raise ValueError(f"--crf refines the segmentation experiment's thresholded maps; it does not apply to {cfg.experiment!r}")
     if cfg.crf:
@@ -276,9 +347,10 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     num_classes = len(ds.class_names)
     indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
-    pair_names, model_names = EXPERIMENT_METRICS[cfg.experiment]
+    pair_names, model_names, method_names = _selected_metrics(cfg)
     pair_metrics = {n: metrics.get(n, crf=True) if (cfg.crf and n == "fgbg-miou") else metrics.get(n) for n in pair_names}
     model_metrics = {n: metrics.get_model_metric(n) for n in model_names}
+    method_metrics = {n: metrics.get_method_metric(n) for n in method_names}
     base_config = {
         "experiment": cfg.experiment,
         "dataset": cfg.dataset,
@@ -290,7 +362,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "weights_sha256": wdigest,
         "preprocess": convention,
         "seeds": seeds,
-        "metrics": sorted(pair_metrics) + sorted(model_metrics),
+        "metrics": sorted(pair_metrics) + sorted(model_metrics) + sorted(method_metrics),
         "shard": [cfg.shard_index, cfg.shard_count],
         **({"crf": "DenseCRF()"} if cfg.crf else {}),  # absent without --crf: earlier stores stay valid
     }
@@ -298,7 +370,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
     # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
     fresh = random_variables(model, (1, size, size, 3), seed=0) if cfg.experiment == "sanity" else None
-    ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh)
+    ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh, method_metrics)
     rows = []
     extras: dict[str, Any] = {}
     run_id = time.strftime("%Y-%m-%d %H:%M:%S")  # stored with each image's row: the tables say which run made a row
@@ -325,14 +397,14 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             bar.close()
         stored = list(store.rows())
         store.close()
-        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, model_metrics, num_classes)
+        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes)
         rows.append(row)
         extras[name] = extra
         runs.append(_runs_of(stored, set(indices)))
     # the table covers every method the folder's stores hold for this configuration, not only this run's
     others, notes = _other_stores(out, cfg.experiment, base_config, cfg.methods)
     for name, hp, stored in others:
-        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, model_metrics, num_classes)
+        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes)
         rows.append(row)
         extras[name] = extra
         runs.append(_runs_of(stored, set(indices)))
@@ -416,6 +488,7 @@ class _Context:
     seeds: str
     cfg: EvalConfig
     fresh: Any = None  # sanity experiment: the re-initialised variables
+    method_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -> list[dict[str, Any]]:
@@ -471,6 +544,11 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
                 values.update({key: np.concatenate([q[key] for q in parts]) for key in parts[0]})
             for n, m in ctx.model_metrics.items():
                 out = map_batches(lambda _, xb, mb, cb, m=m: m(ctx.model_fn, xb, mb, cb), cfg.batch, xs, maps, c32)
+                values.update({f"{n}.{key}": v for key, v in out.items()})
+            for n, m in ctx.method_metrics.items():  # re-run the method (perturbed inputs, randomised weights)
+                out = map_batches(
+                    lambda _, xb, mb, cb, m=m: m(ctx.model, ctx.variables, method, xb, cb, maps=mb), cfg.batch, xs, maps, c32
+                )
                 values.update({f"{n}.{key}": v for key, v in out.items()})
     for k, (i, r) in enumerate(records):
         sel = np.flatnonzero(img_of == k)
