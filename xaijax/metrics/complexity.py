@@ -56,11 +56,11 @@ def _abs_flat(maps: jax.Array) -> jax.Array:
     return jnp.abs(maps).reshape(maps.shape[0], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("offset",))
-def sparseness(maps: jax.Array, offset: float = 0.0) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("offset", "normalise"))
+def sparseness(maps: jax.Array, offset: float = 0.0, normalise: bool = True) -> jax.Array:
     """Sparseness (Chalasani et al. 2020): the Gini index of ``|R|``.
 
-    Protocol, per pair: ``a = |R| / max|R| + offset`` flattened and sorted ascending
+    Protocol, per pair: ``a = |R| / max|R| + offset`` (``normalise``; else ``|R| + offset``) flattened and sorted ascending
     ``a_(1) <= ... <= a_(n)`` (n = H W); value
     ``sum_k (2k - n - 1) a_(k) / (n sum_k a_(k))`` (Hurley & Rickard's Gini index, the form in
     the authors' code). 0 for a constant map, ``1 - 1/n`` for a map with a single non-zero
@@ -69,19 +69,23 @@ def sparseness(maps: jax.Array, offset: float = 0.0) -> jax.Array:
     Defaults: the paper and xaijax use no offset. Quantus 0.6.0 (``Sparseness``: ``abs=True``,
     ``normalise=True``) adds ``1e-7`` after normalising the batch by its largest absolute
     value, which keeps all-zero maps defined (0) and lowers other values by about
-    ``1e-7 n / sum a`` relative; ``offset=1e-7`` reproduces it where a map's maximum equals the
-    batch's (exactly for a batch of one).
+    ``1e-7 n / sum a`` relative — more for a map whose maximum is small against the batch's:
+    Quantus' value of a map depends on the other maps of the call. ``offset=1e-7`` reproduces
+    a batch of one; ``normalise=False, offset=1e-7`` on maps divided by the batch's largest
+    absolute value reproduces a batch.
 
     Args:
       maps: (N, H, W) attribution maps.
       offset: added to every normalised value (Quantus: 1e-7).
+      normalise: divide each map by its largest absolute value first (the Gini index is
+        scale-invariant: this only sets the scale ``offset`` is added at).
 
     Returns:
       (N,) values in [0, 1), the maps' float dtype.
     """
     a = _abs_flat(maps)
     n = a.shape[1]
-    a = _max_normalise(a) + offset
+    a = (_max_normalise(a) if normalise else a) + offset
     a = jnp.sort(a, axis=1)
     k = jnp.arange(1, n + 1, dtype=a.dtype)
     return _ratio(jnp.sum((2 * k - n - 1) * a, axis=1), n * jnp.sum(a, axis=1))
@@ -152,10 +156,11 @@ class Sparseness(ClassMeanSummary):
     """``sparseness``: :func:`sparseness` (Gini index) per pair (key ``sparseness``); ``offset=1e-7`` for Quantus."""
 
     offset: float = 0.0
+    normalise: bool = True
     key = "sparseness"
 
     def __call__(self, batch: _registry.PairBatch) -> dict[str, np.ndarray]:
-        return {self.key: np.asarray(sparseness(_maps(batch), offset=self.offset))}
+        return {self.key: np.asarray(sparseness(_maps(batch), offset=self.offset, normalise=self.normalise))}
 
 
 @dataclasses.dataclass(frozen=True)
