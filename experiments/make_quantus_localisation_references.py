@@ -22,6 +22,7 @@ npz layout:
 
 * ``meta``: JSON (versions, settings of every stored run, how xaijax aligns with it);
 * ``maps``: (N, H, W) float64, ``regions``: (N, H, W) bool, ``x``: (N, 3, H, W) inputs, ``y``: (N,);
+* ``quadrants``: (N, 4) bool, Focus' ``custom_batch`` (the maps stand for mosaics' maps);
 * ``out/<run>``: (N,) float64 Quantus scores, one per run named in ``meta["runs"]``.
 """
 
@@ -93,8 +94,16 @@ def main() -> None:
         "effective_complexity_eps0.1": ("EffectiveComplexity", {"eps": 0.1}, "effective_complexity(batch-normalised maps, eps=0.1, normalise=False)"),
         "effective_complexity_eps0.1_per_map": ("EffectiveComplexity", {"eps": 0.1, **PER_MAP}, "effective_complexity(eps=0.1)"),
     }
+    # focus: the maps play mosaics' maps; custom_batch holds each mosaic's target quadrants
+    # (top-left, top-right, bottom-left, bottom-right), two per mosaic
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3), (0, 3), (1, 2)]
+    quadrants = np.zeros((N, 4), bool)
+    for i, (a, b) in enumerate(pairs):
+        quadrants[i, [a, b]] = True
+    runs["focus"] = ("Focus", {}, "focus(maps, quadrants)")
     out = {}
     for name, (cls, settings, _) in runs.items():
+        extra = {"custom_batch": [list(map(int, q)) for q in quadrants]} if cls == "Focus" else {}
         metric = getattr(quantus, cls)(disable_warnings=True, **settings)
         scores = metric(
             model=model,
@@ -104,6 +113,7 @@ def main() -> None:
             s_batch=regions[:, None].astype(np.float32),
             channel_first=True,
             device="cpu",
+            **extra,
         )
         out[f"out/{name}"] = np.asarray(scores, np.float64)
         print(f"{name:40s}", np.round(out[f"out/{name}"], 6))
@@ -115,7 +125,7 @@ def main() -> None:
         "runs": {k: {"quantus": c, "settings": {kk: (list(vv["normalise_axes"]) if kk == "normalise_func_kwargs" else vv) for kk, vv in s.items()}, "xaijax": r} for k, (c, s, r) in runs.items()},
         "notes": "maps float64, regions as s_batch (N, 1, H, W); the model and x are unused by these metrics",
     }
-    np.savez_compressed(OUT, meta=json.dumps(meta), maps=maps, regions=regions, x=x.astype(np.float32), y=y, **out)
+    np.savez_compressed(OUT, meta=json.dumps(meta), maps=maps, regions=regions, x=x.astype(np.float32), y=y, quadrants=quadrants, **out)
     print("wrote", OUT, os.path.getsize(OUT), "bytes")
 
 

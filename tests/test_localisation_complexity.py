@@ -13,6 +13,7 @@ each run of the fixture names the xaijax call that reproduces it (``meta["runs"]
   sparseness then adds 1e-7: xaijax ``offset=1e-7``), xaijax by each map's: the per-map runs
   compare directly, the default runs through ``normalise=False`` on maps divided by the batch
   maximum (:func:`test_quantus_batch_normalisation_couples_maps` shows the coupling).
+* focus: the fixture's maps stand for mosaics' maps, its ``quadrants`` for Quantus' ``custom_batch``.
 * top-k intersection: the sparse map (row 3) has a tie at the k-th value (zeros), where Quantus'
   unstable argsort picks an unspecified subset and xaijax shares the places in proportion; that
   row is checked to be tied and left out of the comparison.
@@ -55,7 +56,7 @@ def _rect(h=10, w=12, box=(2, 6, 3, 8)):
 # ----------------------------------------------------------------------------- Quantus parity
 
 
-def _xaijax_run(name: str, maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
+def _xaijax_run(name: str, maps: np.ndarray, regions: np.ndarray, quadrants: np.ndarray) -> np.ndarray:
     batch_max = np.abs(maps).max()
     calls = {
         "relevance_mass_accuracy": lambda: loc.relevance_mass_accuracy(maps, regions, transform="signed"),
@@ -72,6 +73,7 @@ def _xaijax_run(name: str, maps: np.ndarray, regions: np.ndarray) -> np.ndarray:
         "effective_complexity_per_map": lambda: cx.effective_complexity(maps),
         "effective_complexity_eps0.1": lambda: cx.effective_complexity(maps / batch_max, eps=0.1, normalise=False),
         "effective_complexity_eps0.1_per_map": lambda: cx.effective_complexity(maps, eps=0.1),
+        "focus": lambda: loc.focus(maps, quadrants),
     }
     with jax.enable_x64(True):
         out = calls[name]()
@@ -94,6 +96,7 @@ RUNS = [
     "effective_complexity_per_map",
     "effective_complexity_eps0.1",
     "effective_complexity_eps0.1_per_map",
+    "focus",
 ]
 
 
@@ -102,7 +105,7 @@ def test_quantus_parity(refs, run):
     assert set(RUNS) == set(refs["meta"]["runs"]), "every recorded run is compared"
     maps, regions = refs["maps"], refs["regions"]
     ref = refs[f"out/{run}"]
-    ours = _xaijax_run(run, maps, regions)
+    ours = _xaijax_run(run, maps, regions, refs["quadrants"])
     keep = np.ones(len(ref), bool)
     if run.startswith("top_k"):
         # row 3: the 40th largest value is 0 and shared by many pixels (see the module docstring)
@@ -316,3 +319,74 @@ def test_registered_with_quantus_settings(refs):
     np.testing.assert_allclose(got, refs["out/auc"], atol=1e-6)
     got = metrics.get("complexity")(b)["complexity"]
     np.testing.assert_allclose(got, refs["out/complexity"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- focus
+
+
+def test_focus_closed_forms():
+    q = np.asarray([[True, False, False, True], [False, True, True, False], [True, True, False, False]])
+    regions = loc.focus_quadrants((6, 8), q)
+    assert regions.sum((1, 2)).tolist() == [24, 24, 24]
+    assert regions[0, 0, 0] and regions[0, 5, 7] and not regions[0, 0, 7] and regions[1, 0, 7]
+    maps = np.where(regions, 2.0, -1.0)
+    maps[2] = 1.0
+    np.testing.assert_allclose(loc.focus(maps, q), [1.0, 1.0, 0.5])
+    np.testing.assert_allclose(loc.focus(-maps, q)[:2], [0.0, 0.0])  # positive relevance only outside
+    assert np.isnan(loc.focus(-np.ones((1, 6, 8)), q[:1])[0])  # no positive relevance
+    with pytest.raises(ValueError, match="quadrants"):
+        loc.focus(maps, q[:, :3])
+
+
+@pytest.fixture(scope="module")
+def focus_setup():
+    import flax.linen as nn
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(5)(jax.nn.relu(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 16, 16, 3)), jnp.float32)
+    model = Tiny()
+    return model, model.init(jax.random.key(0), x), x, np.asarray([1, 4, 1])
+
+
+def test_focus_mosaics(focus_setup):
+    from xaijax.data import SyntheticScenes
+    from xaijax.imageops import resize
+
+    _, _, x, t = focus_setup
+    scenes = SyntheticScenes(size=32, test_size=60)
+    mosaics, quadrants = loc.focus_mosaics(x, t, scenes, convention="none")
+    assert mosaics.shape == x.shape and mosaics.dtype == x.dtype
+    own = np.asarray(resize(x, (8, 8)))
+    for i in range(3):
+        layout = loc.focus_layout(int(t[i]))
+        assert sorted(layout) == [0, 1, 2, 3] and quadrants[i].tolist() == [q in layout[:2] for q in range(4)]
+        tiles = [np.asarray(mosaics[i, r : r + 8, c : c + 8]) for r in (0, 8) for c in (0, 8)]
+        np.testing.assert_array_equal(tiles[layout[0]], own[i])  # the explained image
+        for q in layout[1:]:  # benchmark tiles, in [0, 1] with convention "none"
+            assert tiles[q].min() >= 0 and tiles[q].max() <= 1
+        # the same class gets the same companions and layout whatever the batch
+    np.testing.assert_array_equal(np.asarray(mosaics[0])[np.asarray(loc.focus_quadrants((16, 16), quadrants[:1])[0]) == 0],
+                                  np.asarray(mosaics[2])[np.asarray(loc.focus_quadrants((16, 16), quadrants[2:])[0]) == 0])
+    with pytest.raises(ValueError, match="targets"):
+        loc.focus_mosaics(x, np.asarray([1, 2, 12]), scenes)
+    with pytest.raises(ValueError, match="even"):
+        loc.focus_mosaics(x[:, :15, :15], t, scenes)
+
+
+def test_focus_metric(focus_setup):
+    from xaijax import methods
+
+    model, variables, x, t = focus_setup
+    metric = metrics.get_method_metric("focus", size=32)
+    const = lambda m, v, xx, tt: jnp.ones(xx.shape[:3], xx.dtype)  # noqa: E731
+    np.testing.assert_allclose(metric(model, variables, const, x, t)["focus"], [0.5] * 3)
+    grad = methods.get("gradient")
+    vals = metric(model, variables, grad, x, t)["focus"]
+    assert vals.shape == (3,) and np.all((vals >= 0) & (vals <= 1))
+    single = metric(model, variables, grad, x[1:2], t[1:2])["focus"]
+    np.testing.assert_allclose(single, vals[1:2], rtol=1e-6)
+    assert metric.summarize({"focus": np.asarray([0.2, np.nan, 0.4])}) == {"focus": pytest.approx(0.3)}

@@ -72,6 +72,11 @@ __all__ = [
     "TopKIntersection",
     "AttributionLocalisation",
     "LocalisationAUC",
+    "focus_layout",
+    "focus_quadrants",
+    "focus_mosaics",
+    "focus",
+    "FocusMetric",
 ]
 
 #: sign treatments of a map before a metric: as is, positive part, absolute value.
@@ -443,3 +448,181 @@ _registry.register("relevance-rank-accuracy", RelevanceRankAccuracy)
 _registry.register("top-k-intersection", TopKIntersection)
 _registry.register("attribution-localisation", AttributionLocalisation)
 _registry.register("auc", LocalisationAUC)
+
+
+# ----------------------------------------------------------------------------- focus
+
+
+#: the six ways to put the two target-class tiles into the four quadrants (0 top-left,
+#: 1 top-right, 2 bottom-left, 3 bottom-right)
+_QUADRANT_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+
+
+def focus_layout(target: int, seed: int = 0) -> tuple[int, int, int, int]:
+    """The quadrants of one focus mosaic for class ``target``: ``(q_image, q_same, q_other1,
+    q_other2)`` — where the explained image, the second image of its class and the two images
+    of other classes go. A function of ``(target, seed)`` only."""
+    rng = np.random.default_rng([int(seed), 0xF0C05, int(target)])
+    pair = _QUADRANT_PAIRS[int(rng.integers(len(_QUADRANT_PAIRS)))]
+    rest = tuple(q for q in range(4) if q not in pair)
+    first = int(rng.integers(2))
+    return (pair[first], pair[1 - first]) + rest  # type: ignore[return-value]
+
+
+def focus_quadrants(shape: tuple[int, int], quadrants: Any) -> np.ndarray:
+    """(N, H, W) bool regions: the union of each row's target quadrants.
+
+    ``quadrants`` (N, 4) bool flags in the order top-left, top-right, bottom-left, bottom-right
+    (Quantus' ``c_batch``); the split is at ``H // 2``, ``W // 2`` as in Quantus."""
+    q = np.asarray(quadrants, bool)
+    if q.ndim != 2 or q.shape[1] != 4:
+        raise ValueError(f"quadrants must be (N, 4) bool flags; got shape {q.shape}")
+    h, w = shape
+    top = np.arange(h)[:, None] < h // 2
+    left = np.arange(w)[None, :] < w // 2
+    parts = np.stack([top & left, top & ~left, ~top & left, ~top & ~left])  # (4, H, W)
+    return np.einsum("nq,qhw->nhw", q.astype(np.int32), parts.astype(np.int32)) > 0
+
+
+@functools.lru_cache(maxsize=256)
+def _companions(scenes: Any, split: str, seed: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three benchmark images in [0, 1] for class ``target``'s mosaic: one that shows the class,
+    two that do not; the first such records in a permutation of ``split`` fixed by
+    ``(seed, target)``."""
+    n = scenes.split_size(split)
+    order = np.random.default_rng([int(seed), 0xF0C05, int(target), 1]).permutation(n)
+    same: list[np.ndarray] = []
+    other: list[np.ndarray] = []
+    for i in order:
+        rec = scenes.record(split, int(i))
+        (same if target in set(np.asarray(rec.labels).tolist()) else other).append(rec.image)
+        if len(same) >= 1 and len(other) >= 2:
+            return same[0], other[0], other[1]
+    raise ValueError(f"split {split!r} of the benchmark has no mosaic for class {target}: it needs one image with and two without it")
+
+
+def focus_mosaics(
+    images: Any, targets: Any, scenes: Any = None, *, convention: str = "torchvision", split: str = "test", seed: int = 0
+) -> tuple[jax.Array, np.ndarray]:
+    """Focus mosaics (Arias-Duart et al. 2022) around the images to explain.
+
+    Each mosaic is a 2 x 2 grid at the images' own size (each tile resized to half the side,
+    bilinear): the image itself and a second image of its target class from the synthetic
+    benchmark (the "target" tiles), and two benchmark images without that class. The
+    benchmark images (:class:`xaijax.data.SyntheticScenes`, ``split``) and the quadrants
+    (:func:`focus_layout`) depend on ``(target, seed)`` only, so an image's mosaic does not
+    depend on the rest of its batch.
+
+    Args:
+      images: (N, H, W, C) model inputs (already normalised), H and W even.
+      targets: (N,) int target classes (classes of the benchmark).
+      scenes: the benchmark (default ``SyntheticScenes()``).
+      convention: the normalisation of ``images`` (:func:`xaijax.models.preprocess.normalize`),
+        applied to the benchmark tiles.
+      split, seed: where the companion images come from.
+
+    Returns:
+      ``(mosaics (N, H, W, C) in the images' dtype, quadrants (N, 4) bool)``: the mosaics and
+      which quadrants hold the target class.
+    """
+    from xaijax.data.synthetic import SyntheticScenes
+    from xaijax.imageops import resize
+    from xaijax.models.preprocess import normalize
+
+    scenes = SyntheticScenes() if scenes is None else scenes
+    x = jnp.asarray(images)
+    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"images must be floating (N, H, W, C); got {x.dtype} {x.shape}")
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"images must have an even height and width for 2 x 2 mosaics; got {h} x {w}")
+    t = np.asarray(targets).reshape(-1)
+    if t.shape != (n,) or t.dtype.kind not in "iu":
+        raise ValueError(f"targets must be (N,) = ({n},) ints; got {t.dtype} {t.shape}")
+    if t.min() < 0 or t.max() >= scenes.num_classes:
+        raise ValueError(f"targets must be classes of the benchmark, in [0, {scenes.num_classes}); got {t.tolist()}")
+    classes = sorted(set(t.tolist()))
+    comp = {k: np.stack(_companions(scenes, split, int(seed), k)) for k in classes}  # (3, S, S, 3) each
+    comp_x = normalize(jnp.asarray(np.concatenate([comp[k] for k in classes]), x.dtype), convention)
+    if comp_x.shape[-1] != c:
+        raise ValueError(f"images must have {comp_x.shape[-1]} channels like the benchmark; got {c}")
+    hh, hw = h // 2, w // 2
+    comp_t = resize(comp_x, (hh, hw)).reshape(len(classes), 3, hh, hw, c)
+    own = resize(x, (hh, hw))
+    slot = {k: i for i, k in enumerate(classes)}
+    tiles = jnp.stack([own, comp_t[np.asarray([slot[k] for k in t.tolist()])][:, 0]] + [comp_t[np.asarray([slot[k] for k in t.tolist()])][:, j] for j in (1, 2)], 1)
+    layout = np.asarray([focus_layout(k, seed) for k in t.tolist()])  # (N, 4): quadrant of tile j
+    inv = np.argsort(layout, axis=1)  # tile in quadrant q
+    grid = jnp.take_along_axis(tiles, jnp.asarray(inv)[:, :, None, None, None], axis=1)  # (N, 4, hh, hw, C) by quadrant
+    top = jnp.concatenate([grid[:, 0], grid[:, 1]], axis=2)
+    bottom = jnp.concatenate([grid[:, 2], grid[:, 3]], axis=2)
+    quadrants = np.zeros((n, 4), bool)
+    quadrants[np.arange(n), layout[:, 0]] = True
+    quadrants[np.arange(n), layout[:, 1]] = True
+    return jnp.concatenate([top, bottom], axis=1), quadrants
+
+
+def focus(maps: Any, quadrants: Any) -> jax.Array:
+    """Focus of mosaic maps: the share of positive relevance on the target-class tiles.
+
+    Protocol, per mosaic (Arias-Duart et al. 2022): ``R+ = max(R, 0)``; value
+    ``sum_{p in target tiles} R+_p / sum_p R+_p`` in [0, 1] — :func:`relevance_mass_accuracy`
+    with ``transform="positive"`` against :func:`focus_quadrants`; NaN for a map with no
+    positive value. Quantus 0.6.0 (``Focus``: ``abs=False``, ``normalise=True``) computes the
+    same after dividing the batch by its largest absolute value and adds 1e-9 to the
+    denominator (a map with no positive value scores 0 there).
+
+    Args:
+      maps: (N, H, W) maps of the mosaics.
+      quadrants: (N, 4) bool, the quadrants of the target class (top-left, top-right,
+        bottom-left, bottom-right).
+    """
+    maps = _check_maps(maps)
+    regions = focus_quadrants(maps.shape[1:], quadrants)
+    if regions.shape[0] != maps.shape[0]:
+        raise ValueError(f"quadrants must have one row per map ({maps.shape[0]}); got {regions.shape[0]}")
+    return relevance_mass_accuracy(maps, regions, transform="positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusMetric:
+    """``focus`` (method metric): explain each image's focus mosaic and score :func:`focus`.
+
+    ``metric(model, variables, method, images, targets, maps=None) -> {"focus": (N,)}``: for each
+    image, :func:`focus_mosaics` builds its mosaic (the image, one more benchmark image of its
+    target class, two benchmark images without it), ``method`` explains the mosaics for the
+    targets, and :func:`focus` scores the maps (``maps``, the maps of the images themselves, are
+    not used). ``summarize``: the mean over images (NaN rows left out).
+
+    Settings: ``convention`` — the normalisation the model's inputs use (the benchmark tiles get
+    the same; ``"torchvision"``, ``"caffe"`` or ``"none"``); ``split``, ``seed`` — which benchmark
+    images and quadrants; ``size`` — the benchmark's image side (tiles are resized to half the
+    input side in any case).
+
+    Paper and Quantus: the paper builds mosaics of four dataset images, two of the target class;
+    Quantus takes mosaics from the caller (its ``build_single_mosaic`` concatenates full-size
+    images into a mosaic of twice the side, which a fixed-size model cannot take). Here a
+    mosaic keeps the model's input size, and the explained image is one of its two target tiles.
+    """
+
+    convention: str = "torchvision"
+    split: str = "test"
+    seed: int = 0
+    size: int = 128
+
+    def __call__(self, model, variables, method, images, targets, maps=None) -> dict[str, np.ndarray]:
+        from xaijax.data.synthetic import SyntheticScenes
+        from xaijax.metrics.robustness import _reference_maps, check_method_metric_inputs
+
+        x, t, _ = check_method_metric_inputs(model, variables, method, images, targets, None)
+        mosaics, quadrants = focus_mosaics(x, np.asarray(t), SyntheticScenes(size=self.size), convention=self.convention, split=self.split, seed=self.seed)
+        m = _reference_maps(method, model, variables, mosaics, t, None)
+        return {"focus": np.asarray(focus(m, quadrants))}
+
+    def summarize(self, values: dict[str, np.ndarray]) -> dict[str, float]:
+        v = np.asarray(values["focus"], np.float64)
+        v = v[~np.isnan(v)]
+        return {"focus": float(v.mean()) if v.size else float("nan")}
+
+
+_registry.register_method_metric("focus", FocusMetric)
