@@ -6,13 +6,18 @@
 * ``d-rise`` (:class:`DRise`) — RISE masks scored by detection similarity (detectors);
 * ``occlusion``, ``feature-ablation``, ``feature-permutation`` (:mod:`.occlusion`) — the target
   logit's drop when windows / features are replaced by a baseline or permuted across the batch;
-  feature masks (grid, SLIC, given) in :mod:`.features`.
+  feature masks (grid, SLIC, given) in :mod:`.features`;
+* ``shapley-sampling``, ``kernel-shap`` (:mod:`.shapley`) — Shapley values of the features by
+  (antithetic) permutation sampling and by the Shapley-kernel weighted least squares;
+* ``lime`` (:mod:`.lime`) — LIME's weighted linear surrogate over the features.
 """
 
 from xaijax.methods.perturbation.drise import DRise, detector_function
 from xaijax.methods.perturbation.extremal import ExtremalPerturbation, ExtremalResult
 from xaijax.methods.perturbation.features import grid_feature_mask, slic_feature_mask, validate_feature_mask
 from xaijax.methods.perturbation.occlusion import FeatureAblation, FeaturePermutation, Occlusion
+from xaijax.methods.perturbation.lime import Lime
+from xaijax.methods.perturbation.shapley import KernelSHAP, ShapleySampling
 from xaijax.methods.perturbation.rise import RISE, rise_cell_size, rise_grid_and_shift, rise_masks, rise_upsample_matrix
 
 __all__ = [
@@ -31,4 +36,7 @@ __all__ = [
     "grid_feature_mask",
     "slic_feature_mask",
     "validate_feature_mask",
+    "ShapleySampling",
+    "KernelSHAP",
+    "Lime",
 ]

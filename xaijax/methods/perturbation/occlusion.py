@@ -67,7 +67,7 @@ from xaijax.methods.perturbation.features import (
 from xaijax.methods.registry import register
 from xaijax.static_jit import bind_static
 
-__all__ = ["Occlusion", "FeatureAblation", "FeaturePermutation", "occlusion_positions"]
+__all__ = ["Occlusion", "FeatureMethod", "FeatureAblation", "FeaturePermutation", "occlusion_positions", "batch_permutation", "feature_ablation_values"]
 
 
 def _pair(owner: str, name: str, v: Any) -> tuple[int, int]:
@@ -170,7 +170,7 @@ _occlusion_jit = jax.jit(_occlusion, static_argnums=(0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
-class _FeatureMethod(Method):
+class FeatureMethod(Method):
     """Shared fields of the methods over a feature mask (see :mod:`~xaijax.methods.perturbation.features`).
 
     Attributes:
@@ -205,9 +205,9 @@ class _FeatureMethod(Method):
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureAblation(_FeatureMethod):
+class FeatureAblation(FeatureMethod):
     """Feature ablation: each feature replaced by the baseline alone; a pixel gets its
-    feature's drop of the target logit. Fields: see :class:`_FeatureMethod`.
+    feature's drop of the target logit. Fields: see :class:`FeatureMethod`.
 
     Called as ``method(model, variables, x, target, feature_mask=None, baselines=None)`` ->
     (N, H, W); ``feature_mask``: (N, H, W) or (H, W) int ids ``0 .. F-1`` (concrete).
@@ -268,11 +268,11 @@ def batch_permutation(key: jax.Array, n: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class FeaturePermutation(_FeatureMethod):
+class FeaturePermutation(FeatureMethod):
     """Feature permutation importance over the batch (Captum's ``FeaturePermutation``; see the
     module docstring for the batch semantics: N >= 2, samples are coupled by design).
 
-    Attributes (besides those of :class:`_FeatureMethod`; ``baseline`` is unused — the batch
+    Attributes (besides those of :class:`FeatureMethod`; ``baseline`` is unused — the batch
     is the reference):
       n_samples: independent batch permutations per feature, averaged (Captum: 1).
       seed: PRNG seed; permutation ``r`` of feature ``f`` comes from
