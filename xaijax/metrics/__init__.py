@@ -17,10 +17,13 @@ from xaijax.metrics.pointing import PointingGame, is_difficult_pair, pointing_hi
 from xaijax.metrics.registry import (
     PairBatch,
     get,
+    get_method_metric,
     get_model_metric,
+    method_metric_names,
     model_metric_names,
     names,
     register,
+    register_method_metric,
     register_model_metric,
 )
 
@@ -33,14 +36,17 @@ __all__ = [
     "energy",
     "faithfulness",
     "get",
+    "get_method_metric",
     "get_model_metric",
     "iou",
     "is_difficult_pair",
+    "method_metric_names",
     "model_metric_names",
     "names",
     "pointing",
     "pointing_hits",
     "register",
+    "register_method_metric",
     "register_model_metric",
     "sanity",
 ]

@@ -45,6 +45,10 @@ __all__ = [
     "register_model_metric",
     "get_model_metric",
     "model_metric_names",
+    "MethodMetric",
+    "register_method_metric",
+    "get_method_metric",
+    "method_metric_names",
 ]
 
 
@@ -231,3 +235,53 @@ def get_model_metric(name: str, **overrides: Any) -> ModelMetric:
 def model_metric_names() -> list[str]:
     """Registered model-based metric names, sorted."""
     return sorted(_MODEL_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- method-based metrics
+
+
+class MethodMetric(Protocol):
+    """A metric that re-runs an explanation method (robustness, randomisation, axioms).
+
+    ``metric(model, variables, method, images, targets, maps=None)``: ``model`` / ``variables``
+    the classifier (a linen module and its variables), ``method`` an xaijax
+    :class:`~xaijax.methods.Method` (``method(model, variables, x, target) -> (N, H, W)``),
+    ``images`` (N, H, W, C) normalised inputs, ``targets`` (N,) class indices, ``maps`` the
+    method's (N, H, W) maps of ``images`` (computed when ``None``). Returns per-image arrays
+    (leading axis N; each image's values depend on that image only, so batches can be
+    concatenated along axis 0 before ``summarize``, which gives the dataset numbers).
+    """
+
+    def __call__(self, model: Any, variables: Any, method: Any, images: Any, targets: Any, maps: Any = None) -> dict[str, np.ndarray]: ...
+
+    def summarize(self, values: dict[str, np.ndarray]) -> dict[str, float]: ...
+
+
+#: filled by the metric modules at import (xaijax.metrics.robustness, randomisation, axioms)
+_METHOD_REGISTRY: dict[str, Callable[..., MethodMetric]] = {}
+
+
+def register_method_metric(name: str, factory: Callable[..., MethodMetric]) -> None:
+    """Add a method-based metric (``factory(**options)`` builds it)."""
+    if name in _METHOD_REGISTRY:
+        raise ValueError(f"method metric {name!r} is already registered")
+    _METHOD_REGISTRY[name] = factory
+
+
+def get_method_metric(name: str, **options: Any) -> MethodMetric:
+    """Build the registered method-based metric ``name`` (keyword overrides of its settings)."""
+    try:
+        factory = _METHOD_REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_METHOD_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown method metric {name!r}; registered: {', '.join(method_metric_names())}.{hint}") from None
+    try:
+        return factory(**options)
+    except TypeError as e:
+        raise ValueError(f"bad settings for method metric {name!r}: {e}") from None
+
+
+def method_metric_names() -> list[str]:
+    """Registered method-based metric names, sorted."""
+    return sorted(_METHOD_REGISTRY)

@@ -1,0 +1,310 @@
+"""Method-based metrics (issue 23): robustness, randomisation and axioms.
+
+* Structure (battery-like, every name of ``method_metric_names()``): per-image float64 values,
+  finite, and a batch gives the values of its images one by one.
+* Closed forms on tiny float64 models: constant and linear models (sensitivity, Lipschitz,
+  RIS), completeness of gradient x input on a bias-free ReLU network and of Integrated
+  Gradients on a linear model, MPRT / random logit of the model-ignoring ``center`` method
+  (similarity 1), input invariance of the gradient and not of gradient x input (Kindermans et
+  al.), non-sensitivity counts, consistency by a direct loop, Quantus' translation.
+* Quantus 0.6.0 parity: ``tests/fixtures/quantus_robustness_refs.npz`` recorded by
+  ``experiments/make_quantus_robustness_references.py`` (see the test's docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xaijax.methods import get
+from xaijax.metrics import get_method_metric, method_metric_names
+from xaijax.metrics import axioms, randomisation, robustness
+
+jax.config.update("jax_enable_x64", True)
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "quantus_robustness_refs.npz")
+
+
+class TinyCNN(nn.Module):
+    """conv3x3(3->4, valid) - ReLU - conv3x3(4->6, valid) - ReLU - global mean - dense(6->3).
+    The torch twin in experiments/make_quantus_robustness_references.py has the same layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="conv1")(x))
+        x = nn.relu(nn.Conv(6, (3, 3), padding="VALID", name="conv2")(x))
+        return nn.Dense(3, name="fc")(x.mean(axis=(1, 2)))
+
+
+class Linear(nn.Module):
+    """Logits = W . flatten(x) + b."""
+
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.classes, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    m = TinyCNN()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 10, 10, 3)))
+    v = f64(m.init(jax.random.key(1), x))
+    v = jax.tree_util.tree_map_with_path(lambda p, a: a + 0.1 if p[-1].key == "bias" else a, v)
+    return m, v, x, np.array([0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def linear():
+    m = Linear()
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 6, 3)))
+    v = f64(m.init(jax.random.key(3), x))
+    return m, v, x, np.array([1, 2])
+
+
+# ----------------------------------------------------------------------------- structure
+
+#: cheap settings for the structural check
+CHEAP = {
+    "max-sensitivity": dict(n_samples=3),
+    "avg-sensitivity": dict(n_samples=3),
+    "local-lipschitz": dict(n_samples=3),
+    "ris": dict(n_samples=3),
+    "ros": dict(n_samples=3),
+    "rrs": dict(n_samples=3, layers=("conv2",)),
+    "continuity": dict(n_steps=3),
+    "smooth-mprt": dict(n_samples=2),
+    "non-sensitivity": dict(unit="pixel"),
+}
+
+
+def test_registry_errors():
+    names = method_metric_names()
+    assert {"max-sensitivity", "avg-sensitivity", "local-lipschitz", "continuity", "consistency", "ris", "ros", "rrs",
+            "mprt", "smooth-mprt", "efficient-mprt", "random-logit", "completeness", "non-sensitivity",
+            "input-invariance"} <= set(names)
+    with pytest.raises(ValueError, match="unknown method metric 'max-sensitivty'.*Did you mean max-sensitivity"):
+        get_method_metric("max-sensitivty")
+    with pytest.raises(ValueError, match="bad settings for method metric 'mprt'"):
+        get_method_metric("mprt", nonsense=1)
+    with pytest.raises(ValueError, match="n_samples must be a positive int"):
+        get_method_metric("max-sensitivity", n_samples=0)
+    with pytest.raises(ValueError, match="order must be one of"):
+        get_method_metric("mprt", order="sideways")
+    from xaijax.metrics import register_method_metric
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method_metric("mprt", randomisation.MPRT)
+
+
+def test_bad_inputs(cnn):
+    m, v, x, t = cnn
+    metric = get_method_metric("max-sensitivity", n_samples=2)
+    with pytest.raises(ValueError, match="out of range"):
+        metric(m, v, get("gradient"), x, np.array([0, 1, 7]))
+    with pytest.raises(TypeError, match="targets must be class indices"):
+        metric(m, v, get("gradient"), x, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="maps must be"):
+        metric(m, v, get("gradient"), x, t, maps=np.zeros((3, 4, 4)))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        get_method_metric("max-sensitivity", seed=1.5)(m, v, get("gradient"), x, t)
+
+
+@pytest.mark.parametrize("name", method_metric_names())
+def test_structure_batch_equals_single(name, cnn):
+    """Every registered method metric: dict of per-image float64 arrays (leading axis N),
+    finite, and the batch's rows equal the values of the images on their own."""
+    m, v, x, t = cnn
+    metric = get_method_metric(name, **CHEAP.get(name, {}))
+    method = get("gradient")
+    full = metric(m, v, method, x, t)
+    assert full and all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape[0] == 3 for a in full.values())
+    for k, a in full.items():
+        assert np.isfinite(a).all(), (name, k, a)
+    one = metric(m, v, method, x[1:2], t[1:2])
+    for k in full:
+        np.testing.assert_allclose(one[k], full[k][1:2], rtol=1e-9, atol=1e-12, err_msg=f"{name}:{k}")
+    s = metric.summarize(full)
+    assert s and all(isinstance(val, float) for val in s.values())
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def test_constant_model_zero_sensitivity(linear):
+    m, v, x, t = linear
+    v0 = jax.tree_util.tree_map_with_path(lambda p, a: jnp.zeros_like(a) if p[-1].key == "kernel" else a + 1.0, v)
+    for method in (get("gradient"), get("gradient-x-input")):
+        for name in ("max-sensitivity", "avg-sensitivity"):
+            r = get_method_metric(name, n_samples=4, relative=False)(m, v0, method, x, t)
+            np.testing.assert_array_equal(r[name.replace("-", "_")], 0.0)
+        r = get_method_metric("local-lipschitz", n_samples=4)(m, v0, method, x, t)
+        np.testing.assert_array_equal(r["local_lipschitz"], 0.0)
+
+
+def test_linear_model_closed_forms(linear):
+    """Gradient maps of a linear model do not depend on the input: sensitivity, Lipschitz and
+    RIS are 0. Gradient x input (channel sum) moves by sum_c W[h, w, c] u[h, w, c]: the values
+    are the numpy closed forms on the same explicit perturbations."""
+    m, v, x, t = linear
+    rng = np.random.default_rng(5)
+    pert = np.asarray(x)[:, None] + rng.uniform(-0.2, 0.2, size=(2, 5) + x.shape[1:])
+    grad = get("gradient", reduce="sum")
+    for name, key in (("max-sensitivity", "max_sensitivity"), ("avg-sensitivity", "avg_sensitivity"),
+                      ("local-lipschitz", "local_lipschitz"), ("ris", "ris")):
+        r = get_method_metric(name)(m, v, grad, x, t, perturbed=pert)
+        np.testing.assert_allclose(r[key], 0.0, atol=1e-12)
+    w = np.asarray(v["params"]["fc"]["kernel"]).reshape(x.shape[1:] + (3,))  # (H, W, C, K)
+    wt = np.moveaxis(w[..., t], -1, 0)  # (N, H, W, C)
+    a = (wt * np.asarray(x)).sum(-1)
+    ap = (wt[:, None] * pert).sum(-1)
+    d = np.sqrt(((ap - a[:, None]) ** 2).sum((2, 3)))
+    gxi = get("gradient-x-input")
+    r = get_method_metric("max-sensitivity")(m, v, gxi, x, t, perturbed=pert)
+    np.testing.assert_allclose(r["max_sensitivity"], d.max(1) / np.sqrt((a**2).sum((1, 2))), rtol=1e-12)
+    r = get_method_metric("avg-sensitivity", relative=False)(m, v, gxi, x, t, perturbed=pert)
+    np.testing.assert_allclose(r["avg_sensitivity"], d.mean(1), rtol=1e-12)
+    # local Lipschitz (maps normalised by their max |.| first)
+    an = a / np.abs(a).max((1, 2), keepdims=True)
+    apn = ap / np.abs(ap).max((2, 3), keepdims=True)
+    dx = np.sqrt(((pert - np.asarray(x)[:, None]) ** 2).sum((2, 3, 4)))
+    lip = np.sqrt(((apn - an[:, None]) ** 2).sum((2, 3))) / (dx + 1e-10)
+    r = get_method_metric("local-lipschitz")(m, v, gxi, x, t, perturbed=pert)
+    np.testing.assert_allclose(r["local_lipschitz"], lip.max(1), rtol=1e-12)
+
+
+def test_completeness_exact(cnn, linear):
+    # a bias-free ReLU network is positively homogeneous: f(x) = grad f(x) . x and f(0) = 0
+    m, v, x, t = cnn
+    nb = jax.tree_util.tree_map_with_path(lambda p, a: jnp.zeros_like(a) if p[-1].key == "bias" else a, v)
+    r = get_method_metric("completeness", rtol=0.0, atol=1e-12)(m, nb, get("gradient-x-input"), x, t)
+    np.testing.assert_array_equal(r["complete"], 1.0)
+    assert np.abs(r["gap"]).max() < 1e-12 and np.abs(r["output_difference"]).min() > 1e-3
+    # with biases it does not hold (the bias share is missing from gradient x input)
+    r = get_method_metric("completeness", rtol=0.0, atol=1e-9)(m, v, get("gradient-x-input"), x, t)
+    assert np.abs(r["gap"]).min() > 1e-6 and r["complete"].sum() == 0
+    # Integrated Gradients (zero baseline) on a linear model with bias: exact for any step count
+    m, v, x, t = linear
+    r = get_method_metric("completeness", rtol=0.0, atol=1e-12)(m, v, get("integrated-gradients", steps=64), x, t)
+    np.testing.assert_array_equal(r["complete"], 1.0)
+    # Quantus' "black" baseline: f(x) - f(min(x) everywhere)
+    r = get_method_metric("completeness", baseline="black")(m, v, get("gradient-x-input"), x, t)
+    wb = np.asarray(v["params"]["fc"]["kernel"])
+    xf = np.asarray(x).reshape(2, -1)
+    expect = (xf * wb[:, t].T).sum(1) - xf.min(1) * wb[:, t].sum(0)
+    np.testing.assert_allclose(r["output_difference"], expect, rtol=1e-12)
+
+
+def test_center_ignores_model_and_class(cnn):
+    m, v, x, t = cnn
+    center = get("center")
+    for order in ("top-down", "independent", "bottom-up"):
+        r = get_method_metric("mprt", order=order)(m, v, center, x, t)
+        assert r["similarity"].shape == (3, 3)
+        np.testing.assert_allclose(r["similarity"], 1.0, atol=1e-12)
+    r = get_method_metric("random-logit")(m, v, center, x, t)
+    np.testing.assert_allclose(r["similarity"], 1.0, atol=1e-12)
+    assert (r["off_target"] != t).all()
+    r = get_method_metric("efficient-mprt")(m, v, center, x, t)
+    np.testing.assert_allclose(r["emprt"], 0.0, atol=1e-12)
+    # the gradient does depend on the model: randomising everything decorrelates it
+    r = get_method_metric("mprt")(m, v, get("gradient"), x, t)
+    assert r["similarity_last"].max() < 0.9
+
+
+def test_mprt_matches_sanity_cascade(cnn):
+    """Cascading top-down MPRT's Spearman column k == sanity.cascading_randomization's step k
+    (same layers, same fresh values) on |maps| (MPRT's abs)."""
+    from xaijax.metrics import sanity
+
+    m, v, x, t = cnn
+    g = get("gradient", reduce="sum")
+    r = get_method_metric("mprt", seed=3)(m, v, g, x, t)
+    c = sanity.cascading_randomization(g, m, v, x, t, seed=3)
+    np.testing.assert_allclose(r["similarity"], c.spearman_abs.T, atol=1e-9)
+
+
+def test_input_invariance(cnn):
+    """Kindermans et al.: with the shift absorbed by the first layer's bias the model is the same
+    function; the gradient map is invariant, gradient x input is not."""
+    m, v, x, t = cnn
+    sv = axioms.shift_first_layer(m, v, x, -1.0)
+    np.testing.assert_allclose(m.apply(sv, x - 1.0), m.apply(v, x), atol=1e-12)
+    metric = get_method_metric("input-invariance")
+    r = metric(m, v, get("gradient"), x, t)
+    np.testing.assert_array_equal(r["invariant"], 1.0)
+    assert r["max_abs_difference"].max() < 1e-12
+    r = metric(m, v, get("gradient-x-input"), x, t)
+    np.testing.assert_array_equal(r["invariant"], 0.0)
+    assert r["max_abs_difference"].min() > 1e-3
+
+
+def test_non_sensitivity_counts(linear):
+    """Linear model, pixels with zero weight in every channel: replacing them changes nothing.
+    The gradient's map is zero exactly there (0 violations); the centre map is zero only at the
+    middle pixel (none here, 6 x 6): violations = the number of zero-weight pixels."""
+    m, v, x, t = linear
+    k = np.array(v["params"]["fc"]["kernel"]).reshape(6, 6, 3, 3)
+    dead = np.zeros((6, 6), bool)
+    dead[[0, 2, 5], [1, 4, 5]] = True
+    k[dead] = 0.0
+    v2 = {"params": {"fc": {"kernel": jnp.asarray(k.reshape(-1, 3)), "bias": v["params"]["fc"]["bias"]}}}
+    metric = get_method_metric("non-sensitivity", output="logit", batch_size=40)
+    r = metric(m, v2, get("gradient"), x, t)
+    np.testing.assert_array_equal(r["violations"], 0.0)
+    r = metric(m, v2, get("center"), x, t)
+    np.testing.assert_array_equal(r["violations"], 3.0)
+    # per value: 3 dead pixels x 3 channels, plus the image's minimum where it lies on a live
+    # pixel (replacing it by the "black" baseline, that same minimum, changes nothing)
+    r = get_method_metric("non-sensitivity", output="logit", unit="value")(m, v2, get("center"), x, t)
+    xn = np.asarray(x)
+    expect = [9.0 + (not dead[np.unravel_index(xn[i].argmin(), xn[i].shape)[:2]]) for i in range(2)]
+    np.testing.assert_array_equal(r["violations"], expect)
+    np.testing.assert_allclose(r["violation_fraction"], np.array(expect) / 108)
+
+
+def test_consistency_scores_direct_loop():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 12).astype(float)
+    preds = rng.integers(0, 2, 12).astype(float)
+    expect = []
+    for i in range(12):
+        same = [j for j in range(12) if j != i and labels[j] == labels[i]]
+        expect.append(sum(preds[j] == preds[i] for j in same) / (len(same) + 1e-9))
+    np.testing.assert_allclose(robustness.consistency_scores(labels, preds), expect, rtol=1e-12)
+
+
+def test_translation_matches_quantus_rule():
+    x = np.arange(2 * 3 * 5 * 2, dtype=np.float64).reshape(2, 3, 5, 2)
+    fill = x.reshape(2, -1).min(1)
+    for dx in (-5, -2, 0, 3):
+        out = np.asarray(robustness.translate_x(jnp.asarray(x), dx, jnp.asarray(fill)))
+        pad = np.broadcast_to(fill[:, None, None, None], (2, 3, abs(dx), 2))
+        if dx < 0:
+            ref = np.concatenate([x, pad], axis=2)[:, :, -5:]
+        else:
+            ref = np.concatenate([pad, x], axis=2)[:, :, :5]
+        np.testing.assert_array_equal(out, ref)
+    assert robustness.continuity_shifts(16, 4) == (-8, 0, 8, 16)
+    assert robustness.continuity_shifts(8, 28) == (-8,) * 28
+
+
+def test_ssim_flat_matches_skimage():
+    skimage = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 50)), rng.normal(size=(2, 50))
+    for i in range(2):
+        dr = max(a[i].max(), b[i].max()) - min(a[i].min(), b[i].min())
+        ref = skimage.structural_similarity(a[i], b[i], data_range=dr)
+        np.testing.assert_allclose(randomisation.ssim_flat(a[i:i + 1], b[i:i + 1])[0], ref, rtol=1e-10)
