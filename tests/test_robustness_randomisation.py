@@ -308,3 +308,94 @@ def test_ssim_flat_matches_skimage():
         dr = max(a[i].max(), b[i].max()) - min(a[i].min(), b[i].min())
         ref = skimage.structural_similarity(a[i], b[i], data_range=dr)
         np.testing.assert_allclose(randomisation.ssim_flat(a[i:i + 1], b[i:i + 1])[0], ref, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- Quantus parity
+
+
+@pytest.fixture(scope="module")
+def quantus_ref():
+    if not os.path.exists(FIXTURE):
+        pytest.skip("tests/fixtures/quantus_robustness_refs.npz missing (run experiments/make_quantus_robustness_references.py)")
+    with np.load(FIXTURE) as z:
+        r = {k: z[k] for k in z.files}
+    sd = {k[3:]: v for k, v in r.items() if k.startswith("sd/")}
+    fresh = {k[6:]: v for k, v in r.items() if k.startswith("fresh/")}
+
+    def port(sd):
+        p = {}
+        for name in ("conv1", "conv2"):
+            p[name] = {"kernel": jnp.asarray(sd[f"{name}.weight"].transpose(2, 3, 1, 0)), "bias": jnp.asarray(sd[f"{name}.bias"])}
+        p["fc"] = {"kernel": jnp.asarray(sd["fc.weight"].T), "bias": jnp.asarray(sd["fc.bias"])}
+        return {"params": p}
+
+    x = jnp.asarray(r["x"].transpose(0, 2, 3, 1))
+    pert = x[:, None] + jnp.asarray(r["noise"].transpose(1, 0, 3, 4, 2))
+    return dict(r=r, model=TinyCNN(), v=port(sd), fresh=port(fresh), x=x, y=r["y"], pert=pert,
+                meta=json.loads(str(r["meta"])))
+
+
+#: Quantus "Saliency" (Captum Saliency: |gradient|, summed over channels)
+SALIENCY = dict(reduce="abs-sum")
+
+
+def test_quantus_saliency_is_xaijax_gradient(quantus_ref):
+    q = quantus_ref
+    assert q["meta"]["quantus"] == "0.6.0"
+    a = get("gradient", **SALIENCY)(q["model"], q["v"], q["x"], q["y"])
+    np.testing.assert_allclose(np.asarray(a), q["r"]["saliency"][:, 0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["max-sensitivity", "avg-sensitivity", "local-lipschitz", "ris", "ros", "rrs"])
+def test_quantus_noise_metrics(name, quantus_ref):
+    """Same perturbations (Quantus' perturb_func returns x + the stored noise), float64 both sides."""
+    q = quantus_ref
+    opts = {"rrs": dict(layers=("conv2",))}.get(name, {})
+    metric = get_method_metric(name, **opts)
+    key = name.replace("-", "_")
+    got = metric(q["model"], q["v"], get("gradient", **SALIENCY), q["x"], q["y"], perturbed=q["pert"])
+    ref = q["r"][key]
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(got[key], ref, rtol=1e-9)
+
+
+def test_quantus_continuity_consistency(quantus_ref):
+    q = quantus_ref
+    g = get("gradient", **SALIENCY)
+    got = get_method_metric("continuity", n_steps=4)(q["model"], q["v"], g, q["x"], q["y"])
+    np.testing.assert_allclose(got["continuity"], q["r"]["continuity"], rtol=1e-9)
+    c = get_method_metric("consistency")(q["model"], q["v"], g, q["x"], q["y"])
+    np.testing.assert_allclose(robustness.consistency_scores(c["label"], c["pred"]), q["r"]["consistency"], rtol=1e-12)
+
+
+def test_quantus_randomisation(quantus_ref):
+    """MPRT (cascading top-down and independent), smooth MPRT without noise (== bottom-up
+    cascade), eMPRT on Quantus' own reset_parameters() weights; random logit on Quantus' classes."""
+    q = quantus_ref
+    r = q["r"]
+    g = get("gradient", **SALIENCY)
+    args = (q["model"], q["v"], g, q["x"], q["y"])
+    for order, qorder in (("top-down", "top_down"), ("independent", "independent")):
+        metric = get_method_metric("mprt", order=order)
+        assert list(r[f"mprt_{qorder}_layers"][1:]) == metric.layer_names(q["model"], q["v"], q["x"])
+        got = metric(*args, fresh=q["fresh"])
+        np.testing.assert_allclose(got["similarity"], r[f"mprt_{qorder}"][1:].T, rtol=1e-9)
+        np.testing.assert_allclose(r[f"mprt_{qorder}"][0], 1.0)
+    got = get_method_metric("smooth-mprt", n_samples=1, noise_magnitude=0.0)(*args, fresh=q["fresh"])
+    assert list(r["smooth_mprt_layers"][1:]) == ["conv1", "conv2", "fc"]
+    np.testing.assert_allclose(got["similarity"], r["smooth_mprt"][1:].T, rtol=1e-9)
+    got = get_method_metric("efficient-mprt")(*args, fresh=q["fresh"])
+    np.testing.assert_allclose(got["emprt"], r["emprt"], rtol=1e-9)
+    got = get_method_metric("random-logit")(*args, off_targets=r["random_logit_off"])
+    np.testing.assert_allclose(got["similarity"], r["random_logit"], rtol=1e-9)
+
+
+def test_quantus_axioms(quantus_ref):
+    q = quantus_ref
+    r = q["r"]
+    args = (q["model"], q["v"])
+    got = get_method_metric("non-sensitivity", unit="value")(*args, get("gradient", **SALIENCY), q["x"], q["y"])
+    np.testing.assert_array_equal(got["violations"], r["non_sensitivity"])
+    inv = get_method_metric("input-invariance")
+    np.testing.assert_array_equal(inv(*args, get("gradient", **SALIENCY), q["x"], q["y"])["invariant"], r["input_invariance_saliency"])
+    np.testing.assert_array_equal(inv(*args, get("gradient-x-input"), q["x"], q["y"])["invariant"], r["input_invariance_ixg"])
