@@ -109,8 +109,9 @@ class Lime(FeatureMethod):
       distance_space: ``"input"`` (Captum) or ``"interpretable"`` (the ``lime`` package).
       seed: PRNG seed of the samples.
 
-    Called as ``method(model, variables, x, target, feature_mask=None, baselines=None)`` ->
-    (N, H, W).
+    Called as ``method(model, variables, x, target, feature_mask=None, baselines=None,
+    samples=None)`` -> (N, H, W); ``samples``: a concrete (S, F) 0/1 array of interpretable
+    samples used for every image instead of drawn ones (e.g. to match another library's draws).
     """
 
     n_samples: int = 50
@@ -138,21 +139,32 @@ class Lime(FeatureMethod):
 
     def __call__(
         self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any, *, feature_mask: Any = None,
-        baselines: Any = None,
+        baselines: Any = None, samples: Any = None,
     ) -> jax.Array:
         mask, f, base = self._prepare(x, feature_mask, baselines)
+        given = None
+        if samples is not None:
+            if isinstance(samples, jax.core.Tracer):
+                raise TypeError("lime: samples must be a concrete array")
+            z = np.asarray(samples)
+            if z.ndim != 2 or z.shape[1] != f or z.shape[0] < 1 or not np.isin(z, (0, 1)).all():
+                raise ValueError(f"lime: samples must be a 0/1 array (S, F) = (S, {f}) with S >= 1; got shape {z.shape}")
+            given = jnp.asarray(z, bool)
         run = bind_static(_lime, _lime_jit, self, model, f)
-        return run(variables, x, jnp.asarray(target), mask, base)
+        return run(variables, x, jnp.asarray(target), mask, base, given)
 
 
-def _lime(cfg: Lime, model, f, variables, x, target, mask, base) -> jax.Array:
+def _lime(cfg: Lime, model, f, variables, x, target, mask, base, given) -> jax.Array:
     n = x.shape[0]
     key = jax.random.key(cfg.seed)
     counts = feature_counts(mask)
     present = jnp.arange(f)[None] < counts[:, None]
 
     def perturbed(idx):
-        z = lime_samples(key, idx, counts, f)  # (m, N, F)
+        if given is None:
+            z = lime_samples(key, idx, counts, f)  # (m, N, F)
+        else:
+            z = given[idx][:, None, :] & present[None]
         keep = jnp.take_along_axis(z, jnp.broadcast_to(mask.reshape(1, n, -1), (idx.shape[0], n, mask[0].size)), axis=2)
         return z, compose(x[None], base[None], keep.reshape((idx.shape[0],) + mask.shape))
 
@@ -170,7 +182,8 @@ def _lime(cfg: Lime, model, f, variables, x, target, mask, base) -> jax.Array:
         return a, b
 
     init = (jnp.zeros((n, f + 1, f + 1), x.dtype), jnp.zeros((n, f + 1), x.dtype))
-    (a, b), _ = scan_scores(model, variables, x, target, cfg.n_samples, cfg.chunk, make_inputs, accumulate, init)
+    count = cfg.n_samples if given is None else given.shape[0]
+    (a, b), _ = scan_scores(model, variables, x, target, count, cfg.chunk, make_inputs, accumulate, init)
     coef = jax.vmap(lambda aa, bb, pp: solve_ridge(aa, bb, float(cfg.alpha), pp))(a, b, present)
     return broadcast_features(coef, mask)
 
