@@ -17,6 +17,11 @@ Registered names:
   ``4 s``), as in PAIR. ``sum(map) ~= f(x) - f(blur(x, max_sigma))`` up to the path
   discretisation. (PAIR multiplies a whole batch of steps by the *last* step's ``ds``; with its
   defaults, ``batch_size=1``, and with ``sqrt=False`` that is the same; xaijax uses each step's own.)
+* ``vargrad`` (Adebayo et al. 2018, "Local explanation methods ... sanity checks"; Captum's
+  ``NoiseTunnel(Saliency)`` with ``nt_type="vargrad"``): :func:`~xaijax.methods.combinators.smooth`
+  of the ``gradient`` method with ``mode="var"``, the variance of the gradient maps (channel
+  reduction ``abs-max`` first, as ``smoothgrad``) over ``n`` noisy copies (noise 0.15 of the
+  sample's range, as SmoothGrad).
 * ``guided-ig`` (Kapishnikov et al., CVPR 2021; PAIR ``saliency``'s ``guided_ig_impl``): an
   adaptive path from the baseline to ``x``; at each of ``steps`` steps the ``fraction`` of
   features with the smallest absolute gradient move first, every feature staying within
@@ -53,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.methods._core import Method, as_seed, check_inputs, reduce_channels, target_score, validate_positive_int
+from xaijax.methods.combinators.smoothing import Smooth, smooth
+from xaijax.methods.gradient import Gradient
 from xaijax.methods.registry import register
 
 __all__ = [
@@ -423,6 +430,15 @@ class GuidedIG(Method):
         return reduce_channels(self.attribution(model, variables, x, target), self.reduce)
 
 
+def _vargrad(n: int = 50, noise: float = 0.15, seed: int = 0, chunk: int | None = None, reduce: str = "abs-max") -> Smooth:
+    return smooth(Gradient(False, reduce), n=n, noise=noise, seed=seed, chunk=chunk, mode="var")
+
+
+register(
+    "vargrad",
+    _vargrad,
+    "VarGrad (Adebayo et al. 2018): variance of gradient maps over noisy copies of the input (smooth, mode='var')",
+)
 register(
     "gradient-shap",
     GradientShap,

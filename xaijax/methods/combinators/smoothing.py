@@ -1,6 +1,8 @@
-"""The ``smooth`` combinator — SmoothGrad / noise tunnel (Smilkov et al., 2017).
+"""The ``smooth`` combinator — SmoothGrad / noise tunnel (Smilkov et al., 2017) and VarGrad.
 
-Average a method's maps over ``n`` noisy copies of the input. Works for every method with the
+Average a method's maps over ``n`` noisy copies of the input (``mode="mean"``), or take their
+variance (``mode="var"``: VarGrad, Adebayo et al., 2018; Captum's ``NoiseTunnel`` with
+``nt_type="vargrad"``). Works for every method with the
 standard signature ``method(model, variables, x, target) -> (N, H, W)``. Registered prefix:
 ``smooth:<name>`` (:func:`get_smooth`; options prefixed ``smooth_``).
 """
@@ -17,18 +19,26 @@ import jax.numpy as jnp
 from xaijax.methods import registry
 from xaijax.methods._core import Method, Wrapper, check_inputs, validate_positive_int
 
-__all__ = ["Smooth", "smooth", "get_smooth"]
+__all__ = ["MODES", "Smooth", "smooth", "get_smooth"]
+
+#: ``Smooth.mode``: the mean of the noisy maps (SmoothGrad) or their variance (VarGrad)
+MODES = ("mean", "var")
 
 
 @dataclasses.dataclass(frozen=True)
 class Smooth(Wrapper):
-    """Average of ``method`` over ``n`` noisy copies of the input (SmoothGrad / noise tunnel).
+    """Average (or variance) of ``method`` over ``n`` noisy copies of the input (SmoothGrad /
+    noise tunnel / VarGrad).
 
     For each sample ``x_i`` the noise level is ``sigma_i = noise * (max(x_i) - min(x_i))``
     (the range over all pixels and channels of that sample, in the model's input space),
     and the map is ``mean_j method(x_i + sigma_i * eps_j)`` (``squared=True``: the mean of
-    the *squared* maps, SmoothGrad-squared of Hooker et al. 2019). Channel reduction happens
-    inside ``method``, i.e. before averaging.
+    the *squared* maps, SmoothGrad-squared of Hooker et al. 2019). ``mode="var"`` (VarGrad)
+    returns instead the variance ``mean_j m_j**2 - (mean_j m_j)**2`` of the maps ``m_j`` over
+    the copies, computed as the mean squared deviation from their mean (population variance,
+    ``ddof = 0``, as Captum's ``vargrad``). Channel reduction happens inside ``method``, i.e.
+    before averaging (Captum's noise tunnel takes the mean/variance of per-channel
+    attributions).
 
     The standard-normal patterns ``eps_j`` (shape (n, H, W, C), drawn in float32 and cast to
     the input's dtype) depend only on ``seed`` and the image shape, and are shared by all
@@ -44,6 +54,7 @@ class Smooth(Wrapper):
       seed: PRNG seed of the noise patterns.
       chunk: noisy copies per vmapped call of ``method`` (``None``: all ``n`` at once); the
         copies are processed in ``lax.map`` chunks of this size to bound memory.
+      mode: ``"mean"`` (SmoothGrad) or ``"var"`` (VarGrad; not combined with ``squared``).
     """
 
     method: Method
@@ -52,6 +63,7 @@ class Smooth(Wrapper):
     squared: bool = False
     seed: int = 0
     chunk: int | None = None
+    mode: str = "mean"
 
     def __post_init__(self) -> None:
         self._adopt_method("smooth")
@@ -59,6 +71,10 @@ class Smooth(Wrapper):
         if not float(self.noise) >= 0.0:
             raise ValueError(f"smooth: noise must be a non-negative fraction of the input range, got {self.noise!r}")
         validate_positive_int("smooth", "chunk", self.chunk, optional=True)
+        if self.mode not in MODES:
+            raise ValueError(f"smooth: mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "var" and self.squared:
+            raise ValueError("smooth: squared=True averages squared maps; it does not combine with mode='var' (VarGrad)")
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """Maps (N, H, W) averaged over the noisy copies of ``x`` (N, H, W, C)."""
@@ -76,6 +92,8 @@ class Smooth(Wrapper):
             maps = jax.vmap(one)(eps)
         else:
             maps = jax.lax.map(one, eps, batch_size=self.chunk)
+        if self.mode == "var":
+            return maps.var(axis=0)
         return maps.mean(axis=0)
 
 
@@ -86,9 +104,10 @@ def smooth(
     squared: bool = False,
     seed: int = 0,
     chunk: int | None = None,
+    mode: str = "mean",
 ) -> Smooth:
-    """Wrap ``method`` in SmoothGrad-style noise averaging; see :class:`Smooth`."""
-    return Smooth(method, n, noise, squared, seed, chunk)
+    """Wrap ``method`` in SmoothGrad-style noise averaging (``mode="var"``: VarGrad); see :class:`Smooth`."""
+    return Smooth(method, n, noise, squared, seed, chunk, mode)
 
 
 _SMOOTH_FIELDS = tuple(f.name for f in dataclasses.fields(Smooth) if f.name != "method")
