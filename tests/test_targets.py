@@ -63,10 +63,14 @@ def test_layer_output_values_names_and_variables(vgg64):
     model, v, x = vgg64
     with jax.enable_x64(True):
         w = LayerOutput(model, "features.8")
-        out = w.apply(v, x)  # the original variables, unchanged
-        a = taps.forward(model, v, x, capture=["features.8"])[1]["features.8"]
+
+        @jax.jit
+        def run(v_, x_):  # the original variables, unchanged
+            a_ = taps.forward(model, v_, x_, capture=["features.8"])[1]["features.8"]
+            return w.apply(v_, x_), a_, LayerOutput(model, "features.8", reduce="mean").apply(v_, x_)
+
+        out, a, mean = run(v, x)
         np.testing.assert_allclose(np.asarray(out), np.asarray(a.sum((1, 2))), rtol=1e-13)
-        mean = LayerOutput(model, "features.8", reduce="mean").apply(v, x)
         np.testing.assert_allclose(np.asarray(mean), np.asarray(a.mean((1, 2))), rtol=1e-13)
         assert taps.layer_names(w, v, x) == taps.layer_names(model, v, x)  # names unchanged, no prefix
         assert w.cam_layer == model.cam_layer
@@ -77,16 +81,16 @@ def test_layer_channel_gradient_equals_direct(vgg64):
     layer, c = "features.8", 3
     with jax.enable_x64(True):
         w = LayerOutput(model, layer)
-        g = input_gradient(w, v, x, c)
-        ref = _channel_grad_direct(model, v, x, layer, c)
+        g = jax.jit(input_gradient, static_argnums=0)(w, v, x, c)
+        ref = jax.jit(_channel_grad_direct, static_argnums=(0, 3, 4))(model, v, x, layer, c)
         assert float(jnp.abs(ref).max()) > 0
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-12, atol=1e-14)
         # a per-sample channel (int array target) and jit
         t = jnp.array([1, 4])
         gj = jax.jit(input_gradient, static_argnums=0)(w, v, x, t)
-        for i in range(2):
-            ri = _channel_grad_direct(model, v, x[i : i + 1], layer, int(t[i]))
-            np.testing.assert_allclose(np.asarray(gj[i : i + 1]), np.asarray(ri), rtol=1e-12, atol=1e-14)
+        onehot = jax.nn.one_hot(t, 16, dtype=x.dtype)[:, None, None, :]
+        rt = jax.jit(jax.grad(lambda xx: (taps.forward(model, v, xx, capture=[layer])[1][layer] * onehot).sum()))(x)
+        np.testing.assert_allclose(np.asarray(gj), np.asarray(rt), rtol=1e-12, atol=1e-14)
 
 
 def test_neuron_gradient_equals_direct(vgg64):
@@ -94,9 +98,14 @@ def test_neuron_gradient_equals_direct(vgg64):
     layer, unit = "features.8", (2, 1, 5)  # (i, j, c) of the NHWC output
     with jax.enable_x64(True):
         w = LayerOutput(model, layer, unit=unit)
-        assert w.apply(v, x).shape == (2, 1)
-        g = input_gradient(w, v, x, 0)
-        ref = jax.grad(lambda xx: taps.forward(model, v, xx, capture=[layer])[1][layer][:, 2, 1, 5].sum())(x)
+        assert jax.eval_shape(w.apply, v, x).shape == (2, 1)
+
+        @jax.jit
+        def run(v_, x_):
+            ref = jax.grad(lambda xx: taps.forward(model, v_, xx, capture=[layer])[1][layer][:, 2, 1, 5].sum())(x_)
+            return input_gradient(w, v_, x_, 0), ref
+
+        g, ref = run(v, x)
         assert float(jnp.abs(ref).max()) > 0
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-12, atol=1e-14)
 
@@ -107,16 +116,24 @@ def test_lrp_conservation_and_cam_on_the_wrapper(vgg64):
     model, v, x = vgg64
     with jax.enable_x64(True):
         for w, t in ((LayerOutput(model, "features.8"), 3), (LayerOutput(model, "features.8", unit=(1, 2, 6)), 0)):
-            r = LRP(C.epsilon(0.0))(w, v, x, t)
-            value = w.apply(v, x)[:, t]
+
+            @jax.jit
+            def run(v_, x_):
+                # LRP-0 == gradient x input on a bias-free ReLU network (the identity behind conservation)
+                return LRP(C.epsilon(0.0))(w, v_, x_, t), w.apply(v_, x_)[:, t], (input_gradient(w, v_, x_, t) * x_).sum(-1)
+
+            r, value, gxi = run(v, x)
             assert float(jnp.abs(value).min()) > 0
             np.testing.assert_allclose(np.asarray(r.sum((1, 2))), np.asarray(value), rtol=1e-10)
-            # LRP-0 == gradient x input on a bias-free ReLU network (the identity behind conservation)
-            gxi = (input_gradient(w, v, x, t) * x).sum(-1)
             np.testing.assert_allclose(np.asarray(r), np.asarray(gxi), rtol=1e-9, atol=1e-12)
-        eps = methods.get("lrp-epsilon")(LayerOutput(model, "features.8"), v, x, 3)
+        w = LayerOutput(model, "features.8")
+
+        @jax.jit
+        def others(v_, x_):
+            return methods.get("lrp-epsilon")(w, v_, x_, 3), methods.get("grad-cam", layer="features.5")(w, v_, x_, 3)
+
+        eps, cam = others(v, x)
         assert np.isfinite(np.asarray(eps)).all()
-        cam = methods.get("grad-cam", layer="features.5")(LayerOutput(model, "features.8"), v, x, 3)
         assert cam.shape == (2, 32, 32) and cam.dtype == jnp.float64 and float(cam.max()) > 0
 
 
@@ -141,23 +158,32 @@ def test_linear_approx_is_layer_gradient_times_activation(vgg64):
     model, v, x = vgg64
     layer, t = "features.8", jnp.array([1, 3])
     with jax.enable_x64(True):
-        acts, grads, _ = methods.layer_gradients(model, v, x, t, [layer])
         m = LinearApprox(layer=layer)
-        att = m.attribution(model, v, x, t)
-        np.testing.assert_allclose(np.asarray(att), np.asarray(acts[layer] * grads[layer]), rtol=1e-13)
-        lm = m.layer_map(model, v, x, t)
-        np.testing.assert_allclose(np.asarray(lm), np.asarray((acts[layer] * grads[layer]).sum(-1)), rtol=1e-12, atol=1e-15)
-        full = m(model, v, x, t)
+
+        @jax.jit
+        def run(v_, x_, t_):
+            acts, grads, _ = methods.layer_gradients(model, v_, x_, t_, [layer])
+            return (
+                acts[layer],
+                grads[layer],
+                m.attribution(model, v_, x_, t_),
+                m.layer_map(model, v_, x_, t_),
+                m(model, v_, x_, t_),
+                LinearApprox(layer=layer).attribution(LayerOutput(model, layer), v_, x_, t_),
+                LinearApprox()(model, v_, x_, t_),
+                LinearApprox(layer=model.cam_layer)(model, v_, x_, t_),
+            )
+
+        a, g, att, lm, full, att_t, by_default, by_name = run(v, x, t)
+        np.testing.assert_allclose(np.asarray(att), np.asarray(a * g), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(lm), np.asarray((a * g).sum(-1)), rtol=1e-12, atol=1e-15)
         assert full.shape == (2, 32, 32) and full.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(full), np.asarray(methods.upsample_bilinear(lm, (32, 32))), rtol=1e-13)
         # at the target layer itself the gradient of channel c's total is one-hot in c: the
         # wrapper's capture sees the layer output after taps' probe (it is the outermost interceptor)
-        att_t = LinearApprox(layer=layer).attribution(LayerOutput(model, layer), v, x, t)
-        np.testing.assert_allclose(np.asarray(att_t), np.asarray(acts[layer] * jax.nn.one_hot(t, acts[layer].shape[-1])[:, None, None]), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(att_t), np.asarray(a * jax.nn.one_hot(t, a.shape[-1])[:, None, None]), rtol=1e-13)
         # default layer: the model's cam_layer
-        np.testing.assert_allclose(
-            np.asarray(LinearApprox()(model, v, x, t)), np.asarray(LinearApprox(layer=model.cam_layer)(model, v, x, t)), rtol=1e-13
-        )
+        np.testing.assert_allclose(np.asarray(by_default), np.asarray(by_name), rtol=1e-13)
 
 
 def test_layer_ig_completeness(vgg64):
@@ -165,7 +191,7 @@ def test_layer_ig_completeness(vgg64):
     model, v, x = vgg64
     with jax.enable_x64(True):
         m = LayerIntegratedGradients(layer="features.8", steps=64, rule="gauss-legendre")
-        att = m.attribution(model, v, x, 2)
+        att = jax.jit(m.attribution, static_argnums=0)(model, v, x, 2)
         s = model.apply(v, x)[:, 2] - model.apply(v, jnp.zeros_like(x))[:, 2]
         np.testing.assert_allclose(np.asarray(att.sum((1, 2, 3))), np.asarray(s), rtol=2e-3)
 
@@ -206,10 +232,17 @@ def test_captum_layer_references(captum):
     with jax.enable_x64(True):
         v = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, captum.variables)
         x, t, model = jnp.asarray(captum.x, jnp.float64), jnp.asarray(captum.t), captum.model
-        gxa = LinearApprox(layer=layer).attribution(model, v, x, t)
-        ig = LayerIntegratedGradients(layer=layer, steps=meta["ig_steps"], rule="gauss-legendre").attribution(model, v, x, t)
         c, i, j = meta["neuron_torch_chw"]
-        ng = input_gradient(LayerOutput(model, layer, unit=(i, j, c)), v, x, 0)
+
+        @jax.jit
+        def run(v_, x_, t_):
+            return (
+                LinearApprox(layer=layer).attribution(model, v_, x_, t_),
+                LayerIntegratedGradients(layer=layer, steps=meta["ig_steps"], rule="gauss-legendre").attribution(model, v_, x_, t_),
+                input_gradient(LayerOutput(model, layer, unit=(i, j, c)), v_, x_, 0),
+            )
+
+        gxa, ig, ng = run(v, x, t)
     for ours, key in ((gxa, "layer_gxa"), (ig, "layer_ig"), (ng, "neuron_gradient")):
         ref = captum.a[f"out/{key}"]
         assert float(np.abs(ref).max()) > 0, key
@@ -235,7 +268,7 @@ def fcn64():
     with jax.enable_x64(True):
         model = _FCN()
         x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 12, 12, 3)))
-        v = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(0), x[:1]))
+        v = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), jax.jit(model.init)(jax.random.key(0), x[:1]))
         mask = jnp.asarray(np.random.default_rng(4).random((2, 12, 12)) > 0.5, jnp.float64)
     return model, v, x, mask
 
@@ -245,13 +278,19 @@ def test_segmentation_region_value_and_gradient(fcn64):
     with jax.enable_x64(True):
         w = SegmentationRegion(model)
         vm = attach(v, mask=mask)
-        out = w.apply(vm, x)
-        logits = np.asarray(model.apply(v, x))
+
+        @jax.jit
+        def run(vm_, v_, x_):
+            grads = [input_gradient(w, vm_, x_, c) for c in range(3)]
+            refs = [jax.grad(lambda xx: (mask * model.apply(v_, xx)[..., c]).sum())(x_) for c in range(3)]
+            return w.apply(vm_, x_), model.apply(v_, x_), grads, refs, LRP(C.epsilon(0.0))(w, vm_, x_, 1)
+
+        out, logits, grads, refs, r = run(vm, v, x)
+        logits = np.asarray(logits)
         direct = np.einsum("nhw,nhwk->nk", np.asarray(mask), logits)
         np.testing.assert_allclose(np.asarray(out), direct, rtol=1e-13)
-        for c in range(3):
-            g = input_gradient(w, vm, x, c)
-            ref = jax.grad(lambda xx: (mask * model.apply(v, xx)[..., c]).sum())(x)
+        for g, ref in zip(grads, refs):
+            assert float(jnp.abs(ref).max()) > 0
             np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-12, atol=1e-14)
         # a shared (H, W) mask and the region mean
         out_shared = SegmentationRegion(model, reduce="mean").apply(attach(v, mask=mask[0]), x)
@@ -259,18 +298,19 @@ def test_segmentation_region_value_and_gradient(fcn64):
             np.asarray(out_shared), np.einsum("hw,nhwk->nk", np.asarray(mask[0]), logits) / float(mask[0].sum()), rtol=1e-13
         )
         # LRP-0 through the functional sum: input relevance sums to the region's score
-        r = LRP(C.epsilon(0.0))(w, vm, x, 1)
         np.testing.assert_allclose(np.asarray(r.sum((1, 2))), np.asarray(out[:, 1]), rtol=1e-10)
 
 
 def test_segmentation_region_errors(fcn64):
     model, v, x, mask = fcn64
-    with pytest.raises(ValueError, match="attach"):
-        SegmentationRegion(model).apply(v, x)
-    with pytest.raises(ValueError, match="does not match"):
-        SegmentationRegion(model).apply(attach(v, mask=mask[:, :6]), x)
-    with pytest.raises(ValueError, match="batch of 1"):
-        SegmentationRegion(model).apply(attach(v, mask=mask), x[:1])
+    w = SegmentationRegion(model)
+    with jax.enable_x64(True):
+        with pytest.raises(ValueError, match="attach"):
+            jax.eval_shape(w.apply, v, x)
+        with pytest.raises(ValueError, match="does not match"):
+            jax.eval_shape(w.apply, attach(v, mask=mask[:, :6]), x)
+        with pytest.raises(ValueError, match="batch of 1"):
+            jax.eval_shape(w.apply, attach(v, mask=mask), x[:1])
 
 
 # ------------------------------------------------------------------------------ detection
@@ -328,18 +368,25 @@ def test_detection_score_matches_numpy(det):
     boxes, labels = np.asarray(boxes, np.float32), np.asarray(labels, np.int32)
     w = DetectionScore(model)
     vt = attach(v, boxes=boxes, labels=labels)
-    out = np.asarray(w.apply(vt, x))
+
+    @jax.jit
+    def run(vt_, x_):
+        return (
+            w.apply(vt_, x_),
+            input_gradient(w, vt_, x_, 0),
+            methods.get("grad-cam", layer="layer3")(w, vt_, x_, 0),
+            methods.get("linear-approx")(w, vt_, x_, 0),  # default layer: head.relu
+        )
+
+    out, g, cam, lin = (np.asarray(a) for a in run(vt, x))
     assert out.shape == (2, 1)
     ref = np.array([_np_box_score(d, b, l, 0.5) for d, b, l in zip(dets, boxes, labels)])
     assert (ref > 1.0).all()  # at least one match per image
     np.testing.assert_allclose(out[:, 0], ref, rtol=1e-5)
     # gradient (through the matched boxes' IoU and scores): finite, non-zero; Grad-CAM runs
-    g = input_gradient(w, vt, x, 0)
-    assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) > 0
-    cam = methods.get("grad-cam", layer="layer3")(w, vt, x, 0)
-    assert cam.shape == (2, 32, 32) and np.isfinite(np.asarray(cam)).all()
-    lin = methods.get("linear-approx")(w, vt, x, 0)  # default layer: head.relu
-    assert np.isfinite(np.asarray(lin)).all() and float(jnp.abs(lin).max()) > 0
+    assert np.isfinite(g).all() and float(np.abs(g).max()) > 0
+    assert cam.shape == (2, 32, 32) and np.isfinite(cam).all()
+    assert np.isfinite(lin).all() and float(np.abs(lin).max()) > 0
 
 
 def test_greedy_nms_matches_host_nms():
