@@ -285,9 +285,12 @@ def test_segmentation_region_value_and_gradient(fcn64):
         def run(vm_, v_, x_):
             grads = [input_gradient(w, vm_, x_, c) for c in range(3)]
             refs = [jax.grad(lambda xx: (mask * model.apply(v_, xx)[..., c]).sum())(x_) for c in range(3)]
-            return w.apply(vm_, x_), model.apply(v_, x_), grads, refs, LRP(C.epsilon(0.0))(w, vm_, x_, 1)
+            # per-image data under vmap: the mask is mapped together with the image
+            per_sample = jax.vmap(lambda xi, mi: input_gradient(w, attach(v_, mask=mi[None]), xi[None], 1)[0])(x_, mask)
+            return w.apply(vm_, x_), model.apply(v_, x_), grads, refs, LRP(C.epsilon(0.0))(w, vm_, x_, 1), per_sample
 
-        out, logits, grads, refs, r = run(vm, v, x)
+        out, logits, grads, refs, r, per_sample = run(vm, v, x)
+        np.testing.assert_allclose(np.asarray(per_sample), np.asarray(grads[1]), rtol=1e-12, atol=1e-14)
         logits = np.asarray(logits)
         direct = np.einsum("nhw,nhwk->nk", np.asarray(mask), logits)
         np.testing.assert_allclose(np.asarray(out), direct, rtol=1e-13)
