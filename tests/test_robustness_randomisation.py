@@ -123,8 +123,10 @@ def test_bad_inputs(cnn):
 
 @pytest.mark.parametrize("name", method_metric_names())
 def test_structure_batch_equals_single(name, cnn):
-    """Every registered method metric: dict of per-image float64 arrays (leading axis N),
-    finite, and the batch's rows equal the values of the images on their own."""
+    """Every registered method metric: a dict of per-image float64 arrays (leading axis N),
+    finite, and each image's values depend on that image only: a batch with the images
+    permuted and one of them replaced (same shape, so no second compile) gives the same rows
+    (randomness included: noise is keyed by the image, not by its position)."""
     m, v, x, t = cnn
     metric = get_method_metric(name, **CHEAP.get(name, {}))
     method = get("gradient")
@@ -132,29 +134,30 @@ def test_structure_batch_equals_single(name, cnn):
     assert full and all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape[0] == 3 for a in full.values())
     for k, a in full.items():
         assert np.isfinite(a).all(), (name, k, a)
-    one = metric(m, v, method, x[1:2], t[1:2])
+    other = x[0] * 0.5 + 0.3
+    x2 = jnp.stack([x[2], other, x[1]])
+    t2 = np.array([t[2], 0, t[1]])
+    two = metric(m, v, method, x2, t2)
     for k in full:
-        np.testing.assert_allclose(one[k], full[k][1:2], rtol=1e-9, atol=1e-12, err_msg=f"{name}:{k}")
+        np.testing.assert_allclose(two[k][[0, 2]], full[k][[2, 1]], rtol=1e-9, atol=1e-12, err_msg=f"{name}:{k}")
     s = metric.summarize(full)
     assert s and all(isinstance(val, float) for val in s.values())
+
+
+def test_single_image_equals_batch(cnn):
+    """One image on its own (N = 1: other sample blocks and program) == its row of the batch."""
+    m, v, x, t = cnn
+    metric = get_method_metric("max-sensitivity", **CHEAP["max-sensitivity"])
+    full = metric(m, v, get("gradient"), x, t)
+    one = metric(m, v, get("gradient"), x[1:2], t[1:2])
+    np.testing.assert_allclose(one["max_sensitivity"], full["max_sensitivity"][1:2], rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------- closed forms
 
 
-def test_constant_model_zero_sensitivity(linear):
-    m, v, x, t = linear
-    v0 = jax.tree_util.tree_map_with_path(lambda p, a: jnp.zeros_like(a) if p[-1].key == "kernel" else a + 1.0, v)
-    for method in (get("gradient"), get("gradient-x-input")):
-        for name in ("max-sensitivity", "avg-sensitivity"):
-            r = get_method_metric(name, n_samples=4, relative=False)(m, v0, method, x, t)
-            np.testing.assert_array_equal(r[name.replace("-", "_")], 0.0)
-        r = get_method_metric("local-lipschitz", n_samples=4)(m, v0, method, x, t)
-        np.testing.assert_array_equal(r["local_lipschitz"], 0.0)
-
-
-def test_linear_model_closed_forms(linear):
-    """Gradient maps of a linear model do not depend on the input: sensitivity, Lipschitz and
+def test_linear_and_constant_model_closed_forms(linear):
+    """A constant model gives zero sensitivity and Lipschitz estimate. Gradient maps of a linear model do not depend on the input: sensitivity, Lipschitz and
     RIS are 0. Gradient x input (channel sum) moves by sum_c W[h, w, c] u[h, w, c]: the values
     are the numpy closed forms on the same explicit perturbations."""
     m, v, x, t = linear
@@ -171,6 +174,12 @@ def test_linear_model_closed_forms(linear):
     ap = (wt[:, None] * pert).sum(-1)
     d = np.sqrt(((ap - a[:, None]) ** 2).sum((2, 3)))
     gxi = get("gradient-x-input")
+    # a constant model (zero kernel): every map is 0, so is every difference
+    v0 = jax.tree_util.tree_map_with_path(lambda p, a: jnp.zeros_like(a) if p[-1].key == "kernel" else a + 1.0, v)
+    r = get_method_metric("avg-sensitivity", relative=False)(m, v0, gxi, x, t, perturbed=pert)
+    np.testing.assert_array_equal(r["avg_sensitivity"], 0.0)
+    r = get_method_metric("local-lipschitz")(m, v0, gxi, x, t, perturbed=pert)
+    np.testing.assert_array_equal(r["local_lipschitz"], 0.0)
     r = get_method_metric("max-sensitivity")(m, v, gxi, x, t, perturbed=pert)
     np.testing.assert_allclose(r["max_sensitivity"], d.max(1) / np.sqrt((a**2).sum((1, 2))), rtol=1e-12)
     r = get_method_metric("avg-sensitivity", relative=False)(m, v, gxi, x, t, perturbed=pert)
@@ -229,7 +238,7 @@ def test_mprt_matches_sanity_cascade(cnn):
     from xaijax.metrics import sanity
 
     m, v, x, t = cnn
-    g = get("gradient", reduce="sum")
+    g = get("gradient")
     r = get_method_metric("mprt", seed=3)(m, v, g, x, t)
     c = sanity.cascading_randomization(g, m, v, x, t, seed=3)
     np.testing.assert_allclose(r["similarity"], c.spearman_abs.T, atol=1e-9)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.methods._core import NotApplicable
 from xaijax.metrics import sanity
 from xaijax.metrics.registry import register_method_metric
 from xaijax.metrics.robustness import (
@@ -226,15 +227,16 @@ def shift_first_layer(model: Any, variables: Mapping[str, Any], x: Any, shift: f
     convolution differs at the border (the padding is not shifted), as in Quantus.
 
     The first layer is the first module with a ``kernel`` (:func:`~xaijax.metrics.sanity.randomizable_layers`);
-    it must take the input directly and have a bias.
+    it must take the input directly and have a bias (else :class:`~xaijax.methods.NotApplicable`,
+    e.g. torchvision ResNets, whose ``conv1`` has no bias).
     """
     layers = sanity.randomizable_layers(model, variables, x)
     if not layers:
-        raise ValueError("the model has no layer with a kernel to absorb the input shift")
+        raise NotApplicable("input invariance: the model has no layer with a kernel to absorb the input shift")
     path = ["params"] + layers[0].split(".")
     node = _get(variables, path)
     if "bias" not in node:
-        raise ValueError(f"the first layer {layers[0]!r} has no bias to absorb the input shift")
+        raise NotApplicable(f"input invariance: the first layer {layers[0]!r} has no bias to absorb the input shift")
     k = jnp.asarray(node["kernel"])
     new = dict(node)
     new["bias"] = jnp.asarray(node["bias"]) - shift * k.reshape(-1, k.shape[-1]).sum(0)
