@@ -206,9 +206,11 @@ def test_pixel_flipping_against_numpy_loop(ref):
     x = np.random.default_rng(1).normal(size=(2, 6, 6, 3))
     a = np.random.default_rng(2).normal(size=(2, 6, 6))
     t = np.array([0, 2], np.int32)
-    with jax.enable_x64(True):
-        v = model.init(jax.random.key(1), jnp.asarray(x))
-        fn = metrics.classifier_fn(model, v)
+    r = np.random.default_rng(4)
+    shapes = {"Conv_0": (3, 3, 3, 4), "Conv_1": (3, 3, 4, 4), "Dense_0": (4, 3)}
+    params = {k: {"kernel": r.normal(size=sh), "bias": r.normal(size=sh[-1:]) * 0.1} for k, sh in shapes.items()}
+    with jax.enable_x64(True):  # (no model.init: eager flax init is slow)
+        fn = metrics.classifier_fn(model, jax.tree_util.tree_map(jnp.asarray, {"params": params}))
         got = metrics.get_model_metric("pixel-flipping", features_in_step=4, steps_per_call=3)(fn, x, a, t)["curve"]
     for i in range(2):
         order = np.argsort(-a[i].reshape(-1), kind="stable")

@@ -136,10 +136,9 @@ class FaithfulnessCorrelation:
         if self.subset_size > shape[1] * shape[2]:
             raise ValueError(f"faithfulness-correlation: subset_size={self.subset_size} exceeds the {shape[1] * shape[2]} pixels of an image")
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         a = prepare_map(a, self.normalise, self.abs)
-        key = jax.random.key(self.seed)
         masks = jax.vmap(lambda r: _subset_mask(jax.random.fold_in(key, r), h * w, self.subset_size).reshape(h, w))(jnp.arange(self.nr_runs))
         b = baseline_value(x, self.baseline)
         ys = step_scores(fn, lambda s: jnp.where(masks[s][..., None], b, x), self.nr_runs, t, x.dtype, self.score, self.steps_per_call)
@@ -179,7 +178,7 @@ class FaithfulnessEstimate:
         _common("faithfulness-estimate", self)
         _check_steps("faithfulness-estimate", self.features_in_step, shape)
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         k = self.features_in_step
         a = prepare_map(a, self.normalise, self.abs)
@@ -229,7 +228,7 @@ class Monotonicity:
         _common("monotonicity", self)
         _check_steps("monotonicity", self.features_in_step, shape)
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         k = self.features_in_step
         a = prepare_map(a, self.normalise, self.abs)
@@ -286,13 +285,12 @@ class MonotonicityCorrelation:
         if not self.uniform_high >= self.uniform_low:
             raise ValueError(f"monotonicity-correlation: uniform_high must be >= uniform_low; got {self.uniform_low}, {self.uniform_high}")
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         k, r = self.features_in_step, self.nr_samples
         a = prepare_map(a, self.normalise, self.abs)
         group = _faith.saliency_rank(-a[None])[0] // k  # increasing order
         n = -(-h * w // k)
-        key = jax.random.key(self.seed)
 
         def make(i):
             u = jax.random.uniform(jax.random.fold_in(key, i), (), x.dtype, self.uniform_low, self.uniform_high)
@@ -364,12 +362,11 @@ class SensitivityN:
         if not ns or any(not 1 <= v <= hw for v in ns):
             raise ValueError(f"sensitivity-n: n_values must be subset sizes in [1, {hw}]; got {self.n_values!r}")
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         ns = jnp.asarray(self.sizes(h, w), jnp.int32)
         r = self.nr_subsets
         a = prepare_map(a, self.normalise, self.abs)
-        key = jax.random.key(self.seed)
         b = baseline_value(x, self.baseline)
         mask = lambda i: (jax.random.permutation(jax.random.fold_in(key, i), h * w) < ns[i // r]).reshape(h, w)
         ys = step_scores(fn, lambda i: jnp.where(mask(i)[..., None], b, x), ns.shape[0] * r, t, x.dtype, self.score, self.steps_per_call)
@@ -438,12 +435,11 @@ class Infidelity:
             if not self.noise_std > 0:
                 raise ValueError(f"infidelity: noise_std must be > 0; got {self.noise_std!r}")
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         a = prepare_map(a, self.normalise, self.abs)
         y = clean_score(fn, x, t, self.score)
         if self.perturbation == "noise":
-            key = jax.random.key(self.seed)
             noise = lambda s: jax.random.normal(jax.random.fold_in(key, s), x.shape, x.dtype) * self.noise_std
             ys = step_scores(fn, lambda s: x - noise(s), self.n_perturb_samples, t, x.dtype, self.score, self.steps_per_call)
             dots = jax.lax.map(lambda s: jnp.sum(a * noise(s).sum(-1)), jnp.arange(self.n_perturb_samples))

@@ -175,12 +175,15 @@ def _rank_desc(values: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "images_per_call"))
-def _run(metric: Any, fn: jax.tree_util.Partial, images: jax.Array, maps: jax.Array, targets: jax.Array, extra: Any, images_per_call: int) -> dict:
-    """``metric._image(fn, x, a, t, extra)`` over all images, ``images_per_call`` at a time."""
+def _run(metric: Any, fn: jax.tree_util.Partial, images: jax.Array, maps: jax.Array, targets: jax.Array, extra: Any, seed: jax.Array, images_per_call: int) -> dict:
+    """``metric._image(fn, x, a, t, extra, key)`` over all images, ``images_per_call`` at a time
+    (``key = key(seed)``, the same for every image; the seed is traced, so a new seed does not
+    recompile)."""
+    key = jax.random.key(seed)
 
     def one(args):
         x, a, t, e = args
-        return metric._image(fn, x, a, t, e)
+        return metric._image(fn, x, a, t, e, key)
 
     return jax.lax.map(one, (images, maps, targets, extra), batch_size=max(1, min(int(images_per_call), images.shape[0])))
 
@@ -191,7 +194,10 @@ def run(metric: Any, model_fn: ModelFn, images: Any, maps: Any, targets: Any, ex
     metric._validate(images.shape)
     if extra is None:
         extra = jnp.zeros((images.shape[0],), jnp.int32)
-    out = _run(metric, fn, images, maps, targets, extra, int(getattr(metric, "images_per_call", 1)))
+    seed = int(getattr(metric, "seed", 0))
+    if seed != 0:  # the seed is a traced argument: the compiled program is shared by all seeds
+        metric = dataclasses.replace(metric, seed=0)
+    out = _run(metric, fn, images, maps, targets, extra, jnp.asarray(seed, jnp.uint32), int(getattr(metric, "images_per_call", 1)))
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
@@ -244,7 +250,7 @@ class PixelFlipping:
         if self.features_in_step > shape[1] * shape[2]:
             raise ValueError(f"pixel-flipping: features_in_step={self.features_in_step} exceeds the {shape[1] * shape[2]} pixels of an image")
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         k = self.features_in_step
         rank = _faith.saliency_rank(prepare_map(a, self.normalise, self.abs)[None])[0]
@@ -322,7 +328,7 @@ class RegionPerturbation:
         _check_baseline(self.baseline)
         _check_score("region-perturbation", self.score)
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         ys = _patch_curve(self, fn, x, a, t, self.patch_size, self.order, self.regions_evaluation)
         return {"curve": clean_score(fn, x, t, self.score) - ys}
 
@@ -365,7 +371,7 @@ class Selectivity:
         _check_baseline(self.baseline)
         _check_score("selectivity", self.score)
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, _ = x.shape
         return {"curve": _patch_curve(self, fn, x, a, t, self.patch_size, "morf", patch_ids(h, w, self.patch_size)[1])}
 
@@ -472,7 +478,7 @@ class _IROFSteps:
     def _validate(self, shape):
         pass
 
-    def _image(self, fn, x, a, t, labels):
+    def _image(self, fn, x, a, t, labels, key):
         cfg = self.cfg
         n = self.steps
         a = prepare_map(a, cfg.normalise, cfg.abs)
@@ -614,11 +620,10 @@ class ROAD:
         """Pixels imputed at each percentage: ``int(H*W*p/100)`` (Quantus)."""
         return tuple(int(h * w * float(p) / 100) for p in self.percentages)
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         h, w, c = x.shape
         rank = _faith.saliency_rank((a if self.order == "morf" else -a)[None])[0]
         cnt = jnp.asarray(self.counts(h, w), jnp.int32)
-        key = jax.random.key(self.seed)
 
         def make(s):
             mask = rank < cnt[s]
@@ -671,7 +676,7 @@ class AverageDrop:
         _check_baseline(self.baseline)
         _check_positive(self.name, "images_per_call", self.images_per_call)
 
-    def _image(self, fn, x, a, t, extra):
+    def _image(self, fn, x, a, t, extra, key):
         e = minmax_normalize(a[None])[0][..., None]
         xm = e * x + (1 - e) * baseline_value(x, self.baseline)
         p = jax.nn.softmax(fn(jnp.stack([x, xm])).astype(x.dtype), axis=-1)[:, t]
