@@ -3,8 +3,8 @@
 * Structure (battery-like, every name of ``method_metric_names()``): per-image float64 values,
   finite, and a batch gives the values of its images one by one.
 * Closed forms on tiny float64 models: constant and linear models (sensitivity, Lipschitz,
-  RIS), completeness of gradient x input on a bias-free ReLU network and of Integrated
-  Gradients on a linear model, MPRT / random logit of the model-ignoring ``center`` method
+  RIS), completeness of gradient x input and LRP-0 on a bias-free ReLU network, of DeepLIFT
+  (rescale) on the biased one and of Integrated Gradients on a linear model, MPRT / random logit of the model-ignoring ``center`` method
   (similarity 1), input invariance of the gradient and not of gradient x input (Kindermans et
   al.), non-sensitivity counts, consistency by a direct loop, Quantus' translation.
 * Quantus 0.6.0 parity: ``tests/fixtures/quantus_robustness_refs.npz`` recorded by
@@ -25,6 +25,7 @@ import pytest
 from xaijax.methods import get
 from xaijax.metrics import get_method_metric, method_metric_names
 from xaijax.metrics import axioms, randomisation, robustness
+from xaijax.models import layers
 
 jax.config.update("jax_enable_x64", True)
 
@@ -37,9 +38,10 @@ class TinyCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="conv1")(x))
-        x = nn.relu(nn.Conv(6, (3, 3), padding="VALID", name="conv2")(x))
-        return nn.Dense(3, name="fc")(x.mean(axis=(1, 2)))
+        x = layers.ReLU(name="relu1")(nn.Conv(4, (3, 3), padding="VALID", name="conv1")(x))
+        x = layers.ReLU(name="relu2")(nn.Conv(6, (3, 3), padding="VALID", name="conv2")(x))
+        x = layers.Flatten(name="flatten")(layers.AdaptiveAvgPool2d(1, name="pool")(x))
+        return nn.Dense(3, name="fc")(x)
 
 
 class Linear(nn.Module):
@@ -200,6 +202,12 @@ def test_completeness_exact(cnn, linear):
     r = get_method_metric("completeness", rtol=0.0, atol=1e-12)(m, nb, get("gradient-x-input"), x, t)
     np.testing.assert_array_equal(r["complete"], 1.0)
     assert np.abs(r["gap"]).max() < 1e-12 and np.abs(r["output_difference"]).min() > 1e-3
+    # LRP-epsilon with epsilon 0 (LRP-0) on the bias-free network: the same identity
+    r = get_method_metric("completeness", rtol=0.0, atol=1e-12)(m, nb, get("lrp-epsilon", eps=0.0), x, t)
+    np.testing.assert_array_equal(r["complete"], 1.0)
+    # DeepLIFT (rescale, zero reference) sums to f(x) - f(0) on the network *with* biases
+    r = get_method_metric("completeness", rtol=0.0, atol=1e-12)(m, v, get("deeplift"), x, t)
+    np.testing.assert_array_equal(r["complete"], 1.0)
     # with biases it does not hold (the bias share is missing from gradient x input)
     r = get_method_metric("completeness", rtol=0.0, atol=1e-9)(m, v, get("gradient-x-input"), x, t)
     assert np.abs(r["gap"]).min() > 1e-6 and r["complete"].sum() == 0
