@@ -118,7 +118,7 @@ NotApplicable on a model that takes one input size only (``image_size``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -133,10 +133,12 @@ from xaijax.methods._core import (
     check_inputs,
     declared_layer,
     layer_gradients,
+    reduce_channels,
     token_grid,
     validate_positive_int,
 )
 from xaijax.methods.combinators import Ucag
+from xaijax.methods.gradient import modified_gradient
 from xaijax.methods.registry import register
 from xaijax.models import layers as L
 from xaijax.models import taps
@@ -146,8 +148,15 @@ __all__ = [
     "activation_and_gradient",
     "upsample_bilinear",
     "CamMethod",
+    "AUG_FLIPS",
+    "AUG_FACTORS",
+    "augmented_maps",
+    "eigen_projection",
     "GradCAM",
     "GradCAMPlusPlus",
+    "HiResCAM",
+    "GradCAMElementWise",
+    "GuidedGradCAM",
     "CAM",
     "gap_linear_head",
     "XGradCAM",
@@ -233,26 +242,152 @@ def _one_layer(model, variables, x, target, layer: str | None):
     return acts[name], grads[name], out
 
 
+#: pytorch-grad-cam's default test-time augmentations (ttach ``HorizontalFlip()`` x ``Multiply([0.9, 1, 1.1])``).
+AUG_FLIPS: tuple[bool, ...] = (False, True)
+AUG_FACTORS: tuple[float, ...] = (0.9, 1.0, 1.1)
+
+
+def eigen_projection(a: jax.Array) -> jax.Array:
+    """(N, h, w, K) -> (N, h, w): each sample's activations projected on their first principal component.
+
+    Per sample, ``X`` (h w, K) is centred over positions (each channel minus its spatial mean),
+    ``X = U S V^T`` (SVD) and the map is ``X v_1`` (= ``s_1 u_1``), as pytorch-grad-cam's
+    ``get_2d_projection`` (NaNs set to 0 first). That projection's sign is LAPACK's arbitrary choice
+    in the peer (no sign correction); xaijax fixes it: ``v_1`` is flipped so that ``sum(v_1) >= 0``,
+    which is the same as asking that the projection correlate non-negatively with the plain
+    channel sum ``sum_k X_k`` (``<X v_1, X 1> = s_1^2 <v_1, 1>``) — for weighted activations, the
+    map being smoothed. Maps differ from the peer's at most by that sign; batched (one vmapped SVD).
+    """
+    if a.ndim != 4:
+        raise ValueError(f"activations must have shape (N, h, w, K); got {a.shape}")
+    n, h, w, k = a.shape
+    x = jnp.where(jnp.isnan(a), 0.0, a).reshape(n, h * w, k)
+    x = x - x.mean(axis=1, keepdims=True)
+    _, _, vt = jnp.linalg.svd(x, full_matrices=False)
+    v = vt[:, 0, :]  # (N, K)
+    v = jnp.where(v.sum(-1, keepdims=True) < 0, -v, v)
+    return jnp.einsum("npk,nk->np", x, v, precision=jax.lax.Precision.HIGHEST).reshape(n, h, w)
+
+
+def _tile_target(target: Any, copies: int) -> Any:
+    """``target`` for a batch made of ``copies`` stacked copies of the batch (augmentation-major)."""
+    t = jnp.asarray(target)
+    if t.ndim == 0:
+        return target
+    return jnp.tile(t, (copies,) + (1,) * (t.ndim - 1))
+
+
+def augmented_maps(
+    fn: Callable[..., jax.Array],
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    x: jax.Array,
+    target: Any,
+    flips: tuple[bool, ...] = AUG_FLIPS,
+    factors: tuple[float, ...] = AUG_FACTORS,
+) -> jax.Array:
+    """(A, N, ...) de-augmented maps of ``fn(model, variables, x_a, target)`` over the test-time
+    augmentations ``a = (flip, factor)`` for ``flip in flips``, ``factor in factors`` (ttach's
+    product order: flips outer). ``x_a`` is ``x`` flipped left-right (width axis) if ``flip``,
+    times ``factor`` (applied, as pytorch-grad-cam does, to the normalised model input); a map
+    ``(N, h, w)`` is flipped back (ttach's ``Multiply`` has no de-augmentation). All ``A``
+    augmentations go through ``fn`` as one batch of ``A * N`` images.
+    """
+    combos = [(bool(f), float(m)) for f in flips for m in factors]
+    if not combos:
+        raise ValueError("aug_flips and aug_factors must each hold at least one augmentation")
+    n = x.shape[0]
+    xs = [(x[:, :, ::-1] if f else x) * jnp.asarray(m, x.dtype) for f, m in combos]
+    maps = fn(model, variables, jnp.concatenate(xs, 0), _tile_target(target, len(combos)))
+    maps = maps.reshape((len(combos), n) + maps.shape[1:])
+    return jnp.stack([maps[i][:, :, ::-1] if f else maps[i] for i, (f, _) in enumerate(combos)])
+
+
+@dataclasses.dataclass(frozen=True)
 class CamMethod(Method):
     """Base of the CAM family: ``kind = "cam"`` (UCAG applies its CAM post-processing).
 
     A CAM method computes :meth:`layer_map` — its map at the layer's resolution before the
     final ReLU — and ``__call__`` returns ``upsample(relu(layer_map))`` at the input size
-    (methods whose reference orders these steps differently override ``__call__``).
+    (methods whose reference orders these steps differently override ``_map``). Methods that
+    weight the layer's activations (Grad-CAM, HiResCAM, ...) implement
+    :meth:`weighted_activations` (N, h, w, K), whose channel sum is the layer map.
+
+    Options of every CAM (keyword-only fields, default off), as pytorch-grad-cam's
+    ``aug_smooth`` / ``eigen_smooth`` call arguments:
+
+    Attributes:
+      eigen_smooth: the layer map is the first principal component of the weighted
+        activations (:func:`eigen_projection`) instead of their channel sum. Only for methods
+        with weighted activations (``supports_eigen_smooth``); others raise ``ValueError``.
+      aug_smooth: test-time augmentation — the map is the mean of the de-augmented maps of
+        the augmented inputs (:func:`augmented_maps`: ``aug_flips`` x ``aug_factors``, by
+        default ttach's horizontal flip x brightness ``0.9, 1, 1.1`` as pytorch-grad-cam), one
+        batched call. pytorch-grad-cam min-max normalises each augmentation's map before
+        averaging; xaijax averages the maps as they are (with only the identity augmentation
+        the result is the plain map). :meth:`layer_map` averages the de-augmented layer maps
+        (before the ReLU), ``__call__`` the final maps.
+      aug_flips, aug_factors: the augmentations of ``aug_smooth``.
     """
+
+    aug_smooth: bool = dataclasses.field(default=False, kw_only=True)
+    eigen_smooth: bool = dataclasses.field(default=False, kw_only=True)
+    aug_flips: tuple[bool, ...] = dataclasses.field(default=AUG_FLIPS, kw_only=True)
+    aug_factors: tuple[float, ...] = dataclasses.field(default=AUG_FACTORS, kw_only=True)
 
     kind = "cam"
     has_layer_map = True
+    #: whether the layer map is the channel sum of :meth:`weighted_activations` (eigen_smooth applies).
+    supports_eigen_smooth = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aug_flips", tuple(bool(f) for f in self.aug_flips))
+        object.__setattr__(self, "aug_factors", tuple(float(f) for f in self.aug_factors))
+        if not self.aug_flips or not self.aug_factors:
+            raise ValueError("aug_flips and aug_factors must each hold at least one augmentation")
+        if self.eigen_smooth and not self.supports_eigen_smooth:
+            raise ValueError(
+                f"eigen_smooth is not defined for {type(self).__name__}: it projects weighted activations on their "
+                "first principal component, and this method's map is not a sum of weighted activations"
+            )
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, H, W) map for ``x`` (N, H, W, C)."""
         check_inputs(x)
-        return upsample_bilinear(jax.nn.relu(self.layer_map(model, variables, x, target)), x.shape[1:3])
+        if self.aug_smooth:
+            return augmented_maps(self._map, model, variables, x, target, self.aug_flips, self.aug_factors).mean(0)
+        return self._map(model, variables, x, target)
+
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w) map at the layer's resolution before the final ReLU (with ``aug_smooth``: the
+        mean of the de-augmented layer maps)."""
+        check_inputs(x)
+        if self.aug_smooth:
+            return augmented_maps(self._layer_map, model, variables, x, target, self.aug_flips, self.aug_factors).mean(0)
+        return self._layer_map(model, variables, x, target)
+
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, K) weighted activations whose channel sum is the layer map."""
+        raise NotImplementedError(f"{type(self).__name__} does not define weighted activations")
+
+    def _layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        wa = self.weighted_activations(model, variables, x, target)
+        return eigen_projection(wa) if self.eigen_smooth else wa.sum(-1)
+
+    def _map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        return upsample_bilinear(jax.nn.relu(self._layer_map(model, variables, x, target)), x.shape[1:3])
 
 
 # --------------------------------------------------------------------------------------
 # Grad-CAM, Grad-CAM++
 # --------------------------------------------------------------------------------------
+
+
+def _gradcam_weighted(a: jax.Array, g: jax.Array) -> jax.Array:
+    """Grad-CAM's weighted activations ``mean_ab(g_abk) A_k`` (N, h, w, K)."""
+    return g.mean(axis=(1, 2), keepdims=True) * a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,11 +400,12 @@ class GradCAM(CamMethod):
 
     layer: str | None = None
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, h, w) ``sum_k mean_ab(g_abk) A_k`` before the ReLU."""
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, K) ``mean_ab(g_abk) A_k``."""
         a, g, _ = _one_layer(model, variables, x, target, self.layer)
-        w = g.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1, K)
-        return (w * a).sum(-1)
+        return _gradcam_weighted(a, g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +420,10 @@ class GradCAMPlusPlus(CamMethod):
     layer: str | None = None
     eps: float = 0.0
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, h, w) ``sum_k w_k A_k`` before the ReLU."""
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, K) ``w_k A_k``."""
         a, g, _ = _one_layer(model, variables, x, target, self.layer)
         g2 = g * g
         g3 = g2 * g
@@ -294,8 +432,100 @@ class GradCAMPlusPlus(CamMethod):
         ok = (g != 0) & (denom != 0)
         alpha = jnp.where(ok, g2 / jnp.where(ok, denom, 1.0), 0.0)
         w = (alpha * jax.nn.relu(g)).sum(axis=(1, 2), keepdims=True)
-        return (w * a).sum(-1)
+        return w * a
 
+
+
+# --------------------------------------------------------------------------------------
+# HiResCAM, element-wise Grad-CAM, Guided Grad-CAM
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HiResCAM(CamMethod):
+    """HiResCAM (Draelos & Carin, 2020): ``relu(sum_k g_k * A_k)`` upsampled (gradient times
+    activation element-wise, no spatial averaging of the gradient).
+
+    Equals Grad-CAM where the layer is followed by global average pooling and one linear layer
+    (the gradient is then constant over space, so it equals its spatial mean), as the paper shows.
+
+    Attributes:
+      layer: dotted layer name (``None``: :func:`default_cam_layer`).
+    """
+
+    layer: str | None = None
+
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, K) ``g * A``."""
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
+        return g * a
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCAMElementWise(CamMethod):
+    """Element-wise Grad-CAM (pytorch-grad-cam's ``GradCAMElementWise``): ``relu(sum_k relu(g_k * A_k))``
+    upsampled (HiResCAM with the ReLU applied to each product before the channel sum).
+
+    Attributes:
+      layer: dotted layer name (``None``: :func:`default_cam_layer`).
+    """
+
+    layer: str | None = None
+
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, K) ``relu(g * A)``."""
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
+        return jax.nn.relu(g * a)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedGradCAM(CamMethod):
+    """Guided Grad-CAM (Selvaraju et al., 2017): Guided Backprop times the upsampled Grad-CAM map.
+
+    ``map = reduce_c(gb_c * up(relu(gradcam)))`` with ``gb`` the Guided Backprop input gradient
+    (N, H, W, C) (:func:`xaijax.methods.gradient.modified_gradient`, rule ``"guided"``) and the
+    Grad-CAM map upsampled bilinearly to the input and *not* normalised. As the Grad-CAM map is
+    non-negative, with the default ``reduce="abs-max"`` (the ``guided-backprop`` method's) the map
+    is exactly ``guided-backprop map * grad-cam map``. pytorch-grad-cam (its ``cam.py`` example)
+    multiplies ``GuidedBackpropReLUModel``'s 3-channel gradient by the min-max normalised Grad-CAM
+    mask and shows the product as an image. A pixel-level map: ``kind = "attribution"`` (UCAG's CAM
+    post-processing, a blur, does not apply) and no layer map. ``eigen_smooth`` and
+    ``aug_smooth`` apply to the Grad-CAM factor and to the whole product respectively.
+    NotApplicable on models without ReLU modules (vision transformers), as Guided Backprop.
+
+    Attributes:
+      layer: Grad-CAM's dotted layer name (``None``: :func:`default_cam_layer`).
+      reduce: channel reduction of the product (:func:`~xaijax.methods._core.reduce_channels`).
+    """
+
+    layer: str | None = None
+    reduce: str = "abs-max"
+
+    kind = "attribution"
+    has_layer_map = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        reduce_channels(jnp.zeros((1, 1, 1, 1)), self.reduce)  # raises for an unknown reduction
+
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """Grad-CAM's (N, h, w, K) ``mean_ab(g_abk) A_k``."""
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
+        return _gradcam_weighted(a, g)
+
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        raise NotImplementedError("GuidedGradCAM is a pixel-level map and has no layer map (has_layer_map is False)")
+
+    def _map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        cam = upsample_bilinear(jax.nn.relu(self._layer_map(model, variables, x, target)), x.shape[1:3])
+        gb = modified_gradient(model, variables, x, target, "guided")
+        return reduce_channels(gb * cam[..., None].astype(gb.dtype), self.reduce)
 
 
 # --------------------------------------------------------------------------------------
@@ -435,16 +665,17 @@ class CAM(CamMethod):
     layer: str | None = None
     relu: bool = False
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, h, w) ``sum_c W[c, target] A_c`` (no ReLU)."""
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, C) ``W[c, target] A_c`` (the layer map, no ReLU, is their channel sum)."""
         a, kernel, out = gap_linear_head(model, variables, x, _layer_name(model, self.layer))
         seed = as_seed(target, out.shape[-1], out.shape[0], a.dtype)
-        w = seed @ kernel.astype(a.dtype).T  # (N, C)
-        return jnp.einsum("nhwc,nc->nhw", a, w, precision=jax.lax.Precision.HIGHEST)
+        w = jnp.matmul(seed, kernel.astype(a.dtype).T, precision=jax.lax.Precision.HIGHEST)  # (N, C)
+        return a * w[:, None, None, :]
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C)."""
-        cam = self.layer_map(model, variables, x, target)
+    def _map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        cam = self._layer_map(model, variables, x, target)
         if self.relu:
             cam = jax.nn.relu(cam)
         return upsample_bilinear(cam, x.shape[1:3])
@@ -467,12 +698,14 @@ class XGradCAM(CamMethod):
     layer: str | None = None
     eps: float = 0.0
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, h, w) ``sum_c w_c A_c`` before the ReLU."""
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, C) ``w_c A_c``."""
         a, g, _ = _one_layer(model, variables, x, target, self.layer)
         denom = a.sum(axis=(1, 2), keepdims=True) + jnp.asarray(self.eps, a.dtype)
         w = imageops.safe_divide((a * g).sum(axis=(1, 2), keepdims=True), denom)
-        return (w * a).sum(-1)
+        return w * a
 
 
 # --------------------------------------------------------------------------------------
@@ -509,8 +742,11 @@ class LayerCAM(CamMethod):
     fuse: str = "max"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.layer, list):
             object.__setattr__(self, "layer", tuple(self.layer))
+        if isinstance(self.layer, tuple) and self.eigen_smooth:
+            raise ValueError("eigen_smooth is defined for a single Layer-CAM layer, not for a fused multi-layer map")
         if isinstance(self.layer, tuple):
             if not self.layer:
                 raise ValueError("layer must name at least one layer")
@@ -521,13 +757,20 @@ class LayerCAM(CamMethod):
         if not self.gamma > 0:
             raise ValueError(f"gamma must be positive; got {self.gamma}")
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """One layer: (N, h, w, C) ``relu(g) A``."""
+        if isinstance(self.layer, tuple):
+            raise ValueError("a fused multi-layer Layer-CAM has no weighted activations of one layer")
+        a, g, _ = _one_layer(model, variables, x, target, self.layer)
+        return jax.nn.relu(g) * a
+
+    def _layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """One layer: (N, h, w) ``sum_c relu(g) A`` before the ReLU; several: the fused map (N, H, W)."""
-        check_inputs(x)
-        size = x.shape[1:3]
         if self.layer is None or isinstance(self.layer, str):
-            a, g, _ = _one_layer(model, variables, x, target, self.layer)
-            return (jax.nn.relu(g) * a).sum(-1)
+            return super()._layer_map(model, variables, x, target)
+        size = x.shape[1:3]
         names = list(self.layer)
         acts, grads, _ = _spatial_layers(model, variables, x, target, names)
         maps = []
@@ -567,6 +810,7 @@ class ScoreCAM(CamMethod):
     baseline: str = "none"
 
     def __post_init__(self):
+        super().__post_init__()
         validate_positive_int("score-cam", "chunk_size", self.chunk_size)
         if self.baseline not in _BASELINES:
             raise ValueError(f"unknown Score-CAM baseline {self.baseline!r}; use one of {', '.join(_BASELINES)}")
@@ -603,14 +847,16 @@ class ScoreCAM(CamMethod):
         scores = jax.lax.map(score_chunk, ids)  # (n_chunks, N, chunk)
         return a, jnp.moveaxis(scores, 0, 1).reshape(n, n_chunks * chunk)[:, :c]
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, h, w) ``sum_c w_c A_c`` at the layer's resolution (no ReLU)."""
+    def weighted_activations(
+        self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any
+    ) -> jax.Array:
+        """(N, h, w, C) ``w_c A_c`` at the layer's resolution."""
         a, w = self.channel_weights(model, variables, x, target)
-        return jnp.einsum("nhwc,nc->nhw", a, w.astype(a.dtype), precision=jax.lax.Precision.HIGHEST)
+        return a * w.astype(a.dtype)[:, None, None, :]
 
-    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
-        """(N, H, W) map for ``x`` (N, H, W, C): the ReLU comes after the upsampling, as in the reference."""
-        return jax.nn.relu(upsample_bilinear(self.layer_map(model, variables, x, target), x.shape[1:3]))
+    def _map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """The ReLU comes after the upsampling, as in the reference."""
+        return jax.nn.relu(upsample_bilinear(self._layer_map(model, variables, x, target), x.shape[1:3]))
 
 
 
@@ -650,7 +896,10 @@ class NormGrad(CamMethod):
     layer: str | tuple[str, ...] | None = None
     virtual: str = "conv1x1"
 
+    supports_eigen_smooth = False
+
     def __post_init__(self):
+        super().__post_init__()
         if self.virtual not in _VIRTUAL:
             raise ValueError(f"unknown NormGrad virtual layer {self.virtual!r}; use one of {', '.join(_VIRTUAL)}")
         if isinstance(self.layer, list):
@@ -658,9 +907,8 @@ class NormGrad(CamMethod):
         if isinstance(self.layer, tuple) and not self.layer:
             raise ValueError("layer must name at least one layer")
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+    def _layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """One layer: the (N, h, w) norm map at the layer's resolution; several: their product (N, H, W)."""
-        check_inputs(x)
         size = x.shape[1:3]
         if self.layer is None or isinstance(self.layer, str):
             a, g, _ = _one_layer(model, variables, x, target, self.layer)
@@ -693,7 +941,10 @@ class CAMERAS(CamMethod):
     layer: str | None = None
     scales: tuple[float, ...] | None = None
 
+    supports_eigen_smooth = False
+
     def __post_init__(self):
+        super().__post_init__()
         if self.scales is not None:
             object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
             if not self.scales or any(not s > 0 for s in self.scales):
@@ -704,9 +955,8 @@ class CAMERAS(CamMethod):
         scales = CAMERAS_REFERENCE_SCALES if self.scales is None else self.scales
         return [(max(1, int(round(size[0] * s))), max(1, int(round(size[1] * s)))) for s in scales]
 
-    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+    def _layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, H, W) map in [0, 1] for ``x`` (N, H, W, C): CAMERAS accumulates at the input resolution."""
-        check_inputs(x)
         name = _layer_name(model, self.layer)
         size = x.shape[1:3]
         sizes = self.sizes(size)
@@ -738,6 +988,21 @@ register(
     "Grad-CAM++ (Chattopadhay et al. 2018), exponential-output closed form as in pytorch-grad-cam",
 )
 
+register(
+    "hirescam",
+    HiResCAM,
+    "HiResCAM (Draelos & Carin 2020): gradient times activation summed over channels, no gradient averaging",
+)
+register(
+    "grad-cam-elementwise",
+    GradCAMElementWise,
+    "Element-wise Grad-CAM (pytorch-grad-cam): ReLU of gradient times activation, summed over channels",
+)
+register(
+    "guided-grad-cam",
+    GuidedGradCAM,
+    "Guided Grad-CAM (Selvaraju et al. 2017): Guided Backprop times the upsampled Grad-CAM map",
+)
 register("cam", CAM, "CAM (Zhou et al. 2016): linear-layer weights on the features before global average pooling")
 register("xgrad-cam", XGradCAM, "XGrad-CAM (Fu et al. 2020): axiom-based, activation-weighted gradient averages")
 register(
