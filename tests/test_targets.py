@@ -439,3 +439,34 @@ def test_layer_output_on_a_vit_token_layer():
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     for name, m in (("grad-cam", cam), ("rise", rise), ("attnlrp", alrp)):
         assert m.shape == (2, 32, 32) and np.isfinite(np.asarray(m)).all() and float(jnp.abs(m).max()) > 0, name
+
+
+def test_layer_attribution_of_any_method(vgg64):
+    """LayerAttribution runs a method on the layer's activation: gradient x input there is
+    linear-approx; LRP-0 there equals it too on the bias-free ReLU network and conserves the
+    target logit (all biases are zero); the map is upsampled like linear-approx's."""
+    from xaijax.methods.gradient import Gradient
+    from xaijax.methods.targets import LayerAttribution
+
+    model, v, x = vgg64
+    layer, t = "features.8", jnp.array([1, 3])
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def run(v_, x_, t_):
+            return (
+                LinearApprox(layer=layer).layer_map(model, v_, x_, t_),
+                LayerAttribution(Gradient(times_input=True, reduce="sum"), layer).layer_map(model, v_, x_, t_),
+                LayerAttribution(LRP(C.epsilon(0.0)), layer).layer_map(model, v_, x_, t_),
+                model.apply(v_, x_)[jnp.arange(2), t_],
+                LayerAttribution("gradient", layer)(model, v_, x_, t_),
+            )
+
+        lin, gxa, lrp0, logit, full = run(v, x, t)
+    assert float(np.abs(np.asarray(lin)).max()) > 0
+    np.testing.assert_allclose(np.asarray(gxa), np.asarray(lin), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(lrp0), np.asarray(lin), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(lrp0).sum((1, 2)), np.asarray(logit), rtol=1e-10)
+    assert full.shape == (2, 32, 32) and full.dtype == jnp.float64
+    with pytest.raises(ValueError, match="classifier attribution method"):
+        LayerAttribution("d-rise", layer)

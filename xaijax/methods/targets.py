@@ -54,6 +54,9 @@ own, registered here: ``linear-approx`` (TorchRay's ``linear_approx``; Captum's
 ``LayerIntegratedGradients``). Both are ``kind = "cam"`` methods (``layer_map`` at the layer's
 resolution, ``__call__`` upsampled to the input, *no* ReLU) with an ``attribution`` method that
 returns the per-channel attribution of the layer's output shape, as the peers do.
+:class:`LayerAttribution` (not registered: it takes a method) runs *any* classifier method with a
+layer's activation as the input (gradient x activation, IG from a zero activation, LRP relevance
+arriving at the layer as Captum's ``LayerLRP``); see its docstring for what it needs.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ __all__ = [
     "greedy_nms",
     "LinearApprox",
     "LayerIntegratedGradients",
+    "LayerAttribution",
 ]
 
 #: The variable collection that carries a target's per-image data (see :func:`attach`).
@@ -589,6 +593,110 @@ class LayerIntegratedGradients(Method):
         """(N, h, w): the channel sum of :meth:`attribution` at the layer's resolution."""
         name = default_cam_layer(model) if self.layer is None else self.layer
         return _layer_map(model, name, self.attribution(model, variables, x, target))
+
+    def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, H, W) map: :meth:`layer_map` upsampled to the input size."""
+        check_inputs(x)
+        return upsample_bilinear(self.layer_map(model, variables, x, target), x.shape[1:3])
+
+
+class _FromLayer(TargetWrapper):
+    """The model as a function of one layer's activation: ``__call__(a)`` runs the model on the
+    real input (``layer_input`` in the target collection) with ``layer``'s output replaced by
+    ``a`` (what the layers above see; the layers below still run on the real input)."""
+
+    layer: str = ""
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        x = self._data("layer_input", "LayerAttribution")
+        if a.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"LayerAttribution: the method evaluated the model on a batch of {a.shape[0]} activations for "
+                f"{x.shape[0]} input(s); layer attribution needs methods whose forward passes keep the batch "
+                "(gradient family, integrated gradients, LRP; not RISE-style stacking of perturbed copies)"
+            )
+        replaced: list[Any] = []
+
+        def on_call(name, module, call_next, args, kwargs):
+            out = call_next(*args, **kwargs)
+            if name != self.layer:
+                return out
+            if replaced:
+                raise ValueError(f"LayerAttribution: layer {self.layer!r} is called more than once")
+            if not isinstance(out, jax.Array) or out.shape != a.shape:
+                raise ValueError(
+                    f"LayerAttribution: layer {self.layer!r} outputs {getattr(out, 'shape', type(out).__name__)}, "
+                    f"the activations given have shape {a.shape}"
+                )
+            replaced.append(True)
+            return a.astype(out.dtype)
+
+        with _outermost(taps.call_interceptor(on_call)):
+            out = self.model(x)
+        if not replaced:
+            raise ValueError(f"LayerAttribution: layer {self.layer!r} is not called by {type(self.model).__name__}")
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerAttribution(Method):
+    """Any input-attribution method applied at a layer: the layer's activation ``A(x)`` is the
+    "input" and the model above the layer the function explained (Captum's ``Layer*`` pattern).
+
+    ``layer_map`` is the wrapped method's map over the layer's positions, (N, h, w), after its own
+    channel reduction; ``__call__`` upsamples it to the input size (bilinear,
+    ``align_corners=False``). Examples: ``Gradient(times_input=True, reduce="sum")`` gives
+    gradient x activation (= ``linear-approx``); ``IntegratedGradients()`` integrates from a
+    *zero activation* (Captum's ``LayerIntegratedGradients`` starts at the baseline input's
+    activation: use ``layer-integrated-gradients`` for that); an LRP method gives the relevance
+    arriving at the layer (Captum's ``LayerLRP``).
+
+    What it needs: a layer with an NHWC output (N, h, w, C) called once; a method that calls the
+    model on batches of the same size as ``x`` (gradient family, integrated gradients,
+    SmoothGrad, LRP and the other propagation methods; not RISE or Score-CAM, which stack
+    perturbed copies: a ``ValueError`` says so). Propagation composites that give the *first*
+    convolution of the model a special rule (``epsilon-gamma-box``'s z^B, the ``flat`` input
+    rules) still assign it to the model's first convolution, below the layer, not to the first
+    layer above it: use composites without a first-layer rule here.
+
+    Attributes:
+      method: a classifier method (a :class:`Method` or a registered name).
+      layer: dotted layer name; ``None``: the model's ``cam_layer``.
+
+    Identity-hashed (``eq=False``), as the methods it may wrap.
+    """
+
+    kind = "cam"
+    has_layer_map = True
+
+    method: Any = "gradient"
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        from xaijax.methods.registry import get
+
+        m = get(self.method) if isinstance(self.method, str) else self.method
+        if not isinstance(m, Method) or not m.explains_classifier:
+            raise ValueError(f"LayerAttribution: method must be a classifier attribution method or its name; got {self.method!r}")
+        object.__setattr__(self, "method", m)
+
+    @property
+    def accepts_seed(self) -> bool:  # type: ignore[override]
+        return self.method.accepts_seed
+
+    def layer_map(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
+        """(N, h, w): the method's map over the layer's activation."""
+        check_inputs(x)
+        name = default_cam_layer(model) if self.layer is None else self.layer
+        _, acts = taps.forward(model, variables, x, capture=[name])
+        a = acts[name]
+        if not isinstance(a, jax.Array) or a.ndim != 4:
+            raise ValueError(
+                f"LayerAttribution: layer {name!r} must output an NHWC feature map (N, h, w, C); its output has shape "
+                f"{getattr(a, 'shape', type(a).__name__)}"
+            )
+        upper = _FromLayer(model, name)
+        return self.method(upper, attach(variables, layer_input=x), a, target)
 
     def __call__(self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any) -> jax.Array:
         """(N, H, W) map: :meth:`layer_map` upsampled to the input size."""
