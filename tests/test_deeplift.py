@@ -8,7 +8,8 @@
 * Captum 0.9.0's ``DeepLift`` / ``DeepLiftShap`` (``tests/fixtures/captum_path_refs.npz``,
   recorded by ``experiments/make_captum_path_references.py``, float64) on a tiny CNN of conv,
   max pool, BatchNorm and ReLU blocks: the Flax twin below has the torch module names, the
-  weights are ported with ``from_torch_state_dict`` and the per-channel attributions (NCHW
+  weights are ported in float64 (``_port64``: the layout ``from_torch_state_dict`` gives, without
+  its cast to float32) and the per-channel attributions (NCHW
   there, NHWC here) are compared directly, no normalisation (<= 1e-6 relative to the largest
   value; measured ~1e-14). The script's docstring says why the max pools precede the ReLUs in
   that network (Captum's delta is wrong when a ReLU feeds a max pool).
@@ -74,6 +75,24 @@ def _captum():
     return z, sd
 
 
+def _port64(sd) -> dict:
+    """The torch state dict as the twin's variables, kept in float64 (conv OIHW -> HWIO, linear
+    (out, in) -> (in, out), BatchNorm weight/bias/running statistics -> scale/bias/mean/var)."""
+    params: dict = {"features": {}, "classifier": {}}
+    stats: dict = {"features": {}}
+    for key in {k.rsplit(".", 1)[0] for k in sd if not k.endswith("num_batches_tracked")}:
+        group, idx = key.split(".")
+        w, b = np.asarray(sd[key + ".weight"], np.float64), np.asarray(sd[key + ".bias"], np.float64)
+        if key + ".running_mean" in sd:
+            params[group][idx] = {"scale": w, "bias": b}
+            stats[group][idx] = {"mean": np.asarray(sd[key + ".running_mean"]), "var": np.asarray(sd[key + ".running_var"])}
+        elif w.ndim == 4:
+            params[group][idx] = {"kernel": np.transpose(w, (2, 3, 1, 0)), "bias": b}
+        else:
+            params[group][idx] = {"kernel": w.T, "bias": b}
+    return _to64({"params": params, "batch_stats": stats})
+
+
 def _to64(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
@@ -86,22 +105,31 @@ def _rel(a, b) -> float:
 def test_captum_reference_deeplift_and_shap(x64):
     z, sd = _captum()
     model = CaptumNet()
-    v = from_torch_state_dict(model, sd, input_shape=(1, 16, 16, 3))
-    assert all(np.asarray(a).dtype == np.float64 for a in jax.tree_util.tree_leaves(v)) or True
-    # port in float64 from the state dict directly (the converter's arrays are cast back from float64)
-    v = _to64(v)
-    assert np.allclose(np.asarray(v["params"]["features"]["0"]["kernel"]), np.transpose(sd["features.0.weight"], (2, 3, 1, 0)), rtol=0, atol=0)
+    v = _port64(sd)
+    # the same structure as xaijax's converter gives (which casts to the parameters' float32)
+    ported = from_torch_state_dict(model, sd, input_shape=(1, 16, 16, 3))
+    assert jax.tree_util.tree_structure(ported) == jax.tree_util.tree_structure(v)
+    for a, b in zip(jax.tree_util.tree_leaves(ported), jax.tree_util.tree_leaves(v)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b), rtol=1e-6, atol=1e-7)
     x, t = jnp.asarray(z["x"]), jnp.asarray(z["target"])
     assert x.dtype == jnp.float64
-    dl = DeepLift(baseline=jnp.asarray(z["baseline"])).attribution(model, v, x, t)
+
+    @jax.jit
+    def run(v_, x_, b_, bs_):
+        return (
+            DeepLift(baseline=b_).attribution(model, v_, x_, t),
+            DeepLift().attribution(model, v_, x_, t),
+            DeepLiftShap(baselines=bs_).attribution(model, v_, x_, t),
+            DeepLiftShap(baselines=bs_, chunk=3).attribution(model, v_, x_, t),
+            methods.get("deeplift")(model, v_, x_, t),
+        )
+
+    dl, d0, ds, dc, map0 = run(v, x, jnp.asarray(z["baseline"]), jnp.asarray(z["baselines"]))
     assert dl.dtype == jnp.float64
     assert _rel(dl, z["out/deeplift"]) < 1e-6, _rel(dl, z["out/deeplift"])
-    d0 = DeepLift().attribution(model, v, x, t)
-    assert _rel(d0, z["out/deeplift_zero"]) < 1e-6
-    ds = DeepLiftShap(baselines=jnp.asarray(z["baselines"])).attribution(model, v, x, t)
+    assert _rel(d0, z["out/deeplift_zero"]) < 1e-6, _rel(d0, z["out/deeplift_zero"])
     assert _rel(ds, z["out/deeplift_shap"]) < 1e-6, _rel(ds, z["out/deeplift_shap"])
     # chunked over the references: the same
-    dc = DeepLiftShap(baselines=jnp.asarray(z["baselines"]), chunk=3).attribution(model, v, x, t)
     np.testing.assert_allclose(np.asarray(dc), np.asarray(ds), rtol=0, atol=1e-12)
     # DeepLIFT-SHAP sums to f(x) - mean_b f(b) (Captum's convergence delta is ~1e-14 too)
     f = lambda xx: model.apply(v, xx)  # noqa: E731
@@ -110,7 +138,7 @@ def test_captum_reference_deeplift_and_shap(x64):
     np.testing.assert_allclose(np.asarray(ds.sum((1, 2, 3))), fx - fb, rtol=1e-10, atol=1e-10)
     assert np.abs(z["out/delta/deeplift_shap"]).max() < 1e-10
     # the map is the channel sum
-    np.testing.assert_allclose(np.asarray(methods.get("deeplift")(model, v, x, t)), np.asarray(d0.sum(-1)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(map0), np.asarray(d0.sum(-1)), rtol=0, atol=1e-12)
 
 
 class _Linear(nn.Module):
@@ -195,15 +223,23 @@ def test_rescale_rule_on_gelu_and_eps_fallback(x64):
 
 
 def test_deeplift_shap_is_mean_of_deeplift_and_default_references(x64):
-    model, v, size = _zoo("vgg")
-    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, size, size, 3)))
+    model = CaptumNet()
+    _, sd = _captum()
+    v = _port64(sd)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16, 16, 3)))
     t = jnp.array([0, 4])
-    shap = DeepLiftShap()
-    a = shap.attribution(model, v, x, t)
-    assert a.dtype == jnp.float64
     refs = methods.path_attribution.reference_set("deeplift-shap", x, None, 0)
-    assert refs.shape == (5, 2, size, size, 3)
-    mean = sum(np.asarray(DeepLift(baseline=refs[b]).attribution(model, v, x, t)) for b in range(5)) / 5
+    assert refs.shape == (5, 2, 16, 16, 3)
+
+    @jax.jit
+    def run(v_, x_, refs_):
+        shap = DeepLiftShap(chunk=2).attribution(model, v_, x_, t)
+        each = [DeepLift(baseline=refs_[b]).attribution(model, v_, x_, t) for b in range(5)]
+        return shap, each
+
+    a, each = run(v, x, refs)
+    assert a.dtype == jnp.float64
+    mean = sum(np.asarray(e) for e in each) / 5
     np.testing.assert_allclose(np.asarray(a), mean, rtol=1e-10, atol=1e-12 * np.abs(mean).max())
     out = lambda xx: np.asarray(model.apply(v, xx))[np.arange(2), np.asarray(t)]  # noqa: E731
     fb = np.mean([out(refs[b]) for b in range(5)], axis=0)
