@@ -430,7 +430,7 @@ def test_layer_output_on_a_vit_token_layer():
             input_gradient(w, v_, x_, 4),
             ref,
             methods.get("grad-cam", layer="encoder.layers.encoder_layer_0.ln_1")(w, v_, x_, 4),
-            methods.get("rise", n=8, chunk=4)(w, v_, x_, 4),
+            methods.get("rise", n=8, chunk=4, score="logit")(w, v_, x_, 4),
             methods.get("attnlrp")(w, v_, x_, 4),
         )
 

@@ -39,6 +39,11 @@ How the wrappers stay transparent (all three share :class:`TargetWrapper`):
   single out the model's *last* dense layer (contrastive Excitation Backprop) still see the
   classifier as that layer.
 
+Methods that score with a softmax over the outputs (RISE's default ``score="prob"``, Score-CAM)
+treat the wrapper's K outputs as classes: for channel totals or region sums that softmax has no
+meaning (and large totals give probabilities ~0). Use raw scores (``rise`` with
+``score="logit"``).
+
 Data a target needs per image (a segmentation region's mask, a detection's boxes and labels)
 are arrays, not module fields (a module must stay hashable: it is a static argument of
 ``jax.jit``): they travel in the variables, in the collection :data:`TARGET_COLLECTION`, added
