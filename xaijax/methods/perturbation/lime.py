@@ -43,7 +43,7 @@ import numpy as np
 from xaijax.methods._core import validate_positive_int
 from xaijax.methods.perturbation.features import broadcast_features, compose, feature_counts, scan_scores
 from xaijax.methods.perturbation.occlusion import FeatureMethod
-from xaijax.methods.perturbation.shapley import feature_uniforms
+from xaijax.methods.perturbation.shapley import as_key, feature_uniforms
 from xaijax.methods.registry import register
 from xaijax.static_jit import bind_static
 
@@ -58,7 +58,7 @@ def lime_samples(seed: int | jax.Array, indices: jax.Array, counts: jax.Array, f
     """Binary samples number ``indices`` (m,) for samples with ``counts`` (N,) features: (m, N, F)
     bool; ``z[j, i, g] = feature_uniforms(key, j, F)[g] < 0.5`` for present features ``g <
     counts[i]``, else False."""
-    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    key = as_key(seed)
     u = jax.vmap(lambda j: feature_uniforms(key, j, f))(jnp.asarray(indices))  # (m, F)
     present = jnp.arange(f)[None] < jnp.asarray(counts)[:, None]  # (N, F)
     return (u[:, None, :] < 0.5) & present[None]
@@ -150,13 +150,13 @@ class Lime(FeatureMethod):
             if z.ndim != 2 or z.shape[1] != f or z.shape[0] < 1 or not np.isin(z, (0, 1)).all():
                 raise ValueError(f"lime: samples must be a 0/1 array (S, F) = (S, {f}) with S >= 1; got shape {z.shape}")
             given = jnp.asarray(z, bool)
-        run = bind_static(_lime, _lime_jit, self, model, f)
-        return run(variables, x, jnp.asarray(target), mask, base, given)
+        run = bind_static(_lime, _lime_jit, dataclasses.replace(self, seed=0), model, f)  # seed traced: no recompile per seed
+        return run(variables, x, jnp.asarray(target), mask, base, given, jnp.asarray(self.seed))
 
 
-def _lime(cfg: Lime, model, f, variables, x, target, mask, base, given) -> jax.Array:
+def _lime(cfg: Lime, model, f, variables, x, target, mask, base, given, seed) -> jax.Array:
     n = x.shape[0]
-    key = jax.random.key(cfg.seed)
+    key = jax.random.key(seed)
     counts = feature_counts(mask)
     present = jnp.arange(f)[None] < counts[:, None]
 

@@ -302,13 +302,13 @@ class FeaturePermutation(FeatureMethod):
                 f"(got N = {x.shape[0]}); Captum asserts the same. For one image use feature-ablation"
             )
         mask, f, _ = self._prepare(x, feature_mask, None)
-        run = bind_static(_permutation, _permutation_jit, self, model, f)
-        return run(variables, x, jnp.asarray(target), mask)
+        run = bind_static(_permutation, _permutation_jit, dataclasses.replace(self, seed=0), model, f)  # seed traced
+        return run(variables, x, jnp.asarray(target), mask, jnp.asarray(self.seed))
 
 
-def _permutation(cfg: FeaturePermutation, model, f, variables, x, target, mask) -> jax.Array:
+def _permutation(cfg: FeaturePermutation, model, f, variables, x, target, mask, seed) -> jax.Array:
     n, h, w, _ = x.shape
-    key = jax.random.key(cfg.seed)
+    key = jax.random.key(seed)
 
     def make_inputs(idx):  # idx = draw * F + feature
         feat, draw = idx % f, idx // f

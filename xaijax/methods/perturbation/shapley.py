@@ -59,6 +59,7 @@ from xaijax.methods.registry import register
 from xaijax.static_jit import bind_static
 
 __all__ = [
+    "as_key",
     "ShapleySampling",
     "KernelSHAP",
     "feature_uniforms",
@@ -69,6 +70,13 @@ __all__ = [
 ]
 
 _HI = jax.lax.Precision.HIGHEST
+
+
+def as_key(seed: int | jax.Array) -> jax.Array:
+    """A typed PRNG key: ``seed`` itself if it is one, else ``jax.random.key(seed)`` (an int)."""
+    if hasattr(seed, "dtype") and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    return jax.random.key(seed)
 
 
 def feature_uniforms(key: jax.Array, j: jax.Array, f: int) -> jax.Array:
@@ -83,7 +91,7 @@ def sampled_permutations(seed: int | jax.Array, indices: jax.Array, f: int, anti
 
     Permutation ``j`` sorts the features by :func:`feature_uniforms` of draw ``j // 2``
     (antithetic; odd ``j``: reversed) or of draw ``j`` (``antithetic=False``)."""
-    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    key = as_key(seed)
     idx = jnp.asarray(indices)
     draw = idx // 2 if antithetic else idx
     perm = jax.vmap(lambda d: jnp.argsort(feature_uniforms(key, d, f)))(draw).astype(jnp.int32)
@@ -140,13 +148,13 @@ class ShapleySampling(FeatureMethod):
             if not (np.sort(p, axis=1) == np.arange(f)).all():
                 raise ValueError(f"{self._name}: every row of permutations must be a permutation of 0 .. {f - 1}")
             given = jnp.asarray(p, jnp.int32)
-        run = bind_static(_shapley, _shapley_jit, self, model, f)
-        return run(variables, x, jnp.asarray(target), mask, base, given)
+        run = bind_static(_shapley, _shapley_jit, dataclasses.replace(self, seed=0), model, f)  # seed traced
+        return run(variables, x, jnp.asarray(target), mask, base, given, jnp.asarray(self.seed))
 
 
-def _shapley(cfg: ShapleySampling, model, f, variables, x, target, mask, base, given) -> jax.Array:
+def _shapley(cfg: ShapleySampling, model, f, variables, x, target, mask, base, given, seed) -> jax.Array:
     n = x.shape[0]
-    key = jax.random.key(cfg.seed)
+    key = jax.random.key(seed)
     p = cfg.n_samples if given is None else given.shape[0]
     out_b = model.apply(variables, base)
     s_none = (out_b.astype(x.dtype) * as_seed(target, out_b.shape[-1], n, x.dtype)).sum(-1)  # (N,)
@@ -209,7 +217,7 @@ def shapley_kernel_coalitions(seed: int | jax.Array, indices: jax.Array, counts:
     (inverse CDF of ``uniform(k_size)``), then the ``k`` present features with the smallest
     :func:`feature_uniforms` ``(k_feat, 0, F)``. ``M = 1``: an empty coalition (the constraint
     alone decides)."""
-    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    key = as_key(seed)
     counts = jnp.asarray(counts)
     ks = jnp.arange(1, max(f, 2))  # candidate sizes 1 .. F-1
 
@@ -286,13 +294,13 @@ class KernelSHAP(FeatureMethod):
             if feature_mask is not None and (np.asarray(mask).reshape(mask.shape[0], -1).max(-1) + 1 != f).any():
                 raise ValueError(f"{self._name}: with coalitions=, every sample's feature_mask must have all {f} features")
             given = jnp.asarray(c, bool)
-        run = bind_static(_kernel_shap, _kernel_shap_jit, self, model, f)
-        return run(variables, x, jnp.asarray(target), mask, base, given)
+        run = bind_static(_kernel_shap, _kernel_shap_jit, dataclasses.replace(self, seed=0), model, f)  # seed traced
+        return run(variables, x, jnp.asarray(target), mask, base, given, jnp.asarray(self.seed))
 
 
-def _kernel_shap(cfg: KernelSHAP, model, f, variables, x, target, mask, base, given) -> jax.Array:
+def _kernel_shap(cfg: KernelSHAP, model, f, variables, x, target, mask, base, given, seed) -> jax.Array:
     n = x.shape[0]
-    key = jax.random.key(cfg.seed)
+    key = jax.random.key(seed)
     counts = feature_counts(mask)  # (N,)
     present = jnp.arange(f)[None] < counts[:, None]  # (N, F)
     count = cfg.n_samples if given is None else given.shape[0]
