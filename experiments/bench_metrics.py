@@ -10,7 +10,8 @@ conv 3x3 C->4, ReLU, conv 3x3 4->4, ReLU, global mean, linear 4->classes), maps 
 
 For each row, each ``N`` of ``--sizes`` (8 and 64) and each side, a fresh subprocess builds the
 data, calls the metric once (warm-up: xaijax's jit compile, Quantus' first call), then
-``--repeats`` more times, and reports the median wall time, the peak resident memory above
+``--repeats`` more times (none if the first call took over ``--slow`` seconds: Quantus'
+model-based metrics at N = 64), and reports the median wall time, the peak resident memory above
 what the process held before the first call (``ru_maxrss`` minus ``VmRSS``; it includes
 compilation), and the values. The parent compares the two sides' values (largest absolute
 difference over the images, NaN-aware) and writes ``experiments/results/bench_metrics.json``
@@ -191,6 +192,48 @@ def _q(cls: str, **settings):
     return run
 
 
+def _c(value):
+    """A setting that does not depend on the data."""
+    return lambda d: value
+
+
+def _steps64(d: Data) -> int:
+    """``features_in_step`` for 64 steps over the image."""
+    return max(1, d.maps[0].size // 64)
+
+
+def _p8(d: Data) -> int:
+    return 8 if d.maps.shape[1] >= 16 else 4
+
+
+def _model(name: str, key: str, **settings: Callable[[Data], Any]):
+    """An xaijax model-based metric on the tiny Flax CNN; ``settings``: functions of the data."""
+
+    def run(d: Data) -> np.ndarray:
+        import jax.numpy as jnp
+
+        from xaijax import metrics
+        from xaijax.metrics.faithfulness import classifier_fn
+
+        metric = metrics.get_model_metric(name, **{k: f(d) for k, f in settings.items()})
+        out = metric(classifier_fn(d.flax_model, d.variables), jnp.asarray(d.x_nhwc), d.maps, jnp.asarray(d.targets, jnp.int32))
+        return np.asarray(out[key], np.float64)
+
+    return run
+
+
+def _qm(cls: str, **settings: Callable[[Data], Any]):
+    """A Quantus metric on the tiny torch CNN; ``settings``: functions of the data."""
+
+    def run(d: Data) -> np.ndarray:
+        import quantus
+
+        metric = getattr(quantus, cls)(disable_warnings=True, display_progressbar=False, **{k: f(d) for k, f in settings.items()})
+        return d.quantus_call(metric)
+
+    return run
+
+
 def _top_k(d: Data) -> int:
     return min(1000, d.maps[0].size // 10)
 
@@ -244,9 +287,29 @@ ROWS: list[Row] = [
     Row("complexity", "complexity", _pair("complexity", "complexity"), _q("Complexity")),
     Row("effective-complexity", "complexity", _pair("effective-complexity", "effective_complexity"), _q("EffectiveComplexity"), {"eps": 1e-5},
         compare="by design: Quantus thresholds maps normalised by the batch maximum, xaijax by each map's"),
-    # --- faithfulness (helper E: faithfulness_curves.py, faithfulness_correlation.py) and
-    # --- robustness / randomisation / axioms (helper F): one Row per metric, added once the
-    # --- settings that align them with Quantus are fixed by their owners.
+    # --- faithfulness (xaijax/metrics/faithfulness_curves.py, faithfulness_correlation.py): single-channel
+    # --- images, where Quantus' features (channel-pixels) are xaijax's (pixels); 64 steps per curve
+    Row("pixel-flipping", "faithfulness", _model("pixel-flipping", "curve", features_in_step=_steps64), _qm("PixelFlipping", features_in_step=_steps64),
+        {"features_in_step": "H*W / 64"}, channels=1),
+    Row("region-perturbation", "faithfulness", _model("region-perturbation", "curve", patch_size=_p8), _qm("RegionPerturbation", patch_size=_p8),
+        {"patch_size": 8, "order": "morf", "regions_evaluation": 100}, channels=1),
+    Row("selectivity", "faithfulness", _model("selectivity", "curve", patch_size=_p8), _qm("Selectivity", patch_size=_p8), {"patch_size": 8}, channels=1),
+    Row("faithfulness-estimate", "faithfulness", _model("faithfulness-estimate", "correlation", features_in_step=_steps64),
+        _qm("FaithfulnessEstimate", features_in_step=_steps64), {"features_in_step": "H*W / 64"}, channels=1),
+    Row("monotonicity", "faithfulness", _model("monotonicity", "monotonic", features_in_step=_steps64), _qm("Monotonicity", features_in_step=_steps64),
+        {"features_in_step": "H*W / 64"}, channels=1,
+        compare="by design: Quantus 0.6.0 never inserts the image (constant curve, always True); xaijax inserts it"),
+    Row("faithfulness-correlation", "faithfulness", _model("faithfulness-correlation", "correlation", nr_runs=_c(100), subset_size=_c(224)),
+        _qm("FaithfulnessCorrelation", nr_runs=_c(100), subset_size=_c(224), return_aggregate=_c(False)),
+        {"nr_runs": 100, "subset_size": 224}, compare="different random subsets", channels=1),
+    Row("monotonicity-correlation", "faithfulness", _model("monotonicity-correlation", "correlation", nr_samples=_c(10), features_in_step=_steps64),
+        _qm("MonotonicityCorrelation", nr_samples=_c(10), features_in_step=_steps64), {"nr_samples": 10, "features_in_step": "H*W / 64"},
+        compare="different random draws", channels=1),
+    Row("infidelity", "faithfulness", _model("infidelity", "infidelity"), _qm("Infidelity"), {"defaults": "both libraries' (Quantus')"},
+        compare="different random perturbations", channels=1),
+    # --- robustness / randomisation / axioms (xaijax/metrics/robustness.py, randomisation.py,
+    # --- axioms.py): they re-run an explanation method (Quantus: its explain_func); one Row each,
+    # --- added once the method pairing (xaijax method <-> Quantus explain_func) is fixed.
 ]
 
 
@@ -261,12 +324,14 @@ def _rss_kb() -> int:
     return 0
 
 
-def child(name: str, side: str, n: int, size: int, repeats: int) -> dict:
-    """Run one (row, side, N) measurement in this process; returns a JSON-able dict."""
-    import jax  # noqa: F401  (import cost outside the measurement)
-    import quantus  # noqa: F401
+def child(name: str, side: str, n: int, size: int, repeats: int, slow: float) -> dict:
+    """Run one (row, side, N) measurement in this process; returns a JSON-able dict. A first call
+    slower than ``slow`` seconds is the only one (its time is the median; ``calls_timed`` 1)."""
+    import importlib
     import warnings
 
+    for module in ("jax", "quantus", "torch"):  # import cost outside the measurement
+        importlib.import_module(module)
     warnings.filterwarnings("ignore")
     if not hasattr(np, "trapz"):  # Quantus 0.6.0 calls np.trapz, removed in NumPy 2.4
         np.trapz = np.trapezoid
@@ -278,7 +343,7 @@ def child(name: str, side: str, n: int, size: int, repeats: int) -> dict:
     values = fn(d)
     first = time.perf_counter() - t0
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats if first < slow else 0):
         t0 = time.perf_counter()
         values = fn(d)
         times.append(time.perf_counter() - t0)
@@ -286,13 +351,14 @@ def child(name: str, side: str, n: int, size: int, repeats: int) -> dict:
     return {
         "first_s": first,
         "median_s": statistics.median(times) if times else first,
+        "calls_timed": len(times) or 1,
         "peak_mb": max(0, peak - base) / 1024,
         "values": [None if not np.isfinite(v) else float(v) for v in np.asarray(values, np.float64).ravel()],
     }
 
 
-def run_one(name: str, side: str, n: int, size: int, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, side, str(n), "--size", str(size), "--repeats", str(repeats)]
+def run_one(name: str, side: str, n: int, size: int, repeats: int, timeout: float, slow: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, side, str(n), "--size", str(size), "--repeats", str(repeats), "--slow", str(slow)]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -348,13 +414,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per (row, side, N)")
+    ap.add_argument("--slow", type=float, default=20.0, help="a first call slower than this is the only timed call")
     ap.add_argument("--out", default=os.path.join(RESULTS, "bench_metrics.json"))
     ap.add_argument("--list", action="store_true", help="list the rows and exit")
     ap.add_argument("--child", nargs=3, metavar=("ROW", "SIDE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         name, side, n = args.child
-        print(json.dumps(child(name, side, int(n), args.size, args.repeats)))
+        print(json.dumps(child(name, side, int(n), args.size, args.repeats, args.slow)))
         return
     if args.list:
         for r in ROWS:
@@ -381,7 +448,7 @@ def main() -> None:
         for n in args.sizes:
             entry = {"name": r.name, "family": r.family, "n": n, "settings": {k: str(v) for k, v in r.settings.items()}, "compare": r.compare}
             for side in ("xaijax", "quantus"):
-                entry[side] = run_one(r.name, side, n, args.size, args.repeats, args.timeout)
+                entry[side] = run_one(r.name, side, n, args.size, args.repeats, args.timeout, args.slow)
             ok = "values" in entry["xaijax"] and "values" in entry["quantus"]
             entry["max_abs_diff"] = _max_diff(entry["xaijax"]["values"], entry["quantus"]["values"]) if ok else None
             result["rows"].append(entry)
