@@ -32,7 +32,6 @@ from xaijax.metrics.robustness import (
     _call_method_jit,
     _own_loop,
     check_method_metric_inputs,
-    explain_blocks,
     image_keys,
     model_logits,
     postprocess_maps,
@@ -284,13 +283,26 @@ class SmoothMPRT(MPRT):
 
 
 def _smooth_maps(cfg, method, model, variables, x, t, keys):
+    """Mean map over the noisy copies; ``max(1, batch_size // N)`` copies of every image per
+    method call, drawn inside the step (sample j of image i from ``fold_in(key_i, j)``)."""
     n, s = x.shape[0], cfg.n_samples
+    k = max(1, min(s, cfg.batch_size // n))
+    nb = -(-s // k)
     flat = x.reshape(n, -1)
-    std = cfg.noise_magnitude * (flat.max(1) - flat.min(1))
-    noise = jax.vmap(lambda k: jax.random.normal(k, (s,) + x.shape[1:], x.dtype))(keys)  # (N, S, H, W, C)
-    xs = x[:, None] + std[:, None, None, None, None] * noise
-    a = explain_blocks(method, model, variables, xs.reshape((n * s,) + x.shape[1:]), jnp.repeat(t, s), cfg.batch_size)
-    return a.reshape((n, s) + x.shape[1:3]).mean(1)
+    std = (cfg.noise_magnitude * (flat.max(1) - flat.min(1)))[:, None, None, None, None]
+
+    def block(i):
+        idx = i * k + jnp.arange(k)
+        noise = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), x.shape[1:], x.dtype))(idx))(keys)
+        xs = (x[:, None] + std * noise).reshape((n * k,) + x.shape[1:])
+        a = method(model, variables, xs, jnp.repeat(t, k)).reshape((n, k) + x.shape[1:3]).astype(x.dtype)
+        return jnp.where((idx < s)[None, :, None, None], a, 0.0).sum(1)
+
+    if _own_loop(method):
+        total = sum(block(jnp.asarray(i)) for i in range(nb))
+    else:
+        total = jax.lax.map(block, jnp.arange(nb)).sum(0)
+    return total / s
 
 
 _smooth_maps_jit = jax.jit(_smooth_maps, static_argnums=(0, 1, 2))

@@ -249,7 +249,18 @@ class MethodMetric(Protocol):
     ``images`` (N, H, W, C) normalised inputs, ``targets`` (N,) class indices, ``maps`` the
     method's (N, H, W) maps of ``images`` (computed when ``None``). Returns per-image arrays
     (leading axis N; each image's values depend on that image only, so batches can be
-    concatenated along axis 0 before ``summarize``, which gives the dataset numbers).
+    concatenated along axis 0 before ``summarize``, which gives the dataset numbers)::
+
+        metric = get_method_metric("max-sensitivity", n_samples=10)
+        values = metric(model, variables, get("gradient"), images, targets, maps=maps)
+        row.update(metric.summarize(values))     # {"max_sensitivity": 0.21}
+
+    Cost, in method calls per image: robustness metrics ``n_samples`` (Quantus' default 200:
+    pass ``n_samples=`` for a quick run; continuity ``n_steps`` = 28), MPRT / smooth MPRT one
+    (smooth: ``n_samples``) per randomised layer, eMPRT and random logit 1, completeness and
+    input invariance 0-1; non-sensitivity one *forward pass* per pixel (per value with
+    ``unit="value"``). Metrics that do not apply to a model raise
+    :class:`~xaijax.methods.NotApplicable` (e.g. input invariance without a first-layer bias).
     """
 
     def __call__(self, model: Any, variables: Any, method: Any, images: Any, targets: Any, maps: Any = None) -> dict[str, np.ndarray]: ...

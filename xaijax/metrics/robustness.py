@@ -557,9 +557,9 @@ class RelativeRepresentationStability(_RelativeStability):
 # ----------------------------------------------------------------------------- continuity
 
 
-def translate_x(x: jax.Array, dx: int, fill: jax.Array) -> jax.Array:
-    """Shift (N, H, W, C) images by ``dx`` pixels along W (positive: to the right), filling the
-    uncovered columns with ``fill`` (N,) (Quantus' ``batched_translation``, direction x)."""
+def translate_x(x: jax.Array, dx: int | jax.Array, fill: jax.Array) -> jax.Array:
+    """Shift (N, H, W, C) images by ``dx`` pixels along W (positive: to the right; may be traced),
+    filling the uncovered columns with ``fill`` (N,) (Quantus' ``batched_translation``, direction x)."""
     w = x.shape[2]
     col = jnp.arange(w) - dx
     inside = (col >= 0) & (col < w)
@@ -588,7 +588,8 @@ class Continuity:
     Defaults: Montavon et al. define continuity as the largest ratio ``||R(x) - R(x')||_1 /
     ||x - x'||_2`` over nearby inputs and illustrate it with translations; Quantus 0.6.0
     (``Continuity``): 28 translation steps, map normalisation (batch-wide there, per image
-    here) and absolute value on, ``"black"`` fill. With ``n_steps > 2 W + 1`` the schedule's step is
+    here) and absolute value on, ``"black"`` fill. One shift per step of a ``lax.map`` (the
+    method is called on the N translated images of that shift). With ``n_steps > 2 W + 1`` the schedule's step is
     0 and every shift is ``-W``: each "translated" image is the fill alone, as in Quantus (give
     ``n_steps <= 2 W + 1`` or explicit ``shifts`` for small images).
 
@@ -616,13 +617,12 @@ class Continuity:
     def __call__(self, model, variables, method, images, targets, maps=None) -> dict[str, np.ndarray]:
         x, t, maps = check_method_metric_inputs(model, variables, method, images, targets, maps)
         shifts = self.shifts if self.shifts is not None else continuity_shifts(x.shape[2], self.n_steps)
-        fill = x.reshape(x.shape[0], -1).min(1)
-        xp = jnp.stack([translate_x(x, s, fill) for s in shifts], axis=1)  # (N, S, H, W, C)
         a_ref = _reference_maps(method, model, variables, x, t, maps)
+        dx = jnp.asarray(shifts, jnp.int32)
         if _own_loop(method):
-            st, ch = _continuity_stats(self, method, model, variables, x, t, a_ref, xp)
+            st, ch = _continuity_stats(self, method, model, variables, x, t, a_ref, dx)
         else:
-            st, ch = bind_static(_continuity_stats, _continuity_stats_jit, self, method, model)(variables, x, t, a_ref, xp)
+            st, ch = bind_static(_continuity_stats, _continuity_stats_jit, self, method, model)(variables, x, t, a_ref, dx)
         st = np.asarray(st, np.float64)
         ch = np.asarray(ch, bool)
         if self.skip_changed_prediction:
@@ -633,16 +633,25 @@ class Continuity:
         return {"continuity": float(np.nanmean(values["continuity"]))}
 
 
-def _continuity_stats(cfg, method, model, variables, x, t, a_ref, xp):
-    n, s = xp.shape[:2]
-    flat = xp.reshape((n * s,) + x.shape[1:])
-    ap = explain_blocks(method, model, variables, flat, jnp.repeat(t, s), cfg.batch_size).reshape((n, s) + x.shape[1:3])
+def _continuity_stats(cfg, method, model, variables, x, t, a_ref, shifts):
+    """(N, S) ratios and prediction-changed flags; one shift (N translated images) per step,
+    translated inside the step (never all S x N images at once)."""
+    fill = x.reshape(x.shape[0], -1).min(1)
     a = postprocess_maps(a_ref.astype(x.dtype), cfg.normalise, cfg.abs_maps)
-    ap = postprocess_maps(ap.astype(x.dtype), cfg.normalise, cfg.abs_maps)
-    st = _flat_norm(a[:, None] - ap, 2, ord=1) / (_flat_norm(x[:, None] - xp, 3) + 1e-9)
     pred = model.apply(variables, x).argmax(-1)
-    lp = map_blocks(lambda b, _: model.apply(variables, b), flat, jnp.zeros(n * s, jnp.int32), cfg.batch_size)
-    return st, lp.argmax(-1).reshape(n, s) != pred[:, None]
+
+    def step(dx):
+        xp = translate_x(x, dx, fill)
+        ap = postprocess_maps(method(model, variables, xp, t).astype(x.dtype), cfg.normalise, cfg.abs_maps)
+        st = _flat_norm(a - ap, 2, ord=1) / (_flat_norm(x - xp, 3) + 1e-9)
+        return st, model.apply(variables, xp).argmax(-1) != pred
+
+    if _own_loop(method):
+        outs = [step(d) for d in shifts]
+        st, ch = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+    else:
+        st, ch = jax.lax.map(step, shifts)
+    return st.T, ch.T
 
 
 _continuity_stats_jit = jax.jit(_continuity_stats, static_argnums=(0, 1, 2))
