@@ -125,6 +125,18 @@ def main() -> None:
     settings["infidelity"] = {"perturb_patch_sizes": [4], "n_perturb_samples": 10}
     out["infidelity"] = np.asarray(call("inf", quantus.Infidelity(**kw)), np.float64)
 
+    settings["sufficiency"] = {"threshold": 0.6, "batch": N}
+    out["sufficiency"] = np.asarray(call("suf", quantus.Sufficiency(**kw)), np.float64)
+    # two clusters of similar maps (3 + 3) on varied images: values between 0 and 1
+    r6 = np.random.default_rng(6)
+    xs6 = (2 * r6.normal(size=(6, 1, SIZE, SIZE))).astype(np.float32)
+    base = r6.normal(size=(2, 1, 1, SIZE, SIZE))
+    as6 = (base.repeat(3, 0).reshape(6, 1, SIZE, SIZE) + 0.3 * r6.normal(size=(6, 1, SIZE, SIZE))).astype(np.float32)
+    out["sufficiency6_x"], out["sufficiency6_a"] = xs6, as6
+    out["sufficiency6_pred"] = model(torch.as_tensor(xs6)).argmax(-1).numpy().astype(np.float64)
+    out["sufficiency6"] = np.asarray(call("suf", quantus.Sufficiency(**kw), xs=xs6, as_=as6, ys=np.arange(6) % 3), np.float64)
+    settings["sufficiency6"] = {"threshold": 0.6, "batch": 6, "inputs": "out/sufficiency6_x, out/sufficiency6_a, targets arange(6) % 3"}
+
     # --- IROF, one image per call (also the superpixels Quantus used)
     irof = []
     for i in range(N):

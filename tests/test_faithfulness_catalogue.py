@@ -426,3 +426,32 @@ def test_bad_input(ref, name, settings, maps, match):
         a[1, 2, 3] = np.nan
     with pytest.raises(ValueError, match=match):
         metrics.get_model_metric(name, **settings)(ref["fn"], ref["x"], a, ref["t"])
+
+
+def test_sufficiency_quantus(ref):
+    """Sufficiency is batch-coupled (not registered; see its docstring): compare whole calls."""
+    z = np.load(FIXTURE)
+    with jax.enable_x64(True):
+        v3 = fcur.Sufficiency()(ref["fn"], ref["x"], ref["a"], ref["t"])["sufficiency"]
+        x6 = z["out/sufficiency6_x"].transpose(0, 2, 3, 1).astype(np.float64)
+        v6 = fcur.Sufficiency()(ref["fn"], x6, z["out/sufficiency6_a"][:, 0].astype(np.float64), np.arange(6, dtype=np.int32) % 3)["sufficiency"]
+        pred = np.argmax(_predict(ref["fn"], x6), -1)
+    np.testing.assert_array_equal(pred, z["out/sufficiency6_pred"])
+    np.testing.assert_allclose(v3, ref["out"]["sufficiency"], atol=1e-12)
+    np.testing.assert_allclose(v6, ref["out"]["sufficiency6"], atol=1e-12)
+    assert 0 < v6.sum() < 6  # the case discriminates
+
+
+def test_sufficiency_definition():
+    """Two identical maps with the same prediction and one far map: 1, 1, 0 (no close neighbour)."""
+    fn, _, x, _, t = _linear()
+    a = np.random.default_rng(0).normal(size=(3, 8, 8))
+    a[1] = a[0]
+    a[2] = -5 * a[0] + 3
+    x = x[:3].copy()
+    x[1] = x[0] + 0.01
+    with jax.enable_x64(True):
+        v = fcur.Sufficiency()(fn, x, a, t[:3])["sufficiency"]
+        pred = np.argmax(np.asarray(fn(jnp.asarray(x))), -1)
+    assert pred[0] == pred[1]
+    np.testing.assert_array_equal(v, [1.0, 1.0, 0.0])

@@ -72,6 +72,7 @@ __all__ = [
     "ROAD",
     "AverageDrop",
     "IncreaseInConfidence",
+    "Sufficiency",
 ]
 
 ModelFn = Callable[[jax.Array], jax.Array]
@@ -709,3 +710,62 @@ register_model_metric("irof", IROF)
 register_model_metric("road", ROAD)
 register_model_metric("average-drop", AverageDrop)
 register_model_metric("increase-in-confidence", IncreaseInConfidence)
+
+
+# ----------------------------------------------------------------------------- sufficiency (batch-coupled)
+
+
+_predict = jax.jit(lambda fn, x: fn(x))
+
+
+@functools.partial(jax.jit, static_argnames=("threshold",))
+def _sufficiency(a: jax.Array, pred: jax.Array, threshold: float) -> jax.Array:
+    n = a.shape[0]
+    var = jnp.var(a, axis=0, ddof=1)
+    diff = a[:, None, :] - a[None, :, :]
+    dist = jnp.sqrt(jnp.sum(diff * diff / var, axis=-1))  # scipy's seuclidean with V = column variances
+    m = jnp.max(jnp.abs(dist))
+    dist = jnp.where(m > 0, dist / jnp.where(m > 0, m, 1), dist)  # Quantus normalise_by_max of the matrix
+    sim = (dist <= threshold) & ~jnp.eye(n, dtype=bool)
+    same = pred[:, None] == pred[None, :]
+    cnt = sim.sum(-1)
+    return jnp.where(cnt > 0, (sim & same).sum(-1) / jnp.where(cnt > 0, cnt, 1), 0.0).astype(a.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sufficiency:
+    """Sufficiency (Dasgupta, Frost & Moshkovitz, ICML 2022), as Quantus 0.6.0 ``Sufficiency``.
+
+    **Batch-coupled by definition**: image i's value is the share of the *other images of the
+    call* whose explanation is close to i's and whose predicted class equals i's (0 if none is
+    close). Closeness: the standardised Euclidean distance between the flattened maps (scipy's
+    ``seuclidean``, per-pixel variance over the call's maps, ddof 1), divided by the largest
+    distance of the call, ``<= threshold``. Maps are preprocessed as Quantus: divided by the
+    largest |value| *of the whole call* (a global scale, which the standardised distance
+    ignores), then ``abs``. ``sufficiency`` (N,); higher is better. A pixel constant over all
+    maps makes its variance 0 and the distances inf/NaN (as scipy).
+
+    Defaults = Quantus: ``threshold=0.6``, ``abs=True``, ``normalise=True``. Because a value
+    depends on which images share the call, "a batch == its images one at a time" does not
+    hold (a single image scores 0): evaluate the whole set in one call.
+    """
+
+    threshold: float = 0.6
+    normalise: bool = True
+    abs: bool = True
+
+    def __call__(self, model_fn: ModelFn, images, maps, targets) -> dict[str, np.ndarray]:
+        if not 0 <= float(self.threshold):
+            raise ValueError(f"sufficiency: threshold must be >= 0; got {self.threshold!r}")
+        fn, images, maps, targets = prepare(model_fn, images, maps, targets)
+        a = maps.reshape(maps.shape[0], -1)
+        if self.normalise:
+            m = jnp.max(jnp.abs(a))
+            a = jnp.where(m > 0, a / jnp.where(m > 0, m, 1), a)
+        if self.abs:
+            a = jnp.abs(a)
+        pred = jnp.argmax(_predict(fn, images), axis=-1)
+        return {"sufficiency": np.asarray(_sufficiency(a, pred, float(self.threshold)), np.float64)}
+
+    def summarize(self, values):
+        return {"sufficiency": _mean(values["sufficiency"])}
