@@ -259,7 +259,12 @@ class InputInvariance:
     ``np.isclose``'s default), no map normalisation or absolute value (Quantus refuses them).
     Quantus' bias is ``2 b - min(first_layer(shift))``: the same in the interior.
 
-    Returns ``{"invariant": (N,) 0/1, "max_abs_difference": (N,)}``.
+    ``model_difference`` is the largest logit difference between the two models (0 up to
+    rounding when the shift is absorbed exactly; not 0 when the first layer is a zero-padded
+    convolution — VGG — where the border pixels see unshifted padding, so the maps of even an
+    invariant method can differ near the border there).
+
+    Returns ``{"invariant": (N,) 0/1, "max_abs_difference": (N,), "model_difference": (N,)}``.
     """
 
     shift: float = -1.0
@@ -272,9 +277,13 @@ class InputInvariance:
         a = np.asarray(maps if maps is not None else _maps(method, model, variables, x, t), np.float64)
         b = np.asarray(_maps(method, model, shifted, x + jnp.asarray(self.shift, x.dtype), t), np.float64)
         close = np.abs(a - b) <= self.atol + self.rtol * np.abs(b)
+        xs = x + jnp.asarray(self.shift, x.dtype)
+        f0 = np.asarray(model_logits(model, variables, x), np.float64)
+        f1 = np.asarray(model_logits(model, shifted, xs), np.float64)
         return {
             "invariant": close.reshape(x.shape[0], -1).all(1).astype(np.float64),
             "max_abs_difference": np.abs(a - b).reshape(x.shape[0], -1).max(1),
+            "model_difference": np.abs(f1 - f0).max(1),
         }
 
     def summarize(self, values: Mapping[str, np.ndarray]) -> dict[str, float]:
