@@ -12,9 +12,9 @@ Conventions shared by every metric here:
 * ``images`` (N, H, W, C) normalised NHWC inputs, ``targets`` (N,) class indices, ``maps`` the
   method's (N, H, W) maps of ``images`` (computed when ``None``). Values are per image, float64.
 * **Batching.** All perturbed inputs go through the method in one jitted program: the
-  samples are drawn inside it and run in blocks (``lax.map``) of ``batch_size`` perturbed
-  images per method call (a method is batched already), so at most ``batch_size`` perturbed
-  images are alive at a time. Methods that run their own loop (``runs_own_loop``) are called
+  samples are drawn inside it and run in blocks (``lax.map``) of ``max(1, batch_size // N)``
+  samples of each of the N images per method call (a method is batched already), so about
+  ``max(batch_size, N)`` perturbed images are alive at a time. Methods that run their own loop (``runs_own_loop``) are called
   block by block from Python instead.
 * **Randomness.** ``seed`` (int). The noise of an image depends on the seed and on the image's
   own values only (a hash of its bytes is folded into the key), never on its position in the
