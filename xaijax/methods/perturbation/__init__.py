@@ -9,7 +9,8 @@
   feature masks (grid, SLIC, given) in :mod:`.features`;
 * ``shapley-sampling``, ``kernel-shap`` (:mod:`.shapley`) — Shapley values of the features by
   (antithetic) permutation sampling and by the Shapley-kernel weighted least squares;
-* ``lime`` (:mod:`.lime`) — LIME's weighted linear surrogate over the features.
+* ``lime`` (:mod:`.lime`) — LIME's weighted linear surrogate over the features;
+* ``sobol`` (:mod:`.sobol`) — total-order Sobol indices of grid cells under quasi-MC masks.
 """
 
 from xaijax.methods.perturbation.drise import DRise, detector_function
@@ -17,6 +18,7 @@ from xaijax.methods.perturbation.extremal import ExtremalPerturbation, ExtremalR
 from xaijax.methods.perturbation.features import grid_feature_mask, slic_feature_mask, validate_feature_mask
 from xaijax.methods.perturbation.occlusion import FeatureAblation, FeaturePermutation, Occlusion
 from xaijax.methods.perturbation.lime import Lime
+from xaijax.methods.perturbation.sobol import Sobol
 from xaijax.methods.perturbation.shapley import KernelSHAP, ShapleySampling
 from xaijax.methods.perturbation.rise import RISE, rise_cell_size, rise_grid_and_shift, rise_masks, rise_upsample_matrix
 
@@ -39,4 +41,5 @@ __all__ = [
     "ShapleySampling",
     "KernelSHAP",
     "Lime",
+    "Sobol",
 ]
