@@ -47,7 +47,6 @@ caller's ``jit``/``vmap`` it is traced inline). Float64 in, float64 out.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
