@@ -27,6 +27,7 @@ from xaijax.metrics.faithfulness_curves import (
     baseline_value,
     clean_score,
     patch_ids,
+    pick,
     prepare_map,
     run,
     step_scores,
@@ -368,9 +369,14 @@ class SensitivityN:
         r = self.nr_subsets
         a = prepare_map(a, self.normalise, self.abs)
         b = baseline_value(x, self.baseline)
-        mask = lambda i: (jax.random.permutation(jax.random.fold_in(key, i), h * w) < ns[i // r]).reshape(h, w)
-        ys = step_scores(fn, lambda i: jnp.where(mask(i)[..., None], b, x), ns.shape[0] * r, t, x.dtype, self.score, self.steps_per_call)
-        sums = jax.lax.map(lambda i: jnp.sum(jnp.where(mask(i), a, 0)), jnp.arange(ns.shape[0] * r), batch_size=256)
+        total = ns.shape[0] * r
+
+        def one(i):  # one draw: its score and its attribution sum (the mask built once)
+            mask = (jax.random.permutation(jax.random.fold_in(key, i), h * w) < ns[i // r]).reshape(h, w)
+            out = fn(jnp.where(mask[..., None], b, x)[None])[0].astype(x.dtype)
+            return pick(out, t, self.score), jnp.sum(jnp.where(mask, a, 0))
+
+        ys, sums = jax.lax.map(one, jnp.arange(total, dtype=jnp.int32), batch_size=max(1, min(self.steps_per_call, total)))
         deltas = (clean_score(fn, x, t, self.score) - ys).reshape(-1, r)
         corr = jax.vmap(pearson)(sums.reshape(-1, r), deltas)
         return {"correlation": corr, "mean": corr.mean()}
