@@ -455,3 +455,30 @@ def test_sufficiency_definition():
         pred = np.argmax(np.asarray(fn(jnp.asarray(x))), -1)
     assert pred[0] == pred[1]
     np.testing.assert_array_equal(v, [1.0, 1.0, 0.0])
+
+
+def test_irof_clean_mean_against_numpy_loop(ref):
+    """IROF's default (the clean image's mean as baseline) against a direct loop over Quantus' superpixels."""
+    fn, x, a, t = ref["fn"], ref["x"][:1], ref["a"][:1], ref["t"][:1]
+    with jax.enable_x64(True):
+        v = metrics.get_model_metric("irof")(fn, x, a, t)
+    seg = ref["out"]["irof_segments"][0]
+    n = seg.max() + 1
+    score = np.array([a[0][seg == s].mean() for s in range(n)])
+    cur = x[0].copy()
+    y = _softmax(_predict(fn, x))[0, t[0]]
+    curve = []
+    for s in np.argsort(-score, kind="stable"):
+        cur[seg == s] = x[0].mean()
+        curve.append(_softmax(_predict(fn, cur[None]))[0, t[0]] / y)
+    assert v["num_segments"][0] == n
+    np.testing.assert_allclose(v["curve"][0, :n], curve, rtol=1e-10)
+    np.testing.assert_allclose(v["aoc"][0], n - np.trapezoid(curve), rtol=1e-10)
+
+
+def test_road_lerf_is_morf_of_the_negated_map(ref):
+    pc = (10, 50, 90)
+    with jax.enable_x64(True):
+        lerf = metrics.get_model_metric("road", percentages=pc, order="lerf", noise=0.0)(ref["fn"], ref["x"], ref["a"], ref["t"])
+        morf = metrics.get_model_metric("road", percentages=pc, order="morf", noise=0.0)(ref["fn"], ref["x"], -ref["a"], ref["t"])
+    np.testing.assert_allclose(lerf["probability"], morf["probability"], rtol=1e-12)
