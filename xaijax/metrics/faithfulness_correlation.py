@@ -352,6 +352,10 @@ class SensitivityN:
     steps_per_call: int = 256
     images_per_call: int = 1
 
+    def __post_init__(self):  # a list is accepted (the compiled program is keyed on a tuple)
+        if self.n_values is not None:
+            object.__setattr__(self, "n_values", tuple(int(v) for v in np.atleast_1d(self.n_values)))
+
     def sizes(self, h: int, w: int) -> tuple[int, ...]:
         return tuple(int(v) for v in self.n_values) if self.n_values is not None else default_n_values(h * w)
 
@@ -424,6 +428,9 @@ class Infidelity:
     abs: bool = False
     steps_per_call: int = 256
     images_per_call: int = 1
+
+    def __post_init__(self):  # a list is accepted (the compiled program is keyed on a tuple)
+        object.__setattr__(self, "patch_sizes", tuple(np.atleast_1d(self.patch_sizes).tolist()))
 
     def _validate(self, shape):
         _common("infidelity", self)

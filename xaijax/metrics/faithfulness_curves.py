@@ -607,6 +607,9 @@ class ROAD:
     steps_per_call: int = 64
     images_per_call: int = 1
 
+    def __post_init__(self):  # a list is accepted (the compiled program is keyed on a tuple)
+        object.__setattr__(self, "percentages", tuple(float(p) for p in np.atleast_1d(self.percentages)))
+
     def _validate(self, shape):
         if not self.percentages or any(not 0 <= float(p) <= 100 for p in self.percentages):
             raise ValueError(f"road: percentages must be a non-empty sequence of values in [0, 100]; got {self.percentages!r}")
