@@ -38,6 +38,28 @@ NotApplicable on a model that takes one input size only (``image_size``).
   pytorch-grad-cam we drop it (it only rescales the map and overflows for large logits).
   pytorch-grad-cam adds ``1e-6`` to the denominator; ``eps`` reproduces that (default 0:
   the exact closed form).
+* ``hirescam`` (Draelos & Carin, 2020): ``cam = relu(sum_k g_k * A_k)`` (element-wise, no spatial
+  averaging of the gradient). On a layer followed by global average pooling and one linear
+  layer the gradient is constant over space and HiResCAM equals Grad-CAM.
+* ``grad-cam-elementwise`` (pytorch-grad-cam's ``GradCAMElementWise``):
+  ``cam = relu(sum_k relu(g_k * A_k))``.
+* ``guided-grad-cam`` (Selvaraju et al., 2017): Guided Backprop's input gradient times the
+  upsampled Grad-CAM map, reduced over colour channels (default ``abs-max``, so the map is
+  ``guided-backprop * grad-cam``); a pixel-level map of kind ``"attribution"`` without a layer map.
+
+Options of every CAM (keyword-only fields of :class:`CamMethod`, default off), pytorch-grad-cam's
+call arguments: ``eigen_smooth`` replaces the channel sum of the weighted activations (``w_k A_k``
+for Grad-CAM, Grad-CAM++, XGrad-CAM, CAM, Score-CAM, Ablation-CAM; ``g A`` for HiResCAM,
+``relu(g A)`` element-wise, ``relu(g) A`` single-layer Layer-CAM) by their projection on the first
+principal component (:func:`eigen_projection`; the sign is fixed, see there); methods whose map is
+not such a sum (NormGrad, CAMERAS, multi-layer Layer-CAM, Eigen-CAM, EigenGrad-CAM, Recipro-CAM,
+DFF) refuse it. ``aug_smooth`` averages the de-augmented maps of horizontally flipped and
+brightness-scaled inputs (ttach's ``HorizontalFlip`` x ``Multiply([0.9, 1, 1.1])``, six
+augmentations in one batched call, :func:`augmented_maps`); the peer min-max normalises each map
+before averaging, xaijax averages them as they are. Further CAMs: :mod:`xaijax.methods.cam_ablation`
+(Ablation-CAM, Recipro-CAM) and :mod:`xaijax.methods.cam_factorization` (Eigen-CAM, EigenGrad-CAM,
+Deep Feature Factorization).
+
 * ``cam`` (Zhou et al., CVPR 2016). Defined only for a head made of **global average
   pooling followed by one linear layer** (ResNet ``avgpool -> fc``, DenseNet
   ``avgpool -> classifier``, Inception-v3 ``avgpool -> dropout -> fc``): with ``W`` the
