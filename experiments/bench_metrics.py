@@ -234,6 +234,45 @@ def _qm(cls: str, **settings: Callable[[Data], Any]):
     return run
 
 
+#: Quantus' per-image max normalisation (its default normalises over the whole batch)
+PER_IMAGE = {"normalise_axes": [1, 2, 3]}
+_NOT_ALIGNED = "not compared here (own random draws / randomised weights); parity: tests/test_robustness_randomisation.py"
+
+
+def _method(name: str, options: dict):
+    """An xaijax method metric re-running the gradient saliency on the tiny Flax CNN."""
+
+    def run(d: Data) -> np.ndarray:
+        import jax
+        import jax.numpy as jnp
+
+        from xaijax.methods import get
+        from xaijax.metrics import get_method_metric
+
+        out = get_method_metric(name, **options)(d.flax_model, d.variables, get("gradient", reduce="abs-sum"), jnp.asarray(d.x_nhwc), d.targets)
+        out = jax.block_until_ready(out)
+        first = next(v for v in out.values() if np.ndim(v) == 1)
+        return np.asarray(first, np.float64)
+
+    return run
+
+
+def _qx(cls: str, **settings):
+    """A Quantus metric that explains with ``quantus.explain`` (method ``Saliency``)."""
+
+    def run(d: Data) -> np.ndarray:
+        import quantus
+
+        metric = getattr(quantus, cls)(disable_warnings=True, display_progressbar=False, **settings)
+        out = metric(model=d.torch_model, x_batch=d.x_nchw, y_batch=d.targets, a_batch=None, channel_first=True, device="cpu",
+                     explain_func=quantus.explain, explain_func_kwargs={"method": "Saliency"}, batch_size=64)
+        if isinstance(out, dict):  # MPRT / SmoothMPRT: scores per randomised layer; keep the last (all layers randomised)
+            out = list(out.values())[-1]
+        return np.asarray(out, np.float64).reshape(len(d.targets), -1)[:, 0]
+
+    return run
+
+
 def _top_k(d: Data) -> int:
     return min(1000, d.maps[0].size // 10)
 
@@ -307,9 +346,26 @@ ROWS: list[Row] = [
         compare="different random draws", channels=1),
     Row("infidelity", "faithfulness", _model("infidelity", "infidelity"), _qm("Infidelity"), {"defaults": "both libraries' (Quantus')"},
         compare="different random perturbations", channels=1),
-    # --- robustness / randomisation / axioms (xaijax/metrics/robustness.py, randomisation.py,
-    # --- axioms.py): they re-run an explanation method (Quantus: its explain_func); one Row each,
-    # --- added once the method pairing (xaijax method <-> Quantus explain_func) is fixed.
+    # --- robustness / randomisation / axioms (xaijax/metrics/robustness.py, randomisation.py, axioms.py):
+    # --- they re-run the explanation: xaijax ``gradient`` with ``reduce="abs-sum"`` == Quantus'
+    # --- ``quantus.explain`` method ``Saliency`` (Captum |gradient| summed over channels); settings
+    # --- of experiments/bench_metrics_robustness.py (10 noise samples; Quantus' default is 200)
+    # --- (helper F's bench_metrics_robustness.py times the same table; this script supersedes it)
+    Row("max-sensitivity", "robustness", _method("max-sensitivity", {"n_samples": 10}), _qx("MaxSensitivity", nr_samples=10), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
+    Row("avg-sensitivity", "robustness", _method("avg-sensitivity", {"n_samples": 10}), _qx("AvgSensitivity", nr_samples=10), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
+    Row("local-lipschitz", "robustness", _method("local-lipschitz", {"n_samples": 10}), _qx("LocalLipschitzEstimate", nr_samples=10, normalise_func_kwargs=PER_IMAGE), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
+    Row("ris", "robustness", _method("ris", {"n_samples": 10}), _qx("RelativeInputStability", nr_samples=10), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
+    Row("ros", "robustness", _method("ros", {"n_samples": 10}), _qx("RelativeOutputStability", nr_samples=10), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
+    Row("rrs", "robustness", _method("rrs", {"n_samples": 10, "layers": ("conv2",)}), _qx("RelativeRepresentationStability", nr_samples=10, layer_names=["conv2"]), {"xaijax": '{"n_samples": 10, "layers": ("conv2",)}'}, compare=_NOT_ALIGNED),
+    Row("continuity", "robustness", _method("continuity", {}), _qx("Continuity", normalise_func_kwargs=PER_IMAGE), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
+    Row("consistency", "robustness", _method("consistency", {}), _qx("Consistency", normalise_func_kwargs=PER_IMAGE), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
+    Row("mprt", "randomisation", _method("mprt", {}), _qx("MPRT", normalise_func_kwargs=PER_IMAGE), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
+    Row("smooth-mprt", "randomisation", _method("smooth-mprt", {"n_samples": 10}), _qx("SmoothMPRT", nr_samples=10, normalise_func_kwargs=PER_IMAGE), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
+    Row("efficient-mprt", "randomisation", _method("efficient-mprt", {}), _qx("EfficientMPRT"), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
+    Row("random-logit", "randomisation", _method("random-logit", {}), _qx("RandomLogit", num_classes=3, normalise_func_kwargs=PER_IMAGE), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
+    Row("completeness", "axioms", _method("completeness", {}), _qx("Completeness", normalise=False), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
+    Row("non-sensitivity", "axioms", _method("non-sensitivity", {"unit": "value"}), _qx("NonSensitivity", normalise_func_kwargs=PER_IMAGE), {"xaijax": '{"unit": "value"}'}, compare=_NOT_ALIGNED),
+    Row("input-invariance", "axioms", _method("input-invariance", {}), _qx("InputInvariance"), {"xaijax": '{}'}, compare=_NOT_ALIGNED),
 ]
 
 
