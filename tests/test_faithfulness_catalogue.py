@@ -31,7 +31,7 @@ from xaijax.metrics import faithfulness_correlation as fcor
 from xaijax.metrics import faithfulness_curves as fcur
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "quantus_faithfulness_refs.npz")
-ATOL = 2e-5  # float32 (Quantus/torch) vs float64 (xaijax) on O(1) scores
+ATOL = 5e-6  # float32 (Quantus/torch) vs float64 (xaijax) on O(1) scores; measured <= 4.5e-7
 
 
 class _Tiny(nn.Module):
@@ -72,7 +72,7 @@ def _run(ref, name, **settings):
 
 def test_ported_model_matches_the_torch_forward(ref):
     """Sanity of the port: the pixel-flipping curve's last point is the all-black image's softmax,
-    which the same for every map; compare with Quantus' last point."""
+    which is the same for every map; compare with Quantus' last point."""
     v = _run(ref, "pixel-flipping")
     np.testing.assert_allclose(v["curve"][:, -1], ref["out"]["pixel_flipping_k1"][:, -1], atol=ATOL)
 
@@ -108,19 +108,19 @@ def test_selectivity_quantus(ref, p):
 @pytest.mark.parametrize("k", [1, 6])
 def test_faithfulness_estimate_quantus(ref, k):
     v = _run(ref, "faithfulness-estimate", features_in_step=k)
-    np.testing.assert_allclose(v["correlation"], ref["out"][f"faithfulness_estimate_k{k}"], atol=1e-4)
+    np.testing.assert_allclose(v["correlation"], ref["out"][f"faithfulness_estimate_k{k}"], atol=ATOL)
 
 
 def test_faithfulness_correlation_quantus_same_subsets(ref):
     s = ref["meta"]["settings"]["faithfulness_correlation"]
     v = _run(ref, "faithfulness-correlation", nr_runs=s["nr_runs"], subset_size=s["subset_size"], seed=s["seed"])
-    np.testing.assert_allclose(v["correlation"], ref["out"]["faithfulness_correlation"], atol=1e-4)
+    np.testing.assert_allclose(v["correlation"], ref["out"]["faithfulness_correlation"], atol=ATOL)
 
 
 def test_monotonicity_correlation_quantus_same_draws(ref):
     s = ref["meta"]["settings"]["monotonicity_correlation"]
     v = _run(ref, "monotonicity-correlation", nr_samples=s["nr_samples"], features_in_step=s["features_in_step"], seed=s["seed"])
-    np.testing.assert_allclose(v["correlation"], ref["out"]["monotonicity_correlation"], atol=1e-4)
+    np.testing.assert_allclose(v["correlation"], ref["out"]["monotonicity_correlation"], atol=ATOL)
 
 
 def test_infidelity_quantus(ref):
@@ -131,7 +131,7 @@ def test_infidelity_quantus(ref):
 def test_irof_quantus(ref):
     np.testing.assert_array_equal(fcur.superpixels(ref["x"]), ref["out"]["irof_segments"])
     v = _run(ref, "irof", running_mean=True)
-    np.testing.assert_allclose(v["aoc"], ref["out"]["irof"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(v["aoc"], ref["out"]["irof"], rtol=1e-5)
     # the clean-image mean (default) differs from Quantus' drifting mean, but not by much here
     assert np.all(np.isfinite(_run(ref, "irof")["aoc"]))
 
