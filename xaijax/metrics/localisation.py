@@ -334,8 +334,9 @@ def roc_auc(maps: jax.Array, regions: jax.Array) -> jax.Array:
     ``roc_curve`` and ``auc``. 1: every region pixel above every other pixel; 0: the reverse;
     1/2: a constant map. NaN when the region is empty or covers the whole image.
 
-    Computed by sorting the outside scores once per pair and counting, for each region
-    pixel, the outside pixels below and equal to it (``searchsorted``): O(HW log HW).
+    Computed from one sort of each pair's scores (labels alongside): every region pixel is
+    credited with the outside pixels below its value plus half of those tied with it,
+    counted per group of equal values: O(HW log HW).
 
     Args:
       maps: (N, H, W) attribution maps.
@@ -348,12 +349,13 @@ def roc_auc(maps: jax.Array, regions: jax.Array) -> jax.Array:
     a, s = _flat(maps, regions)
 
     def one(ai: jax.Array, si: jax.Array) -> jax.Array:
-        neg = jnp.sort(jnp.where(si, jnp.inf, ai))  # outside scores first, region pixels at the end
-        below = jnp.searchsorted(neg, ai, side="left")
-        upto = jnp.searchsorted(neg, ai, side="right")
-        n_neg = jnp.sum(~si)
-        credit = (below + upto).astype(ai.dtype) / 2  # below + ties / 2
-        return _ratio(jnp.sum(jnp.where(si, credit, 0)), (jnp.sum(si) * n_neg).astype(ai.dtype))
+        v, lab = jax.lax.sort((ai, si), num_keys=1)  # ascending scores, labels alongside
+        d = v.shape[0]
+        group = jnp.cumsum(jnp.concatenate([jnp.ones(1, bool), v[1:] != v[:-1]])) - 1  # tied values share a group
+        neg_in = jax.ops.segment_sum((~lab).astype(ai.dtype), group, num_segments=d)  # outside pixels per group
+        credit = jnp.cumsum(neg_in) - neg_in / 2  # outside pixels below the group + half of those tied with it
+        n_pos = jnp.sum(lab)
+        return _ratio(jnp.sum(jnp.where(lab, credit[group], 0)), (n_pos * (d - n_pos)).astype(ai.dtype))
 
     return jax.vmap(one)(a, s)
 
