@@ -99,8 +99,9 @@ def build():
             sd[k] = rng.normal(0.0, 0.1, a.shape)
         else:
             sd[k] = a.astype(np.float64)
+    m = m.double()  # before loading: a float32 module would round the float64 values on load
     m.load_state_dict({k: torch.as_tensor(v) for k, v in sd.items()})
-    return m.double().eval(), sd
+    return m.eval(), sd
 
 
 def main() -> None:
