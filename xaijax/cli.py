@@ -318,6 +318,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if not eq or not sep or method not in names:
             raise UserError(f"--param expects METHOD:key=value with METHOD one of --methods ({', '.join(names)}); got {item!r}")
         hparams.setdefault(method, {}).update(_parse_params([kv]))
+    metric_options: dict[str, dict] = {}
+    for item in args.metric_param:
+        lhs, eq, val = item.partition("=")
+        metric, sep, key = lhs.rpartition(":")
+        if not eq or not sep or not metric:
+            raise UserError(f"--metric-param expects METRIC:key=value (e.g. max-sensitivity:n_samples=10); got {item!r}")
+        metric_options.setdefault(metric, {}).update(_parse_params([f"{key}={val}"]))
     out = args.out or Path("results") / "eval" / f"{args.experiment}-{args.dataset}"
     cfg = EvalConfig(
         experiment=args.experiment, out=Path(out), methods=tuple(names), dataset=args.dataset, data_dir=args.data_dir,
@@ -326,6 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images, pick=args.pick,
         shard_index=args.shard_index, shard_count=args.shard_count, crf=args.crf,
         metrics=None if args.metrics is None else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        metric_options=metric_options,
     )
     run_experiment(cfg, progress=not args.no_progress)
     print(f"wrote {out}/results.md, results.csv, results.json")
@@ -494,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preprocess", choices=["torchvision", "caffe", "none"], default=None)
     s.add_argument("--methods", required=True, help="comma-separated method names")
     s.add_argument("--metrics", default=None, help="comma-separated subset of the experiment's metrics (default: all; see `xaijax metrics`)")
+    s.add_argument("--metric-param", action="append", default=[], metavar="METRIC:key=value",
+                   help="a metric's setting, e.g. max-sensitivity:n_samples=10 (repeatable)")
     s.add_argument("--param", action="append", default=[], help="METHOD:key=value hyperparameter override (repeatable)")
     s.add_argument("--seeds", choices=["labels", "predicted", "top1"], default="labels",
                    help="L: all GT classes; P: GT classes the model predicts; top1: the predicted class vs all objects")

@@ -82,6 +82,28 @@ DEFAULT_METHODS = (
 #: name with ``--metrics``.
 DEFAULT_MODEL_METRICS = ("deletion", "insertion", "region-insertion")
 
+#: Settings the demo gives the catalogue's expensive metrics when they are asked for with
+#: ``--metrics`` (their defaults are the papers' and Quantus': one forward pass per pixel for
+#: pixel-flipping and its relatives, 200 explanations per image for the robustness metrics);
+#: written into the results (``metric_options``).
+DEMO_METRIC_OPTIONS: dict[str, dict[str, Any]] = {
+    "pixel-flipping": {"features_in_step": 128},
+    "faithfulness-estimate": {"features_in_step": 128},
+    "monotonicity": {"features_in_step": 128},
+    "monotonicity-correlation": {"features_in_step": 128, "nr_samples": 10},
+    "faithfulness-correlation": {"nr_runs": 20},
+    "sensitivity-n": {"nr_subsets": 20},
+    "region-perturbation": {"regions_evaluation": 32},
+    "max-sensitivity": {"n_samples": 10},
+    "avg-sensitivity": {"n_samples": 10},
+    "local-lipschitz": {"n_samples": 10},
+    "ris": {"n_samples": 10},
+    "ros": {"n_samples": 10},
+    "rrs": {"n_samples": 10},
+    "continuity": {"n_steps": 8},
+    "smooth-mprt": {"n_samples": 5},
+}
+
 #: Held-out images of a default ``xaijax demo`` run (20 images: 31 (image, class) pairs,
 #: two batches of 16 per method; ``--images`` scales up).
 DEFAULT_IMAGES = 20
@@ -247,6 +269,8 @@ def run_demo(
     names = [n for n in candidates if kinds[n] in CLASSIFIER_KINDS]
     skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k not in CLASSIFIER_KINDS}
     pair_metric_names, model_metric_names, method_metric_names = _chosen_metrics(metric_names)
+    chosen_metrics = set(pair_metric_names) | set(model_metric_names) | set(method_metric_names)
+    metric_options = {k: v for k, v in DEMO_METRIC_OPTIONS.items() if k in chosen_metrics}
     scenes = data.SyntheticScenes()
     records = [scenes.record("test", i) for i in range(images)]
     pairs = build_pairs(records)
@@ -295,7 +319,7 @@ def run_demo(
                     continue
                 pb = metrics.PairBatch(maps=maps, regions=pairs.regions, classes=pairs.classes, dif=pairs.dif)
                 for mname in pair_metric_names:
-                    metric = metrics.get(mname)
+                    metric = metrics.get(mname, **metric_options.get(mname, {}))
                     row.update(metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
                 k = min(model_metric_pairs, len(pairs.classes))
                 t_metrics = time.perf_counter()
@@ -303,12 +327,16 @@ def run_demo(
                     sel = pairs.image_index[:k]
                     t_k = jnp.asarray(pairs.classes[:k], jnp.int32)
                     for mname in model_metric_names:
-                        metric = metrics.get_model_metric(mname)
+                        metric = metrics.get_model_metric(mname, **metric_options.get(mname, {}))
                         row.update(metric.summarize(metric(model_fn, x_all[sel], maps[:k], t_k)))
                     for mname in method_metric_names:  # they run the method again (perturbed inputs, randomised weights)
-                        metric = metrics.get_method_metric(mname)
+                        focus = {"convention": convention} if mname == "focus" else {}  # tiles normalised as the model's inputs
+                        metric = metrics.get_method_metric(mname, **focus, **metric_options.get(mname, {}))
                         method = methods_registry.get(name, **hp)
-                        row.update(metric.summarize(metric(model, variables, method, x_all[sel], t_k, maps=maps[:k])))
+                        try:
+                            row.update(metric.summarize(metric(model, variables, method, x_all[sel], t_k, maps=maps[:k])))
+                        except NotApplicable as e:  # e.g. input invariance of a model whose first layer has no bias
+                            row[f"{mname}_error"] = f"not defined for this model: {' '.join(str(e).split())}"
                 row["model_metrics_s"] = round(time.perf_counter() - t_metrics, 2)
                 figure_maps[(model_name, name)] = maps[fig_pairs]
                 rows.append(row)
@@ -324,6 +352,7 @@ def run_demo(
         "metrics": pair_metric_names,
         "model_metrics": model_metric_names,
         "method_metrics": method_metric_names,
+        "metric_options": metric_options,
         "model_metric_pairs": min(model_metric_pairs, int(len(pairs.classes))),
         "rows": rows,
     }

@@ -41,14 +41,16 @@ protocol, ``--metrics`` picks some of an experiment's):
 
 ``localisation``
     Relevance mass and rank accuracy, top-k intersection, attribution localisation, ROC AUC of
-    the map against the class region (pair metrics).
+    the map against the class region (pair metrics); focus (the method on mosaics of four
+    synthetic-benchmark images, a method metric).
 ``complexity``
     Sparseness (Gini), complexity (entropy), effective complexity (pair metrics).
 ``faithfulness``
     Faithfulness correlation and estimate, monotonicity (and its correlation), pixel-flipping,
     region perturbation, selectivity, sensitivity-n, IROF, infidelity, ROAD, sufficiency,
     average drop and increase in confidence (model-based metrics: perturbed images through the
-    classifier, batched).
+    classifier, batched). Sufficiency compares each pair with the other pairs of its batch of
+    ``--batch`` images (its value depends on them by definition).
 ``robustness``, ``randomisation``, ``axioms``
     *Method metrics*, which run the explanation method again: on perturbed inputs
     (max/avg sensitivity, local Lipschitz, continuity, consistency, RIS/ROS/RRS), on a model
@@ -108,7 +110,7 @@ EXPERIMENT_METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str,
     "localisation": (
         ("relevance-mass-accuracy", "relevance-rank-accuracy", "top-k-intersection", "attribution-localisation", "auc"),
         (),
-        (),
+        ("focus",),
     ),
     "complexity": (("sparseness", "complexity", "effective-complexity"), (), ()),
     "faithfulness": (
@@ -161,7 +163,8 @@ class EvalConfig:
     where the first 100 images are two classes.
     ``shard_index``/``shard_count`` evaluate every ``shard_count``-th image starting at
     ``shard_index`` (one process per host in multi-host runs). ``metrics`` runs only these of
-    the experiment's metrics (:func:`experiment_metrics` lists them); they are part of the stored
+    the experiment's metrics (:func:`experiment_metrics` lists them); ``metric_options`` sets a
+    metric's fields (``{"max-sensitivity": {"n_samples": 10}}``). Both are part of the stored
     configuration.
     """
 
@@ -188,6 +191,7 @@ class EvalConfig:
     shard_count: int = 1
     crf: bool = False
     metrics: tuple[str, ...] | None = None  # a subset of the experiment's metrics (default: all of them)
+    metric_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # metric -> settings
 
 
 def experiment_metrics(experiment: str) -> tuple[str, ...]:
@@ -256,6 +260,16 @@ def _check(cfg: EvalConfig) -> None:
                 f"--metrics {','.join(bad) if bad else '(empty)'}: the {cfg.experiment!r} experiment scores "
                 f"{', '.join(offered) if offered else 'no selectable metrics'}"
             )
+    if "focus" in _selected_metrics(cfg)[2] and cfg.dataset != "synthetic":
+        raise ValueError(
+            "focus builds its mosaics from the synthetic benchmark's images and classes, so it scores models of the "
+            f"synthetic benchmark's classes; with --dataset {cfg.dataset} pick --metrics without focus"
+        )
+    unused = sorted(set(cfg.metric_options) - set(n for g in _selected_metrics(cfg) for n in g))
+    if unused:
+        raise ValueError(
+            f"--metric-param {unused[0]}: not a metric this run scores ({', '.join(n for g in _selected_metrics(cfg) for n in g)})"
+        )
     if cfg.crf and cfg.experiment != "segmentation":
         raise ValueError(f"--crf refines the segmentation experiment's thresholded maps; it does not apply to {cfg.experiment!r}")
     if cfg.crf:
@@ -348,9 +362,17 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     num_classes = len(ds.class_names)
     indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
     pair_names, model_names, method_names = _selected_metrics(cfg)
-    pair_metrics = {n: metrics.get(n, crf=True) if (cfg.crf and n == "fgbg-miou") else metrics.get(n) for n in pair_names}
-    model_metrics = {n: metrics.get_model_metric(n) for n in model_names}
-    method_metrics = {n: metrics.get_method_metric(n) for n in method_names}
+    opts = cfg.metric_options
+    pair_metrics = {
+        n: metrics.get(n, crf=True, **opts.get(n, {})) if (cfg.crf and n == "fgbg-miou") else metrics.get(n, **opts.get(n, {}))
+        for n in pair_names
+    }
+    model_metrics = {n: metrics.get_model_metric(n, **opts.get(n, {})) for n in model_names}
+    # focus tiles its mosaics from benchmark images, normalised as the model's inputs are
+    method_metrics = {
+        n: metrics.get_method_metric(n, **({"convention": convention} if n == "focus" else {}), **opts.get(n, {}))
+        for n in method_names
+    }
     base_config = {
         "experiment": cfg.experiment,
         "dataset": cfg.dataset,
@@ -365,6 +387,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "metrics": sorted(pair_metrics) + sorted(model_metrics) + sorted(method_metrics),
         "shard": [cfg.shard_index, cfg.shard_count],
         **({"crf": "DenseCRF()"} if cfg.crf else {}),  # absent without --crf: earlier stores stay valid
+        **({"metric_options": {k: dict(sorted(v.items())) for k, v in sorted(opts.items())}} if opts else {}),
     }
     forward = jax.jit(lambda v, x: model.apply(v, x))
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
@@ -379,7 +402,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         hp = cfg.hparams.get(name, {})
         store = ResultsStore(
             out / f"{cfg.experiment}-{name.replace(':', '_')}.jsonl",
-            {**base_config, "method": name, "hparams": hp, "pointing_smooth": POINTING_SMOOTH.get(name, 0.0) if cfg.pointing_smooth else 0.0},
+            {**base_config, "method": name, "hparams": hp, "pointing_smooth": _pointing_smooth(cfg, name)},
         )
         done = store.done()
         _check_image_ids(store, ds, done)
@@ -525,7 +548,7 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
             maps = map_batches(lambda _, xb, cb: {"maps": explain(ctx.variables, xb, cb)}, cfg.batch, xs, c32)["maps"]
             # localisation metrics at each image's native resolution (TorchRay resizes the map
             # back to the original image before pointing), one image at a time
-            smooth = POINTING_SMOOTH.get(name, 0.0) if cfg.pointing_smooth else 0.0
+            smooth = _pointing_smooth(cfg, name)
             parts: list[dict[str, np.ndarray]] = []
             for k, ps in enumerate(per_image):
                 if not ps:
@@ -543,12 +566,18 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
             if parts:
                 values.update({key: np.concatenate([q[key] for q in parts]) for key in parts[0]})
             for n, m in ctx.model_metrics.items():
-                out = map_batches(lambda _, xb, mb, cb, m=m: m(ctx.model_fn, xb, mb, cb), cfg.batch, xs, maps, c32)
+                if getattr(type(m), "per_image", True):
+                    out = map_batches(lambda _, xb, mb, cb, m=m: m(ctx.model_fn, xb, mb, cb), cfg.batch, xs, maps, c32)
+                else:  # a metric over the pairs of a call (sufficiency): this batch's pairs, unpadded
+                    out = m(ctx.model_fn, xs, maps, c32)
                 values.update({f"{n}.{key}": v for key, v in out.items()})
             for n, m in ctx.method_metrics.items():  # re-run the method (perturbed inputs, randomised weights)
-                out = map_batches(
-                    lambda _, xb, mb, cb, m=m: m(ctx.model, ctx.variables, method, xb, cb, maps=mb), cfg.batch, xs, maps, c32
-                )
+                try:
+                    out = map_batches(
+                        lambda _, xb, mb, cb, m=m: m(ctx.model, ctx.variables, method, xb, cb, maps=mb), cfg.batch, xs, maps, c32
+                    )
+                except methods_registry.NotApplicable as e:  # e.g. input invariance without a first-layer bias
+                    out = {"not_defined": np.full(len(classes), " ".join(str(e).split()), dtype=object)}
                 values.update({f"{n}.{key}": v for key, v in out.items()})
     for k, (i, r) in enumerate(records):
         sel = np.flatnonzero(img_of == k)
@@ -564,6 +593,15 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
 #: 0.02 x the longer image side) before taking the maximum (``smooth=0.02`` in its
 #: ``examples/attribution_benchmark.py``); ``EvalConfig.pointing_smooth=False`` turns it off.
 POINTING_SMOOTH = {"gradient": 0.02, "deconvnet": 0.02, "guided-backprop": 0.02}
+
+
+def _pointing_smooth(cfg: EvalConfig, name: str) -> float:
+    """The Gaussian smoothing (sigma as a fraction of the longer side) of ``name``'s maps before
+    they are scored: TorchRay's, for the pointing experiment only (the other experiments and the
+    catalogue's metrics score the method's own maps)."""
+    if cfg.experiment != "pointing" or not cfg.pointing_smooth:
+        return 0.0
+    return POINTING_SMOOTH.get(name, 0.0)
 
 
 def _model_input(image: np.ndarray, size: int) -> np.ndarray:
@@ -697,6 +735,9 @@ def _summarize(name, hp, rows, indices: set[int], pair_metrics, model_metrics, n
     for m in pair_metrics.values():
         row.update(m.summarize(plain, classes, dif, num_classes))
     for n, m in model_metrics.items():
+        if f"{n}.not_defined" in keys:  # a method metric not defined for this model
+            row[f"{n}_error"] = f"not defined for this model: {pairs[0][n + '.not_defined']}"
+            continue
         vals = {k.split(".", 1)[1]: np.asarray([p[k] for p in pairs], np.float64) for k in keys if k.startswith(n + ".")}
         row.update(m.summarize(vals))
         for curve_key in ("curve", "correct"):

@@ -8,11 +8,19 @@ the combinators (``contrast:``, ``smooth:``, ``ucag:``) that apply to any of the
 
 Layout, one family per module: :mod:`~xaijax.methods.gradient` (gradient, gradient x input,
 DeconvNet, Guided Backprop, Integrated Gradients, SmoothGrad, FullGrad),
-:mod:`~xaijax.methods.cam` (CAM, Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, Score-CAM,
-NormGrad, CAMERAS), :mod:`~xaijax.methods.excitation`, :mod:`~xaijax.methods.lrp` (LRP,
+:mod:`~xaijax.methods.path_attribution` (GradientSHAP, Blur IG, Guided IG, VarGrad),
+:mod:`~xaijax.methods.deeplift` (DeepLIFT, DeepLIFT-SHAP),
+:mod:`~xaijax.methods.cam` (CAM, Grad-CAM, Grad-CAM++, HiResCAM, element-wise Grad-CAM,
+Guided Grad-CAM, XGrad-CAM, Layer-CAM, Score-CAM, NormGrad, CAMERAS; the ``aug_smooth`` and
+``eigen_smooth`` options of every CAM), :mod:`~xaijax.methods.cam_ablation` (Ablation-CAM,
+Recipro-CAM), :mod:`~xaijax.methods.cam_factorization` (Eigen-CAM, EigenGrad-CAM, Deep Feature
+Factorization), :mod:`~xaijax.methods.excitation`, :mod:`~xaijax.methods.lrp` (LRP,
 CLRP, SGLRP), :mod:`~xaijax.methods.rap`, :mod:`~xaijax.methods.rsp`,
-:mod:`~xaijax.methods.bilrp`, :mod:`~xaijax.methods.perturbation` (RISE, Extremal
-Perturbation, D-RISE), :mod:`~xaijax.methods.baselines` and
+:mod:`~xaijax.methods.bilrp`, :mod:`~xaijax.methods.attention` (vision transformers),
+:mod:`~xaijax.methods.perturbation` (RISE, Extremal Perturbation, D-RISE, occlusion, feature
+ablation and permutation, Shapley value sampling, KernelSHAP, LIME, Sobol),
+:mod:`~xaijax.methods.targets` (a layer, unit, detection or segmentation region as the
+explained output; layer attributions), :mod:`~xaijax.methods.baselines` and
 :mod:`~xaijax.methods.combinators` (smooth, contrast, ucag).
 """
 
@@ -63,15 +71,24 @@ from xaijax.methods.cam import (
     CAM,
     CAMERAS,
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
+    GuidedGradCAM,
+    HiResCAM,
     LayerCAM,
     NormGrad,
     ScoreCAM,
     XGradCAM,
     activation_and_gradient,
+    augmented_maps,
     default_cam_layer,
+    eigen_projection,
     upsample_bilinear,
 )
+from xaijax.methods.cam_ablation import AblationCAM, ReciproCAM
+from xaijax.methods.cam_factorization import DeepFeatureFactorization, EigenCAM, EigenGradCAM
+from xaijax.methods.deeplift import DeepLift, DeepLiftShap
+from xaijax.methods.path_attribution import BlurIG, GradientShap, GuidedIG
 from xaijax.methods.combinators import Contrast, Smooth, Ucag, contrast, get_contrast, get_smooth, get_ucag, smooth, ucag
 from xaijax.methods.excitation import ExcitationBackprop, default_excitation_layer
 from xaijax.methods.gradient import (
@@ -84,10 +101,32 @@ from xaijax.methods.gradient import (
     relu_rule_interceptor,
 )
 from xaijax.methods.lrp import CLRP, LRP, SGLRP
-from xaijax.methods.perturbation import RISE, DRise, ExtremalPerturbation, ExtremalResult, detector_function
+from xaijax.methods.perturbation import (
+    RISE,
+    DRise,
+    ExtremalPerturbation,
+    ExtremalResult,
+    FeatureAblation,
+    FeaturePermutation,
+    KernelSHAP,
+    Lime,
+    Occlusion,
+    ShapleySampling,
+    Sobol,
+    detector_function,
+)
 from xaijax.methods.rap import RAP
 from xaijax.methods.registry import describe, get, kind, names, prefixes, register, register_prefix
 from xaijax.methods.rsp import RSP, ContrastiveRSP
+from xaijax.methods.targets import (
+    DetectionScore,
+    LayerAttribution,
+    LayerIntegratedGradients,
+    LayerOutput,
+    LinearApprox,
+    SegmentationRegion,
+    attach,
+)
 
 # Module paths of earlier releases, kept importable for now (``xaijax.methods.ucag`` etc.).
 for _old, _new in (
@@ -148,6 +187,21 @@ __all__ = [
     "activation_and_gradient",
     "default_cam_layer",
     "upsample_bilinear",
+    "HiResCAM",
+    "GradCAMElementWise",
+    "GuidedGradCAM",
+    "augmented_maps",
+    "eigen_projection",
+    "AblationCAM",
+    "ReciproCAM",
+    "EigenCAM",
+    "EigenGradCAM",
+    "DeepFeatureFactorization",
+    "DeepLift",
+    "DeepLiftShap",
+    "GradientShap",
+    "BlurIG",
+    "GuidedIG",
     "ExcitationBackprop",
     "default_excitation_layer",
     "LRP",
@@ -165,6 +219,20 @@ __all__ = [
     "ExtremalResult",
     "DRise",
     "detector_function",
+    "Occlusion",
+    "FeatureAblation",
+    "FeaturePermutation",
+    "ShapleySampling",
+    "KernelSHAP",
+    "Lime",
+    "Sobol",
+    "LayerOutput",
+    "SegmentationRegion",
+    "DetectionScore",
+    "attach",
+    "LinearApprox",
+    "LayerIntegratedGradients",
+    "LayerAttribution",
     "Contrast",
     "Smooth",
     "Ucag",

@@ -153,7 +153,9 @@ def _maps(batch: _registry.PairBatch) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Sparseness(ClassMeanSummary):
-    """``sparseness``: :func:`sparseness` (Gini index) per pair (key ``sparseness``); ``offset=1e-7`` for Quantus."""
+    """Sparseness (Chalasani et al. 2020): Gini index of |map| (higher: fewer pixels carry the relevance).
+
+    :func:`sparseness` per pair (key ``sparseness``); ``offset=1e-7`` for Quantus."""
 
     offset: float = 0.0
     normalise: bool = True
@@ -165,7 +167,9 @@ class Sparseness(ClassMeanSummary):
 
 @dataclasses.dataclass(frozen=True)
 class Complexity(ClassMeanSummary):
-    """``complexity``: :func:`complexity` (entropy) per pair (key ``complexity``)."""
+    """Complexity (Bhatt et al. 2020): entropy of the fractional contributions |map| / sum |map| (lower: simpler).
+
+    :func:`complexity` per pair (key ``complexity``)."""
 
     key = "complexity"
 
@@ -175,7 +179,9 @@ class Complexity(ClassMeanSummary):
 
 @dataclasses.dataclass(frozen=True)
 class EffectiveComplexity(ClassMeanSummary):
-    """``effective-complexity``: :func:`effective_complexity` per pair (key ``effective_complexity``)."""
+    """Effective complexity (Nguyen & Martinez 2020): number of pixels whose normalised |map| exceeds ``eps`` (lower: simpler).
+
+    :func:`effective_complexity` per pair (key ``effective_complexity``)."""
 
     eps: float = 1e-5
     normalise: bool = True

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -750,8 +750,14 @@ class Sufficiency:
 
     Defaults = Quantus: ``threshold=0.6``, ``abs=True``, ``normalise=True``. Because a value
     depends on which images share the call, "a batch == its images one at a time" does not
-    hold (a single image scores 0): evaluate the whole set in one call.
+    hold (a single image scores 0): evaluate the whole set in one call. It declares this with
+    ``per_image = False``: ``xaijax eval`` then scores each batch's pairs in one unpadded call
+    (the neighbours of a pair are the other pairs of its batch of ``--batch`` images), and the
+    battery checks permutation equivariance instead of batch == single images.
     """
+
+    #: a value depends on the other images of the call (see above)
+    per_image: ClassVar[bool] = False
 
     threshold: float = 0.6
     normalise: bool = True
@@ -772,3 +778,6 @@ class Sufficiency:
 
     def summarize(self, values):
         return {"sufficiency": _mean(values["sufficiency"])}
+
+
+register_model_metric("sufficiency", Sufficiency)

@@ -379,8 +379,10 @@ def _pairs(batch: _registry.PairBatch) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class RelevanceMassAccuracy(ClassMeanSummary):
-    """``relevance-mass-accuracy``: :func:`relevance_mass_accuracy` per pair (key
-    ``relevance_mass_accuracy``); ``transform="signed"`` for Quantus' default."""
+    """Relevance mass accuracy (Arras et al. 2022): share of the positive relevance inside the region.
+
+    :func:`relevance_mass_accuracy` per pair (key ``relevance_mass_accuracy``);
+    ``transform="signed"`` for Quantus' default."""
 
     key = "relevance_mass_accuracy"
 
@@ -393,7 +395,9 @@ class RelevanceMassAccuracy(ClassMeanSummary):
 
 @dataclasses.dataclass(frozen=True)
 class RelevanceRankAccuracy(ClassMeanSummary):
-    """``relevance-rank-accuracy``: :func:`relevance_rank_accuracy` per pair (key ``relevance_rank_accuracy``)."""
+    """Relevance rank accuracy (Arras et al. 2022): share of the K most relevant pixels inside the region (K = its area).
+
+    :func:`relevance_rank_accuracy` per pair (key ``relevance_rank_accuracy``)."""
 
     key = "relevance_rank_accuracy"
 
@@ -404,8 +408,10 @@ class RelevanceRankAccuracy(ClassMeanSummary):
 
 @dataclasses.dataclass(frozen=True)
 class TopKIntersection(ClassMeanSummary):
-    """``top-k-intersection``: :func:`top_k_intersection` per pair (key ``top_k_intersection``);
-    ``k=1000`` for Quantus' default pixel count."""
+    """Top-k intersection (Theiner et al. 2021): share of the k most relevant pixels inside the region.
+
+    :func:`top_k_intersection` per pair (key ``top_k_intersection``); ``k=1000`` for Quantus'
+    default pixel count."""
 
     key = "top_k_intersection"
 
@@ -420,8 +426,10 @@ class TopKIntersection(ClassMeanSummary):
 
 @dataclasses.dataclass(frozen=True)
 class AttributionLocalisation(ClassMeanSummary):
-    """``attribution-localisation``: :func:`attribution_localisation` per pair (key
-    ``attribution_localisation``); ``transform="abs"`` for Quantus' default."""
+    """Attribution localisation (Kohlbrenner et al. 2020): positive relevance inside the region / in total.
+
+    :func:`attribution_localisation` per pair (key ``attribution_localisation``);
+    ``transform="abs"`` for Quantus' default."""
 
     key = "attribution_localisation"
 
@@ -436,7 +444,9 @@ class AttributionLocalisation(ClassMeanSummary):
 
 @dataclasses.dataclass(frozen=True)
 class LocalisationAUC(ClassMeanSummary):
-    """``auc``: :func:`roc_auc` per pair (key ``localisation_auc``)."""
+    """ROC AUC of the map as a pixel classifier of the region (Fawcett 2006; 0.5: chance).
+
+    :func:`roc_auc` per pair (key ``localisation_auc``)."""
 
     key = "localisation_auc"
 
@@ -588,7 +598,9 @@ def focus(maps: Any, quadrants: Any) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class FocusMetric:
-    """``focus`` (method metric): explain each image's focus mosaic and score :func:`focus`.
+    """Focus (Arias-Duart et al. 2022): share of positive relevance on the target-class tiles of a 2x2 mosaic.
+
+    A method metric: explain each image's focus mosaic and score :func:`focus`.
 
     ``metric(model, variables, method, images, targets, maps=None) -> {"focus": (N,)}``: for each
     image, :func:`focus_mosaics` builds its mosaic (the image, one more benchmark image of its
@@ -614,11 +626,11 @@ class FocusMetric:
 
     def __call__(self, model, variables, method, images, targets, maps=None) -> dict[str, np.ndarray]:
         from xaijax.data.synthetic import SyntheticScenes
-        from xaijax.metrics.robustness import _reference_maps, check_method_metric_inputs
+        from xaijax.metrics.robustness import method_maps, check_method_metric_inputs
 
         x, t, _ = check_method_metric_inputs(model, variables, method, images, targets, None)
         mosaics, quadrants = focus_mosaics(x, np.asarray(t), SyntheticScenes(size=self.size), convention=self.convention, split=self.split, seed=self.seed)
-        m = _reference_maps(method, model, variables, mosaics, t, None)
+        m = method_maps(method, model, variables, mosaics, t, None)
         return {"focus": np.asarray(focus(m, quadrants))}
 
     def summarize(self, values: dict[str, np.ndarray]) -> dict[str, float]:

@@ -51,6 +51,7 @@ from xaijax.static_jit import bind_static
 
 __all__ = [
     "check_method_metric_inputs",
+    "method_maps",
     "image_keys",
     "postprocess_maps",
     "explain_blocks",
@@ -171,8 +172,9 @@ def _own_loop(method: Any) -> bool:
     return isinstance(method, Method) and method.runs_own_loop
 
 
-def _reference_maps(method, model, variables, x, t, maps):
-    """The method's maps of ``x`` (``maps`` when given)."""
+def method_maps(method, model, variables, x, t, maps):
+    """The method's maps of ``x`` (``maps`` when given): the explanation every method metric starts from
+    (jitted once per method and model; own-loop methods called as they are)."""
     if maps is not None:
         return jnp.asarray(maps)
     if _own_loop(method):
@@ -251,7 +253,7 @@ class _NoiseMetric:
         else:
             s = self.n_samples
             src = image_keys(x, self.seed)
-        a_ref = _reference_maps(method, model, variables, x, t, maps)
+        a_ref = method_maps(method, model, variables, x, t, maps)
         layers = self._layers(model, variables, x) if self.needs_hidden else ()
         k = max(1, min(s, self.batch_size // n))
         if _own_loop(method):
@@ -617,7 +619,7 @@ class Continuity:
     def __call__(self, model, variables, method, images, targets, maps=None) -> dict[str, np.ndarray]:
         x, t, maps = check_method_metric_inputs(model, variables, method, images, targets, maps)
         shifts = self.shifts if self.shifts is not None else continuity_shifts(x.shape[2], self.n_steps)
-        a_ref = _reference_maps(method, model, variables, x, t, maps)
+        a_ref = method_maps(method, model, variables, x, t, maps)
         dx = jnp.asarray(shifts, jnp.int32)
         if _own_loop(method):
             st, ch = _continuity_stats(self, method, model, variables, x, t, a_ref, dx)
@@ -709,7 +711,7 @@ class Consistency:
 
     def __call__(self, model, variables, method, images, targets, maps=None) -> dict[str, np.ndarray]:
         x, t, maps = check_method_metric_inputs(model, variables, method, images, targets, maps)
-        a = _reference_maps(method, model, variables, x, t, maps)
+        a = method_maps(method, model, variables, x, t, maps)
         a = np.asarray(postprocess_maps(jnp.asarray(a), self.normalise, self.abs_maps)).reshape(x.shape[0], -1)
         if self.discretise == "top-n-sign":
             codes = np.sign(a[:, : self.n]).astype(np.int8)
