@@ -169,25 +169,36 @@ _REGISTRY: dict[str, Callable[[], PairMetric]] = {
 }
 
 
+def _add(registry: dict[str, Callable[..., Any]], what: str, name: str, factory: Callable[..., Any]) -> None:
+    """``registry[name] = factory``, refusing a name registered already (``what``: "metric", ...)."""
+    if name in registry:
+        raise ValueError(f"{what} {name!r} is already registered")
+    registry[name] = factory
+
+
+def _build(registry: dict[str, Callable[..., Any]], what: str, settings: str, name: str, options: dict[str, Any]) -> Any:
+    """``registry[name](**options)``; an unknown name (with close names) or bad ``settings`` is a
+    ``ValueError`` naming ``what`` ("metric", "model metric", "method metric")."""
+    try:
+        factory = registry[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(registry), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}; registered: {', '.join(sorted(registry))}.{hint}") from None
+    try:
+        return factory(**options)
+    except TypeError as e:
+        raise ValueError(f"bad {settings} for {what} {name!r}: {e}") from None
+
+
 def register(name: str, factory: Callable[[], PairMetric]) -> None:
     """Add a metric (``factory()`` builds it with default settings)."""
-    if name in _REGISTRY:
-        raise ValueError(f"metric {name!r} is already registered")
-    _REGISTRY[name] = factory
+    _add(_REGISTRY, "metric", name, factory)
 
 
 def get(name: str, **options: Any) -> PairMetric:
     """Build the registered metric ``name`` (``options``: its fields, e.g. ``crf=True`` for ``fgbg-miou``)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown metric {name!r}; registered: {', '.join(names())}.{hint}") from None
-    try:
-        return factory(**options)
-    except TypeError as e:
-        raise ValueError(f"bad options for metric {name!r}: {e}") from None
+    return _build(_REGISTRY, "metric", "options", name, options)
 
 
 def names() -> list[str]:
@@ -213,23 +224,12 @@ _MODEL_REGISTRY: dict[str, Callable[..., ModelMetric]] = {
 
 def register_model_metric(name: str, factory: Callable[..., ModelMetric]) -> None:
     """Add a model-based metric (``factory(**overrides)`` builds it)."""
-    if name in _MODEL_REGISTRY:
-        raise ValueError(f"model metric {name!r} is already registered")
-    _MODEL_REGISTRY[name] = factory
+    _add(_MODEL_REGISTRY, "model metric", name, factory)
 
 
 def get_model_metric(name: str, **overrides: Any) -> ModelMetric:
     """Build the registered model-based metric ``name`` (keyword overrides of its settings)."""
-    try:
-        factory = _MODEL_REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_MODEL_REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model metric {name!r}; registered: {', '.join(model_metric_names())}.{hint}") from None
-    try:
-        return factory(**overrides)
-    except TypeError as e:
-        raise ValueError(f"bad settings for model metric {name!r}: {e}") from None
+    return _build(_MODEL_REGISTRY, "model metric", "settings", name, overrides)
 
 
 def model_metric_names() -> list[str]:
@@ -274,23 +274,12 @@ _METHOD_REGISTRY: dict[str, Callable[..., MethodMetric]] = {}
 
 def register_method_metric(name: str, factory: Callable[..., MethodMetric]) -> None:
     """Add a method-based metric (``factory(**options)`` builds it)."""
-    if name in _METHOD_REGISTRY:
-        raise ValueError(f"method metric {name!r} is already registered")
-    _METHOD_REGISTRY[name] = factory
+    _add(_METHOD_REGISTRY, "method metric", name, factory)
 
 
 def get_method_metric(name: str, **options: Any) -> MethodMetric:
     """Build the registered method-based metric ``name`` (keyword overrides of its settings)."""
-    try:
-        factory = _METHOD_REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_METHOD_REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown method metric {name!r}; registered: {', '.join(method_metric_names())}.{hint}") from None
-    try:
-        return factory(**options)
-    except TypeError as e:
-        raise ValueError(f"bad settings for method metric {name!r}: {e}") from None
+    return _build(_METHOD_REGISTRY, "method metric", "settings", name, options)
 
 
 def method_metric_names() -> list[str]:
