@@ -92,7 +92,7 @@ def test_catalogue_in_explain(tiny_weights, tmp_path, name, capsys):
 
     Image.fromarray((np.random.default_rng(1).uniform(size=(128, 128, 3)) * 255).astype(np.uint8)).save(img)
     params = [a for k, val in CATALOGUE[name].items() for a in ("--param", f"{k}={json.dumps(val)}")]
-    code = cli.main(["explain", "--weights", str(tiny_weights), "--method", name, *params, "--out", str(tmp_path / "o"), str(img)])
+    code = cli.main(["explain", "--weights", str(tiny_weights), "--size", "128", "--method", name, *params, "--out", str(tmp_path / "o"), str(img)])
     assert code == 0, capsys.readouterr().err
     m = np.load(tmp_path / "o" / f"img.{name}.npy")
     assert m.shape == (128, 128) and np.isfinite(m).all()
