@@ -20,6 +20,7 @@ from xaijax.methods.perturbation.occlusion import FeatureAblation, FeaturePermut
 from xaijax.methods.perturbation.lime import Lime
 from xaijax.methods.perturbation.sobol import Sobol
 from xaijax.methods.perturbation.shapley import KernelSHAP, ShapleySampling
+from xaijax.methods.perturbation.xrai import XRAI
 from xaijax.methods.perturbation.rise import RISE, rise_cell_size, rise_grid_and_shift, rise_masks, rise_upsample_matrix
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "KernelSHAP",
     "Lime",
     "Sobol",
+    "XRAI",
 ]
