@@ -307,6 +307,41 @@ def _pointing(d: Data) -> np.ndarray:
     return np.asarray(metrics.get("pointing-game", tolerance=1.0)(d.pair_batch)["hit"], np.float64)
 
 
+ROAD_PERCENTAGES = list(range(1, 100, 2))  # both libraries' default
+
+
+def _xaijax_road(d: Data) -> np.ndarray:
+    """xaijax ROAD without noise: the per-percentage accuracy, mean over the images."""
+    import jax.numpy as jnp
+
+    from xaijax import metrics
+    from xaijax.metrics.faithfulness import classifier_fn
+
+    metric = metrics.get_model_metric("road", noise=0.0)
+    out = metric(classifier_fn(d.flax_model, d.variables), jnp.asarray(d.x_nhwc), d.maps, jnp.asarray(d.targets, jnp.int32))
+    return np.asarray(out["correct"], np.float64).mean(0)
+
+
+def _quantus_road(d: Data) -> np.ndarray:
+    """Quantus ROAD without noise: its per-percentage accuracy over the images (a dict)."""
+    import quantus
+
+    metric = quantus.ROAD(noise=0.0, percentages=ROAD_PERCENTAGES, disable_warnings=True, display_progressbar=False)
+    out = metric(model=d.torch_model, x_batch=d.x_nchw, y_batch=d.targets, a_batch=d.maps[:, None], channel_first=True,
+                 device="cpu", batch_size=len(d.maps))
+    return np.asarray(list(out.values()), np.float64)
+
+
+def _xaijax_sufficiency(d: Data) -> np.ndarray:
+    import jax.numpy as jnp
+
+    from xaijax.metrics.faithfulness import classifier_fn
+    from xaijax.metrics.faithfulness_curves import Sufficiency
+
+    out = Sufficiency()(classifier_fn(d.flax_model, d.variables), jnp.asarray(d.x_nhwc), d.maps, jnp.asarray(d.targets, jnp.int32))
+    return np.asarray(out["sufficiency"], np.float64)
+
+
 ROWS: list[Row] = [
     # --- localisation (xaijax/metrics/localisation.py)
     Row("relevance-mass-accuracy", "localisation", _pair("relevance-mass-accuracy", "relevance_mass_accuracy", transform="signed"),
@@ -345,12 +380,16 @@ ROWS: list[Row] = [
         _qm("MonotonicityCorrelation", nr_samples=_c(10), features_in_step=_steps64), {"nr_samples": 10, "features_in_step": "H*W / 64"},
         compare="different random draws", channels=1),
     Row("infidelity", "faithfulness", _model("infidelity", "infidelity"), _qm("Infidelity"), {"defaults": "both libraries' (Quantus')"},
-        compare="different random perturbations", channels=1),
+        compare="exact (both deterministic with patch perturbations)", channels=1),
+    Row("road", "faithfulness", _xaijax_road, _quantus_road, {"percentages": "1, 3, ..., 99", "noise": 0.0},
+        channels=1, compare="exact (per-percentage accuracy, mean over the images)"),
+    Row("irof", "faithfulness", _model("irof", "aoc", running_mean=_c(True)), _qm("IROF", return_aggregate=_c(False)),
+        {"running_mean": True}, channels=1, compare="exact where an image has the batch's largest superpixel count"),
+    Row("sufficiency", "faithfulness", _xaijax_sufficiency, _qm("Sufficiency"), {"threshold": 0.6}, channels=1),
     # --- robustness / randomisation / axioms (xaijax/metrics/robustness.py, randomisation.py, axioms.py):
     # --- they re-run the explanation: xaijax ``gradient`` with ``reduce="abs-sum"`` == Quantus'
     # --- ``quantus.explain`` method ``Saliency`` (Captum |gradient| summed over channels); settings
-    # --- of experiments/bench_metrics_robustness.py (10 noise samples; Quantus' default is 200)
-    # --- (helper F's bench_metrics_robustness.py times the same table; this script supersedes it)
+    # --- 10 noise samples (Quantus' default is 200)
     Row("max-sensitivity", "robustness", _method("max-sensitivity", {"n_samples": 10}), _qx("MaxSensitivity", nr_samples=10), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
     Row("avg-sensitivity", "robustness", _method("avg-sensitivity", {"n_samples": 10}), _qx("AvgSensitivity", nr_samples=10), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
     Row("local-lipschitz", "robustness", _method("local-lipschitz", {"n_samples": 10}), _qx("LocalLipschitzEstimate", nr_samples=10, normalise_func_kwargs=PER_IMAGE), {"xaijax": '{"n_samples": 10}'}, compare=_NOT_ALIGNED),
