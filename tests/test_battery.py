@@ -119,6 +119,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "guided-ig": dict(steps=20),
     "blur-ig": dict(steps=10),
     "vargrad": dict(n=3),
+    "xrai": dict(steps=4),
 }
 
 #: cheap settings for the expensive model-based metrics (Quantus' defaults: 100 random subsets)

@@ -24,6 +24,7 @@ CATALOGUE: dict[str, dict] = {
     "kernel-shap": dict(cell=32, n_samples=16),
     "lime": dict(cell=32, n_samples=16),
     "sobol": dict(grid_size=4, n_designs=4),
+    "xrai": dict(steps=2),
     "deeplift": {},
     "deeplift-shap": {},
     "gradient-shap": dict(n_samples=2),

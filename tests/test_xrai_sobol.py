@@ -10,7 +10,7 @@
 * The nearest-neighbour grid equals torch's ``interpolate(mode="nearest")`` (when torch is
   installed).
 
-XRAI (Kapishnikov et al. 2019) is not implemented.
+XRAI is tested in ``tests/test_xrai.py``.
 """
 
 from __future__ import annotations
