@@ -364,6 +364,11 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> Non
         err = "sampled" if r["err32"] is None else f"{r['err32']:.1e} / {r['err64']:.1e}"
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['peer']} | {r['xaijax_s']:.3f} | {r['peer_s']:.3f} | "
                      f"{r['ratio']:.2f} | {mb(r['xaijax_peak_mb'])} | {mb(r['peer_peak_mb'])} | {err} |")
+    notes = sorted({(r["method"], r["note"]) for r in rows if r.get("note")})
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- `{m}`: {n}" for m, n in notes]
+    if meta.get("partial"):
+        lines += ["", f"Partial run: {meta['partial']}."]
     atomic_text(os.path.join(out_dir, "bench_peers_catalogue.md"), "\n".join(lines) + "\n")
 
 
