@@ -102,6 +102,7 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
     # subcommand: [(case id, argv (with {placeholders} for files and {work}), expected text naming the argument)]
     "models": [("extra argument", ["models", "--bogus"], "unrecognized arguments: --bogus")],
     "methods": [("extra argument", ["methods", "gradient"], "unrecognized arguments: gradient")],
+    "metrics": [("extra argument", ["metrics", "pixel-flipping"], "unrecognized arguments: pixel-flipping")],
     "port": [
         ("missing input", ["port", "--arch", "resnet18", "{work}/nope.pth", "{work}/o.safetensors"], "nope.pth"),
         ("unknown arch", ["port", "--arch", "resnet19", "{work}/nope.pth", "{work}/o.safetensors"], "unknown architecture 'resnet19'"),
