@@ -113,7 +113,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "sobol": dict(grid_size=4, n_designs=8),
     "shapley-sampling": dict(n_samples=4),
     "kernel-shap": dict(n_samples=32),
-    "lime": dict(n_samples=16),
     # Guided IG's path is made of discrete choices (which features move next) that float32 rounding
     # flips at its default 200 steps (jit vs no-jit 0.045 of the scale; float64: 3e-16); 20 steps agree
     "guided-ig": dict(steps=20),
