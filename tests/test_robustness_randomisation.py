@@ -27,7 +27,16 @@ from xaijax.metrics import get_method_metric, method_metric_names
 from xaijax.metrics import axioms, randomisation, robustness
 from xaijax.models import layers
 
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Float64 for every test of this module, restored afterwards (a module-level
+    ``jax.config.update`` would switch it on for the whole session at collection)."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", prev)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "quantus_robustness_refs.npz")
 
