@@ -74,6 +74,7 @@ def test_catalogue_experiments_match_direct_metric_calls(tiny_weights, tmp_path)
     assert direct and all(row[k] == pytest.approx(direct[k], rel=1e-4) for k in direct)
     stored = json.loads((tmp_path / "r" / "robustness-gradient.jsonl").read_text().splitlines()[0])
     assert stored["config"]["metric_options"] == opts and stored["config"]["metrics"] == ["max-sensitivity"]
+    assert "no description" not in (tmp_path / "r" / "results.md").read_text()  # the legend covers the new columns
 
 
 def test_metric_not_defined_for_the_model_is_a_row_note(tiny_weights, tmp_path):
@@ -118,6 +119,8 @@ def test_demo_runs_catalogue_metrics_by_name(tmp_path):
                                      "max-sensitivity": demo.DEMO_METRIC_OPTIONS["max-sensitivity"]}
     assert any(k.startswith("sparseness") for k in row) and any(k.startswith("max_sensitivity") for k in row)
     assert not any(k.startswith("pointing") for k in row)
+    md = (tmp_path / "d" / "results.md").read_text()
+    assert "no description" not in md and "`sparseness`: Sparseness (Chalasani et al. 2020)" in md  # the legend
     with pytest.raises(ValueError, match="not a registered metric"):
         demo.run_demo(tmp_path / "x", 1, method_names=["gradient"], models=["synthetic_resnet18"], progress=False,
                       metric_names=["pixel-flopping"])

@@ -52,23 +52,8 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         print(f"{p + ':<method>':28s} {methods.registry.describe_prefix(p)} (options {p}_...)")
 
 
-def metric_summary(name: str) -> str:
-    """The first line of a registered metric's docstring (pair, model-based or method metric)."""
-    from xaijax import metrics
-
-    if name in metrics.names():
-        obj = metrics.get(name)
-    elif name in metrics.model_metric_names():
-        obj = metrics.get_model_metric(name)
-    elif name in metrics.method_metric_names():
-        obj = metrics.get_method_metric(name)
-    else:
-        return "(not registered)"
-    doc = (type(obj).__doc__ or "").strip()
-    return " ".join(doc.split("\n\n", 1)[0].split())
-
-
 def _cmd_metrics(args: argparse.Namespace) -> None:
+    from xaijax import metrics
     from xaijax.evaluation import EXPERIMENTS, experiment_metrics
 
     for exp in EXPERIMENTS:
@@ -78,7 +63,7 @@ def _cmd_metrics(args: argparse.Namespace) -> None:
             continue
         print(f"{exp} (xaijax eval {exp})")
         for n in names:
-            print(f"  {n:28s} {metric_summary(n)}")
+            print(f"  {n:28s} {metrics.describe(n)}")
         print()
 
 

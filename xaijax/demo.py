@@ -38,6 +38,7 @@ from xaijax import methods as methods_registry
 from xaijax.checkpoints import weights_dir  # re-exported: the bundled weights' folder
 from xaijax.checkpoints.input_size import model_input_size
 from xaijax.evaluation import image_pairs, map_batches, write_tables
+from xaijax.evaluation.tables import metric_descriptions
 from xaijax.methods import CLASSIFIER_KINDS, NotApplicable
 from xaijax.models import preprocess
 from xaijax.models.preprocess import normalize
@@ -291,6 +292,7 @@ def run_demo(
     steps = len(loaded) * len(names) * max(1, -(-len(pairs.classes) // batch))
     bar = tqdm(total=steps, desc="demo", unit="batch", disable=not progress)
     rows: list[dict[str, Any]] = []
+    sources: dict[str, str] = {}  # table column -> the metric that wrote it (the legend)
     figure_maps: dict[tuple[str, str], np.ndarray] = {}
     fig_pairs = _figure_pairs(pairs, figure_images)
     try:
@@ -320,7 +322,7 @@ def run_demo(
                 pb = metrics.PairBatch(maps=maps, regions=pairs.regions, classes=pairs.classes, dif=pairs.dif)
                 for mname in pair_metric_names:
                     metric = metrics.get(mname, **metric_options.get(mname, {}))
-                    row.update(metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
+                    _record(row, sources, mname, metric.summarize(metric(pb), pairs.classes, pairs.dif, num_classes))
                 k = min(model_metric_pairs, len(pairs.classes))
                 t_metrics = time.perf_counter()
                 if k:
@@ -328,15 +330,15 @@ def run_demo(
                     t_k = jnp.asarray(pairs.classes[:k], jnp.int32)
                     for mname in model_metric_names:
                         metric = metrics.get_model_metric(mname, **metric_options.get(mname, {}))
-                        row.update(metric.summarize(metric(model_fn, x_all[sel], maps[:k], t_k)))
+                        _record(row, sources, mname, metric.summarize(metric(model_fn, x_all[sel], maps[:k], t_k)))
                     for mname in method_metric_names:  # they run the method again (perturbed inputs, randomised weights)
                         focus = {"convention": convention} if mname == "focus" else {}  # tiles normalised as the model's inputs
                         metric = metrics.get_method_metric(mname, **focus, **metric_options.get(mname, {}))
                         method = methods_registry.get(name, **hp)
                         try:
-                            row.update(metric.summarize(metric(model, variables, method, x_all[sel], t_k, maps=maps[:k])))
+                            _record(row, sources, mname, metric.summarize(metric(model, variables, method, x_all[sel], t_k, maps=maps[:k])))
                         except NotApplicable as e:  # e.g. input invariance of a model whose first layer has no bias
-                            row[f"{mname}_error"] = f"not defined for this model: {' '.join(str(e).split())}"
+                            _record(row, sources, mname, {f"{mname}_error": f"not defined for this model: {' '.join(str(e).split())}"})
                 row["model_metrics_s"] = round(time.perf_counter() - t_metrics, 2)
                 figure_maps[(model_name, name)] = maps[fig_pairs]
                 rows.append(row)
@@ -353,12 +355,19 @@ def run_demo(
         "model_metrics": model_metric_names,
         "method_metrics": method_metric_names,
         "metric_options": metric_options,
+        "column_metrics": sources,
         "model_metric_pairs": min(model_metric_pairs, int(len(pairs.classes))),
         "rows": rows,
     }
     _write_tables(out, result)
     _write_figure(out / "figure.png", imgs, records, pairs, fig_pairs, figure_maps, [m[0] for m in loaded], names, scenes.class_names)
     return result
+
+
+def _record(row: dict[str, Any], sources: dict[str, str], metric: str, summary: dict[str, Any]) -> None:
+    """``row.update(summary)``, noting that ``metric`` wrote those columns (the table's legend)."""
+    row.update(summary)
+    sources.update(dict.fromkeys(summary, metric))
 
 
 def _chosen_metrics(names: Sequence[str] | None) -> tuple[list[str], list[str], list[str]]:
@@ -412,7 +421,7 @@ def _write_tables(out: Path, result: dict[str, Any]) -> None:
                "centred at zero when any map of the row is signed, sequential otherwise), limits at the "
                f"{ROBUST_PERCENTILE:g}th percentile of the values of the row's images of one model, with a colour bar "
                "after each model's columns; n/a: the method is not defined for that model."]
-    write_tables(out, result["rows"], header, result, footer)
+    write_tables(out, result["rows"], header, result, footer, descriptions=metric_descriptions(result.get("column_metrics", {})))
 
 
 def _write_figure(path, imgs, records, pairs, fig_pairs, figure_maps, model_names, method_names, class_names) -> None:

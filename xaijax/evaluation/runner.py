@@ -89,7 +89,7 @@ from xaijax.checkpoints.input_size import model_input_size
 from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError, latest_rows, read_store
-from xaijax.evaluation.tables import write_tables
+from xaijax.evaluation.tables import metric_descriptions, write_tables
 from xaijax.methods import CLASSIFIER_KINDS
 from xaijax.models import entry_points, preprocess
 from xaijax.models.init import random_variables
@@ -396,6 +396,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh, method_metrics)
     rows = []
     extras: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # table column -> the metric that wrote it (the legend)
     run_id = time.strftime("%Y-%m-%d %H:%M:%S")  # stored with each image's row: the tables say which run made a row
     runs: list[list[str]] = []
     for name in cfg.methods:
@@ -420,14 +421,14 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             bar.close()
         stored = list(store.rows())
         store.close()
-        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes)
+        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes, sources)
         rows.append(row)
         extras[name] = extra
         runs.append(_runs_of(stored, set(indices)))
     # the table covers every method the folder's stores hold for this configuration, not only this run's
     others, notes = _other_stores(out, cfg.experiment, base_config, cfg.methods)
     for name, hp, stored in others:
-        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes)
+        row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes, sources)
         rows.append(row)
         extras[name] = extra
         runs.append(_runs_of(stored, set(indices)))
@@ -448,7 +449,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     ]
     footer = _coverage_notes(rows, len(indices), cfg.methods, notes) + _figures(out, cfg.experiment, result["curves"])
     run_cells = [", ".join(f"{r} (this run)" if r == run_id else r for r in ran) for ran in runs]
-    write_tables(out, result["rows"], header, result, footer, extra_columns={"run": run_cells})
+    write_tables(out, result["rows"], header, result, footer, extra_columns={"run": run_cells},
+                 descriptions=metric_descriptions(sources))
     return result
 
 
@@ -715,7 +717,11 @@ def _py(v: Any) -> Any:
     return bool(v) if v.dtype == bool else float(v)
 
 
-def _summarize(name, hp, rows, indices: set[int], pair_metrics, model_metrics, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _summarize(
+    name, hp, rows, indices: set[int], pair_metrics, model_metrics, num_classes: int, sources: dict[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One table row of method ``name`` and its curves; ``sources`` (filled): column -> metric."""
+    sources = {} if sources is None else sources
     stored = [r for r in rows if r["index"] in indices]  # this run's images only
     pairs = [p for r in stored for p in r.get("pairs", [])]
     row: dict[str, Any] = {
@@ -732,14 +738,19 @@ def _summarize(name, hp, rows, indices: set[int], pair_metrics, model_metrics, n
     dif = np.asarray([p["dif"] for p in pairs], bool)
     keys = [k for k in pairs[0] if k not in ("class", "dif")]
     plain = {k: np.asarray([p[k] for p in pairs]) for k in keys if "." not in k}
-    for m in pair_metrics.values():
-        row.update(m.summarize(plain, classes, dif, num_classes))
+    for n, m in pair_metrics.items():
+        summary = m.summarize(plain, classes, dif, num_classes)
+        row.update(summary)
+        sources.update(dict.fromkeys(summary, n))
     for n, m in model_metrics.items():
         if f"{n}.not_defined" in keys:  # a method metric not defined for this model
             row[f"{n}_error"] = f"not defined for this model: {pairs[0][n + '.not_defined']}"
+            sources[f"{n}_error"] = n
             continue
         vals = {k.split(".", 1)[1]: np.asarray([p[k] for p in pairs], np.float64) for k in keys if k.startswith(n + ".")}
-        row.update(m.summarize(vals))
+        summary = m.summarize(vals)
+        row.update(summary)
+        sources.update(dict.fromkeys(summary, n))
         for curve_key in ("curve", "correct"):
             if curve_key in vals:
                 extra[n] = np.nanmean(vals[curve_key], 0).tolist()

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from xaijax.atomic import atomic_text
 from xaijax.metrics.iou import MIOU_LEGEND
 
-__all__ = ["write_tables", "markdown_table", "shorten", "legend", "COLUMN_LEGEND", "MARKDOWN_TEXT_LIMIT"]
+__all__ = ["write_tables", "markdown_table", "shorten", "legend", "metric_descriptions", "COLUMN_LEGEND", "MARKDOWN_TEXT_LIMIT"]
 
 #: Longest text cell of a Markdown table (characters); longer ones are :func:`shorten`-ed.
 MARKDOWN_TEXT_LIMIT = 300
@@ -135,6 +135,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], limit: int = MARKDOWN_TEXT_LI
     cols = _columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     return lines + ["| " + " | ".join(_fmt(r.get(c), limit) for c in cols) + " |" for r in rows]
+
+
+def metric_descriptions(sources: Mapping[str, str]) -> dict[str, str]:
+    """Legend entries for the summary columns of the metric catalogue: ``sources`` maps a column
+    to the registered metric whose ``summarize`` wrote it; a column :data:`COLUMN_LEGEND` does not
+    describe gets that metric's one-line description (``xaijax.metrics.describe``); ``<metric>_error``
+    columns say why the metric has no value."""
+    from xaijax.metrics.registry import describe
+
+    out: dict[str, str] = {}
+    for column, metric in sources.items():
+        if column in COLUMN_LEGEND:
+            continue
+        if column == f"{metric}_error":
+            out[column] = f"why `{metric}` has no value for this row (the metric is not defined for this model)"
+        else:
+            out[column] = f"`{metric}`: {describe(metric)} (`xaijax metrics`; mean over the pairs unless the metric says otherwise)"
+    return out
 
 
 def legend(columns: Sequence[str], descriptions: Mapping[str, str] | None = None) -> list[str]:

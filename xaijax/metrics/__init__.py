@@ -16,6 +16,7 @@ from xaijax.metrics.faithfulness import classifier_fn
 from xaijax.metrics.pointing import PointingGame, is_difficult_pair, pointing_hits
 from xaijax.metrics.registry import (
     PairBatch,
+    describe,
     get,
     get_method_metric,
     get_model_metric,
@@ -32,6 +33,7 @@ __all__ = [
     "PointingGame",
     "classifier_fn",
     "density",
+    "describe",
     "detection",
     "energy",
     "faithfulness",

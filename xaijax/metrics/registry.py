@@ -49,6 +49,7 @@ __all__ = [
     "register_method_metric",
     "get_method_metric",
     "method_metric_names",
+    "describe",
 ]
 
 
@@ -285,3 +286,20 @@ def get_method_metric(name: str, **options: Any) -> MethodMetric:
 def method_metric_names() -> list[str]:
     """Registered method-based metric names, sorted."""
     return sorted(_METHOD_REGISTRY)
+
+
+def describe(name: str) -> str:
+    """One line on a registered metric of any of the three registries: the first paragraph of
+    its class docstring (``xaijax metrics`` and the tables' legends print it).
+
+    Raises:
+      ValueError: no registry has ``name``.
+    """
+    for registry in (_REGISTRY, _MODEL_REGISTRY, _METHOD_REGISTRY):
+        if name in registry:
+            doc = (getattr(registry[name], "__doc__", None) or "").strip()
+            return " ".join(doc.split("\n\n", 1)[0].split()) or name
+    known = sorted(set(_REGISTRY) | set(_MODEL_REGISTRY) | set(_METHOD_REGISTRY))
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown metric {name!r}.{hint}")
