@@ -263,13 +263,13 @@ def run_demo(
             f"--methods {bad}: kind {kinds[bad]!r}, not a classifier attribution; the demo scores one map per "
             f"(image, class) pair and runs only methods of kind {' or '.join(CLASSIFIER_KINDS)}"
         )
+    pair_metric_names, model_metric_names, method_metric_names = _chosen_metrics(metric_names)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"output directory {out} is not writable")
 
     names = [n for n in candidates if kinds[n] in CLASSIFIER_KINDS]
     skipped = {n: f"kind {k!r}: not a per-image classifier attribution" for n, k in kinds.items() if k not in CLASSIFIER_KINDS}
-    pair_metric_names, model_metric_names, method_metric_names = _chosen_metrics(metric_names)
     chosen_metrics = set(pair_metric_names) | set(model_metric_names) | set(method_metric_names)
     metric_options = {k: v for k, v in DEMO_METRIC_OPTIONS.items() if k in chosen_metrics}
     scenes = data.SyntheticScenes()
@@ -410,7 +410,8 @@ def _write_tables(out: Path, result: dict[str, Any]) -> None:
         "# xaijax demo — synthetic benchmark",
         "",
         f"Split `{d['split']}`, {d['images']} images, {d['pairs']} (image, class) pairs ({d['dif_pairs']} in DIF), "
-        f"data seed {d['seed']}. The localisation metrics score every pair; deletion, insertion and region insertion "
+        f"data seed {d['seed']}. The pair metrics (localisation, complexity) score every pair; the model-based and "
+        f"method metrics ({', '.join(result['model_metrics'] + result.get('method_metrics', [])) or 'none'}) "
         f"the first {result['model_metric_pairs']} pairs. What each column measures: the legend under the table.",
     ]
     footer: list[str] = []

@@ -42,7 +42,7 @@ COLUMN_LEGEND: dict[str, str] = {
     "ms_per_map": "steady-state milliseconds per map, compilation excluded (a batch's run time / batch size, "
     "padding of the last batch included)",
     "method_s": "wall-clock seconds for all the method's maps, compilation included",
-    "model_metrics_s": "seconds spent on deletion, insertion and region insertion",
+    "model_metrics_s": "seconds spent on the model-based and method metrics (by default deletion, insertion and region insertion)",
     "error": "why the row has no numbers (the full message is in results.json)",
     "pointing_all": "pointing game (TorchRay protocol): hit when the map's maximum lies within 15 px of the class "
     "region; accuracy per class, mean over classes; all pairs (higher is better)",
