@@ -151,6 +151,11 @@ def _outermost(interceptor: Any) -> Iterator[None]:
                 break
 
 
+def _forwarded(name: str) -> property:
+    """A read-only attribute of a wrapper that is the wrapped model's ``name`` (None if it has none)."""
+    return property(lambda self: getattr(self.model, name, None), doc=f"The wrapped model's ``{name}``.")
+
+
 class TargetWrapper(nn.Module):
     """Base of the target wrappers: shares the wrapped ``model``'s scope (original variables and
     layer names) and forwards the attributes models declare for methods (see the module docstring).
@@ -164,29 +169,12 @@ class TargetWrapper(nn.Module):
         nn.share_scope(self, self.model)
 
     # forwarded declarations (None where the wrapped model declares none)
-    @property
-    def cam_layer(self) -> Any:
-        return getattr(self.model, "cam_layer", None)
-
-    @property
-    def excitation_layer(self) -> Any:
-        return getattr(self.model, "excitation_layer", None)
-
-    @property
-    def num_prefix_tokens(self) -> Any:
-        return getattr(self.model, "num_prefix_tokens", None)
-
-    @property
-    def grid_size(self) -> Any:
-        return getattr(self.model, "grid_size", None)
-
-    @property
-    def image_size(self) -> Any:
-        return getattr(self.model, "image_size", None)
-
-    @property
-    def attention_layers(self) -> Any:
-        return getattr(self.model, "attention_layers", None)
+    cam_layer = _forwarded("cam_layer")
+    excitation_layer = _forwarded("excitation_layer")
+    num_prefix_tokens = _forwarded("num_prefix_tokens")
+    grid_size = _forwarded("grid_size")
+    image_size = _forwarded("image_size")
+    attention_layers = _forwarded("attention_layers")
 
     def _data(self, name: str, owner: str) -> jax.Array:
         """The target datum ``name`` from the variables' :data:`TARGET_COLLECTION`."""
