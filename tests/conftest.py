@@ -13,3 +13,20 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A native checkpoint of a tiny random ResNet-18 (12 classes, width 8, 128 px) for the
+    evaluation, demo and CLI tests (a test module may define its own ``tiny_weights``)."""
+    import json
+
+    from xaijax import checkpoints, models
+
+    kw = {"num_classes": 12, "width": 8}
+    m = models.get("resnet18", **kw)
+    v = models.random_variables(m, (1, 128, 128, 3), seed=3)
+    path = tmp_path_factory.mktemp("w") / "tiny_resnet18.safetensors"
+    checkpoints.save_variables(path, v, metadata={"arch": "resnet18", "model_kwargs": json.dumps(kw)})
+    return path
+

@@ -12,21 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xaijax import checkpoints, cli, data, methods, metrics, models
+from xaijax import checkpoints, cli, data, methods, metrics
 from xaijax.evaluation import EvalConfig, ResultsStore, StoreMismatchError, run_experiment
 from xaijax.evaluation.runner import image_pairs
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    kw = {"num_classes": 12, "width": 8}
-    m = models.get("resnet18", **kw)
-    v = models.random_variables(m, (1, 128, 128, 3), seed=3)
-    path = tmp_path_factory.mktemp("w") / "tiny_resnet18.safetensors"
-    checkpoints.save_variables(path, v, metadata={"arch": "resnet18", "model_kwargs": json.dumps(kw)})
-    return path
 
 
 # --- results store ---------------------------------------------------------------------

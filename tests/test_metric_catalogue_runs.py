@@ -5,25 +5,14 @@ and settings are chosen by flags, and a metric not defined for a model is a row 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xaijax import checkpoints, cli, data, demo, methods, metrics, models
+from xaijax import checkpoints, cli, data, demo, methods, metrics
 from xaijax.evaluation import EXPERIMENTS, EvalConfig, experiment_metrics, run_experiment
 from xaijax.evaluation.runner import image_pairs
 from xaijax.models.preprocess import normalize
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    kw = {"num_classes": 12, "width": 8}
-    m = models.get("resnet18", **kw)
-    v = models.random_variables(m, (1, 128, 128, 3), seed=3)
-    path = tmp_path_factory.mktemp("w") / "tiny_resnet18.safetensors"
-    checkpoints.save_variables(path, v, metadata={"arch": "resnet18", "model_kwargs": json.dumps(kw)})
-    return path
 
 
 def _direct(tiny_weights, n_images):

@@ -5,13 +5,12 @@ entry point gives every new method finite maps of the right shape (or a table ro
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xaijax import checkpoints, cli, demo, methods, models
+from xaijax import cli, demo, methods, models
 from xaijax.evaluation import EvalConfig, run_experiment
 
 #: the methods issue 22 added, with settings that keep a CPU run short (their defaults cost
@@ -46,16 +45,6 @@ CATALOGUE: dict[str, dict] = {
 
 def test_catalogue_is_registered():
     assert set(CATALOGUE) <= set(methods.names())
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    kw = {"num_classes": 12, "width": 8}
-    m = models.get("resnet18", **kw)
-    v = models.random_variables(m, (1, 128, 128, 3), seed=3)
-    path = tmp_path_factory.mktemp("w") / "tiny_resnet18.safetensors"
-    checkpoints.save_variables(path, v, metadata={"arch": "resnet18", "model_kwargs": json.dumps(kw)})
-    return path
 
 
 @pytest.mark.slow
