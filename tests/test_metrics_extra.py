@@ -29,6 +29,16 @@ def test_energy_fraction_by_hand():
         energy.energy_fraction(maps[0], regions[0])
 
 
+def test_energy_fraction_keeps_float64(x64):
+    maps = np.array([[[1.0, 2.0], [3.0, 1e-9]]])
+    regions = np.array([[[True, False], [True, False]]])
+    e = energy.energy_fraction(maps, regions)
+    assert e.dtype == np.float64
+    # 4 / (6 + 1e-9): the 1e-9 is below float32's resolution at 6, not at float64's
+    np.testing.assert_allclose(np.asarray(e), [4.0 / (6.0 + 1e-9)], rtol=1e-14)
+    assert float(e[0]) != 4.0 / 6.0
+
+
 def test_energy_pointing_registry_class_means():
     maps = np.zeros((4, 3, 3), np.float32)
     regions = np.zeros((4, 3, 3), bool)

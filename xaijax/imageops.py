@@ -34,6 +34,7 @@ __all__ = [
     "gaussian_blur",
     "minmax_normalize",
     "safe_divide",
+    "as_float",
 ]
 
 RESIZE_METHODS = ("bilinear", "bilinear-align-corners", "bicubic", "bicubic-antialias")
@@ -103,7 +104,9 @@ def resize_matrix(in_size: int, out_size: int, method: str = "bilinear", a: floa
     return _resize_matrix_cached(in_size, out_size, method, float(a)).copy()
 
 
-def _float(x: jax.Array) -> jax.Array:
+def as_float(x: jax.Array) -> jax.Array:
+    """``x`` as a JAX array of a floating dtype: float inputs keep theirs (a float64 run stays
+    float64), integer and bool inputs become float32."""
     x = jnp.asarray(x)
     return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
@@ -124,7 +127,7 @@ def resize(x: jax.Array, size: tuple[int, int], method: str = "bilinear", a: flo
     ``"bilinear-align-corners"`` or ``"bicubic"`` (``a``: cubic parameter). Returns the input
     unchanged when the size already matches.
     """
-    x = _float(x)
+    x = as_float(x)
     if x.ndim not in (3, 4):
         raise ValueError(f"resize takes maps (N, h, w) or images (N, h, w, C); got shape {x.shape}")
     if method not in RESIZE_METHODS:
@@ -173,7 +176,7 @@ def gaussian_blur(x: jax.Array, kernel_size: int = 5, sigma: float = 3.0) -> jax
     applied as two matrix products (exact for any size). UCAG post-processes CAMs with
     ``(5, 3.0)``; the deletion/insertion protocol blurs images with ``(51, 50.0)``.
     """
-    x = _float(x)
+    x = as_float(x)
     if x.ndim not in (3, 4):
         raise ValueError(f"gaussian_blur takes (N, H, W) maps or (N, H, W, C) images; got shape {x.shape}")
     return _separable(

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.imageops import as_float
+
 __all__ = ["energy_fraction", "class_mean_all"]
 
 
@@ -37,9 +39,10 @@ def energy_fraction(maps: jax.Array, regions: jax.Array) -> jax.Array:
       regions: (N, H, W) bool class regions.
 
     Returns:
-      (N,) float32 in [0, 1]; 0 where a map has no positive value.
+      (N,) in [0, 1], the maps' float dtype (integer maps: float32); 0 where a map has no
+      positive value.
     """
-    maps = jnp.asarray(maps, jnp.float32)
+    maps = as_float(maps)
     regions = jnp.asarray(regions, bool)
     if maps.ndim != 3 or maps.shape != regions.shape:
         raise ValueError(f"maps and regions must both be (N, H, W); got {maps.shape} and {regions.shape}")

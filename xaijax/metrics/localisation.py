@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xaijax.imageops import as_float
 from xaijax.metrics import registry as _registry
 from xaijax.metrics.iou import class_mean
 
@@ -89,13 +90,8 @@ QUANTUS_TOP_K_FRACTION = 1000 / (224 * 224)
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _as_float(maps: Any) -> jax.Array:
-    maps = jnp.asarray(maps)
-    return maps if jnp.issubdtype(maps.dtype, jnp.floating) else maps.astype(jnp.float32)
-
-
 def _check_maps(maps: Any, name: str = "maps") -> jax.Array:
-    maps = _as_float(maps)
+    maps = as_float(maps)
     if maps.ndim != 3:
         raise ValueError(f"{name} must be (N, H, W) attribution maps; got shape {maps.shape}")
     return maps
