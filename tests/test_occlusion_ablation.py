@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,29 +33,18 @@ from xaijax.methods.perturbation import (
     validate_feature_mask,
 )
 from xaijax.methods.perturbation.occlusion import batch_permutation, occlusion_positions
+from tiny_models import TanhReluNet as Tiny, float64_variables
 
 pytestmark = pytest.mark.usefixtures("x64")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "captum_perturbation_refs.npz")
 SIZE = 12
 
 
-class Tiny(nn.Module):
-    """conv 3x3 (4) -> tanh -> conv 3x3 stride 2 (4) -> ReLU -> mean -> dense (3): nonlinear, so
-    ablation effects do not add up."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Conv(4, (3, 3))(x))
-        h = jax.nn.relu(nn.Conv(4, (3, 3), strides=2)(h))
-        return nn.Dense(3)(h.mean((1, 2)))
-
-
 @pytest.fixture(scope="module")
 def setup():
     model = Tiny()
     x = np.random.default_rng(0).normal(size=(3, SIZE, SIZE, 3))
-    v = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.float32))
-    v = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) + 0.05, v)  # nonzero biases
+    v = float64_variables(model, SIZE, 0)  # nonzero biases
     return model, v, x, np.array([0, 2, 1])
 
 

@@ -30,7 +30,6 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,36 +38,18 @@ import pytest
 from xaijax.methods import get
 from xaijax.methods.perturbation import KernelSHAP, Lime, ShapleySampling, grid_feature_mask
 from xaijax.methods.perturbation.lime import lime_samples
+from tiny_models import LinearNet as Linear, TanhReluNet as Tiny, float64_variables
 
 pytestmark = pytest.mark.usefixtures("x64")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "captum_perturbation_refs.npz")
 SIZE = 12
 
 
-class Tiny(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Conv(4, (3, 3))(x))
-        h = jax.nn.relu(nn.Conv(4, (3, 3), strides=2)(h))
-        return nn.Dense(3)(h.mean((1, 2)))
-
-
-class Linear(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(3)(x.reshape(x.shape[0], -1))
-
-
-def _init(model, seed):
-    v = model.init(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, 3), jnp.float32))
-    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) + 0.05, v)
-
-
 @pytest.fixture(scope="module")
 def setup():
     x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3))
     mask4 = np.broadcast_to(np.asarray(grid_feature_mask((SIZE, SIZE), 6)), (2, SIZE, SIZE)).astype(np.int32)
-    return Tiny(), _init(Tiny(), 0), x, np.array([0, 2]), mask4
+    return Tiny(), float64_variables(Tiny(), SIZE, 0), x, np.array([0, 2]), mask4
 
 
 def _j(v):
@@ -171,7 +152,7 @@ def test_kernel_shap_sampled(setup, exact):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
     # a linear model: the coalition value is linear in z, so any full-rank sample is exact
     lin = Linear()
-    vl = _j(_init(lin, 1))
+    vl = _j(float64_variables(lin, SIZE, 1))
     phil, _ = exact_shapley(lin, vl, x, t, mask, 4)
     ours = KernelSHAP(n_samples=12, seed=4)(lin, vl, xj, t, feature_mask=mask)
     np.testing.assert_allclose(np.asarray(ours), _pix(phil, mask), rtol=0, atol=1e-11)

@@ -15,7 +15,6 @@ XRAI is tested in ``tests/test_xrai.py``.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,28 +23,14 @@ import pytest
 from xaijax.methods import get
 from xaijax.methods.perturbation import Sobol
 from xaijax.methods.perturbation.sobol import sobol_design, sobol_grid_mask
+from tiny_models import LinearNet as Linear, TanhReluNet as Tiny, float64_variables
 
 pytestmark = pytest.mark.usefixtures("x64")
 SIZE = 12
 
 
-class Tiny(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Conv(4, (3, 3))(x))
-        h = jax.nn.relu(nn.Conv(4, (3, 3), strides=2)(h))
-        return nn.Dense(3)(h.mean((1, 2)))
-
-
-class Linear(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(3)(x.reshape(x.shape[0], -1))
-
-
 def _init(model, seed):
-    v = model.init(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, 3), jnp.float32))
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64) + 0.05), v)
+    return jax.tree_util.tree_map(jnp.asarray, float64_variables(model, SIZE, seed))
 
 
 def _reference(model, v, x, t, g, nd):
