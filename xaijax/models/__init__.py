@@ -1,4 +1,6 @@
-"""The Flax model zoo: VGG, ResNet, DenseNet and Inception-v3 with torchvision names,
+"""The Flax model zoo: VGG, ResNet, DenseNet and Inception-v3 with torchvision names, ViT/DeiT,
+BERT with Hugging Face names (:mod:`xaijax.models.bert`: ``bert.build(name, task)``, not in the
+image-architecture registry),
 and :func:`wrap`, which adapts the user's own model (Flax linen or NNX, Equinox, a plain
 function ``apply(params, x) -> logits``) to the ``(module, variables)`` pair every method takes
 (:mod:`xaijax.models.adapters`).
@@ -10,7 +12,7 @@ intermediate layers are addressed by torchvision's dotted names through
 """
 
 from xaijax.models import densenet, inception, resnet, vgg, vit  # noqa: F401  (register architectures)
-from xaijax.models import adapters, detector, layers, preprocess, taps
+from xaijax.models import adapters, bert, detector, layers, preprocess, taps
 from xaijax.models.adapters import wrap
 from xaijax.models.densenet import DenseNet
 from xaijax.models.inception import Inception3
@@ -26,6 +28,7 @@ __all__ = [
     "ResNet",
     "VGG",
     "adapters",
+    "bert",
     "get",
     "detector",
     "layers",

@@ -19,6 +19,15 @@ may need to see is its own named ``flax.linen`` module, so that
 * :class:`SelectToken` — one token (the class token for the head).
 * :class:`Average` — the mean of its inputs (a distilled DeiT's two heads).
 
+Text transformers (BERT, :mod:`xaijax.models.bert`) add:
+
+* :class:`Heads` — one projection (N, T, D) -> (N, heads, T, D/heads) (BERT's separate
+  query/key/value projections; Hugging Face's ``transpose_for_scores``); a pure reshape.
+* :class:`MaskKeys` — the attention mask: attention logits of padded keys replaced by the
+  dtype's most negative finite value (``jnp.where``, not an additive ``-inf``), so their
+  softmax probabilities are exactly 0; relevance and gradients reach only the kept logits.
+* :class:`Tanh` — element-wise ``tanh`` (BERT's pooler activation).
+
 Computation follows the dtype of the inputs and variables (float64 in parity tests).
 """
 
@@ -28,7 +37,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LayerNorm", "GELU", "Softmax", "MatMul", "SplitHeads", "MergeHeads", "PatchTokens", "TokenConcat", "SelectToken", "Average"]
+__all__ = [
+    "LayerNorm",
+    "GELU",
+    "Tanh",
+    "Softmax",
+    "MatMul",
+    "SplitHeads",
+    "Heads",
+    "MergeHeads",
+    "MaskKeys",
+    "PatchTokens",
+    "TokenConcat",
+    "SelectToken",
+    "Average",
+]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -60,6 +83,14 @@ class GELU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=self.approximate)
+
+
+class Tanh(nn.Module):
+    """Element-wise hyperbolic tangent (``torch.nn.Tanh``; BERT's pooler activation)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.tanh(x)
 
 
 class Softmax(nn.Module):
@@ -105,6 +136,42 @@ class SplitHeads(nn.Module):
         x = x.reshape(n, t, 3, self.num_heads, d // self.num_heads)
         x = jnp.transpose(x, (2, 0, 3, 1, 4))  # 3, N, heads, T, hd
         return x[0], x[1], x[2]
+
+
+class Heads(nn.Module):
+    """(N, T, D) output of one projection (query, key or value) -> (N, heads, T, D/heads).
+
+    Head ``h`` owns features [h*D/heads, (h+1)*D/heads), as Hugging Face's
+    ``transpose_for_scores``; :class:`MergeHeads` is its inverse.
+    """
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"Heads: feature size {d} is not divisible by num_heads {self.num_heads}")
+        return jnp.transpose(x.reshape(n, t, self.num_heads, d // self.num_heads), (0, 2, 1, 3))
+
+
+class MaskKeys(nn.Module):
+    """Attention mask on the logits: ``where(keep > 0, logits, finfo(dtype).min)``.
+
+    ``logits`` (N, heads, T, T) (rows: queries, columns: keys); ``keep`` of a shape that
+    broadcasts against them, (N or 1, 1, 1, T): 1 for a real key token, 0 for padding, in the
+    logits' float dtype (a float, not a bool, so that it is an ordinary differentiable input
+    of the layer whose relevance and gradient are exactly zero). Masked logits become the most
+    negative *finite* value, not ``-inf`` and not an additive ``-10000``: their softmax
+    probabilities are exactly 0 (``exp`` underflows), a row that is entirely masked stays finite
+    (uniform), and the gradient or relevance of a masked logit is exactly 0 (``jnp.where``
+    sends the whole cotangent to the kept entries). Hugging Face's BERT adds
+    ``finfo(dtype).min`` instead: the same probabilities wherever a row has a real key.
+    """
+
+    @nn.compact
+    def __call__(self, logits: jax.Array, keep: jax.Array) -> jax.Array:
+        return jnp.where(keep > 0, logits, jnp.asarray(jnp.finfo(logits.dtype).min, logits.dtype))
 
 
 class MergeHeads(nn.Module):
