@@ -1,6 +1,9 @@
 """Checkpoints: safe PyTorch reading, torch -> Flax porting, native save/load.
 
 * :func:`load` / :func:`port` — weights file -> ``(model, variables, info)`` / native file.
+* :func:`load_bert` — a Hugging Face BERT ``pytorch_model.bin`` / ``model.safetensors`` (with its
+  ``config.json``) -> ``(model, variables, info)`` (:mod:`xaijax.checkpoints.bert_mapping`;
+  :func:`load` and :func:`port` route BERT files there).
 * :func:`load_state_dict` — a ``.pth``/``.pt`` file -> ``{key: numpy array}``, without
   importing torch and without executing pickle code (allow-listed tensor globals only).
 * :func:`from_torch_state_dict` / :func:`to_torch_state_dict` — the name/layout mapping.
@@ -12,6 +15,7 @@
   checkout (``XAIJAX_WEIGHTS`` overrides the folder).
 """
 
+from xaijax.checkpoints.bert_mapping import load_bert
 from xaijax.checkpoints.bundled import bundled_weights, weights_dir
 from xaijax.checkpoints.convert import detect_source, load, load_torch_weights, num_classes_of, port
 from xaijax.checkpoints.detector import load_detector, save_detector
@@ -42,6 +46,7 @@ __all__ = [
     "from_torch_state_dict",
     "guess_family",
     "load",
+    "load_bert",
     "load_detector",
     "load_safetensors",
     "load_state_dict",

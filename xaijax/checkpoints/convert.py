@@ -21,6 +21,13 @@ TorchRay's Caffe-converted VOC/COCO models:
   ``conv1`` in BGR order and with a bias. The model is built with ``stride_in_1x1=True``,
   ``stem_bias=True`` and ``caffe_stem_pool=True`` (see :class:`xaijax.models.resnet.ResNet`);
   BatchNorm keeps torchvision's eps 1e-5, as TorchRay's loader does.
+
+Hugging Face BERT checkpoints (``pytorch_model.bin`` read by the safe reader, or
+``model.safetensors`` with torch names) go to :func:`xaijax.checkpoints.bert_mapping.load_bert`
+when ``arch`` is ``"bert"``, a BERT configuration name (``"bert-base-uncased"``), or ``None`` and
+the file has BERT's key names; the model configuration comes from the tensors and the
+``config.json`` next to the file. A ``.safetensors`` file without ``arch`` metadata whose keys are
+torch names (dots, no ``/``) is read as a torch state dict, not as a native file.
 """
 
 from __future__ import annotations
@@ -36,8 +43,7 @@ import numpy as np
 from xaijax.checkpoints.errors import CheckpointMismatchError
 from xaijax.checkpoints.mapping import arch_hint, from_torch_state_dict, guess_family
 from xaijax.checkpoints.native import load_variables, save_variables
-from xaijax.checkpoints import vit_mapping
-from xaijax.checkpoints.torch_pickle import load_state_dict
+from xaijax.checkpoints import bert_mapping, vit_mapping
 from xaijax.models import preprocess, registry
 
 __all__ = ["load_torch_weights", "load", "port", "detect_source", "num_classes_of", "TORCH_SUFFIXES", "NATIVE_SUFFIXES"]
@@ -108,6 +114,26 @@ def _torchray_resnet_to_torchvision(sd: Mapping[str, Any]) -> dict[str, np.ndarr
     return out
 
 
+def _torch_named_safetensors(path: Path) -> bool:
+    """Whether a ``.safetensors`` file holds a torch-named state dict (Hugging Face's
+    ``model.safetensors``: dotted keys, no ``arch`` metadata) rather than native Flax variables."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta, keys = dict(f.metadata() or {}), list(f.keys())
+    except Exception:  # unreadable: the native reader reports it
+        return False
+    return "arch" not in meta and bool(keys) and not any("/" in k for k in keys)
+
+
+def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """``{torch key: array}`` of a torch file (safe reader) or a torch-named ``.safetensors``."""
+    return bert_mapping.read_state_dict(path)
+
+
 def load_torch_weights(
     arch: str,
     path: str | Path,
@@ -132,8 +158,15 @@ def load_torch_weights(
       CheckpointFormatError: not a readable torch checkpoint.
       CheckpointMismatchError: keys or shapes do not fit ``arch``.
     """
+    if bert_mapping.is_bert_arch(arch):
+        return bert_mapping.load_bert(path, arch, num_classes=num_classes, **model_kwargs)
     spec = registry.spec(arch)
-    sd = load_state_dict(path)
+    sd = read_torch_state_dict(path)
+    if bert_mapping.looks_like_bert(sd):
+        raise CheckpointMismatchError(
+            f"{path} looks like a Hugging Face BERT checkpoint, but --arch {arch} is a {spec.family} model; "
+            "use --arch bert (sizes from the checkpoint and its config.json)"
+        )
     source = detect_source(sd)
     kwargs = dict(model_kwargs)
     if source == "torchray":
@@ -181,22 +214,30 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix in NATIVE_SUFFIXES:
+    if path.suffix in NATIVE_SUFFIXES and not _torch_named_safetensors(path):
         variables, meta = load_variables(path)
         file_arch = meta.get("arch")
         if arch is None and file_arch is None:
             raise ValueError(f"{path} does not record its architecture; pass arch")
-        if arch is not None and file_arch is not None and arch != file_arch:
+        same_bert = bert_mapping.is_bert_arch(arch) and bert_mapping.is_bert_arch(file_arch)
+        if arch is not None and file_arch is not None and arch != file_arch and not same_bert:
             raise CheckpointMismatchError(f"{path} holds weights for {file_arch!r}, not {arch!r}")
-        arch = arch or file_arch
+        arch = file_arch or arch
         kwargs = {k: _tuplify(v) for k, v in json.loads(meta.get("model_kwargs", "{}")).items()}
         kwargs.update(model_kwargs)
-        model = registry.get(arch, **kwargs)
+        if bert_mapping.is_bert_arch(arch):  # BERT: the recorded keywords (with task) rebuild it
+            model = bert_mapping.build_model(kwargs)
+        else:
+            model = registry.get(arch, **kwargs)
         _check_against_model(model, variables, path)
         info = {"arch": arch, "source": meta.get("source", "native"), "model_kwargs": kwargs, "metadata": dict(meta)}
         return model, variables, info
-    if arch is None:
-        raise ValueError(f"{path}: a torch checkpoint needs an architecture (--arch)")
+    if arch is None:  # only a BERT checkpoint says what it is by itself
+        sd = read_torch_state_dict(path)
+        if bert_mapping.looks_like_bert(sd):
+            return bert_mapping.load_bert(path, None, state_dict=sd, **model_kwargs)
+        what = bert_mapping.other_architecture(sd)
+        raise ValueError(f"{path}: a torch checkpoint needs an architecture (--arch)" + (f"; it looks like {what}" if what else ""))
     return load_torch_weights(arch, path, **model_kwargs)
 
 
@@ -209,7 +250,8 @@ def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: P
     from xaijax.checkpoints.mapping import variable_template
     from xaijax.checkpoints.trees import flatten as _flat
 
-    want = {k: tuple(v.shape) for k, v in _flat(variable_template(model)).items()}
+    template = bert_mapping.variable_template(model) if bert_mapping.is_bert(model) else variable_template(model)
+    want = {k: tuple(v.shape) for k, v in _flat(template).items()}
     have = {k: tuple(np.shape(v)) for k, v in _flat(variables).items()}
     missing = sorted("/".join(k) for k in want.keys() - have.keys())
     extra = sorted("/".join(k) for k in have.keys() - want.keys())
@@ -222,19 +264,48 @@ def _check_against_model(model: nn.Module, variables: Mapping[str, Any], path: P
         raise CheckpointMismatchError("\n".join(parts))
 
 
-def port(arch: str, src: str | Path, dst: str | Path, **model_kwargs: Any) -> dict[str, Any]:
+def port(arch: str | None, src: str | Path, dst: str | Path, **model_kwargs: Any) -> dict[str, Any]:
     """Convert a torch checkpoint to a native file (``.safetensors`` or ``.msgpack``).
 
     The destination is written atomically and only after the whole conversion succeeded. Its
     metadata records ``arch``, ``source``, ``model_kwargs``, ``ported_from`` and ``preprocess``
     (:func:`xaijax.models.preprocess.convention` of the source: ``"caffe"`` for TorchRay's
     models, else ``"torchvision"``). Returns the ``info`` dict of :func:`load_torch_weights`.
+
+    A Hugging Face BERT checkpoint (``arch`` ``None``, ``"bert"`` or a BERT configuration name;
+    ``pytorch_model.bin`` or ``model.safetensors``, with its ``config.json`` beside it) records
+    ``arch``, ``family`` ``"bert"``, ``source`` ``"huggingface"``, ``model_kwargs`` (with
+    ``task``), ``ported_from`` and, when the config names its labels, ``class_names`` (JSON); no
+    image ``preprocess``. Other torch checkpoints need ``arch``.
     """
     dst = Path(dst)
     if dst.suffix not in NATIVE_SUFFIXES:
         raise ValueError(f"output must end in {' or '.join(NATIVE_SUFFIXES)}; got {dst.name!r}")
     if not dst.parent.exists():
         raise FileNotFoundError(f"output directory does not exist: {dst.parent}")
+    if arch is None or bert_mapping.is_bert_arch(arch):
+        src = Path(src)
+        if not src.is_file():
+            raise FileNotFoundError(f"weights file not found: {src}")
+        if arch is None:
+            sd = read_torch_state_dict(src)
+            if not bert_mapping.looks_like_bert(sd):
+                what = bert_mapping.other_architecture(sd)
+                raise ValueError(f"{src}: a torch checkpoint needs an architecture (--arch)" + (f"; it looks like {what}" if what else ""))
+            _, variables, info = bert_mapping.load_bert(src, None, state_dict=sd, **model_kwargs)
+        else:
+            _, variables, info = bert_mapping.load_bert(src, arch, **model_kwargs)
+        meta = {
+            "arch": info["arch"],
+            "family": bert_mapping.FAMILY,
+            "source": info["source"],
+            "model_kwargs": json.dumps(info["model_kwargs"]),
+            "ported_from": src.name,
+        }
+        if info.get("class_names"):
+            meta["class_names"] = json.dumps(info["class_names"])
+        save_variables(dst, variables, metadata=meta)
+        return info
     _, variables, info = load_torch_weights(arch, src, **model_kwargs)
     meta = {
         "arch": arch,
