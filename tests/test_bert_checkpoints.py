@@ -346,3 +346,20 @@ def test_missing_file_and_configuration_errors(tmp_path):
     assert checkpoints.load(None, path, num_classes=3)[0].num_labels == 3
     with pytest.raises(CheckpointMismatchError, match=r"classifier.weight: checkpoint \(3, 8\)"):
         checkpoints.load(None, path, num_classes=5)
+
+
+def test_torch_named_safetensors_of_an_image_model(tmp_path):
+    """The routing that reads HF's model.safetensors also reads any torch-named .safetensors
+    (here a torchvision-named ResNet) when the architecture is given."""
+    from xaijax import models
+    from xaijax.checkpoints.safetensors_io import save_safetensors
+
+    kw = {"num_classes": 4, "width": 4}
+    model = models.get("resnet18", **kw)
+    variables = models.random_variables(model, (1, 32, 32, 3), seed=0)
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, checkpoints.to_torch_state_dict(model, variables), metadata={"format": "pt"})
+    model2, variables2, _ = checkpoints.load("resnet18", path, width=4)
+    assert model2 == model
+    a, b = flat(variables2), flat(variables)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -418,13 +418,14 @@ def _dest(key: str, template: Mapping[tuple[str, ...], Any]) -> tuple[str, ...] 
     return p if p in template else None
 
 
-def ignored_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+def ignored_keys(model: nn.Module, state_dict: Mapping[str, Any], *, _template: Mapping | None = None) -> list[str]:
     """Keys :func:`from_torch_state_dict` drops on purpose: the position-id buffers, and for a
     masked-LM model a pre-training checkpoint's pooler and next-sentence head. (The tied decoder
     copies are checked, not ignored.)"""
     sd = normalise_state_dict(state_dict)
     mlm = model_task(model) == "mlm"
-    has_pooler = any(p[:3] == ("params", "bert", "pooler") for p in _flat(variable_template(model)))
+    template = _flat(variable_template(model)) if _template is None else _template
+    has_pooler = any(p[:3] == ("params", "bert", "pooler") for p in template)
     out = []
     for k in sd:
         if k in _BUFFERS or (mlm and k.startswith("cls.seq_relationship.")) or (k.startswith("bert.pooler.") and not has_pooler):
@@ -450,7 +451,7 @@ def from_torch_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, st
     """
     sd = normalise_state_dict(state_dict)
     template = _flat(variable_template(model))
-    skip = set(ignored_keys(model, sd))
+    skip = set(ignored_keys(model, sd, _template=template))
     mlm = model_task(model) == "mlm"
     filled: dict[tuple[str, ...], np.ndarray] = {}
     unexpected: list[str] = []
