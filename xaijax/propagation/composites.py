@@ -39,12 +39,17 @@ relevance, on a LayerNorm it follows the normaliser's derivative):
 * ``softmax`` — :class:`~xaijax.propagation.transformer_rules.SoftmaxRule`;
 * ``matmul`` (``q.k^T``, ``attention.v``) —
   :class:`~xaijax.propagation.transformer_rules.BilinearUniform` (eps 1e-6): each factor half;
-* ``activation`` (GELU) — :class:`~xaijax.propagation.rules.Pass` (identity rule);
+* ``activation`` (GELU, Tanh) — :class:`~xaijax.propagation.rules.Pass` (identity rule);
 * ``rearrange`` (patch tokens, head split/merge, token concatenation/selection) —
   :class:`~xaijax.propagation.rules.Vjp`: exact, every output entry is one input entry.
   Relevance reaching a prefix token (class/distillation token, a parameter) stays there,
   as relevance reaching a bias does;
-* ``average`` (a distilled DeiT's two heads) — ``Epsilon(0)``, the z-rule.
+* ``average`` (a distilled DeiT's two heads) — ``Epsilon(0)``, the z-rule;
+* ``mask`` (BERT's attention mask on the logits, ``where(keep, logits, finfo.min)``) —
+  :class:`~xaijax.propagation.rules.Vjp`: the relevance of each kept logit passes to it
+  unchanged, a masked entry is a constant and passes nothing (its softmax probability is
+  exactly 0, so the softmax rule sends it exactly 0 anyway), the keep-mask input gets 0.
+  Conserving.
 
 On a network without transformer layers the composites ``attnlrp`` and ``cp_lrp`` are plain
 LRP-epsilon (or gamma) composites.
@@ -123,6 +128,7 @@ KINDS = (
     "activation",
     "rearrange",
     "average",
+    "mask",
 )
 
 #: Rules of the layer kinds that a composite does not map.
@@ -144,6 +150,7 @@ DEFAULT_RULES: dict[str, Rule] = {
     "activation": Pass(),
     "rearrange": Vjp(),
     "average": Epsilon(0.0),
+    "mask": Vjp(),
 }
 
 

@@ -33,8 +33,14 @@ layer's VJP is replaced:
 
 Transformer layers (:mod:`xaijax.models.transformer_layers`) are leaf layers of their own
 kinds: ``layernorm``, ``softmax``, ``matmul`` (a bilinear product of two inputs),
-``activation`` (GELU), ``rearrange`` (patch tokens, head split/merge, token concatenation
-and selection) and ``average``. A layer may return a tuple of arrays (``SplitHeads``' q,
+``activation`` (GELU, Tanh), ``rearrange`` (patch tokens, head split/merge -- fused or of one
+projection --, token concatenation and selection), ``average`` and ``mask`` (BERT's attention
+mask on the logits, :class:`~xaijax.models.transformer_layers.MaskKeys`: its second input, the
+float keep-mask, is a constant of the explained input and gets zero relevance). Embedding
+lookups (``nn.Embed`` of integer ids: BERT's position and token-type embeddings) are not
+layers of any kind: their outputs are constants with respect to the explained input (the word
+embeddings), like a ViT's position embedding, and the relevance that reaches them in a sum
+stays there, as relevance reaching a bias does. A layer may return a tuple of arrays (``SplitHeads``' q,
 k, v): its custom VJP then receives a tuple of relevances, and only rules declaring
 ``multi_output`` (Vjp, Stop) apply to it; such outputs cannot be read with ``read_at`` or
 seeded with ``seed_at``. Inputs broadcast over the batch (a position embedding or class
@@ -116,8 +122,11 @@ _KIND_OF: tuple[tuple[type, str], ...] = (
     (T.Softmax, "softmax"),
     (T.MatMul, "matmul"),
     (T.GELU, "activation"),
+    (T.Tanh, "activation"),
     (T.PatchTokens, "rearrange"),
     (T.SplitHeads, "rearrange"),
+    (T.Heads, "rearrange"),
+    (T.MaskKeys, "mask"),
     (T.MergeHeads, "rearrange"),
     (T.TokenConcat, "rearrange"),
     (T.SelectToken, "rearrange"),
@@ -132,8 +141,8 @@ _NONNEG_OUTPUT = ("relu", "softmax")
 
 _SUPPORTED = (
     "nn.Conv, nn.Dense, nn.BatchNorm, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Add, Concat, "
-    "Identity, and the transformer layers LayerNorm, Softmax, MatMul, GELU, PatchTokens, SplitHeads, MergeHeads, "
-    "TokenConcat, SelectToken, Average (xaijax.models.transformer_layers)"
+    "Identity, and the transformer layers LayerNorm, Softmax, MatMul, GELU, Tanh, PatchTokens, SplitHeads, Heads, "
+    "MergeHeads, MaskKeys, TokenConcat, SelectToken, Average (xaijax.models.transformer_layers)"
 )
 
 
