@@ -363,3 +363,14 @@ def test_torch_named_safetensors_of_an_image_model(tmp_path):
     assert model2 == model
     a, b = flat(variables2), flat(variables)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_native_bert_file_with_a_named_configuration(tmp_path):
+    """A native file written by save_variables with a configuration name and partial keywords
+    (as a training script writes it): the name's sizes are the defaults, the task comes from the head."""
+    model = bert.build("test-tiny", task="mlm", vocab_size=48)
+    variables = model.init(jax.random.key(1), np.zeros((1, 4), np.int32))
+    path = tmp_path / "mlm.safetensors"
+    checkpoints.save_variables(path, variables, metadata={"arch": "test-tiny", "model_kwargs": json.dumps({"vocab_size": 48})})
+    model2, variables2, info = checkpoints.load(None, path)
+    assert model2 == model and info["model_kwargs"]["task"] == "mlm"

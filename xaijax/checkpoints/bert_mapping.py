@@ -370,11 +370,13 @@ def model_kwargs_from_state_dict(
     return out
 
 
-def build_model(model_kwargs: Mapping[str, Any]) -> nn.Module:
-    """The zoo model of :func:`model_kwargs_from_state_dict`'s keywords (``task`` picks the class)."""
+def build_model(model_kwargs: Mapping[str, Any], arch: str | None = None) -> nn.Module:
+    """The zoo model of :func:`model_kwargs_from_state_dict`'s keywords (``task`` picks the class,
+    default ``"classification"``). With a named configuration ``arch`` (``"bert-tiny"``) its
+    sizes are the defaults that ``model_kwargs`` override."""
     from xaijax.models import bert as _bert
 
-    kw = dict(model_kwargs)
+    kw = {**_named_config(arch), **dict(model_kwargs)}
     task = kw.pop("task", "classification")
     if task == "classification":
         return _bert.BertForSequenceClassification(**kw)

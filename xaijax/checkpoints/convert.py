@@ -225,8 +225,9 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
         arch = file_arch or arch
         kwargs = {k: _tuplify(v) for k, v in json.loads(meta.get("model_kwargs", "{}")).items()}
         kwargs.update(model_kwargs)
-        if bert_mapping.is_bert_arch(arch):  # BERT: the recorded keywords (with task) rebuild it
-            model = bert_mapping.build_model(kwargs)
+        if bert_mapping.is_bert_arch(arch):  # BERT: the recorded keywords rebuild it (task: from the head if not recorded)
+            kwargs.setdefault("task", "mlm" if "cls" in variables.get("params", {}) else "classification")
+            model = bert_mapping.build_model(kwargs, arch)
         else:
             model = registry.get(arch, **kwargs)
         _check_against_model(model, variables, path)
