@@ -79,9 +79,39 @@ def hf_state_dict(task: str, seed: int = 0) -> dict[str, np.ndarray]:
     return sd
 
 
+_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+
 def save_bin(sd, path, rename=None):
+    """``torch.save(module.state_dict())`` of a torch module tree with the keys' names, as
+    ``save_pretrained`` writes ``pytorch_model.bin``: an OrderedDict with ``_metadata``, the tied
+    decoder as the *same* parameter as the word embeddings (one shared storage, when the values are
+    equal), ``position_ids`` an expanded ``arange`` buffer."""
     rename = rename or {}
-    torch.save({rename.get(k, k): torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
+    root = torch.nn.Module()
+
+    def node(path_):
+        m = root
+        for part in path_:
+            if part not in m._modules:
+                m.add_module(part, torch.nn.Module())
+            m = m._modules[part]
+        return m
+
+    made: dict[str, torch.nn.Parameter] = {}
+    for k, v in sd.items():
+        *mod, leaf = rename.get(k, k).split(".")
+        if k == "bert.embeddings.position_ids":
+            node(mod).register_buffer(leaf, torch.arange(v.shape[1]).expand((1, -1)))
+            continue
+        tie = _TIED.get(k)
+        if tie in made and np.array_equal(sd[tie], v):
+            param = made[tie]
+        else:
+            param = torch.nn.Parameter(torch.from_numpy(np.array(v)), requires_grad=False)
+        made[k] = param
+        node(mod).register_parameter(leaf, param)
+    torch.save(root.state_dict(), path)
     return path
 
 

@@ -169,8 +169,10 @@ def test_bad_arguments(tok):
 def test_missing_vocab_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"vocabulary file not found: .*nope\.txt.*one wordpiece per line"):
         Tokenizer.from_vocab(tmp_path / "nope.txt")
-    with pytest.raises(ValueError, match="is a folder"):
+    with pytest.raises(ValueError, match="is a folder without a vocab.txt"):
         Tokenizer.from_vocab(tmp_path)
+    write_vocab(["word"], tmp_path / "vocab.txt")  # a Hugging Face model folder holds vocab.txt
+    assert Tokenizer.from_vocab(tmp_path).tokenize("word") == ["word"]
 
 
 def test_bad_vocab_files(tmp_path):
@@ -197,3 +199,13 @@ def test_token_batch_validation():
         TokenBatch(z, z[:, :2], z, ((), ()))
     with pytest.raises(ValueError, match="sentence 0 has 1 tokens but 0"):
         TokenBatch(z, z, z, (("a",), ()))
+
+
+def test_check_model(tok):
+    from xaijax.models import bert
+
+    Tokenizer.from_vocab(tok.source, max_length=32).check_model(bert.build("test-tiny"))  # 64 rows >= 32 pieces
+    with pytest.raises(ValueError, match="has 32 wordpieces but the model embeds only 16"):
+        tok.check_model(bert.build("test-tiny", vocab_size=16))
+    with pytest.raises(ValueError, match=r"max_length 512 exceeds the model's max_position_embeddings 32.*max_length=32"):
+        tok.check_model(bert.build("test-tiny"))

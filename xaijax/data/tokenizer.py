@@ -121,7 +121,7 @@ class TokenBatch:
 
 
 def read_vocab(path: str | os.PathLike) -> list[str]:
-    """The wordpieces of a ``vocab.txt``, in id order, checked.
+    """The wordpieces of a ``vocab.txt`` (or of the ``vocab.txt`` in a folder), in id order, checked.
 
     Raises:
       FileNotFoundError: no such file (the message says what a vocab.txt is).
@@ -129,8 +129,10 @@ def read_vocab(path: str | os.PathLike) -> list[str]:
         twice, or a required special token is missing.
     """
     p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"vocabulary {p} is a folder, not a file; pass its vocab.txt ({_VOCAB_HELP})")
+    if p.is_dir() and (p / "vocab.txt").is_file():  # a Hugging Face model folder
+        p = p / "vocab.txt"
+    elif p.is_dir():
+        raise ValueError(f"vocabulary {p} is a folder without a vocab.txt; pass the vocabulary file ({_VOCAB_HELP})")
     if not p.is_file():
         raise FileNotFoundError(f"vocabulary file not found: {p} ({_VOCAB_HELP})")
     try:
@@ -212,6 +214,8 @@ class Tokenizer:
         if not isinstance(max_length, (int, np.integer)) or isinstance(max_length, bool) or max_length < 3:
             raise ValueError(f"max_length must be an int >= 3 ([CLS], one token, [SEP]); got {max_length!r}")
         words = read_vocab(path)
+        if Path(path).is_dir():
+            path = Path(path) / "vocab.txt"
         ids = {w: i for i, w in enumerate(words)}
         backend = _Backend(models.WordPiece(vocab=ids, unk_token="[UNK]", max_input_chars_per_word=_MAX_WORD_CHARS))
         backend.normalizer = normalizers.BertNormalizer(
@@ -274,6 +278,23 @@ class Tokenizer:
     def mask_id(self) -> int:
         """Id of ``[MASK]``; ``ValueError`` if the vocabulary has none."""
         return self.token_to_id("[MASK]")
+
+    def check_model(self, model: Any) -> None:
+        """Raise ``ValueError`` when ``model`` (a zoo BERT) cannot take this tokenizer's output:
+        more wordpieces than the model's ``vocab_size`` embedding rows, or a ``max_length`` above
+        its ``max_position_embeddings``."""
+        rows = getattr(model, "vocab_size", None)
+        if rows is not None and self.vocab_size > rows:
+            raise ValueError(
+                f"the vocabulary {self.source} has {self.vocab_size} wordpieces but the model embeds only {rows} "
+                "(vocab_size): they belong to different models"
+            )
+        positions = getattr(model, "max_position_embeddings", None)
+        if positions is not None and self.max_length > positions:
+            raise ValueError(
+                f"tokenizer max_length {self.max_length} exceeds the model's max_position_embeddings {positions}; "
+                f"build it with Tokenizer.from_vocab(..., max_length={positions})"
+            )
 
     # ------------------------------------------------------------------ text -> pieces
     def tokenize(self, text: str) -> list[str]:
