@@ -292,6 +292,16 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    process = 0
+    if args.distributed:  # before anything else uses JAX in this process
+        from xaijax.evaluation import distributed
+
+        if args.shard_index != 0 or args.shard_count != 1:
+            raise UserError("--distributed splits the images by process itself; drop --shard-index/--shard-count")
+        process, count = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        print(f"xaijax eval: process {process} of {count}", file=sys.stderr)
+    elif args.coordinator is not None or args.num_processes is not None or args.process_id is not None:
+        raise UserError("--coordinator, --num-processes and --process-id belong to --distributed")
     from xaijax.evaluation import EvalConfig, run_experiment
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -316,11 +326,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         boxes_dir=args.boxes_dir,
         split=args.split, size=args.size, arch=args.arch, weights=args.weights, model=args.model, preprocess=args.preprocess,
         hparams=hparams, seeds=args.seeds, batch=args.batch, devices=args.devices, images=args.images, pick=args.pick,
-        shard_index=args.shard_index, shard_count=args.shard_count, crf=args.crf,
+        shard_index=args.shard_index, shard_count=args.shard_count, distributed=args.distributed, crf=args.crf,
         metrics=None if args.metrics is None else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         metric_options=metric_options,
     )
     run_experiment(cfg, progress=not args.no_progress)
+    if process != 0:  # distributed: process 0 writes the stores and the tables
+        print(f"xaijax eval: process {process} done; process 0 wrote the results")
+        return
     print(f"wrote {out}/results.md, results.csv, results.json")
     print((Path(out) / "results.md").read_text())
 
@@ -500,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(use spread for class-ordered splits such as imagenet-val)")
     s.add_argument("--shard-index", type=int, default=0, help="multi-host: this process's slice")
     s.add_argument("--shard-count", type=int, default=1, help="multi-host: number of processes")
+    s.add_argument("--distributed", action="store_true",
+                   help="one run over several processes/hosts on JAX's distributed runtime: one mesh over all their devices, "
+                        "images split by process, process 0 writes one store per method and the table (docs/distributed.md)")
+    s.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="--distributed: process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS, else cluster auto-detection)")
+    s.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="--distributed: number of processes (default: $JAX_NUM_PROCESSES, else auto-detection)")
+    s.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="--distributed: this process's id, 0..N-1 (default: $JAX_PROCESS_ID, else auto-detection)")
     s.add_argument("--crf", action="store_true",
                    help="segmentation: refine each thresholded map with a dense CRF on its image (the '+ CRF' rows; "
                         "needs the crf extra; use its own --out)")

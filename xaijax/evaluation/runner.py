@@ -66,6 +66,12 @@ sanity experiments). ``imagenet-seg`` always uses ``"top1"`` (its masks carry no
 Maps are computed data-parallel over the local devices; the model-based metrics
 (deletion/insertion, region insertion) and the sanity check's randomised maps run jitted on
 the default device.
+
+With ``distributed=True`` (``xaijax eval --distributed``) the processes of a
+:func:`jax.distributed.initialize` run share the work: maps on one mesh over all their
+devices, each process evaluating its block of every step of ``batch x processes`` images,
+process 0 writing the one results store per method and the tables
+(:mod:`xaijax.evaluation.distributed`).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ from xaijax import checkpoints, data, imageops, metrics
 from xaijax import methods as methods_registry
 from xaijax.atomic import atomic_bytes, atomic_text
 from xaijax.checkpoints.input_size import model_input_size
+from xaijax.evaluation import distributed as dist
 from xaijax.evaluation.datasets import open_dataset
 from xaijax.evaluation.parallel import DataParallel, make_mesh
 from xaijax.evaluation.store import ResultsStore, StoreMismatchError, latest_rows, read_store
@@ -162,7 +169,11 @@ class EvalConfig:
     class order, such as an ImageNet validation folder (50 images per class, class by class),
     where the first 100 images are two classes.
     ``shard_index``/``shard_count`` evaluate every ``shard_count``-th image starting at
-    ``shard_index`` (one process per host in multi-host runs). ``metrics`` runs only these of
+    ``shard_index`` (one process per host in multi-host runs without a coordinator, merged
+    with ``xaijax eval-merge``). ``distributed`` splits the run over the processes of an
+    initialised :func:`jax.distributed.initialize` run instead (see the module docstring;
+    not part of the stored configuration: a distributed run and a single-process run write
+    and resume the same stores). ``metrics`` runs only these of
     the experiment's metrics (:func:`experiment_metrics` lists them); ``metric_options`` sets a
     metric's fields (``{"max-sensitivity": {"n_samples": 10}}``). Both are part of the stored
     configuration.
@@ -189,6 +200,7 @@ class EvalConfig:
     pick: str = "first"
     shard_index: int = 0
     shard_count: int = 1
+    distributed: bool = False
     crf: bool = False
     metrics: tuple[str, ...] | None = None  # a subset of the experiment's metrics (default: all of them)
     metric_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # metric -> settings
@@ -293,6 +305,10 @@ def _check(cfg: EvalConfig) -> None:
         )
     if not 0 <= cfg.shard_index < cfg.shard_count:
         raise ValueError(f"shard_index must be in [0, shard_count); got {cfg.shard_index} of {cfg.shard_count}")
+    if cfg.distributed and cfg.shard_count != 1:
+        raise ValueError("--distributed splits the images by process itself; drop --shard-index/--shard-count")
+    if cfg.distributed and cfg.devices is not None:
+        raise ValueError("--distributed uses every device of every process; drop --devices")
     for m in cfg.methods:
         k = methods_registry.kind(m)  # (a readable error for unknown names)
         if k not in CLASSIFIER_KINDS:
@@ -345,12 +361,22 @@ def check_classes(dataset: str, class_names: Any, model: Any, variables: Any, in
         )
 
 
-def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) ``cfg``; returns the table that is also written to ``cfg.out``."""
+def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any] | None:
+    """Run (or resume) ``cfg``; returns the table that is also written to ``cfg.out``.
+
+    With ``cfg.distributed`` every process of the run calls this with the same ``cfg`` (after
+    :func:`xaijax.evaluation.distributed.initialize`); process 0 writes the stores and the
+    tables and returns the table, the others return None."""
     from tqdm import tqdm
 
     _check(cfg)
-    mesh = make_mesh(cfg.devices)  # a bad --devices fails before anything is read or written
+    if cfg.distributed:
+        dist.initialize()  # no-op where already initialised; else from the environment (JAX_COORDINATOR_ADDRESS, ...)
+        mesh = dist.global_mesh()
+    else:
+        mesh = make_mesh(cfg.devices)  # a bad --devices fails before anything is read or written
+    nproc, me = (jax.process_count(), jax.process_index()) if cfg.distributed else (1, 0)
+    writer = me == 0  # the one process that opens the results stores and writes the tables
     ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
     wpath, model, variables, convention, info = _load_model(cfg)
     wname, wdigest = (wpath.name, _file_digest(wpath)) if wpath is not None else (cfg.model, entry_points.digest(variables))
@@ -358,7 +384,8 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     size = model_size(cfg, model, info)  # a --size a ViT cannot take fails here, before anything is written
     check_classes(cfg.dataset, ds.class_names, model, variables, info, size, seeds)  # before the first image
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     num_classes = len(ds.class_names)
     indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
     pair_names, model_names, method_names = _selected_metrics(cfg)
@@ -393,7 +420,11 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     model_fn = metrics.faithfulness.classifier_fn(model, variables)
     # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
     fresh = random_variables(model, (1, size, size, 3), seed=0) if cfg.experiment == "sanity" else None
-    ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh, method_metrics)
+    ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh, method_metrics,
+                   writes_files=writer)
+    if cfg.distributed:  # lockstep padding calls: one real call's shapes and dtypes
+        x_example = np.asarray(normalize(jnp.zeros((cfg.batch, size, size, 3), jnp.float32), convention))
+        t_example = np.zeros((cfg.batch,), np.int32)
     rows = []
     extras: dict[str, Any] = {}
     sources: dict[str, str] = {}  # table column -> the metric that wrote it (the legend)
@@ -401,30 +432,51 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     runs: list[list[str]] = []
     for name in cfg.methods:
         hp = cfg.hparams.get(name, {})
-        store = ResultsStore(
-            out / f"{cfg.experiment}-{name.replace(':', '_')}.jsonl",
-            {**base_config, "method": name, "hparams": hp, "pointing_smooth": _pointing_smooth(cfg, name)},
-        )
-        done = store.done()
-        _check_image_ids(store, ds, done)
-        retry = store.skipped()  # images that could not be read last time: tried again
-        todo = [i for i in indices if i not in done or i in retry]
+        store, todo = None, None
+        try:
+            if writer:
+                store = ResultsStore(
+                    out / f"{cfg.experiment}-{name.replace(':', '_')}.jsonl",
+                    {**base_config, "method": name, "hparams": hp, "pointing_smooth": _pointing_smooth(cfg, name)},
+                )
+                done = store.done()
+                _check_image_ids(store, ds, done)
+                retry = store.skipped()  # images that could not be read last time: tried again
+                todo = [i for i in indices if i not in done or i in retry]
+        except Exception:
+            if cfg.distributed:
+                dist.broadcast_indices(None, failed=True)  # the others stop instead of waiting for process 0
+            raise
+        if cfg.distributed:
+            todo = dist.broadcast_indices(todo)  # process 0's store decides what is left, for every process
         method = methods_registry.get(name, **hp)
         explain = DataParallel(lambda v, x, t, method=method: method(model, v, x, t), mesh)
-        bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.experiment} {name}", unit="img", disable=not progress)
+        bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.experiment} {name}", unit="img",
+                   disable=not (progress and writer))
+        step = cfg.batch * nproc  # each step: process p evaluates block p of `batch` images
         try:
-            for s in range(0, len(todo), cfg.batch):
-                chunk = todo[s : s + cfg.batch]
-                store.append({**r, "run": run_id} for r in _evaluate_chunk(ds, chunk, explain, method, ctx, name))
-                bar.update(len(chunk))
+            for s in range(0, len(todo), step):
+                chunk = todo[s : s + step][me * cfg.batch : (me + 1) * cfg.batch]
+                new = _evaluate_chunk(ds, chunk, explain, method, ctx, name) if chunk else []
+                if cfg.distributed:
+                    dist.lockstep(explain, variables, x_example, t_example)
+                    new = dist.gather_rows(new)
+                if writer:
+                    store.append({**r, "run": run_id} for r in new)
+                bar.update(len(todo[s : s + step]))
         finally:
             bar.close()
-        stored = list(store.rows())
-        store.close()
+            if store is not None:
+                stored = list(store.rows())
+                store.close()
+        if not writer:
+            continue
         row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes, sources)
         rows.append(row)
         extras[name] = extra
         runs.append(_runs_of(stored, set(indices)))
+    if not writer:  # distributed: process 0 writes the tables
+        return None
     # the table covers every method the folder's stores hold for this configuration, not only this run's
     others, notes = _other_stores(out, cfg.experiment, base_config, cfg.methods)
     for name, hp, stored in others:
@@ -514,6 +566,7 @@ class _Context:
     cfg: EvalConfig
     fresh: Any = None  # sanity experiment: the re-initialised variables
     method_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    writes_files: bool = True  # distributed runs: process 0 alone writes into the output folder
 
 
 def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -> list[dict[str, Any]]:
@@ -542,7 +595,7 @@ def _evaluate_chunk(ds, chunk, explain, method, ctx: _Context, name: str = "") -
         xs = x[img_of]
         c32 = classes.astype(np.int32)
         if cfg.experiment == "sanity":
-            grid = Path(cfg.out) / f"sanity-{name}.png" if records[0][0] == 0 else None  # of the first pair batch
+            grid = Path(cfg.out) / f"sanity-{name}.png" if records[0][0] == 0 and ctx.writes_files else None  # of the first pair batch
             values = map_batches(
                 lambda s, xb, cb: _sanity_values(method, ctx, xb, cb, grid if s == 0 else None), cfg.batch, xs, c32
             )
