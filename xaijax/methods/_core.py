@@ -457,14 +457,18 @@ def layer_gradients(
 
 def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
     """A layer's output as an NHWC grid: (N, h, w, C) maps unchanged; vision-transformer tokens
-    (N, T, D) without their prefix tokens, reshaped to the patch grid (N, gh, gw, D).
+    (N, T, D) without their prefix tokens, reshaped to the patch grid (N, gh, gw, D); tokens of a
+    *sequence model* (text: a model that declares ``sequence_model = True``, as
+    :class:`xaijax.models.bert.BertForSequenceClassification`) as a one-pixel-wide grid
+    (N, T, 1, D), every token kept in order (nothing dropped: a text model's [CLS] token is a
+    token of the sentence, shown like the others).
 
-    The grid comes from the model, never from the caller: it must declare the int attribute
-    ``num_prefix_tokens`` (tokens in front of the patch tokens: 1 for the class token, 2 with
-    DeiT's distillation token) and ``grid_size`` (patches per side, an int or ``(rows,
-    cols)``), as :class:`xaijax.models.vit.VisionTransformer` and ``DeiT`` do. Patch tokens
-    are in row-major order (the order of the patch embedding's flatten). Apply it to a layer's
-    activation *and* to its gradient (same shapes).
+    For vision transformers the grid comes from the model, never from the caller: it must
+    declare the int attribute ``num_prefix_tokens`` (tokens in front of the patch tokens: 1
+    for the class token, 2 with DeiT's distillation token) and ``grid_size`` (patches per
+    side, an int or ``(rows, cols)``), as :class:`xaijax.models.vit.VisionTransformer` and
+    ``DeiT`` do. Patch tokens are in row-major order (the order of the patch embedding's
+    flatten). Apply it to a layer's activation *and* to its gradient (same shapes).
 
     Raises:
       ValueError: an output that is neither (N, h, w, C) nor (N, T, D); tokens on a model that
@@ -479,6 +483,8 @@ def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
             f"layer {layer!r} outputs an array of shape {shape}; a map method needs an NHWC feature map "
             "(N, h, w, C) or vision-transformer tokens (N, T, D)"
         )
+    if getattr(model, "sequence_model", False) is True:
+        return a[:, :, None, :]
     prefix = getattr(model, "num_prefix_tokens", None)
     grid = getattr(model, "grid_size", None)
     missing = []

@@ -1,4 +1,4 @@
-"""Attention-based explanations of vision transformers (ViT, DeiT).
+"""Attention-based explanations of transformers: vision (ViT, DeiT) and text (BERT).
 
 Every method here reads the attention probabilities ``A_l`` (N, heads, T, T) of the blocks
 ``l = 0 .. L-1`` of a vision transformer (rows: the attending token, columns: the attended
@@ -10,11 +10,25 @@ reshaped row-major to the ``(g, g)`` token grid and upsampled bilinearly to the 
 :meth:`~xaijax.methods.Method.layer_map` gives the ``(N, g, g)`` grid before upsampling.
 Maps are not normalised; their dtype is the input's (float64 in, float64 out).
 
+Text transformers (a model declaring ``sequence_model = True``, e.g.
+:class:`xaijax.models.bert.BertForSequenceClassification`, explained in the *explanation
+view* ``x`` = word embeddings (N, T, 1, D)): the class-token row is taken over **all** ``T``
+tokens, ``R[:, 0, :]`` — BERT's ``[CLS]`` (token 0) is a token of the sentence and is kept
+(its own entry includes the identity of the residual / ``R = I`` terms), nothing is dropped —
+laid out as the (T, 1) grid of :func:`xaijax.methods._core.token_grid`; the grid already has
+the input's size, so there is no upsampling: ``layer_map`` and ``__call__`` both give
+(N, T, 1). Padded tokens (attention mask 0) are never attended to (their attention
+probabilities are exactly 0), so their entries of the class-token row are exactly 0 for
+``raw-attention``, ``attention-rollout``, ``generic-attention`` and ``chefer-lrp``.
+:func:`xaijax.methods.text.explain_tokens` runs these methods one sentence at a time with the
+sentence's attention mask.
+
 What a model must provide (the zoo's :class:`~xaijax.models.vit.VisionTransformer` and
 :class:`~xaijax.models.vit.DeiT` do): ``attention_layers`` (the dotted names of the softmax
 modules whose outputs are the attention probabilities of each block, first block first),
-``num_prefix_tokens`` and ``grid_size`` (patches per side). A model without
-``attention_layers`` raises :class:`~xaijax.methods.NotApplicable` ("needs a vision
+``num_prefix_tokens`` and ``grid_size`` (patches per side) — or, for a text transformer,
+``attention_layers`` and ``sequence_model = True``. A model without ``attention_layers``
+raises :class:`~xaijax.methods.NotApplicable` ("needs a vision transformer or a text
 transformer").
 
 * ``raw-attention``: the attention of one block (default the last), fused over heads (mean).
@@ -102,15 +116,16 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def attention_layers(model: nn.Module, method: str = "this attention method") -> tuple[str, ...]:
-    """The names of a vision transformer's attention softmax modules (its ``attention_layers``).
+    """The names of a transformer's attention softmax modules (its ``attention_layers``).
 
     Raises:
-      NotApplicable: the model is not a vision transformer (it declares no ``attention_layers``).
+      NotApplicable: the model is not a transformer (it declares no ``attention_layers``).
     """
     layers = getattr(model, "attention_layers", None)
     if not (isinstance(layers, (tuple, list)) and layers and all(isinstance(n, str) for n in layers)):
         raise NotApplicable(
-            f"{method} needs a vision transformer: a model with the attribute 'attention_layers' (the dotted "
+            f"{method} needs a vision transformer or a text transformer (BERT): a model with the attribute "
+            f"'attention_layers' (the dotted "
             f"names of the softmax modules whose outputs are the attention probabilities (N, heads, T, T) of "
             f"each block); {type(model).__name__} has none"
         )
@@ -132,7 +147,7 @@ def attention_probabilities(
     One forward pass (:func:`xaijax.models.taps.forward`). ``x``: NHWC batch.
 
     Raises:
-      NotApplicable: not a vision transformer (no ``attention_layers``).
+      NotApplicable: not a transformer (no ``attention_layers``).
     """
     names = attention_layers(model, method)
     check_inputs(x)
@@ -191,9 +206,12 @@ def accumulate_relevance(maps: Sequence[jax.Array]) -> jax.Array:
 
 
 def class_token_grid(model: nn.Module, r: jax.Array, layer: str = "attention") -> jax.Array:
-    """(N, T, T) token matrix -> (N, g, g): the class token's row (token 0) over the patch
-    tokens, prefix tokens dropped and the patches laid out on the model's grid
-    (:func:`xaijax.methods._core.token_grid`: ``num_prefix_tokens`` and ``grid_size``)."""
+    """(N, T, T) token matrix -> the class token's row (token 0) as a map.
+
+    Vision transformers: (N, g, g), over the patch tokens, prefix tokens dropped and the
+    patches laid out on the model's grid (:func:`xaijax.methods._core.token_grid`:
+    ``num_prefix_tokens`` and ``grid_size``). Sequence models (``sequence_model = True``,
+    text): (N, T, 1), over all T tokens, the class token itself included."""
     return token_grid(model, r[:, 0, :, None], layer)[..., 0]
 
 
@@ -337,7 +355,8 @@ def layered_max_flow(capacity: jax.Array, source: Any, sink: int = 0) -> jax.Arr
 
 class AttentionMethod(Method):
     """Base of the attention family: :meth:`layer_map` gives the (N, g, g) token-grid map,
-    ``__call__`` upsamples it bilinearly to the input size (N, H, W), in the input's dtype."""
+    ``__call__`` upsamples it bilinearly to the input size (N, H, W), in the input's dtype.
+    For a sequence model (text, input (N, T, 1, D)) the map is (N, T, 1) and is returned as is."""
 
     kind = "attribution"
     has_layer_map = True
@@ -504,8 +523,8 @@ class CheferLRP(AttentionMethod):
         return class_token_grid(model, accumulate_relevance(maps), names[-1]).astype(x.dtype)
 
 
-register("raw-attention", RawAttention, "Raw attention: the last block's class-token attention to the patches (ViT/DeiT)")
-register("attention-rollout", AttentionRollout, "Attention rollout (Abnar & Zuidema 2020): residual-aware attention multiplied over blocks (ViT/DeiT)")
-register("attention-flow", AttentionFlow, "Attention flow (Abnar & Zuidema 2020): exact max flow in the layered attention graph (ViT/DeiT; slow)")
-register("generic-attention", GenericAttention, "Generic attention explainability (Chefer et al. ICCV 2021): gradient-weighted attention, accumulated (ViT/DeiT)")
-register("chefer-lrp", CheferLRP, "Transformer attribution (Chefer et al. CVPR 2021): gradient-weighted LRP relevance of the attention (ViT/DeiT)")
+register("raw-attention", RawAttention, "Raw attention: the last block's class-token attention to the patches (ViT/DeiT/BERT)")
+register("attention-rollout", AttentionRollout, "Attention rollout (Abnar & Zuidema 2020): residual-aware attention multiplied over blocks (ViT/DeiT/BERT)")
+register("attention-flow", AttentionFlow, "Attention flow (Abnar & Zuidema 2020): exact max flow in the layered attention graph (ViT/DeiT/BERT; slow)")
+register("generic-attention", GenericAttention, "Generic attention explainability (Chefer et al. ICCV 2021): gradient-weighted attention, accumulated (ViT/DeiT/BERT)")
+register("chefer-lrp", CheferLRP, "Transformer attribution (Chefer et al. CVPR 2021): gradient-weighted LRP relevance of the attention (ViT/DeiT/BERT)")
