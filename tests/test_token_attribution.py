@@ -271,3 +271,75 @@ def test_clear_errors(setup):
     bad = TokenBatch(batch.input_ids[:, ::-1], batch.token_type_ids, batch.attention_mask[:, ::-1], batch.tokens)
     with pytest.raises(ValueError, match="starts with padding"):
         explain_tokens("gradient", model, v, bad)
+
+
+# ------------------------------------------------------------------ the explain-text command
+
+
+def _cli(argv):
+    import argparse
+
+    from xaijax import explain_text
+
+    return explain_text.run(explain_text.add_arguments(argparse.ArgumentParser()).parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def cli_files(setup, tmp_path_factory):
+    import json
+
+    from xaijax.checkpoints import save_variables
+
+    model, v, _, tok = setup
+    d = tmp_path_factory.mktemp("cli")
+    kw = dict(bert.CONFIGS["test-tiny"], num_labels=3, task="classification")
+    meta = {"arch": "bert", "model_kwargs": json.dumps(kw), "class_names": json.dumps(["Entailment", "Neutral", "Not entailment"])}
+    save_variables(d / "tiny.safetensors", v, metadata=meta)
+    (d / "vocab.txt").write_text("\n".join(tok.vocab) + "\n")
+    return d
+
+
+def test_explain_text_command(setup, cli_files, capsys):
+    import json
+
+    model, v, _, tok = setup
+    d = cli_files
+    argv = ["--weights", str(d / "tiny.safetensors"), "--vocab", str(d / "vocab.txt"), "--premise", PREMISES[0],
+            "--hypothesis", "He works in california .", "--hypothesis", "She works in Californie .", "--method", "gradient-x-input",
+            "--out", str(d / "out")]
+    assert _cli(argv) == 0
+    cap = capsys.readouterr()
+    assert "not in the vocabulary (become [UNK]): 'Californie'" in cap.err
+    assert "predicted" in cap.out and "[CLS]" in cap.out
+    for ext in ("png", "html", "npy", "json"):
+        assert (d / "out" / f"gradient-x-input.{ext}").is_file()
+    rec = json.loads((d / "out" / "gradient-x-input.json").read_text())
+    assert rec["class_names"] == ["Entailment", "Neutral", "Not entailment"] and len(rec["pairs"]) == 2
+    batch = tok.encode_pairs([PREMISES[0]] * 2, ["He works in california .", "She works in Californie ."])
+    pred = np.asarray(_logits(model, v, batch)).argmax(1)
+    expect = np.asarray(explain_tokens("gradient-x-input", model, v, batch, pred))
+    for i, pair in enumerate(rec["pairs"]):
+        assert pair["tokens"] == list(batch.tokens[i]) and pair["predicted_index"] == pred[i]
+        np.testing.assert_allclose(pair["relevance"], expect[i, : len(batch.tokens[i])], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(np.load(d / "out" / "gradient-x-input.npy"), expect, rtol=1e-6, atol=1e-9)
+
+
+def test_explain_text_bad_input(cli_files, capsys):
+    d = cli_files
+    base = ["--weights", str(d / "tiny.safetensors"), "--vocab", str(d / "vocab.txt"), "--out", str(d / "bad")]
+    long = " ".join(["nurse"] * 40)
+    with pytest.raises(ValueError, match=r"sentence 0 has 46 tokens; max_length is 32 \(the model's position limit\); shorten the text or pass --truncate"):
+        _cli(base + ["--premise", long, "--hypothesis", "he works ."])
+    with pytest.raises(NotApplicable, match="'rise' does not apply to text"):
+        _cli(base + ["--premise", "a nurse", "--method", "rise"])
+    with pytest.raises(FileNotFoundError, match="vocabulary file not found"):
+        _cli(["--weights", str(d / "tiny.safetensors"), "--vocab", str(d / "nope.txt"), "--premise", "a"])
+    with pytest.raises(ValueError, match="--target 5 is out of range for a model with 3 classes"):
+        _cli(base + ["--premise", "a nurse", "--target", "5"])
+    with pytest.raises(ValueError, match="2 --premise and 3 --hypothesis"):
+        _cli(base + ["--premise", "a", "--premise", "b", "--hypothesis", "c", "--hypothesis", "d", "--hypothesis", "e"])
+    assert not (d / "bad").exists()  # nothing written before the input is checked
+    # --truncate: cut to the model's 32 positions with a warning, then explained
+    assert _cli(base + ["--premise", long, "--hypothesis", "he works .", "--truncate", "--method", "gradient-x-input"]) == 0
+    assert "truncated to max_length=32" in capsys.readouterr().err
+    assert np.load(d / "bad" / "gradient-x-input.npy").shape == (1, 32)
