@@ -408,7 +408,8 @@ def test_build_configs_and_bad_inputs(f64):
     assert (m.vocab_size, m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.intermediate_size, m.num_labels) == (
         30522, 768, 12, 12, 3072, 3)
     lm = bert.build("bert-large-uncased", task="mlm")
-    assert isinstance(lm, bert.BertForMaskedLM) and (lm.hidden_size, lm.num_hidden_layers, lm.num_attention_heads) == (1024, 24, 16)
+    assert isinstance(lm, bert.BertForMaskedLM)
+    assert (lm.hidden_size, lm.num_hidden_layers, lm.num_attention_heads) == (1024, 24, 16)
     assert bert.build("bert-tiny", num_labels=2).num_labels == 2
     with pytest.raises(ValueError, match="unknown BERT configuration"):
         bert.build("bert-huge")

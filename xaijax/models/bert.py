@@ -102,8 +102,12 @@ _INIT = nn.initializers.normal(0.02)  # Hugging Face's initializer_range
 #: Named configurations: (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
 #: intermediate_size) and the rest of Hugging Face's ``BertConfig`` where it differs from the defaults.
 CONFIGS: dict[str, dict[str, int]] = {
-    "bert-base-uncased": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "bert-large-uncased": dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "bert-base-uncased": dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    "bert-large-uncased": dict(
+        vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
     # Turc et al. 2019, "Well-read students learn better" (google/bert_uncased_L-*_H-*_A-*)
     "bert-tiny": dict(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
     "bert-mini": dict(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
@@ -446,7 +450,9 @@ class _BertBase(nn.Module):
                     "model.apply(variables, ids, method='embed_words')"
                 )
         else:
-            raise TypeError(f"{cls}: inputs must be int token ids (N, T) or float word embeddings (N, T, 1, D), got dtype {x.dtype}")
+            raise TypeError(
+                f"{cls}: inputs must be int token ids (N, T) or float word embeddings (N, T, 1, D), got dtype {x.dtype}"
+            )
         n, t = x.shape[0], x.shape[1]
         if t > self.max_position_embeddings:
             raise ValueError(
@@ -470,7 +476,9 @@ class _BertBase(nn.Module):
         if not (jnp.issubdtype(a.dtype, jnp.integer) or a.dtype == jnp.bool_):
             raise TypeError(f"{what} must be an int or bool array (N, T), got dtype {a.dtype}")
         if a.ndim != 2 or a.shape[1] != t or a.shape[0] not in (1, n):
-            raise ValueError(f"{what} must have shape ({n}, {t}) or (1, {t}) for inputs of {n} sequences of {t} tokens, got {tuple(a.shape)}")
+            raise ValueError(
+                f"{what} must have shape ({n}, {t}) or (1, {t}) for inputs of {n} sequences of {t} tokens, got {tuple(a.shape)}"
+            )
         return a
 
 
@@ -495,7 +503,9 @@ class BertForSequenceClassification(_BertBase):
         """Word embeddings of int ids (N, T) in the explanation view (N, T, 1, D)."""
         return self.bert.embed_words(ids)
 
-    def __call__(self, inputs: jax.Array, token_type_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, token_type_ids: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, (int, np.integer)) or self.num_labels < 1:
             raise ValueError(f"BertForSequenceClassification num_labels must be an int >= 1, got {self.num_labels!r}")
         x, types, keep = self._prepare(inputs, token_type_ids, attention_mask)
@@ -522,7 +532,9 @@ class BertForMaskedLM(_BertBase):
         """Word embeddings of int ids (N, T) in the explanation view (N, T, 1, D)."""
         return self.bert.embed_words(ids)
 
-    def __call__(self, inputs: jax.Array, token_type_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, token_type_ids: jax.Array | None = None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         x, types, keep = self._prepare(inputs, token_type_ids, attention_mask)
         h, _ = self.bert(x, types, keep)
         return self.cls(h, self.bert.embeddings.word_embeddings.embedding)
