@@ -338,6 +338,14 @@ def test_explain_text_bad_input(cli_files, capsys):
         _cli(base + ["--premise", "a nurse", "--target", "5"])
     with pytest.raises(ValueError, match="2 --premise and 3 --hypothesis"):
         _cli(base + ["--premise", "a", "--premise", "b", "--hypothesis", "c", "--hypothesis", "d", "--hypothesis", "e"])
+    with pytest.raises(FileNotFoundError, match="no bundled model 'nope'"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XAIJAX_WEIGHTS", str(d))
+            _cli(["--bundled", "nope", "--premise", "a"])
+    with pytest.raises(FileNotFoundError, match=r"vocabulary file not found: .*tiny\.vocab\.txt"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("XAIJAX_WEIGHTS", str(d))
+            _cli(["--bundled", "tiny", "--premise", "a"])
     assert not (d / "bad").exists()  # nothing written before the input is checked
     # --truncate: cut to the model's 32 positions with a warning, then explained
     assert _cli(base + ["--premise", long, "--hypothesis", "he works .", "--truncate", "--method", "gradient-x-input"]) == 0

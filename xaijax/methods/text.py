@@ -39,7 +39,10 @@ Methods (:data:`TEXT_METHODS`, registry names; tested in ``tests/test_token_attr
     embedding space.
 
   Default 32 steps, right Riemann rule (:class:`~xaijax.methods.gradient.IntegratedGradients`);
-  pass ``params={"steps": 50, "rule": "gauss-legendre"}`` etc.
+  pass ``params={"steps": 50, "rule": "gauss-legendre"}`` etc. ``baseline`` is given to an
+  :class:`~xaijax.methods.gradient.IntegratedGradients` method itself (by name or as a value);
+  inside a combinator (``smooth:integrated-gradients``) the IG keeps its own ``baseline``
+  field (default 0: the ``"zero"`` baseline).
 * ``smoothgrad`` (and the ``smooth:<method>`` combinator over any text method): noise with a
   standard deviation of ``noise`` times the range of the sentence's word embeddings (over its
   T x D values, padding positions' ``[PAD]`` embeddings included — a padded sentence's noise
