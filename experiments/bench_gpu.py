@@ -243,6 +243,12 @@ class Recorder:
             self.payload[section].append(row)
             self._write()
 
+    def put(self, container: dict[str, Any], key: str, value: Any) -> None:
+        """``container[key] = value`` for a dict inside the payload, then write."""
+        with self.lock:
+            container[key] = value
+            self._write()
+
     def skip(self, section: str, item: str, reason: str) -> None:
         print(f"  skip {section} {item}: {reason}", flush=True)
         self.add("skipped", {"section": section, "item": item, "reason": reason})
@@ -268,8 +274,10 @@ class Recorder:
     def _stop(self) -> None:  # the watchdog thread
         got = self.lock.acquire(timeout=5.0)
         try:
-            snapshot = copy.deepcopy(self.payload) if got else json.loads(json.dumps(self.payload))
-            self.payload = snapshot
+            try:
+                self.payload = copy.deepcopy(self.payload)
+            except RuntimeError:  # changed while copied (the lock was not free): keep the run's facts only
+                self.payload = {k: v for k, v in self.payload.items() if k not in ("rise", "ucag", "pointing", "methods")}
             self.payload["stopped"] = f"passed the {round(self.deadline - _T0)} s budget by the grace time; the rest was not run"
             self._close()
             self._write()
@@ -585,6 +593,9 @@ def bench_methods(
         "gflop": _sig(g_flops / 1e9) if g_flops else None, "temp_bytes": _temp_bytes(grad),
     }
     new_hist: dict[str, dict[str, float]] = {"gradient": {"lower_s": lower_s, "compile_s": compile_s, "run_s": g_run, "batch": batch}}
+    row["gradient"]["median_s"] = round(g_run, 5)  # until the paired repeats below replace it
+    row["compile_workers"] = workers
+    rec.add("methods", row)  # in the JSON from now on: a stopped run keeps the methods already timed
 
     # which methods fit: each one's estimate from the history (0 when unknown: then it runs)
     plan, total = [], _estimate(hist, "gradient", batch, 1, repeats)
@@ -614,7 +625,7 @@ def bench_methods(
             try:
                 lowered, lower_s_of[name] = lower(name)
             except Exception as e:  # noqa: BLE001 - e.g. NotApplicable
-                row["methods"][name] = {"error": _error(e)}
+                rec.put(row["methods"], name, {"error": _error(e)})
                 continue
             pending[name] = pool.submit(compile_one, lowered)
         compiled = {name: f.result() for name, f in pending.items()}  # nothing is timed while anything compiles
@@ -625,7 +636,7 @@ def bench_methods(
         exe, c_s = compiled.pop(name)
         l_s = lower_s_of[name]
         if isinstance(exe, BaseException):
-            row["methods"][name] = {"error": _error(exe), "lower_s": round(l_s, 3), "compile_s": round(c_s, 3)}
+            rec.put(row["methods"], name, {"error": _error(exe), "lower_s": round(l_s, 3), "compile_s": round(c_s, 3)})
             continue
         if rec.left() <= 0:
             rec.skip("methods", f"{group} {name}", "budget spent before timing")
@@ -643,10 +654,10 @@ def bench_methods(
                 if rec.left() < 0:
                     break
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at batch 64
-            row["methods"][name] = {"error": _error(e), "lower_s": round(l_s, 3), "compile_s": round(c_s, 3)}
+            rec.put(row["methods"], name, {"error": _error(e), "lower_s": round(l_s, 3), "compile_s": round(c_s, 3)})
             continue
         flops = _flops(exe)
-        row["methods"][name] = {
+        result = {
             "median_s": _median(ts),
             "ratio_to_gradient": round(statistics.median(rs), 4),
             "repeats": len(ts),
@@ -657,16 +668,17 @@ def bench_methods(
             "flops_ratio_to_gradient": round(flops / g_flops, 4) if (flops and g_flops) else None,
             "temp_bytes": _temp_bytes(exe),
         }
+        rec.put(row["methods"], name, result)
         new_hist[name] = {"lower_s": l_s, "compile_s": c_s, "run_s": statistics.median(ts), "batch": batch}
-        print(f"  {group} {name}: {row['methods'][name]['median_s']:.4f} s, "
-              f"{row['methods'][name]['ratio_to_gradient']:.2f}x gradient", flush=True)
+        print(f"  {group} {name}: {result['median_s']:.4f} s, {result['ratio_to_gradient']:.2f}x gradient", flush=True)
         del exe
-    row["gradient"]["median_s"] = _median(g_times) if g_times else round(g_run, 5)
-    row["gradient"]["timings"] = len(g_times) or 1
-    row["compile_workers"] = workers
-    row["device_peak_bytes"] = device_peak_bytes()
-    rec.payload["_estimates"][f"methods/{arch}"] = {**rec.payload["_estimates"].get(f"methods/{arch}", {}), **new_hist}
-    rec.add("methods", row, t_item)
+    with rec.lock:
+        row["gradient"]["median_s"] = _median(g_times) if g_times else round(g_run, 5)
+        row["gradient"]["timings"] = len(g_times) or 1
+        row["device_peak_bytes"] = device_peak_bytes()
+        row["item_s"] = round(time.perf_counter() - t_item, 2)
+        rec.payload["_estimates"][f"methods/{arch}"] = {**rec.payload["_estimates"].get(f"methods/{arch}", {}), **new_hist}
+    rec.put(row, "complete", True)
 
 
 # ------------------------------------------------------------------------------ report

@@ -83,6 +83,7 @@ def test_quick_rise_rows(quick):
     rows = quick["rise"]
     assert [r["arch"] for r in rows] == list(ARCHS)
     for r in rows:
+        assert "error" not in r, r
         assert (r["n"], r["chunk"], r["size"]) == (50, 25, 32)
         for key in ("rise_s_per_image", "forward_chunk_s", "throughput_ratio", "forward_gflop_per_image", "achieved_tflops"):
             assert _positive(r[key]), (key, r[key])
@@ -104,6 +105,7 @@ def test_quick_ucag_loop_equals_vmapped(quick):
     rows = quick["ucag"]
     assert [r["arch"] for r in rows] == list(ARCHS)
     for r in rows:
+        assert "error" not in r, r
         assert (r["patches"], r["base_calls_looped"]) == (36, 37)
         assert _positive(r["vmapped_s"]) and _positive(r["loop_s"])
         assert r["vmapped_over_loop"] == pytest.approx(r["vmapped_s"] / r["loop_s"], rel=1e-2)
@@ -113,6 +115,7 @@ def test_quick_ucag_loop_equals_vmapped(quick):
 
 def test_quick_pointing_row(quick):
     (r,) = quick["pointing"]
+    assert "error" not in r, r
     assert (r["weights"], r["method"], r["images"]) == ("synthetic_vgg16", "grad-cam", [2, 4])
     assert r["pairs"] >= 4 and 0.0 <= r["pointing_all"] <= 1.0
     assert _positive(r["images_per_s"]) and all(_positive(t) for t in r["seconds"])
@@ -124,9 +127,10 @@ def test_quick_methods_rows(quick):
     assert [(r["arch"], r["batch"]) for r in rows] == [(a, b) for b in (1, 2) for a in ARCHS]
     by = {(r["arch"], r["batch"]): r for r in rows}
     for r in rows:
+        assert "error" not in r, r
         g = r["gradient"]
         assert all(_positive(g[k]) for k in ("median_s", "lower_s", "compile_s", "gflop", "temp_bytes"))
-        assert list(r["methods"]) == list(bench_gpu.QUICK_METHODS)
+        assert r["complete"] is True and list(r["methods"]) == list(bench_gpu.QUICK_METHODS)
         for name, m in r["methods"].items():
             assert "error" not in m, (name, m)
             for key in ("median_s", "ratio_to_gradient", "lower_s", "compile_s", "first_run_s", "gflop", "temp_bytes"):
