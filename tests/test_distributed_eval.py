@@ -63,14 +63,17 @@ def _args(weights: Path, out: Path) -> list[str]:
             "--batch", str(BATCH), "--no-progress", "--out", str(out)]
 
 
-def _launch(weights: Path, out: Path, cache: Path, scripts: tuple[str, str]) -> list[subprocess.CompletedProcess]:
-    """Both processes of one distributed run (process ``i`` runs ``scripts[i]``); waits for both."""
+def _launch(weights: Path, out: Path, cache: Path, scripts: tuple[str, str],
+            weights_of: tuple[Path, Path] | None = None) -> list[subprocess.CompletedProcess]:
+    """Both processes of one distributed run (process ``i`` runs ``scripts[i]``, with
+    ``weights_of[i]`` where given); waits for both."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "XAIJAX_JAX_CACHE": str(cache)}
     dist = ["--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [
-        subprocess.Popen([sys.executable, "-c", scripts[i], *_args(weights, out), *dist, "--process-id", str(i)],
+        subprocess.Popen([sys.executable, "-c", scripts[i], *_args(weights_of[i] if weights_of else weights, out), *dist,
+                          "--process-id", str(i)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         for i in range(2)
     ]
@@ -142,6 +145,17 @@ def test_two_processes_killed_and_resumed_equal_one_process(tiny_weights, tmp_pa
             assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-7, nan_ok=True), key
         else:
             assert a[0][key] == b[0][key], key
+
+
+def test_a_failing_process_stops_the_others_at_once(tiny_weights, tmp_path):
+    """Process 1 cannot read its weights: it says so, and process 0 stops at the same point with
+    a one-line error naming it, instead of waiting for JAX's heartbeat/shutdown timeouts (minutes)."""
+    res = _launch(tiny_weights, tmp_path / "o", tmp_path / "c", (RUN_SCRIPT, RUN_SCRIPT),
+                  weights_of=(tiny_weights, tmp_path / "missing.safetensors"))
+    assert res[1].returncode == 2 and "missing.safetensors" in res[1].stderr, res[1].stderr[-2000:]
+    assert res[0].returncode == 2, res[0].stderr[-2000:]
+    assert "xaijax: error: process 1 of the distributed run failed while setting up" in res[0].stderr
+    assert not list((tmp_path / "o").glob("*.jsonl"))
 
 
 def test_process_blocks_cover_each_step_once():

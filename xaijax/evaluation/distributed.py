@@ -24,6 +24,9 @@ Kubernetes, Cloud TPU). Then:
   processes, or none: the store is the one a single-process run writes), never counting an
   image twice. Only process 0 needs the output folder; every process needs the weights and
   the dataset at the paths given.
+* **failures**: a process that is killed takes the run down (the others lose their
+  collectives' peer or the coordinator and stop); a Python error in one process is announced
+  to the others at the end of its step (:func:`all_or_none`), so every process stops at once.
 
 CPU collectives: JAX >= 0.10 uses gloo over TCP by default on CPU
 (``jax_cpu_collectives_implementation``); :func:`initialize` selects it only where the user
@@ -33,9 +36,10 @@ without a coordinator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -51,6 +55,7 @@ __all__ = [
     "gather_rows",
     "lockstep",
     "barrier",
+    "all_or_none",
     "ProcessFailed",
 ]
 
@@ -166,22 +171,39 @@ def _broadcast(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
 
 
-def broadcast_indices(indices: Sequence[int] | None, failed: bool = False) -> list[int]:
-    """Process 0's ``indices`` on every process (the others pass None).
-
-    ``failed=True`` on process 0 tells the others that it stopped (it raises its own error after
-    this call): they raise :class:`ProcessFailed` instead of waiting for it."""
+def broadcast_indices(indices: Sequence[int] | None) -> list[int]:
+    """Process 0's ``indices`` on every process (the others pass None)."""
     mine = jax.process_index() == 0
-    head = np.asarray([1 if failed else 0, len(indices) if (mine and indices is not None) else 0], np.int64)
-    head = _broadcast(head)
-    if head[0]:
-        if mine:
-            return []
-        raise ProcessFailed("process 0 stopped with an error (see its output); this process stops too")
-    body = np.zeros(int(head[1]), np.int64)
+    n = _broadcast(np.asarray([len(indices) if (mine and indices is not None) else 0], np.int64))[0]
+    body = np.zeros(int(n), np.int64)
     if mine and indices is not None:
         body[:] = np.asarray(list(indices), np.int64)
     return [int(i) for i in _broadcast(body)] if len(body) else []
+
+
+@contextlib.contextmanager
+def all_or_none(active: bool, what: str) -> Iterator[None]:
+    """Run the block in every process; when it raises in any process, every process raises.
+
+    A process whose block raised tells the others (one all-gather of a failure flag) and raises
+    its own error; the others raise :class:`ProcessFailed` naming it, instead of waiting in
+    their next collective until JAX's heartbeat and shutdown timeouts (minutes). Every process
+    must enter the same blocks in the same order. ``active=False``: just the block."""
+    if not active:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the collective itself may be what failed: a peer is gone)
+            _allgather(np.asarray([1], np.int64))
+        raise
+    failed = [p for p, f in enumerate(_allgather(np.asarray([0], np.int64))[:, 0]) if f]
+    if failed:
+        raise ProcessFailed(
+            f"process {', '.join(map(str, failed))} of the distributed run failed while {what} (see its output); "
+            "this process stops too. Rows already stored are kept: run the same command again to resume"
+        )
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

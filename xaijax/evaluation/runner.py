@@ -377,63 +377,66 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any] | N
         mesh = make_mesh(cfg.devices)  # a bad --devices fails before anything is read or written
     nproc, me = (jax.process_count(), jax.process_index()) if cfg.distributed else (1, 0)
     writer = me == 0  # the one process that opens the results stores and writes the tables
-    ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
-    wpath, model, variables, convention, info = _load_model(cfg)
-    wname, wdigest = (wpath.name, _file_digest(wpath)) if wpath is not None else (cfg.model, entry_points.digest(variables))
-    seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
-    size = model_size(cfg, model, info)  # a --size a ViT cannot take fails here, before anything is written
-    check_classes(cfg.dataset, ds.class_names, model, variables, info, size, seeds)  # before the first image
-    out = Path(cfg.out)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-    num_classes = len(ds.class_names)
-    indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
-    pair_names, model_names, method_names = _selected_metrics(cfg)
-    opts = cfg.metric_options
-    pair_metrics = {
-        n: metrics.get(n, crf=True, **opts.get(n, {})) if (cfg.crf and n == "fgbg-miou") else metrics.get(n, **opts.get(n, {}))
-        for n in pair_names
-    }
-    model_metrics = {n: metrics.get_model_metric(n, **opts.get(n, {})) for n in model_names}
-    # focus tiles its mosaics from benchmark images, normalised as the model's inputs are
-    method_metrics = {
-        n: metrics.get_method_metric(n, **({"convention": convention} if n == "focus" else {}), **opts.get(n, {}))
-        for n in method_names
-    }
-    base_config = {
-        "experiment": cfg.experiment,
-        "dataset": cfg.dataset,
-        "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
-        "boxes_dir": str(Path(cfg.boxes_dir).resolve()) if cfg.boxes_dir else None,
-        "split": cfg.split or ("test" if cfg.dataset in ("synthetic", "voc07", "voc07-tfds") else None),
-        "size": size,
-        "arch": type(model).__name__,
-        "weights_sha256": wdigest,
-        "preprocess": convention,
-        "seeds": seeds,
-        "metrics": sorted(pair_metrics) + sorted(model_metrics) + sorted(method_metrics),
-        "shard": [cfg.shard_index, cfg.shard_count],
-        **({"crf": "DenseCRF()"} if cfg.crf else {}),  # absent without --crf: earlier stores stay valid
-        **({"metric_options": {k: dict(sorted(v.items())) for k, v in sorted(opts.items())}} if opts else {}),
-    }
-    forward = jax.jit(lambda v, x: model.apply(v, x))
-    model_fn = metrics.faithfulness.classifier_fn(model, variables)
-    # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
-    fresh = random_variables(model, (1, size, size, 3), seed=0) if cfg.experiment == "sanity" else None
-    ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh, method_metrics,
-                   writes_files=writer)
-    if cfg.distributed:  # lockstep padding calls: one real call's shapes and dtypes
-        x_example = np.asarray(normalize(jnp.zeros((cfg.batch, size, size, 3), jnp.float32), convention))
-        t_example = np.zeros((cfg.batch,), np.int32)
+    with dist.all_or_none(cfg.distributed, "setting up"):  # a process that fails here stops the others too
+        ds = open_dataset(cfg.dataset, cfg.data_dir, cfg.split, None, cfg.boxes_dir)  # native sizes
+        wpath, model, variables, convention, info = _load_model(cfg)
+        wname, wdigest = (wpath.name, _file_digest(wpath)) if wpath is not None else (cfg.model, entry_points.digest(variables))
+        seeds = "top1" if cfg.dataset == "imagenet-seg" else cfg.seeds
+        size = model_size(cfg, model, info)  # a --size a ViT cannot take fails here, before anything is written
+        check_classes(cfg.dataset, ds.class_names, model, variables, info, size, seeds)  # before the first image
+        out = Path(cfg.out)
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
+        num_classes = len(ds.class_names)
+        indices = pick_images(len(ds), cfg.images, cfg.pick)[cfg.shard_index :: cfg.shard_count]
+        pair_names, model_names, method_names = _selected_metrics(cfg)
+        opts = cfg.metric_options
+        pair_metrics = {
+            n: metrics.get(n, crf=True, **opts.get(n, {})) if (cfg.crf and n == "fgbg-miou") else metrics.get(n, **opts.get(n, {}))
+            for n in pair_names
+        }
+        model_metrics = {n: metrics.get_model_metric(n, **opts.get(n, {})) for n in model_names}
+        # focus tiles its mosaics from benchmark images, normalised as the model's inputs are
+        method_metrics = {
+            n: metrics.get_method_metric(n, **({"convention": convention} if n == "focus" else {}), **opts.get(n, {}))
+            for n in method_names
+        }
+        base_config = {
+            "experiment": cfg.experiment,
+            "dataset": cfg.dataset,
+            "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+            "boxes_dir": str(Path(cfg.boxes_dir).resolve()) if cfg.boxes_dir else None,
+            "split": cfg.split or ("test" if cfg.dataset in ("synthetic", "voc07", "voc07-tfds") else None),
+            "size": size,
+            "arch": type(model).__name__,
+            "weights_sha256": wdigest,
+            "preprocess": convention,
+            "seeds": seeds,
+            "metrics": sorted(pair_metrics) + sorted(model_metrics) + sorted(method_metrics),
+            "shard": [cfg.shard_index, cfg.shard_count],
+            **({"crf": "DenseCRF()"} if cfg.crf else {}),  # absent without --crf: earlier stores stay valid
+            **({"metric_options": {k: dict(sorted(v.items())) for k, v in sorted(opts.items())}} if opts else {}),
+        }
+        forward = jax.jit(lambda v, x: model.apply(v, x))
+        model_fn = metrics.faithfulness.classifier_fn(model, variables)
+        # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
+        fresh = random_variables(model, (1, size, size, 3), seed=0) if cfg.experiment == "sanity" else None
+        ctx = _Context(size, model, variables, convention, forward, model_fn, pair_metrics, model_metrics, seeds, cfg, fresh, method_metrics,
+                       writes_files=writer)
+        if cfg.distributed:  # lockstep padding calls: one real call's shapes and dtypes
+            x_example = np.asarray(normalize(jnp.zeros((cfg.batch, size, size, 3), jnp.float32), convention))
+            t_example = np.zeros((cfg.batch,), np.int32)
     rows = []
     extras: dict[str, Any] = {}
     sources: dict[str, str] = {}  # table column -> the metric that wrote it (the legend)
     run_id = time.strftime("%Y-%m-%d %H:%M:%S")  # stored with each image's row: the tables say which run made a row
     runs: list[list[str]] = []
+    finished: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []  # (method, hparams, stored rows); tables after the loop
     for name in cfg.methods:
         hp = cfg.hparams.get(name, {})
         store, todo = None, None
-        try:
+        with dist.all_or_none(cfg.distributed, "opening the results store"):
+            method = methods_registry.get(name, **hp)
             if writer:
                 store = ResultsStore(
                     out / f"{cfg.experiment}-{name.replace(':', '_')}.jsonl",
@@ -443,40 +446,39 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any] | N
                 _check_image_ids(store, ds, done)
                 retry = store.skipped()  # images that could not be read last time: tried again
                 todo = [i for i in indices if i not in done or i in retry]
-        except Exception:
-            if cfg.distributed:
-                dist.broadcast_indices(None, failed=True)  # the others stop instead of waiting for process 0
-            raise
         if cfg.distributed:
             todo = dist.broadcast_indices(todo)  # process 0's store decides what is left, for every process
-        method = methods_registry.get(name, **hp)
         explain = DataParallel(lambda v, x, t, method=method: method(model, v, x, t), mesh)
         bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{cfg.experiment} {name}", unit="img",
                    disable=not (progress and writer))
         step = cfg.batch * nproc  # each step: process p evaluates block p of `batch` images
+        new: list[dict[str, Any]] = []  # the last step's rows (all processes'), stored at the start of the next
         try:
-            for s in range(0, len(todo), step):
+            for s in range(0, len(todo) + step, step):  # one more round after the last step: its rows are stored
                 chunk = todo[s : s + step][me * cfg.batch : (me + 1) * cfg.batch]
-                new = _evaluate_chunk(ds, chunk, explain, method, ctx, name) if chunk else []
+                # distributed: a failure in one process (here, or process 0's append) stops every process
+                with dist.all_or_none(cfg.distributed, f"evaluating {name}"):
+                    if writer and new:
+                        store.append({**r, "run": run_id} for r in new)
+                        bar.update(len({r["index"] for r in new}))
+                    if s >= len(todo):
+                        break
+                    new = _evaluate_chunk(ds, chunk, explain, method, ctx, name) if chunk else []
                 if cfg.distributed:
                     dist.lockstep(explain, variables, x_example, t_example)
                     new = dist.gather_rows(new)
-                if writer:
-                    store.append({**r, "run": run_id} for r in new)
-                bar.update(len(todo[s : s + step]))
         finally:
             bar.close()
             if store is not None:
-                stored = list(store.rows())
+                finished.append((name, hp, list(store.rows())))
                 store.close()
-        if not writer:
-            continue
+    if not writer:  # distributed: process 0 writes the tables
+        return None
+    for name, hp, stored in finished:
         row, extra = _summarize(name, hp, stored, set(indices), pair_metrics, {**model_metrics, **method_metrics}, num_classes, sources)
         rows.append(row)
         extras[name] = extra
         runs.append(_runs_of(stored, set(indices)))
-    if not writer:  # distributed: process 0 writes the tables
-        return None
     # the table covers every method the folder's stores hold for this configuration, not only this run's
     others, notes = _other_stores(out, cfg.experiment, base_config, cfg.methods)
     for name, hp, stored in others:
