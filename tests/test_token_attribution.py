@@ -351,3 +351,57 @@ def test_explain_text_bad_input(cli_files, capsys):
     assert _cli(base + ["--premise", long, "--hypothesis", "he works .", "--truncate", "--method", "gradient-x-input"]) == 0
     assert "truncated to max_length=32" in capsys.readouterr().err
     assert np.load(d / "bad" / "gradient-x-input.npy").shape == (1, 32)
+
+
+# ------------------------------------------------------------------ Captum on a Hugging Face BERT
+
+
+@pytest.fixture(scope="module")
+def captum_refs():
+    """``tests/fixtures/text_refs.npz`` (experiments/make_text_references.py): a float64 Hugging
+    Face BertForSequenceClassification with seeded weights, three padded pairs, and Captum's
+    attributions w.r.t. ``inputs_embeds`` (xaijax's explanation view: word embeddings, position
+    and token-type embeddings added inside). The weights are ported by checkpoints.load_bert."""
+    import json
+    from pathlib import Path
+
+    from xaijax import checkpoints
+
+    f = np.load(Path(__file__).parent / "fixtures" / "text_refs.npz")
+    meta = json.loads(str(f["meta"]))
+    sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+    model, v, _ = checkpoints.load_bert("text_refs.npz", config=meta["config"], state_dict=sd)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), v)  # exact: the weights are float32 values
+    batch = {k: f[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    special = (meta["special_ids"]["cls"], meta["special_ids"]["sep"])
+    logits = model.apply(v, jnp.asarray(batch["input_ids"]), token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"])
+    np.testing.assert_allclose(logits, f["logits"], rtol=1e-10, atol=1e-12)  # the port itself
+    return model, v, batch, special, f
+
+
+def test_captum_integrated_gradients_and_input_x_gradient(captum_refs):
+    """Captum IntegratedGradients (32 steps, riemann_right, [PAD] baseline except [CLS]/[SEP])
+    and InputXGradient, summed over the embedding dimension: equal to 1e-9 (float64)."""
+    model, v, batch, special, f = captum_refs
+    target = f["target"]
+    ig = explain_tokens("integrated-gradients", model, v, batch, target, baseline="pad", special_ids=special, params={"steps": 32})
+    ref = f["out/ig_pad_riemann_right"].sum(-1)
+    assert np.abs(ref).max() > 1e-2
+    np.testing.assert_allclose(ig, ref, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(explain_tokens("gradient-x-input", model, v, batch, target), f["out/input_x_gradient"].sum(-1), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.slow
+def test_captum_gauss_legendre_zero_baseline_and_saliency(captum_refs):
+    """Captum IG with 24 Gauss-Legendre nodes from the zero baseline (summed over D), and
+    Saliency (raw gradient; xaijax's text ``gradient`` is its L2 norm over D).
+
+    Captum multiplies the gradients by ``torch.tensor(step_sizes).float()``: its quadrature
+    weights are rounded to float32 (exact for riemann_right's 1/32, not for Gauss-Legendre's),
+    hence 2e-7 relative here (measured 6e-9) instead of float64 agreement."""
+    model, v, batch, special, f = captum_refs
+    target = f["target"]
+    ig = explain_tokens("integrated-gradients", model, v, batch, target, baseline="zero", params={"steps": 24, "rule": "gauss-legendre"})
+    np.testing.assert_allclose(ig, f["out/ig_zero_gausslegendre"].sum(-1), rtol=2e-7, atol=1e-9)
+    sal = f["out/saliency"]
+    np.testing.assert_allclose(explain_tokens("gradient", model, v, batch, target), np.sqrt((sal * sal).sum(-1)), rtol=1e-9, atol=1e-11)
