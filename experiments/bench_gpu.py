@@ -64,7 +64,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -74,7 +73,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, ClassVar, Mapping, Sequence  # noqa: E402
+from typing import Any, Callable, ClassVar, Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -363,7 +362,8 @@ def bench_rise(rec: Recorder, arch: str, size: int, n: int, chunk: int, repeats:
     s = make_setup(arch, 1, size, quick)
     chunk = min(chunk, n)
     fwd = jax.jit(s.model.apply)
-    fwd_flops = _flops(fwd.lower(s.variables, s.x))  # one image, uncompiled HLO: no compile needed
+    lowered = fwd.lower(s.variables, s.x)  # one image
+    fwd_flops = _flops(lowered) or _flops(lowered.compile())  # the uncompiled HLO's count where the backend gives one
     masks = rise_masks(0, jnp.arange(chunk), (size, size))
     xb = s.x * masks[:, :, :, None].astype(s.x.dtype)  # (chunk, H, W, 3): the masked images RISE forwards
     rise = _jit_method(s, RISE(n=n, chunk=chunk))
@@ -671,7 +671,6 @@ def bench_methods(
         rec.put(row["methods"], name, result)
         new_hist[name] = {"lower_s": l_s, "compile_s": c_s, "run_s": statistics.median(ts), "batch": batch}
         print(f"  {group} {name}: {result['median_s']:.4f} s, {result['ratio_to_gradient']:.2f}x gradient", flush=True)
-        del exe
     with rec.lock:
         row["gradient"]["median_s"] = _median(g_times) if g_times else round(g_run, 5)
         row["gradient"]["timings"] = len(g_times) or 1
