@@ -222,6 +222,13 @@ def token_relevance(
 _jitted_relevance = jax.jit(token_relevance, static_argnums=(0, 1))
 
 
+def _apply_ids(model: nn.Module, variables: Mapping[str, Any], ids: jax.Array, tt: jax.Array, am: jax.Array) -> jax.Array:
+    return model.apply(variables, ids, token_type_ids=tt, attention_mask=am)
+
+
+_jitted_apply = jax.jit(_apply_ids, static_argnums=0)
+
+
 def _field(batch: Any, name: str) -> Any:
     if isinstance(batch, Mapping):
         return batch.get(name)
@@ -377,13 +384,12 @@ def explain_tokens(
         )
     ids, tt, am, _ = _batch_arrays(batch)
     n = ids.shape[0]
-    logits = jax.eval_shape(lambda v: model.apply(v, jnp.asarray(ids), token_type_ids=jnp.asarray(tt), attention_mask=jnp.asarray(am)), variables)
+    logits = jax.eval_shape(lambda v: _apply_ids(model, v, ids, tt, am), variables)
     if len(logits.shape) != 2 or logits.shape[0] != n:
         raise ValueError(f"{type(model).__name__} must return logits (N, K) for token ids; got shape {logits.shape}")
     k = int(logits.shape[1])
     if target is None or (isinstance(target, str) and target == "predicted"):
-        out = model.apply(variables, jnp.asarray(ids), token_type_ids=jnp.asarray(tt), attention_mask=jnp.asarray(am))
-        t = jnp.argmax(out, axis=-1).astype(jnp.int32)
+        t = jnp.argmax(_jitted_apply(model, variables, ids, tt, am), axis=-1).astype(jnp.int32)
     elif isinstance(target, str):
         raise ValueError(f"target must be 'predicted', a class index, an int array ({n},) or an ({n}, {k}) seed; got {target!r}")
     else:
