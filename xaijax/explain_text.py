@@ -23,15 +23,17 @@ Weights: ``--weights`` — any file :func:`xaijax.checkpoints.load` reads as a B
 classifier (a Hugging Face ``pytorch_model.bin`` / ``model.safetensors`` with its
 ``config.json``, or a native file written by ``xaijax port`` / ``save_variables``); or
 ``--bundled NAME`` — ``weights/NAME.safetensors`` of a source checkout (``XAIJAX_WEIGHTS``
-overrides the folder) with ``weights/NAME.vocab.txt`` as the default ``--vocab``.
+overrides the folder; e.g. the debiasing study's ``debias_bert``, ``debias_auto_debias``,
+``debias_ours``) with ``weights/NAME.vocab.txt``, else the shared ``weights/<first part of
+NAME>_vocab.txt`` (``debias_vocab.txt``), as the default ``--vocab``.
 
 Too long: a pair longer than the model's ``max_position_embeddings`` tokens (specials
 included) is refused with an error naming it (default), or, with ``--truncate``, cut
 longest-first to that length with a warning. Unknown words (wordpieces not in the vocabulary,
 which become ``[UNK]``) are listed in a warning on stderr; the pair is still explained.
 Class names: ``--labels`` (comma-separated, or a file with one name a line), else the names the
-checkpoint records (a Hugging Face ``config.json``'s ``id2label`` or the native file's
-``class_names``), else ``class 0`` ... .
+checkpoint records (a Hugging Face ``config.json``'s ``id2label``, or the native file's
+``class_names`` or ``labels``), else ``class 0`` ... .
 
 :func:`add_arguments` declares the options on a parser; :func:`run` executes them and returns
 the exit status (0). Bad input raises ``ValueError`` / ``FileNotFoundError`` with a one-line
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Declare the ``explain-text`` options on ``parser`` (a sub-command's parser); returns it."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", default=None, help="a BERT sequence classifier: HF pytorch_model.bin / model.safetensors (with config.json) or a native .safetensors/.msgpack")
-    src.add_argument("--bundled", default=None, metavar="NAME", help="bundled weights weights/NAME.safetensors (vocabulary weights/NAME.vocab.txt)")
+    src.add_argument("--bundled", default=None, metavar="NAME", help="bundled weights weights/NAME.safetensors, e.g. debias_bert (vocabulary: weights/NAME.vocab.txt or the shared weights/debias_vocab.txt)")
     parser.add_argument("--vocab", default=None, help="the model's WordPiece vocab.txt (default with --bundled: weights/NAME.vocab.txt)")
     parser.add_argument("--premise", action="append", required=True, help="first text (repeatable)")
     parser.add_argument("--hypothesis", action="append", default=None,
@@ -111,7 +113,13 @@ def _sources(args: argparse.Namespace) -> tuple[Path, Path]:
         if not weights.is_file():
             have = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
             raise FileNotFoundError(f"no bundled model {args.bundled!r}: {weights} does not exist (bundled: {', '.join(have) or 'none'})")
-        vocab = Path(args.vocab) if args.vocab else folder / f"{args.bundled}.vocab.txt"
+        if args.vocab:
+            vocab = Path(args.vocab)
+        else:  # NAME.vocab.txt, else the family's shared one (debias_bert -> debias_vocab.txt)
+            tried = [folder / f"{args.bundled}.vocab.txt", folder / f"{args.bundled.split('_')[0]}_vocab.txt"]
+            vocab = next((p for p in tried if p.is_file()), None)
+            if vocab is None:
+                raise FileNotFoundError(f"vocabulary file not found: {' or '.join(str(p) for p in tried)} (pass --vocab)")
     else:
         weights = Path(args.weights)
         if args.vocab is None:
@@ -133,6 +141,12 @@ def _class_names(k: int, labels: str | None, info: dict[str, Any]) -> list[str]:
             raise ValueError(f"--labels names {len(names)} classes but the model has {k}")
         return names
     recorded = info.get("class_names")
+    labels_meta = (info.get("metadata") or {}).get("labels")
+    if recorded is None and labels_meta:  # the bundled study models record their labels under "labels"
+        try:
+            recorded = json.loads(labels_meta)
+        except (TypeError, json.JSONDecodeError):
+            recorded = None
     if recorded is None:
         try:
             from xaijax.models.preprocess import recorded as _recorded
