@@ -169,6 +169,14 @@ def device_peak_bytes() -> int | None:
     return max(peaks) if peaks else None
 
 
+def _config(name: str) -> Any:
+    """A JAX configuration value (None where this jax has no such option)."""
+    try:
+        return jax.config.read(name)
+    except (AttributeError, KeyError, ValueError):
+        return getattr(jax.config, name, None)
+
+
 def machine() -> dict[str, Any]:
     d = jax.devices()[0]
     stats = None
@@ -188,7 +196,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
-        "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "default_matmul_precision": _config("jax_default_matmul_precision"),
         "peak_tflops": peak_tflops(d.device_kind),
     }
 
@@ -764,14 +772,18 @@ def main(argv: Sequence[str] | None = None, hard_stop: bool = True) -> dict[str,
     """Run the benchmark; returns the payload written to ``--out``. ``hard_stop=False``: no
     watchdog that ends the process (for a caller that must survive a run past the budget)."""
     args = parser().parse_args(argv)
-    flag = "jax_disable_most_optimizations"
-    before = jax.config.read(flag)
+    flag, before = "jax_disable_most_optimizations", None
     if args.quick:  # a smoke test of the code paths: XLA's optimisation passes are most of a tiny model's compile time
-        jax.config.update(flag, True)
+        try:
+            before = jax.config.read(flag)
+            jax.config.update(flag, True)
+        except (AttributeError, KeyError, ValueError):  # a jax without the option: compile as usual
+            before = None
     try:
         return run(args, list(sys.argv[1:] if argv is None else argv), hard_stop)
     finally:
-        jax.config.update(flag, before)
+        if before is not None:
+            jax.config.update(flag, before)
 
 
 def run(args: argparse.Namespace, argv: list[str], hard_stop: bool) -> dict[str, Any]:
@@ -821,7 +833,7 @@ def run(args: argparse.Namespace, argv: list[str], hard_stop: bool) -> dict[str,
             "pointing_methods": p_methods, "methods": names, "compile_workers": workers, "budget_s": args.budget_s,
             "compile_cache": args.compile_cache,
             "quick_models": QUICK_MODELS if q else None, "peak_tflops_used": peaks,
-            "jax_disable_most_optimizations": bool(jax.config.read("jax_disable_most_optimizations")),
+            "jax_disable_most_optimizations": _config("jax_disable_most_optimizations"),
         },
         "started_at": _utc(_STARTED),
         "ended_at": None,
