@@ -286,6 +286,26 @@ def test_round_trip_state_dict_and_native_port(cls_files, cls_loaded, tmp_path):
     assert checkpoints.load("bert-tiny", dst)[0] == model  # any BERT name reads a ported BERT
 
 
+def test_cli_port_bert_without_arch(cls_files, cls_loaded, tmp_path, capsys):
+    """``xaijax port IN.bin OUT`` with no --arch (config.json beside the file): the summary names
+    the BERT sizes, and the written file loads to the same variables; --heads on a ResNet is refused."""
+    from xaijax import cli
+
+    d, _ = cls_files
+    model, variables, _ = cls_loaded
+    dst = tmp_path / "nli.safetensors"
+    assert cli.main(["port", str(d / "pytorch_model.bin"), str(dst)]) == 0
+    out = capsys.readouterr().out
+    model2, variables2, info2 = checkpoints.load(None, dst)
+    kw = info2["model_kwargs"]
+    assert f"BERT: {kw['num_hidden_layers']} layers, hidden {kw['hidden_size']}" in out and "3 labels" in out, out
+    assert model2 == model and kw["num_labels"] == 3
+    a, b = flat(variables2), flat(variables)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert cli.main(["port", "--arch", "resnet18", "--heads", "2", str(d / "pytorch_model.bin"), str(tmp_path / "x.safetensors")]) == 2
+    assert "apply to BERT checkpoints only" in capsys.readouterr().err
+
+
 def test_mlm_round_trip_forward_equality(tmp_path):
     """Flax init -> to_torch_state_dict (tied decoder written) -> torch.save -> load: the ported
     model's logits equal the original variables' exactly."""

@@ -4,7 +4,7 @@ Subcommands::
 
     xaijax models                      list architectures
     xaijax methods                     list attribution methods
-    xaijax port --arch A IN.pth OUT    torch checkpoint -> .safetensors / .msgpack
+    xaijax port [--arch A] IN OUT     torch / Hugging Face BERT checkpoint -> .safetensors / .msgpack
     xaijax predict --arch A --weights W IMAGE...     top-5 classes
     xaijax explain --weights W --method M IMAGE...  maps (.npy) and overlays (PNG)
     xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
@@ -13,7 +13,7 @@ Subcommands::
     xaijax visualize --weights W --layer L --units 0:16 --out DIR   natural pre-images (PNG grid + .npy + .json)
     xaijax dissect --dataset synthetic|broden --layer L --out DIR   neuron-concept labels and formulas
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
-    xaijax bench [--peers] [-- ARGS]   experiments/bench_propagation.py or bench_peers.py (source checkout)
+    xaijax bench [--peers|--gpu] [-- ARGS]   experiments/bench_propagation.py, bench_peers.py or bench_gpu.py (source checkout)
 
 Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
 and exit with status 2; nothing is written. Set ``XAIJAX_DEBUG=1`` for the full traceback.
@@ -74,7 +74,24 @@ def _cmd_port(args: argparse.Namespace) -> None:
     if dst.exists() and not args.force:
         raise UserError(f"{dst} exists; pass --force to overwrite")
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    from xaijax.checkpoints import bert_mapping
+
+    if (args.heads is not None or args.task is not None) and args.arch is not None and not bert_mapping.is_bert_arch(args.arch):
+        raise UserError("--heads and --task apply to BERT checkpoints only")
+    if args.heads is not None:
+        kwargs["num_attention_heads"] = args.heads
+    if args.task is not None:
+        kwargs["task"] = args.task
     info = checkpoints.port(args.arch, args.input, dst, **kwargs)
+    if info.get("family") == "bert":
+        kw = info["model_kwargs"]
+        head = f"{kw['num_labels']} labels" if kw["task"] == "classification" else "masked-LM head"
+        ign = f"; ignored {', '.join(info['ignored_keys'])}" if info["ignored_keys"] else ""
+        print(
+            f"wrote {dst} (BERT: {kw['num_hidden_layers']} layers, hidden {kw['hidden_size']}, {kw['num_attention_heads']} heads, "
+            f"vocabulary {kw['vocab_size']}, {head}; Hugging Face weights{ign})"
+        )
+        return
     extra = f"; ignored {len(info['ignored_keys'])} training-only keys" if info["ignored_keys"] else ""
     print(f"wrote {dst} ({args.arch}, {info['source']} weights, {info['model_kwargs'].get('num_classes')} classes{extra})")
 
@@ -364,12 +381,12 @@ PEER_MODULES = ("torch", "torchvision", "zennit", "captum", "pytorch_grad_cam", 
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    """Run ``experiments/bench_propagation.py`` (or, with ``--peers``, ``bench_peers.py``) of a
-    source checkout in this process, with the arguments after ``--``."""
+    """Run ``experiments/bench_propagation.py`` (with ``--peers``: ``bench_peers.py``; with ``--gpu``:
+    ``bench_gpu.py``) of a source checkout in this process, with the arguments after ``--``."""
     import importlib.util
     import runpy
 
-    name = "bench_peers.py" if args.peers else "bench_propagation.py"
+    name = "bench_peers.py" if args.peers else "bench_gpu.py" if args.gpu else "bench_propagation.py"
     script = Path(__file__).resolve().parent.parent / "experiments" / name
     if not script.is_file():
         raise UserError(
@@ -440,10 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_metrics)
 
     s = sub.add_parser("port", help="convert a PyTorch checkpoint to .safetensors/.msgpack")
-    s.add_argument("--arch", required=True, help="architecture, e.g. resnet50 (see `xaijax models`)")
+    s.add_argument(
+        "--arch",
+        default=None,
+        help="architecture, e.g. resnet50 (see `xaijax models`); optional for a Hugging Face BERT checkpoint "
+        "(pytorch_model.bin / model.safetensors with its config.json beside it; or 'bert', or a configuration such as "
+        "bert-base-uncased)",
+    )
     s.add_argument("--num-classes", type=int, default=None, help="default: read from the checkpoint")
+    s.add_argument("--task", choices=("classification", "mlm"), default=None, help="BERT: the head to load (default: the checkpoint's)")
+    s.add_argument("--heads", type=int, default=None, help="BERT: attention heads, when no config.json is beside the checkpoint")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    s.add_argument("input", help="torch .pth/.pt file (never executed)")
+    s.add_argument("input", help="torch .pth/.pt/.bin file (never executed) or a Hugging Face model.safetensors")
     s.add_argument("output", help="output .safetensors or .msgpack")
     s.set_defaults(func=_cmd_port)
 
@@ -547,12 +572,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "bench",
-        help="benchmarks of a source checkout: propagation methods vs the plain gradient, or the PyTorch peers (--peers)",
-        description="Runs experiments/bench_propagation.py, or with --peers experiments/bench_peers.py (needs the peer "
-        "environment of experiments/PEERS.md). Arguments after -- go to the script, e.g. "
-        "`xaijax bench -- --quick`, `xaijax bench --peers -- --size 64 --batches 1`, `xaijax bench -- --help`.",
+        help="benchmarks of a source checkout: propagation methods vs the plain gradient, the PyTorch peers (--peers), "
+        "the GPU benchmark (--gpu)",
+        description="Runs experiments/bench_propagation.py, with --peers experiments/bench_peers.py (needs the peer "
+        "environment of experiments/PEERS.md), with --gpu experiments/bench_gpu.py (one GPU, at most 8 minutes). "
+        "Arguments after -- go to the script, e.g. `xaijax bench -- --quick`, `xaijax bench --peers -- --size 64 "
+        "--batches 1`, `xaijax bench --gpu -- --quick`, `xaijax bench -- --help`.",
     )
-    s.add_argument("--peers", action="store_true", help="xaijax vs zennit / Captum / TorchRay / pytorch-grad-cam")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--peers", action="store_true", help="xaijax vs zennit / Captum / TorchRay / pytorch-grad-cam")
+    which.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU benchmark: RISE 4000 masks, rule methods / gradient at batch 64/16/1, UCAG, eval pointing; one "
+        "process within an 8-minute budget (docs/gpu_benchmark.md; `-- --quick`: tiny models, runs on a CPU)",
+    )
     s.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the script's own arguments")
     s.set_defaults(func=_cmd_bench)
 
