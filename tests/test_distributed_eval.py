@@ -158,6 +158,24 @@ def test_a_failing_process_stops_the_others_at_once(tiny_weights, tmp_path):
     assert not list((tmp_path / "o").glob("*.jsonl"))
 
 
+def test_processes_with_other_weights_are_refused(tiny_weights, tmp_path):
+    """Process 1's weights file holds other values (another seed): both processes refuse to
+    start, so one table never mixes two models."""
+    import json as _json
+
+    from xaijax import checkpoints, models
+
+    kw = {"num_classes": 12, "width": 8}
+    other = tmp_path / "other.safetensors"
+    v = models.random_variables(models.get("resnet18", **kw), (1, 128, 128, 3), seed=4)
+    checkpoints.save_variables(other, v, metadata={"arch": "resnet18", "model_kwargs": _json.dumps(kw)})
+    res = _launch(tiny_weights, tmp_path / "o", tmp_path / "c", (RUN_SCRIPT, RUN_SCRIPT), weights_of=(tiny_weights, other))
+    for r in res:
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "process 1 sees other weights, dataset or images" in r.stderr
+    assert not list((tmp_path / "o").glob("*.jsonl"))
+
+
 def test_process_blocks_cover_each_step_once():
     todo = [4, 9, 10, 11, 15, 20, 21]
     for nproc in (1, 2, 3):

@@ -56,6 +56,7 @@ __all__ = [
     "lockstep",
     "barrier",
     "all_or_none",
+    "check_same",
     "ProcessFailed",
 ]
 
@@ -203,6 +204,25 @@ def all_or_none(active: bool, what: str) -> Iterator[None]:
         raise ProcessFailed(
             f"process {', '.join(map(str, failed))} of the distributed run failed while {what} (see its output); "
             "this process stops too. Rows already stored are kept: run the same command again to resume"
+        )
+
+
+def check_same(value: Any, what: str) -> None:
+    """Refuse to run when the processes disagree on ``value`` (JSON-serialisable): every process
+    compares the SHA-256 of its ``value`` with process 0's.
+
+    Raises:
+      ValueError: in every process, naming the processes whose ``what`` differs from process 0's.
+    """
+    import hashlib
+
+    digest = np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest(), np.uint8)
+    every = _allgather(digest)
+    differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+    if differ:
+        raise ValueError(
+            f"--distributed: process {', '.join(map(str, differ))} sees other {what} than process 0; give every process "
+            "the same command and the same files (weights, dataset) at the paths it names"
         )
 
 

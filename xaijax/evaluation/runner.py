@@ -426,6 +426,10 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any] | N
         if cfg.distributed:  # lockstep padding calls: one real call's shapes and dtypes
             x_example = np.asarray(normalize(jnp.zeros((cfg.batch, size, size, 3), jnp.float32), convention))
             t_example = np.zeros((cfg.batch,), np.int32)
+    if cfg.distributed:  # the same weights, dataset and image list in every process, or no run
+        same = {k: v for k, v in base_config.items() if k not in ("data_dir", "boxes_dir")}  # (paths may differ by host)
+        dist.check_same([same, len(ds), [_image_id(ds, i) for i in indices]],
+                        "weights, dataset or images (configuration, dataset length, image ids)")
     rows = []
     extras: dict[str, Any] = {}
     sources: dict[str, str] = {}  # table column -> the metric that wrote it (the legend)

@@ -60,7 +60,7 @@ def _lock(path: Path) -> Any:
         fh.close()
         raise StoreMismatchError(
             f"{path} is being written by another process; run one process per results store "
-            "(multi-host runs: one --out folder or --shard-index per process)"
+            "(multi-host runs: --distributed, where process 0 alone writes, or one --out folder per --shard-index)"
         ) from None
     return fh
 
