@@ -54,7 +54,6 @@ __all__ = [
     "broadcast_indices",
     "gather_rows",
     "lockstep",
-    "barrier",
     "all_or_none",
     "check_same",
     "ProcessFailed",
@@ -244,8 +243,3 @@ def lockstep(explain: Any, variables: Any, x_example: np.ndarray, target_example
     real call's shape and dtype), so all processes run the same global programs in order."""
     calls = _allgather(np.asarray([explain.calls], np.int64))[:, 0]
     explain.catch_up(int(calls.max()), variables, x_example, target_example)
-
-
-def barrier(name: str) -> None:
-    """Wait until every process reaches the barrier ``name``."""
-    multihost_utils.sync_global_devices(name)
