@@ -12,7 +12,9 @@ one warm-up call per program, median over ``--repeats``):
   baseline) of a batch of B sentences as *one* jitted :func:`xaijax.methods.text.token_relevance`
   call (sentences vmapped, steps vmapped or chunked by ``--ig-chunk``), against a Python loop
   over the B sentences calling the same function jitted for one sentence. Reported as token
-  attributions (sentences) per second and the speed-up.
+  attributions (sentences) per second and the speed-up. ``--sentence-chunk C`` adds the same
+  single call with C sentences per vmapped group (``lax.map`` over the groups: the loop's
+  working set inside one program).
 * **AttnLRP / gradient**: ``attnlrp`` (default rules) and the plain ``gradient`` method on the
   same batch, both through the jitted core; the ratio is paired per repeat (each repeat times
   the gradient, then AttnLRP) and its median reported. Target <= 1.5x.
@@ -78,7 +80,8 @@ def _batch(rng: np.random.Generator, n: int, t: int, vocab: int):
     return ids, tt, am, (cls, sep)
 
 
-def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: int, ig_chunk: int | None, loop: bool) -> dict:
+def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: int, ig_chunk: int | None, loop: bool,
+          sentence_chunk: int | None = None) -> dict:
     model = bert.build(config, num_labels=3)
     rng = np.random.default_rng(0)
     t_max = max(batches)
@@ -89,7 +92,7 @@ def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: in
     ig = text_method("integrated-gradients", steps=steps, chunk=ig_chunk)
     grad = text_method("gradient")
     lrp = text_method("attnlrp")
-    core = jax.jit(token_relevance, static_argnums=(0, 1))
+    core = jax.jit(token_relevance, static_argnums=(0, 1), static_argnames="chunk")
     results = []
     for b in batches:
         la0 = _loadavg()
@@ -100,6 +103,10 @@ def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: in
 
         def ig_all():
             return core(ig, model, variables, x["input_ids"], x["token_type_ids"], x["attention_mask"], target, base)
+
+        def ig_chunked():
+            return core(ig, model, variables, x["input_ids"], x["token_type_ids"], x["attention_mask"], target, base,
+                        chunk=sentence_chunk)
 
         def ig_one(i):
             s = slice(i, i + 1)
@@ -112,7 +119,9 @@ def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: in
             return lambda: core(m, model, variables, x["input_ids"], x["token_type_ids"], x["attention_mask"], target, None)
 
         first = {}
-        for name, fn in (("ig_vmapped", ig_all), ("ig_loop", ig_loop if loop and b > 1 else None), ("gradient", run(grad)), ("attnlrp", run(lrp))):
+        chunked = ig_chunked if sentence_chunk is not None and sentence_chunk < b else None
+        for name, fn in (("ig_vmapped", ig_all), ("ig_loop", ig_loop if loop and b > 1 else None), ("ig_chunked", chunked),
+                         ("gradient", run(grad)), ("attnlrp", run(lrp))):
             if fn is not None:
                 first[name] = _timed(fn)  # trace + compile + one run
         times: dict[str, list[float]] = {k: [] for k in first}
@@ -121,6 +130,8 @@ def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: in
             times["ig_vmapped"].append(_timed(ig_all))
             if "ig_loop" in times:
                 times["ig_loop"].append(_timed(ig_loop))
+            if "ig_chunked" in times:
+                times["ig_chunked"].append(_timed(ig_chunked))
             g = _timed(run(grad))
             a = _timed(run(lrp))
             times["gradient"].append(g)
@@ -138,11 +149,17 @@ def bench(config: str, seq_len: int, batches: list[int], steps: int, repeats: in
         if "ig_loop" in med:
             row["ig_loop_attributions_per_s"] = round(b / med["ig_loop"], 3)
             row["ig_vmapped_speedup_over_loop"] = round(med["ig_loop"] / med["ig_vmapped"], 3)
+        if "ig_chunked" in med:
+            row["sentence_chunk"] = sentence_chunk
+            row["ig_chunked_attributions_per_s"] = round(b / med["ig_chunked"], 3)
+            if "ig_loop" in med:
+                row["ig_chunked_speedup_over_loop"] = round(med["ig_loop"] / med["ig_chunked"], 3)
         row["loadavg_before"], row["loadavg_after"] = la0, _loadavg()
         print(json.dumps(row))
         results.append(row)
     shapes = {k: getattr(model, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
-    return {"config": config, "model_shapes": shapes, "init_s": round(init_s, 3), "ig_steps": steps, "ig_chunk": ig_chunk, "rows": results}
+    return {"config": config, "model_shapes": shapes, "init_s": round(init_s, 3), "ig_steps": steps, "ig_chunk": ig_chunk,
+            "sentence_chunk": sentence_chunk, "rows": results}
 
 
 def main(argv=None) -> int:
@@ -152,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=50, help="integrated-gradients steps")
     p.add_argument("--ig-chunk", type=int, default=None, help="IG steps per vmapped chunk (default: all at once)")
+    p.add_argument("--sentence-chunk", type=int, default=None,
+                   help="also time IG with this many sentences per vmapped group (lax.map over groups) in one call")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-loop", action="store_true", help="skip the Python loop over sentences")
     p.add_argument("--quick", action="store_true", help="smoke test: test-tiny, T=16, batch 1 and 4, 8 steps, 2 repeats")
@@ -162,7 +181,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in a.batches.split(",") if b.strip()]
     if not batches or min(batches) < 1 or a.seq_len < 4 or a.steps < 1 or a.repeats < 1:
         p.error("batches, --seq-len (>= 4), --steps and --repeats must be positive")
-    res = bench(a.config, a.seq_len, batches, a.steps, a.repeats, a.ig_chunk, not a.no_loop)
+    res = bench(a.config, a.seq_len, batches, a.steps, a.repeats, a.ig_chunk, not a.no_loop, a.sentence_chunk)
     res.update(
         quick=bool(a.quick),
         jax=jax.__version__,

@@ -240,6 +240,10 @@ def test_jittable_core(setup):
     args = (jnp.asarray(batch.input_ids), jnp.asarray(batch.token_type_ids), jnp.asarray(batch.attention_mask), jnp.array([0, 1, 2], jnp.int32))
     jitted = jax.jit(token_relevance, static_argnums=(0, 1))(m, model, v, *args)
     np.testing.assert_allclose(jitted, explain_tokens(m, model, v, batch, np.array([0, 1, 2])), rtol=1e-12, atol=1e-15)
+    # sentences in chunks of 2 (lax.map over vmapped groups, the last one padded by lax.map): the same values
+    np.testing.assert_allclose(explain_tokens(m, model, v, batch, np.array([0, 1, 2]), chunk=2), jitted, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="chunk must be None or a positive int"):
+        explain_tokens(m, model, v, batch, 0, chunk=0)
 
 
 def test_clear_errors(setup):

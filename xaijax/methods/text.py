@@ -186,11 +186,12 @@ def token_relevance(
     attention_mask: jax.Array,
     target: jax.Array,
     baseline: jax.Array | None = None,
+    chunk: int | None = None,
 ) -> jax.Array:
     """The array-level core of :func:`explain_tokens`: relevance (N, T) of each token.
 
-    Pure: ``jax.jit(token_relevance, static_argnums=(0, 1))``. No input checks (see
-    :func:`explain_tokens`).
+    Pure: ``jax.jit(token_relevance, static_argnums=(0, 1), static_argnames="chunk")``. No
+    input checks (see :func:`explain_tokens`).
 
     Args:
       method: a classifier :class:`~xaijax.methods.Method` (already resolved).
@@ -198,6 +199,10 @@ def token_relevance(
       target: class indices (N,) int, or an (N, K) float seed.
       baseline: (N, T, 1, D) word-embedding baseline, used by integrated gradients (passed as
         its ``baseline``); ``None``: the method's own.
+      chunk: sentences explained together (``vmap`` within a chunk, ``lax.map`` over chunks);
+        ``None``: all N in one ``vmap``. The results are the same; on a CPU a small chunk keeps
+        the working set in cache (see ``experiments/bench_text.py``), on an accelerator the
+        whole batch in one ``vmap`` uses it best.
 
     Returns:
       (N, T) in the word embeddings' dtype; exactly 0 where ``attention_mask`` is 0.
@@ -215,11 +220,15 @@ def token_relevance(
         return out[0, :, 0]
 
     b = baseline if use_baseline else jnp.zeros((emb.shape[0],), emb.dtype)
-    r = jax.vmap(one)(emb, jnp.asarray(token_type_ids), mask, jnp.asarray(target), b)
+    args = (emb, jnp.asarray(token_type_ids), mask, jnp.asarray(target), b)
+    if chunk is None or chunk >= emb.shape[0]:
+        r = jax.vmap(one)(*args)
+    else:
+        r = jax.lax.map(lambda a: one(*a), args, batch_size=int(chunk))
     return jnp.where(mask != 0, r, jnp.zeros((), r.dtype)).astype(emb.dtype)
 
 
-_jitted_relevance = jax.jit(token_relevance, static_argnums=(0, 1))
+_jitted_relevance = jax.jit(token_relevance, static_argnums=(0, 1), static_argnames="chunk")
 
 
 def _apply_ids(model: nn.Module, variables: Mapping[str, Any], ids: jax.Array, tt: jax.Array, am: jax.Array) -> jax.Array:
@@ -345,6 +354,7 @@ def explain_tokens(
     params: Mapping[str, Any] | None = None,
     pad_id: int = 0,
     special_ids: Sequence[int] | None = None,
+    chunk: int | None = None,
     jit: bool = True,
 ) -> jax.Array:
     """Relevance of every token of every sentence (N, T); padding exactly 0.
@@ -363,6 +373,8 @@ def explain_tokens(
         (see the module docstring); ignored by the other methods.
       params: hyperparameters of a method given by name (e.g. ``{"steps": 50}``).
       pad_id, special_ids: see :func:`ig_baseline`.
+      chunk: sentences per ``vmap`` group (``lax.map`` over groups; ``None``: all at once);
+        see :func:`token_relevance`.
       jit: run the jitted core (default); ``False`` runs it eagerly (vmapped all the same).
 
     Returns:
@@ -373,6 +385,8 @@ def explain_tokens(
       ValueError, TypeError: a malformed batch, target or baseline (naming it).
     """
     m, label = _resolve(method, params)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int (sentences per vmapped group); got {chunk!r}")
     if m.kind not in CLASSIFIER_KINDS:
         raise TypeError(f"{label} is a {m.kind!r} method; explain_tokens runs classifier attributions ({_text_list()})")
     if m.runs_own_loop:
@@ -405,6 +419,6 @@ def explain_tokens(
         b = ig_baseline(model, variables, batch, baseline, pad_id=pad_id, special_ids=special_ids)
     fn = _jitted_relevance if jit else token_relevance
     try:
-        return fn(m, model, variables, jnp.asarray(ids), jnp.asarray(tt), jnp.asarray(am), t, b)
+        return fn(m, model, variables, jnp.asarray(ids), jnp.asarray(tt), jnp.asarray(am), t, b, chunk=chunk)
     except NotApplicable as e:
         raise NotApplicable(f"{label} is not defined for {type(model).__name__}: {e}. Text methods: {_text_list()}") from None
