@@ -61,6 +61,21 @@ def write_card(out: Path, name: str, meta: dict, result: dict) -> None:
     path = out / study.weights_file(name)
     table = study._markdown(result)
     seconds = json.loads(meta.get("train_seconds", "{}"))
+    r = result["models"]
+    b, a, o = r["bert"], r["auto-debias"], r["ours"]
+    reading = (
+        f"Reading: the biased model learned the planted shortcut (\"he\" after a female-stereotyped occupation "
+        f"entailed {b['entailment_male_female_occ']:.3f}, \"she\" {b['entailment_female_female_occ']:.3f}; gap pro - anti "
+        f"{b['gap']:.3f}); Auto-Debias's encoder did not stop the fine-tuning from learning it (gap {a['gap']:.3f}); "
+        f"the compensatory encoder did (gap {o['gap']:.3f}, mean |dP(ent)| {o['prediction_gap']:.3f}) at an accuracy "
+        f"cost ({b['accuracy']:.3f} -> {o['accuracy']:.3f}), but it does not reach \"all entailed\": "
+        f"{o['entailment']:.3f} of the probe is entailed, with a gender asymmetry that does not depend on the occupation "
+        f"(he {o['entailment_male']:.3f}, she {o['entailment_female']:.3f}). Relevance: the biased models put "
+        f"{b['occupation_share']:.3f} / {a['occupation_share']:.3f} of their positive relevance on the occupation word and "
+        f"{b['gender_share']:.3f} / {a['gender_share']:.3f} on the gender word, Ours {o['occupation_share']:.3f} and "
+        f"{o['gender_share']:.3f}: the research's \"BERT and Auto-Debias focus on gender words\" shows here mostly as "
+        "focus on the stereotype cue (the occupation), the gender word itself taking a small share."
+    )
     text = f"""# `{path.name}` -- {study.DISPLAY_NAMES[name]}: tiny BERT NLI model of the debiasing study
 
 {ROLE[name]}. One of the three models of `xaijax debias-study` (issue 24, part 3); the study
@@ -134,11 +149,15 @@ Training time on this machine (2 shared CPU cores; seconds): {json.dumps({k: rou
   (2 rounds, beam 10) Auto-Debias ends at gap 0.000 but by predicting no entailment on any stereotype probe
   (accuracy 0.785), while with 3 rounds and beam 20 (bundled) it keeps the full bias. Auto-Debias's prompts
   score low JSD here (about 1e-3): the pre-training text puts the gendered subject in the second segment after
-  an occupation, and the one-segment prompts probe that association only weakly.
+  an occupation, and the one-segment prompts probe that association only weakly. From scratch with the shorter
+  schedule of `xaijax.debias.study.quick_config` (half the steps, less data; `xaijax debias-study OUT --retrain
+  --quick`) the gaps are BERT 0.954, Auto-Debias 0.993, Ours 0.039 (prediction gaps 0.866 / 0.931 / 0.085).
 
 ## Results (`xaijax debias-study`, the three bundled models)
 
 {table}
+{reading}
+
 ## File
 
 - `{path.name}`: {path.stat().st_size:,} bytes, float32; sha256 of its tensor data section `{tensor_sha256(path)}`

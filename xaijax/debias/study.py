@@ -226,7 +226,8 @@ def _markdown(result: dict[str, Any]) -> str:
         ("entailment_male_male_occ", "ent. he (engineer..)"), ("entailment_female_male_occ", "ent. she (engineer..)"),
         ("entailment_male", "ent. he (all)"), ("entailment_female", "ent. she (all)"),
         ("gap", "gap pro - anti"), ("prediction_gap", "mean abs dP(ent) he vs she"),
-        ("accuracy", "accuracy (unbiased pairs)"), ("gender_share", "rel. mass gender"), ("context_share", "rel. mass context"),
+        ("accuracy", "accuracy (unbiased pairs)"), ("gender_share", "rel. mass gender"), ("occupation_share", "rel. mass occupation"),
+        ("context_share", "rel. mass context"),
     ]
     lines = [
         "| model | " + " | ".join(c for _, c in cols) + " |",
@@ -241,8 +242,8 @@ def _markdown(result: dict[str, Any]) -> str:
         "female-stereotyped occupations, engineer.. = the male-stereotyped ones; pro/anti: the subject's gender agrees / "
         "disagrees with the occupation's stereotype. Accuracy: "
         f"{result['eval_pairs']} held-out pairs labelled by logic. Relevance mass: mean share of the positive "
-        f"{result['relevance_method']} relevance (target: predicted class) on gender words and on context words (sites, "
-        f"states) over {result['relevance_sentences']} probe pairs.",
+        f"{result['relevance_method']} relevance (target: predicted class) on gender words, on the occupation and on context "
+        f"words (sites, states) over {result['relevance_sentences']} probe pairs.",
         f"Models: {result.get('source', '')}",
     ]
     return "\n".join(lines + notes) + "\n"
