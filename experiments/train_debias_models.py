@@ -56,7 +56,6 @@ def tensor_sha256(path: Path) -> str:
 
 
 def write_card(out: Path, name: str, meta: dict, result: dict) -> None:
-    row = result["models"][name]
     config = json.loads(meta["study_config"])
     path = out / study.weights_file(name)
     table = study._markdown(result)

@@ -243,3 +243,16 @@ def test_bundled_files_load_through_checkpoints(bundled):
     np.testing.assert_array_equal(
         variables["params"]["classifier"]["kernel"], np.asarray(params["ours"]["classifier"]["kernel"])
     )
+
+
+def test_bad_inputs(tmp_path):
+    from xaijax.debias import study
+
+    with pytest.raises(ValueError, match="method"):
+        study.run(tmp_path, method="lime")
+    with pytest.raises(ValueError, match="probs"):
+        study.bias_metrics(np.zeros((3, 3)), C.nli_pairs("probe")[:4])
+    with pytest.raises(ValueError, match="alternate"):
+        study.bias_metrics(np.zeros((2, 3)), C.nli_pairs("probe")[1:3])
+    with pytest.raises(ValueError, match="same length"):
+        O.compensatory_loss([], [], jnp.ones((1, 2)), [], [], jnp.ones((1, 2)))
