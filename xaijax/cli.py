@@ -9,10 +9,13 @@ Subcommands::
     xaijax explain --weights W --method M IMAGE...  maps (.npy) and overlays (PNG)
     xaijax demo [--quick] [--images N] every method x metric on the synthetic benchmark
     xaijax eval EXPERIMENT --methods M,...   the research's tables (resumable, data-parallel)
+    xaijax eval ... --distributed --coordinator H:P --num-processes N --process-id I   one run over several processes/hosts
     xaijax eval-merge --out DIR SHARD_DIR...  merge a sharded eval's results folders
     xaijax visualize --weights W --layer L --units 0:16 --out DIR   natural pre-images (PNG grid + .npy + .json)
     xaijax dissect --dataset synthetic|broden --layer L --out DIR   neuron-concept labels and formulas
     xaijax example --out DIR           end-to-end example (model, weights, predict, explain, PNG)
+    xaijax explain-text --weights W --vocab V --premise P --hypothesis H   token relevance (+ PNG/HTML figure)
+    xaijax debias-study [OUT] [--retrain]   the research's debiasing study (bias table, token figure)
     xaijax bench [--peers|--gpu] [-- ARGS]   experiments/bench_propagation.py, bench_peers.py or bench_gpu.py (source checkout)
 
 Errors that are the user's (bad file, bad argument) print one line ``xaijax: error: ...``
@@ -414,6 +417,20 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         sys.argv = saved
 
 
+def _cmd_explain_text(args: argparse.Namespace) -> None:
+    """``xaijax explain-text`` (:mod:`xaijax.explain_text`)."""
+    from xaijax import explain_text
+
+    explain_text.run(args)
+
+
+def _cmd_debias_study(args: argparse.Namespace) -> None:
+    """``xaijax debias-study`` (:mod:`xaijax.debias.study`)."""
+    from xaijax.debias import study
+
+    study.run_args(args)
+
+
 def _writable_dir(p: str) -> Path:
     """An output folder argument: checked here, created only by the command when it first writes
     (a command that fails on bad input leaves no empty folder behind)."""
@@ -570,6 +587,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_visualize_parser(sub)
     add_dissect_parser(sub)
 
+    from xaijax import explain_text
+    from xaijax.debias import study as debias_study
+
+    s = sub.add_parser(
+        "explain-text",
+        help="token attributions of a BERT sentence(-pair) classifier: printed, token figure (PNG + HTML), .npy/.json",
+        description=explain_text.__doc__.split("\n\n")[0].split(": ", 1)[-1],
+    )
+    explain_text.add_arguments(s)
+    s.set_defaults(func=_cmd_explain_text)
+
+    s = sub.add_parser(
+        "debias-study",
+        help="the research's debiasing study: bias table and token figure of three tiny BERT NLI models "
+        "(bundled weights in seconds, or --retrain in about 3 minutes)",
+    )
+    debias_study.add_arguments(s)
+    s.set_defaults(func=_cmd_debias_study)
+
     s = sub.add_parser(
         "bench",
         help="benchmarks of a source checkout: propagation methods vs the plain gradient, the PyTorch peers (--peers), "
@@ -619,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import os
 
-    if args.func in (_cmd_demo, _cmd_eval, _cmd_explain):
+    if args.func in (_cmd_demo, _cmd_eval, _cmd_explain, _cmd_explain_text, _cmd_debias_study):
         _enable_compilation_cache()
 
     try:

@@ -324,7 +324,7 @@ def quick_config():
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``xaijax debias-study`` arguments."""
-    parser.add_argument("out", help="output folder (table.md, table.json, token_figure.png/.html)")
+    parser.add_argument("out", nargs="?", default="results/debias", help="output folder (table.md, table.json, token_figure.png/.html; default results/debias)")
     parser.add_argument("--retrain", action="store_true", help="train the three models from scratch (minutes) instead of loading the bundled weights")
     parser.add_argument("--quick", action="store_true", help="with --retrain: the shorter schedule of quick_config (about 2 minutes; not the bundled numbers)")
     parser.add_argument("--method", default="attnlrp", help="token attribution method (default attnlrp)")
