@@ -210,7 +210,7 @@ def _html(rows: list[TokenRow], limits: list[float], scale: str, title: str | No
     for row, vmax in zip(rows, limits):
         colors = token_colors(row.relevance, vmax)
         pieces = display_pieces(row.tokens)
-        parts = [f'<div style="margin:4px 0 10px 0">']
+        parts = ['<div style="margin:4px 0 10px 0">']
         if row.label:
             parts.append(f'<span style="display:inline-block;min-width:110px;font-weight:bold;margin-right:6px">{esc(row.label)}</span>')
         for word in _words(pieces):

@@ -31,7 +31,6 @@ bit-for-bit on the same machine and software (XLA's CPU kernels are deterministi
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping

@@ -514,7 +514,7 @@ def _message(model, sd, missing, unexpected, misshaped, untied) -> str:
     found = describe_structure(sd)
     if found is None:
         what = other_architecture(sd)
-        lines.append(f"  hint: the checkpoint is not a Hugging Face BERT" + (f"; it looks like {what}" if what else ""))
+        lines.append("  hint: the checkpoint is not a Hugging Face BERT" + (f"; it looks like {what}" if what else ""))
         return "\n".join(lines)
     mine = _model_sizes(model)
     diffs = [f"{k}={found[k]} (model {mine[k]})" for k in (*_SIZES, "num_labels") if found.get(k) is not None and mine.get(k) is not None and found[k] != mine[k]]
