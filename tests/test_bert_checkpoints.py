@@ -283,7 +283,12 @@ def test_round_trip_state_dict_and_native_port(cls_files, cls_loaded, tmp_path):
     assert json.loads(info2["metadata"]["class_names"]) == LABELS
     a, b = flat(variables2), flat(variables)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert checkpoints.load("bert-tiny", dst)[0] == model  # any BERT name reads a ported BERT
+    assert checkpoints.load("bert-tiny", dst)[0] == model  # any BERT name reads a file recorded as generic "bert"
+    named = tmp_path / "named.safetensors"
+    checkpoints.save_variables(named, variables, {**info2["metadata"], "arch": "bert-tiny"})
+    assert checkpoints.load("bert", named)[0] == model
+    with pytest.raises(CheckpointMismatchError, match="holds weights for 'bert-tiny', not 'bert-base-uncased'"):
+        checkpoints.load("bert-base-uncased", named)  # two named configurations must agree
 
 
 def test_cli_port_bert_without_arch(cls_files, cls_loaded, tmp_path, capsys):

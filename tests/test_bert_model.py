@@ -601,3 +601,28 @@ def test_registered_methods_run_on_bert(cls_setup, name):
     assert m.shape == (3, 9, 1) and m.dtype == jnp.float64 and bool(jnp.isfinite(m).all())
     assert float(jnp.abs(m[MASK == 0]).max()) == 0.0
     assert float(jnp.abs(m).max()) > 0
+
+
+def test_tanh_counts_as_not_piecewise_linear():
+    """A model whose only non-ReLU step is a Tanh (as BERT's pooler) is refused by the methods
+    defined on piecewise-linear networks only (FullGrad, RAP, RSP, EB)."""
+    import flax.linen as nn
+
+    from xaijax.methods import NotApplicable, get
+    from xaijax.methods._core import non_piecewise_linear_layers
+    from xaijax.models import layers as L
+    from xaijax.models import transformer_layers as T
+
+    class TanhHead(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = L.ReLU(name="relu")(L.conv(4, 3, 1, 1, name="conv")(x)).mean((1, 2))
+            return L.dense(3, name="fc")(T.Tanh(name="act")(h))
+
+    model = TanhHead()
+    x = jnp.ones((1, 8, 8, 3))
+    v = model.init(jax.random.key(0), x)
+    assert non_piecewise_linear_layers(model, v, x) == ("Tanh (act)",)
+    for name in ("fullgrad", "rap"):
+        with pytest.raises(NotApplicable, match="Tanh"):
+            get(name)(model, v, x, 0)

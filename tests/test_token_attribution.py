@@ -275,6 +275,21 @@ def test_clear_errors(setup):
     bad = TokenBatch(batch.input_ids[:, ::-1], batch.token_type_ids, batch.attention_mask[:, ::-1], batch.tokens)
     with pytest.raises(ValueError, match="starts with padding"):
         explain_tokens("gradient", model, v, bad)
+    # a real token after padding (left- or middle-padded rows): the pad baseline would misplace [CLS]/[SEP]
+    holes = np.asarray(batch.attention_mask).copy()
+    row = int(np.argmin(holes.sum(1)))  # the shortest sentence has padding at its end
+    holes[row, 1], holes[row, -1] = 0, 1
+    with pytest.raises(ValueError, match=f"row {row} has a real token after padding"):
+        explain_tokens("gradient", model, v, TokenBatch(batch.input_ids, batch.token_type_ids, holes, batch.tokens))
+    # ids or token types outside the model's tables (JAX's lookup would give NaN rows, no error)
+    for ids, types, what in (
+        (np.where(np.arange(batch.input_ids.shape[1]) == 1, model.vocab_size, batch.input_ids), batch.token_type_ids, "ids"),
+        (batch.input_ids, np.full_like(batch.token_type_ids, model.type_vocab_size), "token_type_ids"),
+    ):
+        with pytest.raises(ValueError, match=f"{what} must lie in \\[0, "):
+            explain_tokens("gradient", model, v, TokenBatch(ids, types, batch.attention_mask, batch.tokens))
+        with pytest.raises(ValueError, match=f"{what} must lie in \\[0, "):
+            model.apply(v, ids, token_type_ids=types, attention_mask=batch.attention_mask)
 
 
 # ------------------------------------------------------------------ the explain-text command

@@ -180,10 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "sequence_model", False) is not True or not hasattr(model, "num_labels"):
         raise ValueError(f"{weights} holds a {type(model).__name__}, not a BERT sequence classifier (explain-text explains sentence(-pair) classes)")
     tok = Tokenizer.from_vocab(vocab, max_length=int(model.max_position_embeddings))
-    if tok.vocab_size > model.vocab_size:
-        raise ValueError(
-            f"{vocab} has {tok.vocab_size} wordpieces but the model's embedding has {model.vocab_size} rows: not this model's vocabulary"
-        )
+    tok.check_model(model)
     if tok.vocab_size != model.vocab_size:
         print(f"xaijax: warning: {vocab} has {tok.vocab_size} wordpieces, the model's embedding {model.vocab_size} rows: "
               "is it the model's vocabulary?", file=sys.stderr)
@@ -250,18 +247,3 @@ def run(args: argparse.Namespace) -> int:
     atomic_text(out / f"{stem}.json", json.dumps(summary, indent=1) + "\n")
     print(f"wrote {written['png']}, {written['html']}, {out / f'{stem}.npy'}, {out / f'{stem}.json'}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m xaijax.explain_text ...``) until the ``xaijax`` command routes to it."""
-    parser = add_arguments(argparse.ArgumentParser(prog="xaijax explain-text", description="token attributions of a BERT classifier"))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"xaijax: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

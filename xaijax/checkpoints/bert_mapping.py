@@ -66,8 +66,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from xaijax.checkpoints.errors import CheckpointFormatError, CheckpointMismatchError
+from xaijax.checkpoints.state_dicts import read_torch_state_dict
 from xaijax.checkpoints.trees import flatten as _flat
 from xaijax.checkpoints.trees import unflatten as _unflat
+from xaijax.models import bert as _bert_models
 
 __all__ = [
     "FAMILY",
@@ -79,7 +81,6 @@ __all__ = [
     "other_architecture",
     "normalise_state_dict",
     "read_config",
-    "read_state_dict",
     "model_kwargs_from_state_dict",
     "build_model",
     "variable_template",
@@ -90,9 +91,9 @@ __all__ = [
 ]
 
 #: ``family`` of the zoo's BERT classes (and of BERT checkpoints' native metadata).
-FAMILY = "bert"
+FAMILY = _bert_models.BertForSequenceClassification.family
 #: Model kinds: ``"classification"`` (``BertForSequenceClassification``), ``"mlm"`` (``BertForMaskedLM``).
-TASKS = ("classification", "mlm")
+TASKS = _bert_models.TASKS
 
 _WORD = "bert.embeddings.word_embeddings.weight"
 _DECODER_W = "cls.predictions.decoder.weight"
@@ -115,11 +116,7 @@ def is_bert(model: nn.Module) -> bool:
 
 
 def _configs() -> Mapping[str, Any]:
-    try:
-        from xaijax.models import bert as _bert
-    except ImportError:  # pragma: no cover - the model module is part of the package
-        return {}
-    return getattr(_bert, "CONFIGS", {})
+    return _bert_models.CONFIGS
 
 
 def is_bert_arch(arch: str | None) -> bool:
@@ -232,20 +229,6 @@ def describe_structure(state_dict: Mapping[str, Any]) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------------------------
 # files
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The raw ``{torch key: array}`` of a ``.bin``/``.pt``/``.pth`` torch file (safe reader, no
-    torch, no pickle code run) or of a ``.safetensors`` file with torch names."""
-    from xaijax.checkpoints.safetensors_io import load_safetensors
-    from xaijax.checkpoints.torch_pickle import load_state_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_safetensors(path)[0]
-    return load_state_dict(path)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -374,15 +357,13 @@ def build_model(model_kwargs: Mapping[str, Any], arch: str | None = None) -> nn.
     """The zoo model of :func:`model_kwargs_from_state_dict`'s keywords (``task`` picks the class,
     default ``"classification"``). With a named configuration ``arch`` (``"bert-tiny"``) its
     sizes are the defaults that ``model_kwargs`` override."""
-    from xaijax.models import bert as _bert
-
     kw = {**_named_config(arch), **dict(model_kwargs)}
     task = kw.pop("task", "classification")
     if task == "classification":
-        return _bert.BertForSequenceClassification(**kw)
+        return _bert_models.BertForSequenceClassification(**kw)
     if task == "mlm":
         kw.pop("num_labels", None)
-        return _bert.BertForMaskedLM(**kw)
+        return _bert_models.BertForMaskedLM(**kw)
     raise ValueError(f"task must be one of {TASKS}; got {task!r}")
 
 
@@ -440,7 +421,7 @@ def from_torch_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, st
 
     Args:
       model: a zoo BERT built with the checkpoint's sizes (:func:`build_model`).
-      state_dict: ``{torch key: array}`` (from :func:`read_state_dict`), any of the spellings of
+      state_dict: ``{torch key: array}`` (from :func:`xaijax.checkpoints.state_dicts.read_torch_state_dict`), any of the spellings of
         :func:`normalise_state_dict`.
       strict: raise on unexpected keys (missing and mis-shaped keys, and an untied decoder,
         always raise).
@@ -588,7 +569,7 @@ def load_bert(
       in id order, or ``None``).
     """
     path = Path(path)
-    sd = normalise_state_dict(read_state_dict(path) if state_dict is None else state_dict)
+    sd = normalise_state_dict(read_torch_state_dict(path) if state_dict is None else state_dict)
     if not looks_like_bert(sd):
         what = other_architecture(sd)
         raise CheckpointMismatchError(

@@ -43,6 +43,7 @@ import numpy as np
 from xaijax.checkpoints.errors import CheckpointMismatchError
 from xaijax.checkpoints.mapping import arch_hint, from_torch_state_dict, guess_family
 from xaijax.checkpoints.native import load_variables, save_variables
+from xaijax.checkpoints.state_dicts import read_torch_state_dict
 from xaijax.checkpoints import bert_mapping, vit_mapping
 from xaijax.models import preprocess, registry
 
@@ -127,11 +128,6 @@ def _torch_named_safetensors(path: Path) -> bool:
     except Exception:  # unreadable: the native reader reports it
         return False
     return "arch" not in meta and bool(keys) and not any("/" in k for k in keys)
-
-
-def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """``{torch key: array}`` of a torch file (safe reader) or a torch-named ``.safetensors``."""
-    return bert_mapping.read_state_dict(path)
 
 
 def load_torch_weights(
@@ -219,7 +215,8 @@ def load(arch: str | None, path: str | Path, **model_kwargs: Any) -> tuple[nn.Mo
         file_arch = meta.get("arch")
         if arch is None and file_arch is None:
             raise ValueError(f"{path} does not record its architecture; pass arch")
-        same_bert = bert_mapping.is_bert_arch(arch) and bert_mapping.is_bert_arch(file_arch)
+        # a generic "bert" on either side matches any BERT configuration; two named configurations must agree
+        same_bert = bert_mapping.is_bert_arch(arch) and bert_mapping.is_bert_arch(file_arch) and "bert" in (arch, file_arch)
         if arch is not None and file_arch is not None and arch != file_arch and not same_bert:
             raise CheckpointMismatchError(f"{path} holds weights for {file_arch!r}, not {arch!r}")
         arch = file_arch or arch

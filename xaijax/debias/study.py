@@ -133,9 +133,9 @@ def relevance_mass(relevance: np.ndarray, tokens: Sequence[Sequence[str]]) -> di
     For each sentence, positive relevance ``max(r, 0)`` over its real tokens; gender words are
     the tokens of :func:`~xaijax.data.nli_corpus.gender_words` ("he", "woman", ...), context
     words are the sites' and states' words (``"medical"``, ``"california"``, ...), occupation words
-    the occupations. Returns the mean over sentences of each group's share of the sentence's
-    positive relevance (sentences with no positive relevance are skipped), plus the ratio of
-    the gender share to the gender share expected from token counts alone.
+    the occupations. Returns ``{"gender_share", "context_share", "occupation_share"}``: the mean
+    over sentences of each group's share of the sentence's positive relevance (sentences with no
+    positive relevance are skipped; NaN when none has any).
     """
     gw = set(nli_corpus.gender_words())
     ctx = {w for s in nli_corpus.SITES for w in s.split()} | set(nli_corpus.STATES)

@@ -25,8 +25,11 @@ Kubernetes, Cloud TPU). Then:
   image twice. Only process 0 needs the output folder; every process needs the weights and
   the dataset at the paths given.
 * **failures**: a process that is killed takes the run down (the others lose their
-  collectives' peer or the coordinator and stop); a Python error in one process is announced
-  to the others at the end of its step (:func:`all_or_none`), so every process stops at once.
+  collectives' peer or the coordinator and stop); a Python error in one process outside the
+  map computation (setup, opening the stores, reading images, writing rows) is announced to
+  the others at the end of its step (:func:`all_or_none`), so every process stops at once. An
+  error *inside* the sharded map computation (the jitted method that every process must join)
+  leaves the others waiting in that collective until JAX's timeouts end them.
 
 CPU collectives: JAX >= 0.10 uses gloo over TCP by default on CPU
 (``jax_cpu_collectives_implementation``); :func:`initialize` selects it only where the user

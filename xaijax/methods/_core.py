@@ -512,7 +512,7 @@ def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
 #: Layer kinds that make a network not piecewise linear (transformer layers): the ReLU rules
 #: (DeconvNet, Guided Backprop), FullGrad's decomposition and the ReLU-network propagation
 #: methods (RAP, RSP, Excitation Backprop, BiLRP's default rules) are not defined through them.
-_NOT_PIECEWISE_LINEAR: tuple[type, ...] = (_tl.LayerNorm, _tl.Softmax, _tl.GELU, _tl.MatMul, nn.LayerNorm, nn.GroupNorm)
+_NOT_PIECEWISE_LINEAR: tuple[type, ...] = (_tl.LayerNorm, _tl.Softmax, _tl.GELU, _tl.Tanh, _tl.MatMul, nn.LayerNorm, nn.GroupNorm)
 _NPL_CACHE: dict[Any, tuple[str, ...]] = {}
 
 

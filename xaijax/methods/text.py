@@ -265,6 +265,12 @@ def _batch_arrays(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         raise ValueError("batch.attention_mask must hold 0 (padding) and 1 (real token) only")
     if not am[:, 0].all():
         raise ValueError("batch.attention_mask: every sentence needs a real first token ([CLS]); some row starts with padding")
+    if (np.diff(am.astype(np.int8), axis=1) > 0).any():
+        row = int(np.nonzero((np.diff(am.astype(np.int8), axis=1) > 0).any(axis=1))[0][0])
+        raise ValueError(
+            f"batch.attention_mask row {row} has a real token after padding; sentences must be padded on the right "
+            "(the tokenizer's layout: real tokens first, then [PAD])"
+        )
     return ids.astype(np.int32), tt.astype(np.int32), am.astype(np.int32), _field(batch, "tokens")
 
 
@@ -397,6 +403,13 @@ def explain_tokens(
             "with the explanation view (model.apply(variables, ids, method='embed_words')), e.g. xaijax.models.bert"
         )
     ids, tt, am, _ = _batch_arrays(batch)
+    for what, a, attr in (("input_ids", ids, "vocab_size"), ("token_type_ids", tt, "type_vocab_size")):
+        size = getattr(model, attr, None)
+        if isinstance(size, (int, np.integer)) and (a.min() < 0 or a.max() >= size):
+            raise ValueError(
+                f"batch.{what} must lie in [0, {attr}={size}) of {type(model).__name__}; got values from {a.min()} to "
+                f"{a.max()} (a tokenizer whose vocabulary does not match the model? Tokenizer.check_model)"
+            )
     n = ids.shape[0]
     logits = jax.eval_shape(lambda v: _apply_ids(model, v, ids, tt, am), variables)
     if len(logits.shape) != 2 or logits.shape[0] != n:

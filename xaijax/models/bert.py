@@ -348,6 +348,20 @@ class _Cls(nn.Module):
 # ------------------------------------------------------------------------ the models
 
 
+def _check_range(cls: str, what: str, values: Any, size: int, attr: str) -> None:
+    """Refuse concrete ids outside ``[0, size)``: an embedding lookup past the table gives NaN rows
+    in JAX (no error), which would become NaN logits and NaN maps. Traced ids cannot be checked."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    v = np.asarray(values)
+    if v.size and (v.min() < 0 or v.max() >= size):
+        bad = v[(v < 0) | (v >= size)]
+        raise ValueError(
+            f"{cls}: {what} must lie in [0, {attr}={size}); got {int(bad.flat[0])} ({bad.size} value(s) out of range); "
+            "the tokenizer's vocabulary must match the model (Tokenizer.check_model)"
+        )
+
+
 class _BertBase(nn.Module):
     """Fields, checks, the call convention and the declared facts shared by both heads."""
 
@@ -441,6 +455,7 @@ class _BertBase(nn.Module):
         if jnp.issubdtype(x.dtype, jnp.integer):
             if x.ndim != 2:
                 raise ValueError(f"{cls}: token ids must have shape (N, T), got {tuple(x.shape)}")
+            _check_range(cls, "token ids", inputs, self.vocab_size, "vocab_size")
             x = self.embed_words(x)
         elif jnp.issubdtype(x.dtype, jnp.floating):
             if x.ndim != 4 or x.shape[2] != 1 or x.shape[3] != self.hidden_size:
@@ -461,6 +476,8 @@ class _BertBase(nn.Module):
             )
         types = self._aux("token_type_ids", self._text("token_type_ids", token_type_ids), n, t)
         mask = self._aux("attention_mask", self._text("attention_mask", attention_mask), n, t)
+        if token_type_ids is not None:  # the argument as given (concrete unless traced by the caller)
+            _check_range(cls, "token_type_ids", token_type_ids, self.type_vocab_size, "type_vocab_size")
         types = jnp.zeros((1, t), jnp.int32) if types is None else types.astype(jnp.int32)
         if mask is None:
             keep = jnp.ones((1, 1, 1, t), x.dtype)
