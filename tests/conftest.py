@@ -15,6 +15,16 @@ def x64():
     jax.config.update("jax_enable_x64", prev)
 
 
+@pytest.fixture(scope="module")
+def x64_module():
+    """Enable float64 for a whole test module (its module-scoped fixtures build float64 models)
+    and restore the previous setting after it."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", prev)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """A native checkpoint of a tiny random ResNet-18 (12 classes, width 8, 128 px) for the

@@ -152,6 +152,14 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("--steps 0", ["visualize", "--weights", W, "--layer", "layer4", "--steps", "0", "--out", "{work}/vis"], "--steps must be >= 1"),
     ],
     "dissect": [("--images 0", ["dissect", "--weights", W, "--images", "0", "--out", "{work}/dis"], "--images must be >= 1")],
+    "explain-text": [
+        ("missing weights", ["explain-text", "--weights", "{work}/none.safetensors", "--vocab", "{work}/v.txt", "--premise", "a b ."],
+         "weights file not found"),
+    ],
+    "debias-study": [
+        ("an image method", ["debias-study", "{work}/debias", "--method", "rise"], "method must be one of gradient"),
+        ("weights folder without the study's files", ["debias-study", "{work}/debias", "--weights", "{work}"], "bundled weights file missing"),
+    ],
     "bench": [("--peers without the peer environment", ["bench", "--peers"], "the peer benchmark needs")],
     "example": [("--out is a file", ["example", "--out", "{text}/sub"], "argument --out: cannot create output directory")],
 }

@@ -48,11 +48,8 @@ MASK = (np.arange(9)[None] < np.array([[8], [7], [9]])).astype(np.int64)
 
 
 @pytest.fixture(scope="module")
-def f64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+def f64(x64_module):
+    """float64 for the fixtures and tests that ask for it (conftest's x64_module)."""
 
 
 # ------------------------------------------------------------- torch reference (HF names)

@@ -59,11 +59,8 @@ COMPILE = dict(compiler_options={"xla_backend_optimization_level": 0})
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+def _x64(x64_module):
+    """float64 for every test of this module (conftest's x64_module)."""
 
 
 def _f64(tree):

@@ -31,11 +31,8 @@ _BIAS_LIKE = ("bias", "position_embeddings", "token_type_embeddings")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
+def _x64(x64_module):
+    """float64 for every test of this module (conftest's x64_module)."""
 
 
 def _variables(model, ids, zero_bias=False, seed=3):

@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from xaijax.options import parse_key_values
+
 __all__ = ["main"]
 
 
@@ -228,22 +230,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print((args.out / "results.md").read_text())
 
 
-def _parse_params(items: Sequence[str]) -> dict:
-    """``key=value`` pairs; values parsed as JSON when possible (numbers, lists, booleans)."""
-    import json
-
-    out = {}
-    for it in items:
-        key, sep, val = it.partition("=")
-        if not sep or not key:
-            raise UserError(f"--param expects key=value, got {it!r}")
-        try:
-            out[key] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key] = val
-    return out
-
-
 #: How to run the registered methods that ``xaijax explain`` cannot run, by kind.
 NOT_FOR_EXPLAIN = {
     "similarity": (
@@ -278,7 +264,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     from xaijax.atomic import atomic_npy
     from xaijax.models.preprocess import load_image, normalize
 
-    params = _parse_params(args.param)
+    params = parse_key_values(args.param)
     method = methods.get(args.method, **params)
     _check_explain_method(args.method, method)
     model, variables, info, rec, size, resize, convention, activation = _checkpoint_inputs(args)
@@ -332,14 +318,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         kv = f"{key}={val}"
         if not eq or not sep or method not in names:
             raise UserError(f"--param expects METHOD:key=value with METHOD one of --methods ({', '.join(names)}); got {item!r}")
-        hparams.setdefault(method, {}).update(_parse_params([kv]))
+        hparams.setdefault(method, {}).update(parse_key_values([kv]))
     metric_options: dict[str, dict] = {}
     for item in args.metric_param:
         lhs, eq, val = item.partition("=")
         metric, sep, key = lhs.rpartition(":")
         if not eq or not sep or not metric:
             raise UserError(f"--metric-param expects METRIC:key=value (e.g. max-sensitivity:n_samples=10); got {item!r}")
-        metric_options.setdefault(metric, {}).update(_parse_params([f"{key}={val}"]))
+        metric_options.setdefault(metric, {}).update(parse_key_values([f"{key}={val}"]))
     out = args.out or Path("results") / "eval" / f"{args.experiment}-{args.dataset}"
     cfg = EvalConfig(
         experiment=args.experiment, out=Path(out), methods=tuple(names), dataset=args.dataset, data_dir=args.data_dir,

@@ -47,7 +47,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["add_arguments", "run", "DEFAULT_METHOD", "DEFAULT_OUT"]
 
@@ -76,19 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="file name stem of the outputs (default: the method)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     return parser
-
-
-def _params(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for it in items:
-        key, sep, val = it.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param expects key=value, got {it!r}")
-        try:
-            out[key] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key] = val
-    return out
 
 
 def _pairs(premises: list[str], hypotheses: list[str] | None) -> tuple[list[str], list[str] | None]:
@@ -168,11 +155,12 @@ def run(args: argparse.Namespace) -> int:
 
     from xaijax import checkpoints
     from xaijax.atomic import atomic_npy, atomic_text
+    from xaijax.options import parse_key_values
     from xaijax.data.tokenizer import Tokenizer
     from xaijax.methods.text import explain_tokens, text_method
     from xaijax.token_figure import TokenRow, token_figure
 
-    params = _params(args.param)
+    params = parse_key_values(args.param)
     method = text_method(args.method, **params) if params else text_method(args.method)  # refuses non-text methods now
     premises, hypotheses = _pairs(list(args.premise), args.hypothesis)
     weights, vocab = _sources(args)

@@ -254,7 +254,7 @@ def run(out_dir: str | os.PathLike, retrain: bool = False, method: str = "attnlr
     """Run the study and write ``table.md``, ``table.json``, ``token_figure.png`` / ``.html``.
 
     Args:
-      out_dir: output folder (created).
+      out_dir: output folder (created once the models are loaded or trained and scored).
       retrain: train the three models from scratch (:class:`~xaijax.debias.train.StudyConfig`
         defaults, a few minutes) instead of loading the bundled weights.
       method: the token-attribution method of the figure and the relevance mass.
@@ -273,7 +273,8 @@ def run(out_dir: str | os.PathLike, retrain: bool = False, method: str = "attnlr
     if not isinstance(method, str) or method.split(":")[-1] not in TEXT_METHODS:
         raise ValueError(f"method must be one of {', '.join(TEXT_METHODS)} (optionally smooth:<name>), got {method!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} exists and is not a folder")
     t0 = time.perf_counter()
     if retrain:
         import tempfile
@@ -295,6 +296,7 @@ def run(out_dir: str | os.PathLike, retrain: bool = False, method: str = "attnlr
     result["source"] = source
     result["config"] = json.loads(config.to_json())
     rows = figure_rows(tok, params, model, method)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails earlier leaves nothing behind
     token_figure(rows, out / "token_figure.png", out / "token_figure.html", scale="row",
                  title=f"{method}: NLI predictions and token relevance (red: for the predicted class)")
     result["figure"] = [
