@@ -336,11 +336,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         metrics=None if args.metrics is None else tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         metric_options=metric_options,
     )
+    from xaijax.evaluation.distributed import ProcessFailed
+
     try:
         run_experiment(cfg, progress=not args.no_progress)
-    except RuntimeError as e:  # distributed: another process failed (its own output says why)
-        if type(e).__name__ != "ProcessFailed":
-            raise
+    except ProcessFailed as e:  # distributed: another process failed (its own output says why)
         raise UserError(str(e)) from None
     if process != 0:  # distributed: process 0 writes the stores and the tables
         print(f"xaijax eval: process {process} done; process 0 wrote the results")
