@@ -324,6 +324,7 @@ def make_optimizer(
     weight_decay: float = 1e-2,
     clip_norm: float | None = 1.0,
     end_fraction: float = 0.0,
+    decay_all: bool = False,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up from 0 to ``learning_rate`` and cosine decay to ``end_fraction``.
 
@@ -334,6 +335,8 @@ def make_optimizer(
       weight_decay: decoupled weight decay on kernels only (see :func:`_decay_mask`).
       clip_norm: clip the global gradient norm to this value first (None: no clipping).
       end_fraction: final learning rate as a fraction of the peak.
+      decay_all: weight decay on every parameter (torch's ``AdamW``, the debiasing study's
+        BERTs) instead of kernels only.
     """
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
@@ -351,7 +354,7 @@ def make_optimizer(
     parts = []
     if clip_norm is not None:
         parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.adamw(schedule, weight_decay=weight_decay, mask=_decay_mask))
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay, mask=None if decay_all else _decay_mask))
     return optax.chain(*parts)
 
 

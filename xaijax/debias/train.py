@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from xaijax.data import nli_corpus
 from xaijax.debias import objectives
+from xaijax.training import make_optimizer
 
 __all__ = [
     "MODEL_NAMES",
@@ -184,9 +185,8 @@ def _batch_indices(n: int, batch: int, step: int, seed: int, stage: int) -> np.n
 
 
 def _optimizer(lr: float, steps: int) -> optax.GradientTransformation:
-    warm = max(1, steps // 20)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1), 0.0)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    """AdamW (decay 0.01 on every parameter), 5 % linear warm-up, cosine decay to 0, clipping at 1."""
+    return make_optimizer(lr, steps, max(1, steps // 20), weight_decay=0.01, decay_all=True)
 
 
 def _hidden_states(model: Any, params: Any, ids: jax.Array, types: jax.Array, mask: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
