@@ -153,16 +153,10 @@ def relevance_mass(relevance: np.ndarray, tokens: Sequence[Sequence[str]]) -> di
 
 
 def _explain(method: str, model: Any, params: Any, batch: Any, chunk: int = 64) -> np.ndarray:
+    """(N, T) relevance for the predicted class, ``chunk`` sentences per vmapped group."""
     from xaijax.methods.text import explain_tokens
 
-    out = []
-    for s in range(0, len(batch), chunk):
-        sub = batch.select(slice(s, s + chunk))
-        r = np.asarray(explain_tokens(method, model, {"params": params}, sub, "predicted"))
-        full = np.zeros((len(sub), batch.input_ids.shape[1]), np.float64)
-        full[:, : r.shape[1]] = r
-        out.append(full)
-    return np.concatenate(out)
+    return np.asarray(explain_tokens(method, model, {"params": params}, batch, "predicted", chunk=chunk), np.float64)
 
 
 def evaluate(tok: Any, params: dict[str, Any], config: Any, model: Any, method: str = "attnlrp",
