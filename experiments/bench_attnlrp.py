@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import numpy as np
 from xaijax import methods, models
 from xaijax.atomic import atomic_text
 from xaijax.models import vit
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import loadavg as _loadavg  # noqa: E402  (experiments/machine.py: one home for machine facts)
 
 _EPS = {"conv_gamma": None, "dense_gamma": None}
 #: label -> (registered method, hyperparameters): the defaults (gamma 0.25 on the patch
@@ -43,11 +46,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
 
 
 def _flops(compiled) -> float | None:

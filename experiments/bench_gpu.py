@@ -67,7 +67,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -86,6 +85,9 @@ from xaijax.methods.cam import GradCAM  # noqa: E402
 from xaijax.methods.combinators import Ucag  # noqa: E402
 from xaijax.methods.gradient import ModifiedGradient  # noqa: E402
 from xaijax.methods.perturbation import RISE, rise_masks  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402  (experiments/machine.py: one home for machine facts)
 
 #: Dense (no sparsity) peak TFLOP/s by device kind substring, first match wins (NVIDIA datasheets).
 #: ``tf32``: tensor cores on float32 inputs (JAX's default precision on Ampere and newer);
@@ -117,24 +119,6 @@ SECTIONS = ("rise", "ucag", "pointing", "methods")
 
 
 # ------------------------------------------------------------------------------ machine facts
-def cpu_model() -> str | None:
-    """The CPU's model name (``/proc/cpuinfo``, else ``lscpu``, else ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or None
-
-
 def _versions() -> dict[str, str]:
     """jax, jaxlib and any installed jax plugin (CUDA / ROCm) distribution versions."""
     from importlib import metadata

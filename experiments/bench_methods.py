@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -58,6 +59,8 @@ from xaijax.atomic import atomic_text
 from xaijax.methods.cam import GradCAM
 from xaijax.methods.perturbation import RISE, rise_masks
 from xaijax.methods.combinators import Ucag
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import loadavg as _loadavg  # noqa: E402  (experiments/machine.py: one home for machine facts)
 
 # Modules that register methods but may not be wired into ``xaijax.methods`` yet.
 OPTIONAL_MODULES = ("xaijax.methods.perturbation.extremal", "xaijax.methods.combinators.contrastive", "xaijax.methods.rap", "xaijax.methods.rsp")
@@ -75,11 +78,6 @@ HEAVY: dict[str, dict[str, Any]] = {
 HEAVY_PREFIXES = ("ucag",)
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
 
 
 def _timed(fn: Callable[[], Any]) -> float:

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import numpy as np
 
 from xaijax import methods, models
 from xaijax.atomic import atomic_text
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import loadavg as _loadavg  # noqa: E402  (experiments/machine.py: one home for machine facts)
 
 METHODS = [
     "lrp-epsilon",
@@ -62,11 +65,6 @@ def _import_optional() -> list[str]:
     return loaded
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
 
 
 def _timed(fn) -> float:

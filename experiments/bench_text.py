@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,15 +44,12 @@ import numpy as np
 from xaijax.atomic import atomic_text
 from xaijax.methods.text import ig_baseline, text_method, token_relevance
 from xaijax.models import bert
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import loadavg as _loadavg  # noqa: E402  (experiments/machine.py: one home for machine facts)
 
 OUT = Path(__file__).resolve().parent / "results" / "bench_text.json"
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
 
 
 def _block(x):
