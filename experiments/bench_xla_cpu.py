@@ -115,10 +115,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vector_width_512", "--xla_cpu_prefer_vector_width=512", "LLVM codegen prefers 512-bit vectors (default 256)"),
     Setting("isa_avx2", "--xla_cpu_max_isa=AVX2", "LLVM codegen limited to AVX2 (no AVX-512 / AMX)"),
     Setting("strict_dot_conv_math", "--xla_cpu_strict_dot_conv_math=true",
-            "dots / convolutions in the exact precision asked for (no faster lower-precision paths)"),
+            "fp16 dots / convolutions stay fp16 instead of running in fp32: no effect on float32/float64 (a control)"),
     Setting("opt_level_1", "--xla_backend_optimization_level=1", "LLVM backend at -O1 (default 3): faster compiles"),
     Setting("made_up_flag", "--xla_cpu_no_such_flag_for_bench=true", "a flag XLA does not know: must be recorded as refused"),
+    Setting("ynn_bad_value", "--xla_cpu_experimental_ynn_fusion_type=convolution",
+            "a fusion kind XLA does not know (it is individual_convolution): refused when XLA parses its flags"),
 )
+REFUSAL_PROBES = ("made_up_flag", "ynn_bad_value")  # cheap (~2 s): part of every default run
 QUICK_SETTINGS = ("default", "onednn_dot", "made_up_flag")
 
 
@@ -195,6 +198,90 @@ def run_child(args: argparse.Namespace) -> None:
     atomic_text(Path(args.child_dir) / f"{args.setting}.json", json.dumps(dict(
         setting=args.setting, xla_flags=os.environ.get("XLA_FLAGS", ""), device=device, rows=rows,
         wall_s=round(time.time() - started, 2)), indent=1))
+
+
+# ------------------------------------------------------------------------------ profile child
+PROFILE_FLAGS = "--xla_cpu_enable_xprof_traceme=true"  # XLA emits one trace event per HLO operation
+OP_CLASSES = (  # (class, name prefixes of the operations XLA:CPU runs), first match wins
+    ("convolution", ("ynn_fusion", "xnn_fusion", "onednn", "convolution", "conv_general_dilated")),
+    ("dot (classifier)", ("dot",)),
+    ("transpose / copy / reverse", ("transpose", "copy", "reverse", "wrapped_transpose", "wrapped_reverse", "wrapped_copy")),
+    ("other fusions", ("",)),
+)
+
+
+def op_class(name: str) -> str:
+    for cls, prefixes in OP_CLASSES:
+        if any(name.startswith(p) for p in prefixes):
+            return cls
+    return "other fusions"
+
+
+def run_profile_child(args: argparse.Namespace) -> None:
+    """Trace ``--profile-calls`` input-gradient calls per arch (batch 1) and sum the per-operation events.
+
+    XLA:CPU with ``--xla_cpu_enable_xprof_traceme`` records an event per HLO operation on the thread
+    that ran it; summing their durations over all threads gives CPU time per operation class (with
+    2 threads, up to 2x the wall time). Convolutions run as YNNPACK fusions (``ynn_fusion``) in this
+    jaxlib's default path.
+    """
+    from collections import Counter
+
+    import jax
+    import jax.numpy as jnp
+
+    from xaijax import methods, models
+    from xaijax.atomic import atomic_text
+
+    jax.config.update("jax_platforms", "cpu")
+    result: dict[str, Any] = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), size=args.size, batch=1, method="gradient",
+                                  calls=args.profile_calls, archs={})
+    for arch in ARCHS:
+        kwargs = QUICK_MODELS[arch] if args.quick else {}
+        model = models.get(arch, **kwargs)
+        variables = models.random_variables(model, (1, args.size, args.size, 3), seed=0)
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((1, args.size, args.size, 3)), jnp.float32)
+        target = jnp.zeros((1,), jnp.int32)
+        fn = jax.jit(methods.get("gradient"), static_argnums=0)
+        jax.block_until_ready(fn(model, variables, x, target))
+        trace_dir = Path(args.child_dir) / f"trace_{arch}"
+        t0 = time.perf_counter()
+        with jax.profiler.trace(str(trace_dir)):
+            for _ in range(args.profile_calls):
+                jax.block_until_ready(fn(model, variables, x, target))
+        wall = (time.perf_counter() - t0) / args.profile_calls
+        per_op: Counter = Counter()
+        for pb in trace_dir.rglob("*.xplane.pb"):
+            for plane in jax.profiler.ProfileData.from_file(str(pb)).planes:
+                for line in plane.lines:
+                    if line.name == "python":
+                        continue
+                    for ev in line.events:
+                        if not ev.name.startswith(("ThunkExecutor", "$")):
+                            per_op[ev.name] += ev.duration_ns
+        classes: Counter = Counter()
+        for name, ns in per_op.items():
+            classes[op_class(name)] += ns
+        total = sum(classes.values()) or 1
+        result["archs"][arch] = dict(
+            wall_s_per_call=wall, op_cpu_s_per_call=total / 1e9 / args.profile_calls,
+            share={cls: classes[cls] / total for cls, _ in OP_CLASSES},
+            top_ops=[dict(op=n, cpu_s_per_call=ns / 1e9 / args.profile_calls) for n, ns in per_op.most_common(12)])
+        print(f"  [profile] {arch}: " + ", ".join(f"{c} {v:.0%}" for c, v in result["archs"][arch]["share"].items()), file=sys.stderr, flush=True)
+    atomic_text(Path(args.child_dir) / "profile.json", json.dumps(result, indent=1))
+
+
+def _profile(args: argparse.Namespace, child_dir: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = PROFILE_FLAGS
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--profile-child", "--child-dir", child_dir, "--size", str(args.size),
+           "--profile-calls", str(args.profile_calls)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
+    result = Path(child_dir) / "profile.json"
+    if proc.returncode != 0 or not result.exists():
+        return dict(status="failed", reason=_last_line(proc.stderr))
+    return dict(status="ok", **json.loads(result.read_text()))
 
 
 # ------------------------------------------------------------------------------ parent
@@ -342,6 +429,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {s['name']} | ok | {_fmt(s['median_speedup'])} | {_fmt(s['geomean_speedup'])} | {worst} | "
                      f"{_fmt(s['agreement']['float32']['max_rel'])} | {_fmt(s['agreement']['float64']['max_rel'])} | "
                      f"{'yes' if s.get('wins') else '-'} | {s['wall_s']} | {load} |")
+    prof = report.get("profile")
+    if prof and prof.get("status") == "ok":
+        lines += ["", f"## Where the default path's time goes (input gradient, batch 1, {prof['size']} px, `{prof['xla_flags']}`)", "",
+                  "CPU time of XLA's per-operation trace events, summed over threads, per class of operation.", "",
+                  "| arch | wall s / call | op CPU s / call | " + " | ".join(c for c, _ in OP_CLASSES) + " | top operations |",
+                  "|---|---|---|" + "---|" * len(OP_CLASSES) + "---|"]
+        for arch, a in prof["archs"].items():
+            top = ", ".join(f"{t['op']} {t['cpu_s_per_call'] * 1e3:.1f} ms" for t in a["top_ops"][:5])
+            lines.append(f"| {arch} | {a['wall_s_per_call']:.3f} | {a['op_cpu_s_per_call']:.3f} | "
+                         + " | ".join(f"{a['share'][c]:.0%}" for c, _ in OP_CLASSES) + f" | {top} |")
+    elif prof:
+        lines += ["", f"Profile of the default path failed: {prof.get('reason')}"]
     lines += ["", "## Flags", "", "| setting | XLA_FLAGS | what it does |", "|---|---|---|"]
     lines += [f"| {s['name']} | `{s['flags']}` | {s['what']} |" for s in report["settings"]]
     for s in report["settings"]:
@@ -376,7 +475,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     elif args.quick:
         names = list(QUICK_SETTINGS)
     else:
-        names = [s.name for s in SETTINGS if s.core] + ["made_up_flag"]
+        names = [s.name for s in SETTINGS if s.core] + list(REFUSAL_PROBES)
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise SystemExit(f"--settings: unknown setting(s) {unknown}; see --list")
@@ -399,6 +498,9 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
                 records = list(pool.map(one, range(len(names)), names))
         else:
             records = [one(i, name) for i, name in enumerate(names)]
+        profile = _profile(args, child_dir) if args.profile else None
+        if profile:
+            print(f"profile of the default path: {profile['status']}", flush=True)
         default = records[0]
         if default["status"] != "ok":
             raise SystemExit(f"the default setting failed: {default.get('reason')}")
@@ -417,7 +519,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         thresholds=dict(win_speedup=WIN_SPEEDUP, f64_rtol=F64_RTOL, f32_rtol=F32_RTOL,
                         speedup="default median time / setting median time, float32 rows",
                         rel_error="max |setting - default| / max |default| per output array; the max over arrays"),
-        settings=records, decision=decision)
+        settings=records, decision=decision, profile=profile)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_text(out, json.dumps(_finite(report), indent=1) + "\n")
@@ -441,13 +543,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1,
                    help="children at once (default 1; > 1 only for smoke tests: the times are then not comparable)")
     p.add_argument("--out", default=str(HERE / "results" / "bench_xla_cpu.json"))
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also trace the default path's input gradient per operation (default: on, off with --quick)")
+    p.add_argument("--profile-calls", type=int, default=3, help="gradient calls traced per arch by --profile")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
     p.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or (32 if args.quick else 224)
     args.batch = args.batch or ([1] if args.quick else [1, 16])
     args.repeats = args.repeats or (2 if args.quick else 3)
+    args.profile = (not args.quick) if args.profile is None else args.profile
     if args.settings == ["all"]:
         args.settings = [s.name for s in SETTINGS]
     if min(args.batch) < 1 or args.size < 8 or args.repeats < 1 or args.parallel < 1:
@@ -463,6 +570,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     if args.child:
         run_child(args)
+        return None
+    if args.profile_child:
+        run_profile_child(args)
         return None
     return run_parent(args)
 

@@ -124,3 +124,6 @@ def test_refusal_reason_prefers_xlas_line() -> None:
     stderr = "W0 warning\nF1207 parse_flags_from_env.cc:234] Unknown flag in XLA_FLAGS: --xla_foo=1\n*** Check failure stack trace: ***\n    @ 0x1\n"
     assert bx._last_line(stderr).endswith("Unknown flag in XLA_FLAGS: --xla_foo=1")
     assert bx._last_line("a\nSegmentation fault\n") == "Segmentation fault"
+    stderr = ("E1207 debug_options_flags.cc:145] Illegal value for --xla_cpu_experimental_ynn_fusion_type 'X'\n"
+              "F1207 parse_flags_from_env.cc:220] Check failed: ... Flag parsing failed.\n\t--xla_dump_to=\"\"  string  usage\n")
+    assert "Illegal value for --xla_cpu_experimental_ynn_fusion_type" in bx._last_line(stderr)
