@@ -620,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _enable_compilation_cache() -> None:
     """Persist XLA compilations between runs (``XAIJAX_JAX_CACHE``: a folder, or ``0`` to disable;
-    default ``~/.cache/xaijax/jax``): a second ``demo``/``eval`` run skips most compile time."""
+    default ``~/.cache/xaijax/jax``): a second ``explain``/``demo``/``eval`` process skips the
+    compile time (``experiments/bench_compile.py`` measures it)."""
     import os
 
     where = os.environ.get("XAIJAX_JAX_CACHE", str(Path.home() / ".cache" / "xaijax" / "jax"))
@@ -631,7 +632,10 @@ def _enable_compilation_cache() -> None:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", where)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # every program: a cache read costs milliseconds, a VGG16 / ResNet50 forward pass compiles
+        # in ~0.5 s. No size bound: JAX's LRU eviction (jax_compilation_cache_max_size) needs the
+        # filelock package and fails on a folder written without it; the demo's full run writes ~60 MB.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except (OSError, AttributeError, ValueError):
         pass  # an unwritable cache folder only costs compile time
 

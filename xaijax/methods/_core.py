@@ -140,35 +140,17 @@ def _num_classes_for_target(method: Method, model: Any, variables: Any, x: Any, 
     return _output_classes(model, variables, x)
 
 
-#: (model, variables' structure and shapes, x's shape and dtype) -> number of outputs (or None).
-_OUTPUT_CLASSES: dict[Any, int | None] = {}
-
-
 def _output_classes(model: Any, variables: Any, x: Any) -> int | None:
     """The model's number of outputs K for the batch ``x`` (None if it is not an (N, K) classifier).
 
-    One abstract evaluation of the model per model and shapes: the result is cached (nested
-    methods and repeated calls, e.g. combinators and evaluation loops, ask again)."""
-    leaves, tree = jax.tree_util.tree_flatten(variables)
+    From :func:`xaijax.models.taps.summary` (one abstract evaluation of the model per model and
+    shapes, shared with the methods' other set-up questions and cached)."""
     try:
-        key = (model, tree, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves), np.shape(x), str(getattr(x, "dtype", "")))
-        hash(key)
-    except TypeError:  # an unhashable module: no cache
-        key = None
-    if key is not None and key in _OUTPUT_CLASSES:
-        return _OUTPUT_CLASSES[key]
-    try:
-        logits = jax.eval_shape(lambda v, xx: model.apply(v, xx), variables, x)
+        logits = taps.summary(model, variables, x).output
     except Exception:  # not a plain classifier forward pass (or a bad x, which the method reports)
-        k = None
-    else:
-        ok = hasattr(logits, "shape") and len(logits.shape) == 2 and logits.shape[0] == np.shape(x)[0]
-        k = int(logits.shape[-1]) if ok else None
-    if key is not None:
-        if len(_OUTPUT_CLASSES) > 256:
-            _OUTPUT_CLASSES.clear()
-        _OUTPUT_CLASSES[key] = k
-    return k
+        return None
+    ok = hasattr(logits, "shape") and len(logits.shape) == 2 and logits.shape[0] == np.shape(x)[0]
+    return int(logits.shape[-1]) if ok else None
 
 
 def _nan_where_out_of_range(target: Any, k: int, out: Any) -> Any:
@@ -444,7 +426,7 @@ def layer_gradients(
     names = list(layers)
     if len(set(names)) != len(names):
         raise ValueError(f"layer names must be distinct; got {names}")
-    _, shapes = jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=names), x)
+    shapes = layer_output_shapes(model, variables, x, names)
 
     def score(deltas: dict[str, jax.Array]):
         out, acts = taps.forward(model, variables, x, capture=names, add=deltas)
@@ -453,6 +435,21 @@ def layer_gradients(
     zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
     grads, (acts, out) = jax.grad(score, has_aux=True)(zeros)
     return acts, grads, out
+
+
+def layer_output_shapes(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, names: Sequence[str]) -> dict[str, Any]:
+    """``{layer: ShapeDtypeStruct}`` of the outputs :func:`taps.forward` captures for ``names``:
+    from the cached :func:`taps.summary` when each is a layer called once with an array output,
+    else from an abstract ``taps.forward`` (which raises its readable error: unknown layer,
+    a layer called twice)."""
+    try:
+        info = taps.summary(model, variables, x)
+    except Exception:
+        info = None
+    calls = [info.layer(n) for n in names] if info is not None else [None]
+    if all(c is not None and c.calls == 1 and isinstance(c.output, jax.ShapeDtypeStruct) for c in calls):
+        return {c.name: c.output for c in calls}
+    return jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=names), x)[1]
 
 
 def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
@@ -513,7 +510,6 @@ def token_grid(model: nn.Module, a: jax.Array, layer: str) -> jax.Array:
 #: (DeconvNet, Guided Backprop), FullGrad's decomposition and the ReLU-network propagation
 #: methods (RAP, RSP, Excitation Backprop, BiLRP's default rules) are not defined through them.
 _NOT_PIECEWISE_LINEAR: tuple[type, ...] = (_tl.LayerNorm, _tl.Softmax, _tl.GELU, _tl.Tanh, _tl.MatMul, nn.LayerNorm, nn.GroupNorm)
-_NPL_CACHE: dict[Any, tuple[str, ...]] = {}
 
 
 def non_piecewise_linear_layers(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> tuple[str, ...]:
@@ -521,40 +517,33 @@ def non_piecewise_linear_layers(model: nn.Module, variables: Mapping[str, Any], 
     (LayerNorm, softmax, GELU, the bilinear attention products ``MatMul``), as sorted
     ``"Kind (first.layer.name)"`` strings; empty for a ReLU network.
 
-    One abstract evaluation (``jax.eval_shape``: nothing is computed), cached per model and
-    shapes; works on traced arguments (inside ``jit``/``vmap``). A forward pass that fails
-    (a bad input, a train-mode BatchNorm) is not reported here: the kinds seen before the
-    failure are returned and the method's own checks raise their readable error.
+    From :func:`xaijax.models.taps.summary` (one abstract evaluation, nothing computed, cached
+    per model and shapes); works on traced arguments (inside ``jit``/``vmap``). A forward pass
+    that fails (a bad input, a train-mode BatchNorm) is not reported here: the kinds seen before
+    the failure are returned and the method's own checks raise their readable error.
     """
-    leaves, tree = jax.tree_util.tree_flatten(variables)
     try:
-        key = (model, tree, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves), np.shape(x), str(getattr(x, "dtype", "")))
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key in _NPL_CACHE:
-        return _NPL_CACHE[key]
+        calls = [(c.name, c.module_type) for c in taps.summary(model, variables, x).layers]
+    except Exception:  # not a plain forward pass: the kinds seen before the failure
+        calls = []
+
+        def on_call(name, module, call_next, args, kwargs):
+            calls.append((name, type(module)))
+            return call_next(*args, **kwargs)
+
+        def run(v, xx):
+            with taps.intercept_calls(on_call):
+                return model.apply(v, xx)
+
+        try:
+            jax.eval_shape(run, variables, x)
+        except Exception:
+            pass
     first: dict[str, str] = {}
-
-    def on_call(name, module, call_next, args, kwargs):
-        if isinstance(module, _NOT_PIECEWISE_LINEAR):
-            first.setdefault(type(module).__name__, name)
-        return call_next(*args, **kwargs)
-
-    def run(v, xx):
-        with taps.intercept_calls(on_call):
-            return model.apply(v, xx)
-
-    try:
-        jax.eval_shape(run, variables, x)
-    except Exception:  # not a plain forward pass (e.g. train-mode BatchNorm): the method's own checks report it
-        return tuple(f"{k} ({first[k]})" for k in sorted(first))
-    found = tuple(f"{k} ({first[k]})" for k in sorted(first))
-    if key is not None:
-        if len(_NPL_CACHE) > 256:
-            _NPL_CACHE.clear()
-        _NPL_CACHE[key] = found
-    return found
+    for name, kind in calls:
+        if issubclass(kind, _NOT_PIECEWISE_LINEAR):
+            first.setdefault(kind.__name__, name)
+    return tuple(f"{k} ({first[k]})" for k in sorted(first))
 
 
 def require_piecewise_linear(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, method: str, why: str) -> None:

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from xaijax.imageops import safe_divide as _divide
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, class_indices, reduce_channels, require_piecewise_linear
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, class_indices, layer_output_shapes, reduce_channels, require_piecewise_linear
 from xaijax.methods.cam import activation_and_gradient, default_cam_layer
 from xaijax.methods.registry import register
 from xaijax.models import taps
@@ -255,8 +255,7 @@ class ContrastiveRSP(Method):
         require_piecewise_linear(model, variables, x, "c*RSP", _RSP_NEEDS)
         name = rsp_layer(model, self.layer)
         class_indices(target, x.shape[0], None, "contrastive-rsp")  # a float seed is refused before any work
-        _, acts = jax.eval_shape(lambda xx: taps.forward(model, variables, xx, capture=[name]), x)
-        shape = acts[name]
+        shape = layer_output_shapes(model, variables, x, [name])[name]
 
         def head(delta: Array):
             out, a = taps.forward(model, variables, x, capture=[name], add={name: delta})

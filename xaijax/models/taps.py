@@ -20,13 +20,28 @@ Everything here is traceable: use it inside ``jax.jit``/``jax.vmap``/``jax.grad`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+import functools
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 
-__all__ = ["module_name", "OnCall", "call_interceptor", "intercept_calls", "forward", "layer_names", "check_layers"]
+__all__ = [
+    "module_name",
+    "OnCall",
+    "call_interceptor",
+    "intercept_calls",
+    "forward",
+    "layer_names",
+    "check_layers",
+    "LayerCall",
+    "Summary",
+    "summary",
+    "abstract_key",
+]
 
 #: ``on_call(name, module, call_next, args, kwargs) -> output`` of :func:`intercept_calls`.
 OnCall = Callable[[str, nn.Module, Callable[..., Any], tuple, dict], Any]
@@ -124,21 +139,114 @@ def forward(
 def layer_names(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> list[str]:
     """Dotted names of every module called in a forward pass on ``x``, in call order.
 
-    Only shapes are traced (``jax.eval_shape``), so this is cheap even for large models.
+    Only shapes are traced (:func:`summary`: ``jax.eval_shape``, cached), so this is cheap even
+    for large models.
     """
-    names: list[str] = []
+    return [c.name for c in summary(model, variables, x).layers if c.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One named module of a forward pass, as :func:`summary` saw it.
+
+    Attributes:
+      name: dotted name (:func:`module_name`; ``""`` for the root module).
+      module_type: the module's class.
+      calls: how often it was called (outermost calls, as :func:`intercept_calls` counts them).
+      output: its first call's output as ``jax.ShapeDtypeStruct`` (a pytree of them for a
+        tuple or dict output).
+    """
+
+    name: str
+    module_type: type
+    calls: int
+    output: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What one abstract forward pass (``model.apply(variables, x)``) shows: the output's
+    shape and dtype (a ``jax.ShapeDtypeStruct`` pytree) and every module called, in call order."""
+
+    output: Any
+    layers: tuple[LayerCall, ...]
+
+    def layer(self, name: str) -> LayerCall | None:
+        """The :class:`LayerCall` of ``name``, or None if no module of that name is called."""
+        return self._by_name.get(name)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, LayerCall]:
+        return {c.name: c for c in self.layers}
+
+
+def abstract_key(model: Any, variables: Any, x: Any) -> Hashable | None:
+    """A cache key for what a trace of ``model`` on ``(variables, x)`` depends on besides
+    values: the model, the variables' tree structure and each leaf's shape and dtype, and
+    ``x``'s shape and dtype. Works on concrete and traced arrays alike; None when the model
+    (or a leaf's description) cannot be hashed."""
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    try:
+        key = (
+            model,
+            tree,
+            tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves),
+            np.shape(x),
+            str(getattr(x, "dtype", type(x))),
+        )
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+#: abstract_key -> Summary (bounded: cleared when full).
+_SUMMARIES: dict[Hashable, Summary] = {}
+
+
+def summary(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> Summary:
+    """One abstract forward pass of ``model`` on ``x`` (``jax.eval_shape``: nothing is computed),
+    recording the output's shape and every module call; cached per :func:`abstract_key`.
+
+    The methods' set-up questions (how many classes the model has, which layer kinds it
+    calls, the shape of a tapped layer, the layer names) are all answered from this one
+    trace, so jitting a method traces the model for them once instead of once per question,
+    and a second method on the same model and shapes does not trace it again. Works on
+    traced arguments (inside ``jit``/``vmap``).
+
+    Raises:
+      whatever the forward pass raises (a bad input, a train-mode BatchNorm); nothing is
+      cached then.
+    """
+    key = abstract_key(model, variables, x)
+    if key is not None and key in _SUMMARIES:
+        return _SUMMARIES[key]
+    seen: dict[str, list[Any]] = {}  # name -> [module type, calls, output]
 
     def on_call(name, module, call_next, args, kwargs):
-        if name and name not in names:
-            names.append(name)
-        return call_next(*args, **kwargs)
+        if name in seen:
+            seen[name][1] += 1
+            return call_next(*args, **kwargs)
+        entry = seen[name] = [type(module), 1, None]  # entered now: call order
+        out = call_next(*args, **kwargs)
+        entry[2] = jax.tree_util.tree_map(_shape_of, out)
+        return out
 
     def run(v, xx):
         with intercept_calls(on_call):
             return model.apply(v, xx)
 
-    jax.eval_shape(run, variables, x)
-    return names
+    out = jax.eval_shape(run, variables, x)
+    result = Summary(output=out, layers=tuple(LayerCall(n, t, c, o) for n, (t, c, o) in seen.items()))
+    if key is not None:
+        if len(_SUMMARIES) >= 256:
+            _SUMMARIES.clear()
+        _SUMMARIES[key] = result
+    return result
+
+
+def _shape_of(a: Any) -> Any:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "shape") and hasattr(a, "dtype") else a
 
 
 def check_layers(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, layers: Sequence[str]) -> None:
