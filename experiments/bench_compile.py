@@ -85,6 +85,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     from xaijax.models import taps
     from xaijax.propagation import engine
 
+    entries_before = _cache_entries(args.cache)
     t0 = time.perf_counter()
     model = models.get(args.arch, **(QUICK_MODELS[args.arch] if args.quick else {}))
     variables = models.random_variables(model, (1, args.size, args.size, 3))
@@ -125,15 +126,22 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         first = e - a
         st = statistics.median(steady)
         row.update(
-            trace_s=round(b - a, 4), lower_s=round(c - b, 4), compile_s=round(d - c, 4),
-            first_execution_s=round(e - d, 4), first_call_s=round(first, 4), steady_s=round(st, 4),
-            steady_all_s=[round(v, 4) for v in steady], ratio=round(first / st, 2),
+            trace_s=round(b - a, 6), lower_s=round(c - b, 6), compile_s=round(d - c, 6),
+            first_execution_s=round(e - d, 6), first_call_s=round(first, 6), steady_s=round(st, 6),
+            steady_all_s=[round(v, 6) for v in steady], ratio=round(first / st, 2),
             stablehlo_chars=len(lowered.as_text()),
         )
         rows.append(row)
         print(f"  {args.arch} {args.mode} {name}: trace {b - a:.2f} lower {c - b:.2f} compile {d - c:.2f} "
               f"first exec {e - d:.2f} | first call {first:.2f} s, steady {st:.3f} s: {first / st:.1f}x", flush=True)
-    return {"arch": args.arch, "mode": args.mode, "setup_s": round(setup_s, 3), "warmup_s": round(warmup_s, 3), "rows": rows}
+    return {"arch": args.arch, "mode": args.mode, "setup_s": round(setup_s, 3), "warmup_s": round(warmup_s, 3),
+            "cache_entries_before": entries_before, "cache_entries_after": _cache_entries(args.cache), "rows": rows}
+
+
+def _cache_entries(folder: str) -> int:
+    """Programs in the persistent cache folder (a warm run that adds none read every program from it)."""
+    p = Path(folder)
+    return sum(1 for f in p.iterdir() if f.name.endswith("-cache")) if p.is_dir() else 0
 
 
 # ----------------------------------------------------------------------------------- parent
