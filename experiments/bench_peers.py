@@ -9,15 +9,28 @@ time is reported together with the agreement of the two maps:
 
     err(a, b) = max|a - b| / max|b|      (after the documented transformation)
 
-Three errors per row: ``err(xaijax, peer f32)``; ``err(xaijax, peer f64)``, the peer run
+Four errors per row: ``err(xaijax, peer f32)``; ``err(xaijax, peer f64)``, the peer run
 once more (not timed) on a float64 copy of the torch model (fresh ``.double()`` model,
-float64 input, torch's default dtype float64 so the peer's own tensors follow); and
-``err(peer f32, peer f64)``, the peer's own float32 error. xaijax (float32) *agrees* when
-``err(xaijax, peer f64) <= --agree`` (1e-4): the float64 run is the reference, so a row
-where torch's float32 run drifts (ill-conditioned inputs: near-ties of ReLU/max-pool)
-does not count against the side that is right. Where the float64 peer is unavailable
-(``--no-peer-f64``) the float32 error decides. A timing is a win (``ratio = peer /
-xaijax > 1``) only for a row that agrees.
+float64 input, torch's default dtype float64 so the peer's own tensors follow);
+``err(peer f32, peer f64)``, the peer's own float32 error; and ``err(xaijax f64, peer f64)``,
+xaijax run once more (not timed) with ``jax_enable_x64`` on float64 weights and input.
+
+Agreement (``--criterion``, :func:`judge`). ``float64``, the default (issue 26): an ``exact``
+or ``raw terms`` row agrees when ``err(xaijax f64, peer f64) <= --agree`` (1e-6): both
+libraries compute the same function; the float32 errors are information (a float32 gap
+is the input's conditioning: near-ties of ReLU / max-pool that rounding flips, visible in
+the peer's own float32 error). Without ``err(xaijax f64, peer f64)`` (``--no-peer-f64``,
+``--xaijax-f64 never``, or a float64 run that failed) the row is *not judged* ("n/a"), never
+judged on a float32 error instead. Extremal perturbation agrees when the energies at
+iteration 0 (reward and area regulariser, computed by both sides from the same initial
+masks) agree: xaijax float64 (one SGD step with ``jax_enable_x64``: the method optimises in
+its input's dtype) vs TorchRay float64 ``<= --agree``, or, without that, xaijax float32 (the
+timed run) vs TorchRay float64 ``<= --agree-energy`` (1e-5); the final masks' statistics
+(per mask: mean, fraction of pixels >= 0.5, both sides) are recorded as information.
+``--criterion float32`` restores the rule of the tables before issue 26, for comparison
+with them: ``err(xaijax f32, peer f64) <= --agree-f32`` (1e-4; ``err(xaijax f32, peer f32)``
+without the float64 peer; extremal: its final masks). A timing is a win (``ratio = peer /
+xaijax > 1``) only for a row that agrees. Every row also records ``agrees_float32_rule``.
 
 Comparison kinds: ``exact`` (the same quantity, after the documented transformation);
 ``raw terms`` (FullGrad: pytorch-grad-cam's own per-layer terms ``sum_c |b_c dS/dz_c|``
@@ -28,10 +41,10 @@ channels, is reported for information, rebuilt on xaijax's terms); ``optimisatio
 (extremal perturbation: TorchRay's and xaijax's masks after the same ``ep_iter`` SGD
 steps, same areas / blur / jitter, and the same reward: the target logit times ``ep_reward /
 |target logit of the clean image|``, so that reward and area term have comparable sizes; a
-row whose masks never left their initial value is marked vacuous). When a row does not
-agree, xaijax is also run in float64 (``jax_enable_x64``) against the float64 peer and the
-row's note says whether the two compute the same function (then the float32 gap is the
-input's conditioning). SmoothGrad is exact: Captum's NoiseTunnel is
+row whose masks never left their initial value is marked vacuous; its SGD trajectories
+diverge after the first iterations, as TorchRay's float32 run diverges from its own
+float64 run: the area regulariser's sort and the network's ReLUs make the gradient
+discontinuous, and rounding picks a side). SmoothGrad is exact: Captum's NoiseTunnel is
 given xaijax's very noise (``torch.normal`` replaced during the call) and both report the
 channel sum of the mean raw gradient.
 Transformations (those of ``tests/test_peer_references.py``, plus the LRP stabilizer below):
@@ -50,6 +63,7 @@ Environment: the peer virtualenv (``experiments/PEERS.md``), one process for bot
 
     /work/peer-venv/bin/python experiments/bench_peers.py --quick          # 112 px, batch 1
     /work/peer-venv/bin/python experiments/bench_peers.py                  # 224 px, batches 1 16
+    /work/peer-venv/bin/python experiments/bench_peers.py --criterion float32   # the pre-issue-26 rule
     /work/peer-venv/bin/python experiments/bench_peers.py --batches 1
     /work/peer-venv/bin/python experiments/bench_peers.py --size 64 --batches 1 --repeats 1 --out-dir /tmp/p
 
@@ -60,7 +74,13 @@ model, batch, method and peer; each row records which run it came from), e.g. to
 and batch size. The float64 peer reference runs over the batch in chunks of ``--f64-chunk`` (4)
 images: every method here maps each image independently, and pytorch-grad-cam's FullGrad, which
 upsamples every channel of every layer to the input size, peaks at 17 GB for ResNet50 at batch
-16 in float32 alone. torch uses
+16 in float32 alone. For the same reason its *timed* float32 call runs over the batch in chunks
+of ``--peer-chunk`` (4) images, back to back (an earlier full run was killed at 24 GB RSS on a
+23 GB machine in ResNet50 batch-16 FullGrad); the row's note and ``peer_chunk`` say so.
+
+"The table must come from one run": the JSON's meta records the run's ``started``,
+``finished`` and ``duration_s``, and the markdown says "One run from START to END"; a table
+merged with ``--update`` says that it is NOT from one run and lists the runs. torch uses
 ``torch.set_num_threads(os.cpu_count())``; JAX/XLA uses its default CPU thread pool. The
 JSON records versions, thread settings, and the load average before and after each model.
 """
@@ -160,6 +180,8 @@ def xaijax_methods(cfg: dict[str, Any]) -> dict[str, tuple[Any, Callable[[np.nda
 
 
 PGC = "pytorch-grad-cam"
+#: methods whose timed peer call runs over the batch in chunks of ``--peer-chunk`` images (memory)
+PEER_CHUNKED = ("fullgrad",)
 #: peers that patch the model (hooks, canonizers; TorchRay's extremal_perturbation sets
 #: ``requires_grad=False`` on every parameter, after which pytorch-grad-cam's backward fails):
 #: a fresh model per call
@@ -168,8 +190,61 @@ PATCHING = ("excitation-backprop", "contrastive-excitation-backprop", "lrp-epsil
 
 
 #: xaijax float64 vs peer float64 at most this: the same function (some peers keep float32 constants in
-#: their float64 run, e.g. Captum's IG step sizes ``torch.tensor(step_sizes).float()``: ~6e-8)
+#: their float64 run, e.g. Captum's IG step sizes ``torch.tensor(step_sizes).float()``: ~6e-8). The
+#: default of ``--agree`` (the float64 criterion's threshold) is this value.
 X64_SAME = 1e-6
+
+#: the agreement criteria of ``--criterion`` (see :func:`judge`)
+CRITERIA = ("float64", "float32")
+
+
+def judge(kind: str, criterion: str, *, err32: float | None, err64: float | None, x64err: float | None,
+          energy_it0: float | None = None, energy_it0_x64: float | None = None, vacuous: bool = False,
+          agree: float = X64_SAME, agree_f32: float = 1e-4, agree_energy: float = 1e-5
+          ) -> tuple[bool | None, float | None, str]:
+    """Whether a row agrees: ``(agrees, decisive error, basis)``; ``agrees`` is None when the row cannot be
+    judged under ``criterion`` (then ``decisive`` is None and ``basis`` says why).
+
+    ``criterion="float64"`` (the default; issue 26): ``exact`` and ``raw terms`` rows agree when
+    ``x64err = err(xaijax float64, peer float64) <= agree``; without ``x64err`` (peer float64 off or failed,
+    xaijax float64 not run or failed) the row is not judged, never judged on a float32 error instead.
+    ``optimisation`` rows (extremal perturbation) are judged on the energies at iteration 0, which both
+    sides compute from the same initial masks (the SGD trajectories diverge afterwards; the final masks
+    are information): xaijax float64 vs peer float64 ``<= agree`` when xaijax's float64 energies exist,
+    else xaijax float32 vs peer float64 ``<= agree_energy`` (the benchmark's timed extremal run is float32).
+    ``criterion="float32"``: the rule of the tables before issue 26, for comparison with them:
+    ``err(xaijax float32, peer float64) <= agree_f32``, or ``err(xaijax float32, peer float32)`` without the
+    float64 peer, for every kind (extremal: the masks). ``vacuous`` (masks that never moved): False.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if kind not in ("exact", "raw terms", "optimisation"):
+        raise ValueError(f"kind must be 'exact', 'raw terms' or 'optimisation', got {kind!r}")
+    if criterion == "float32":
+        decisive = err64 if err64 is not None else err32
+        if decisive is None:
+            return None, None, "not judged: no float32 error"
+        basis = "xaijax f32 vs peer f64" if err64 is not None else "xaijax f32 vs peer f32 (no float64 peer)"
+        ok = bool(decisive <= agree_f32) and not vacuous
+        return ok, decisive, f"{basis} <= {agree_f32:g}" + ("; vacuous" if vacuous else "")
+    if kind == "optimisation":
+        if energy_it0_x64 is not None:
+            decisive, thr, basis = energy_it0_x64, agree, "iteration-0 energies, xaijax f64 vs peer f64"
+        elif energy_it0 is not None:
+            decisive, thr, basis = energy_it0, agree_energy, "iteration-0 energies, xaijax f32 vs peer f64"
+        else:
+            return None, None, "not judged: no float64 peer energy history"
+        ok = bool(decisive <= thr) and not vacuous
+        return ok, decisive, f"{basis} <= {thr:g}" + ("; vacuous" if vacuous else "")
+    if x64err is None:
+        return None, None, "not judged: no xaijax float64 vs peer float64 error"
+    return bool(x64err <= agree), x64err, f"xaijax f64 vs peer f64 <= {agree:g}"
+
+
+def mask_stats(masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per mask of ``masks`` (N, A, H, W): ``mean`` and ``frac05`` (the fraction of pixels >= 0.5), (N, A)."""
+    m = np.asarray(masks, np.float64)
+    return {"mean": m.mean(axis=(-2, -1)), "frac05": (m >= 0.5).mean(axis=(-2, -1))}
 
 
 def _f64(tree: Any) -> Any:
@@ -225,6 +300,24 @@ def _energy_divergence(ours_hist, hist32, hist64) -> dict[str, Any]:
         out["first_iter_off_peer_f32"] = first_off(np.stack([h[:, 0].T for h in hist32], 1),
                                                    np.stack([h[:, 1].T for h in hist32], 1))
     return out
+
+
+def _energy_it0_err(reward: np.ndarray, regul: np.ndarray, hist64: list[np.ndarray]) -> float:
+    """Relative error of iteration 0's (reward, regul) (T, N, A) against TorchRay's float64 history (A, 2, T)
+    per image: max over images and areas of |a - b| / max|b|, the worse of reward and regulariser."""
+    r64 = np.stack([h[:, 0, 0] for h in hist64], 0)  # (N, A)
+    g64 = np.stack([h[:, 1, 0] for h in hist64], 0)
+    rel = lambda a, b: float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())  # noqa: E731
+    return max(rel(reward[0], r64), rel(regul[0], g64))
+
+
+def _chunked(pfn: Callable, chunk: int) -> Callable:
+    """``pfn(model, x, t)`` over the batch in chunks of ``chunk`` images, outputs concatenated (timed as one
+    call: the chunks run back to back, no garbage collection between them)."""
+    def run(model, x, t):
+        return np.concatenate([np.asarray(pfn(model, x[i:i + chunk], t[i:i + chunk]))
+                               for i in range(0, len(x), chunk)])
+    return run
 
 
 def _in_chunks(make_fn: Callable[[dict], Callable], model, x, t, chunk: int, side: dict) -> np.ndarray:
@@ -360,10 +453,21 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     tm = prep(R.load_torch(tmodel(), sdict))  # these peers patch the model
                 if kind == "optimisation":
                     pfn = peers_side[peer_key][peer]  # also stores the energy history (side)
+                note = ""
+                peer_chunk = None
+                if name in PEER_CHUNKED and b > args.peer_chunk:
+                    # pytorch-grad-cam's FullGrad upsamples every channel of every biased layer to the input
+                    # size: ResNet50 at batch 16 peaks at ~17 GB in float32, which with the process's other
+                    # memory exceeded a 23 GB machine (an earlier full run was killed at 24 GB RSS here).
+                    # Its map of one image does not depend on the others: timed over the batch in chunks.
+                    peer_chunk = args.peer_chunk
+                    pfn = _chunked(pfn, peer_chunk)
+                    note += (f"; peer timed over the batch in chunks of {peer_chunk} images, back to back (its "
+                             f"whole-batch call peaks at ~17 GB for ResNet50 at batch 16)")
                 tp, theirs = _median_time(lambda: pfn(tm, xt, tt), cfg["repeats"])
                 _release_memory()
                 # the float64 reference: a fresh float64 model (peers patch modules), not timed
-                theirs64, note = None, ""
+                theirs64 = None
                 side64: dict = {}
                 if args.peer_f64:
                     # per-image methods: the float64 run goes over the batch in chunks of --f64-chunk images
@@ -383,10 +487,11 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                                          f"(its BN merge leaves x/sqrt(1+eps)); unfolded: err vs peer f64 "
                                          f"{rel_err(ours, asis):.1e}")
                     except Exception as e:  # noqa: BLE001 - reported in the row
-                        note = f"peer float64 run failed ({type(e).__name__}: {str(e)[:120]}); float32 reference"
-                        print(f"  {note}", flush=True)
+                        msg = f"peer float64 run failed ({type(e).__name__}: {str(e)[:120]})"
+                        note += f"; {msg}"
+                        print(f"  {msg}", flush=True)
                 else:
-                    note = "float64 peer not run (--no-peer-f64): float32 reference"
+                    note += "; float64 peer not run (--no-peer-f64)"
                 pgc_map = peer == PGC and name != "fullgrad"
                 extra: dict[str, Any] = {}
                 if kind == "raw terms":
@@ -408,8 +513,7 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                 err32 = compare(ours_cmp, theirs_cmp)
                 err64 = compare(ours_cmp, theirs64_cmp) if theirs64 is not None else None
                 drift = compare(theirs_cmp, theirs64_cmp) if theirs64 is not None else None
-                decisive = err64 if err64 is not None else err32
-                agrees = bool(decisive <= args.agree)
+                vacuous = False
                 if kind == "optimisation":  # vacuous if the masks never left their initial value (pm = 1)
                     from xaijax.methods.perturbation.extremal import extremal_mask, mask_geometry
 
@@ -417,26 +521,64 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     moved = float(np.abs(ours - np.asarray(extremal_mask(jnp.ones(g.shape_in), g)[0])).max())
                     extra["mask_moved"] = moved
                     if moved < 1e-6:
-                        agrees = False
+                        vacuous = True
                         note += "; vacuous: the masks never left their initial value (pm = 1)"
-                # diagnosis of a row that does not agree: xaijax in float64 against the float64 peer.
-                # If they agree to ~1e-12 both libraries compute the same function and the float32 gap is
-                # the input's conditioning (a ReLU / max-pool decision that float32 rounding flips).
+                    # the final masks' statistics, information: per mask (N, A) the mean and the fraction >= 0.5
+                    stats = {"xaijax": mask_stats(ours), "peer_f32": mask_stats(theirs)}
+                    if theirs64 is not None:
+                        stats["peer_f64"] = mask_stats(theirs64)
+                    for side_name, st in stats.items():
+                        for stat, val in st.items():
+                            extra[f"mask_{stat}_{side_name}"] = val.tolist()
+                    ref = "peer_f64" if "peer_f64" in stats else "peer_f32"
+                    for stat in ("mean", "frac05"):
+                        extra[f"mask_{stat}_diff_xaijax_vs_{ref}"] = float(
+                            np.abs(stats["xaijax"][stat] - stats[ref][stat]).max())
+                        if ref == "peer_f64":
+                            extra[f"mask_{stat}_diff_peer_f32_vs_f64"] = float(
+                                np.abs(stats["peer_f32"][stat] - stats["peer_f64"][stat]).max())
+                    # the energies at iteration 0 (the same initial masks on both sides: the exact part of the
+                    # comparison) and where the trajectories part
+                    if ours_hist is not None and "extremal_hist" in side64:
+                        extra.update(_energy_divergence(ours_hist, side.get("extremal_hist"), side64["extremal_hist"]))
+                # xaijax in float64 against the float64 peer: the float64 criterion's error (--xaijax-f64 always,
+                # the default), else the diagnosis of a row that does not agree in float32 (auto)
                 x64err = None
-                want64 = args.xaijax_f64 == "always" or (args.xaijax_f64 == "auto" and not agrees)
-                if theirs64 is not None and want64 and kind != "optimisation":  # (extremal: float32 inside)
+                agrees32 = judge(kind, "float32", err32=err32, err64=err64, x64err=None, vacuous=vacuous,
+                                 agree_f32=args.agree_f32)[0]
+                want64 = args.xaijax_f64 == "always" or (args.xaijax_f64 == "auto" and not agrees32)
+                if theirs64 is not None and want64:
                     try:
-                        if kind == "raw terms":
+                        if kind == "optimisation":
+                            # xaijax's extremal perturbation optimises in its input's dtype: one SGD step in float64
+                            # gives its iteration-0 energies in float64 (the timed run above is float32)
+                            if "extremal_hist" in side64:
+                                from xaijax.methods.perturbation import ExtremalPerturbation
+
+                                ep1 = ExtremalPerturbation(areas=tuple(cfg["ep_areas"]), max_iter=1)
+                                res = _in_x64(lambda: ep1.optimise(model, _f64(v), _f64(xj), _f64(tv)))
+                                if res.reward.dtype != np.float64:
+                                    raise TypeError(f"extremal energies came back as {res.reward.dtype}")
+                                extra["energy_it0_err_x64"] = _energy_it0_err(res.reward, res.regul,
+                                                                              side64["extremal_hist"])
+                                x64err = extra["energy_it0_err_x64"]
+                        elif kind == "raw terms":
                             ours64 = _in_x64(lambda: _fullgrad_terms(model, _f64(v), _f64(xj), tj)[0])
+                            x64err = compare(ours64, theirs64_cmp)
                         else:  # (SmoothGrad: Smooth draws its noise in float32 also under x64, as Captum got it)
                             ours64 = transform(_in_x64(lambda: np.asarray(
                                 jax.jit(lambda vv, xx, t, _m=method: _m(model, vv, xx, t))(_f64(v), _f64(xj), tj),
                                 np.float64)))
                             ours64 = minmax(ours64) if pgc_map else ours64
-                        x64err = compare(ours64, theirs64_cmp)
+                            x64err = compare(ours64, theirs64_cmp)
                     except Exception as e:  # noqa: BLE001 - reported in the row
                         note += f"; xaijax float64 run failed ({type(e).__name__}: {str(e)[:120]})"
-                if theirs64 is not None and not agrees:
+                    _release_memory()
+                agrees, decisive, basis = judge(
+                    kind, args.criterion, err32=err32, err64=err64, x64err=x64err if kind != "optimisation" else None,
+                    energy_it0=extra.get("energy_it0_err"), energy_it0_x64=extra.get("energy_it0_err_x64"),
+                    vacuous=vacuous, agree=args.agree, agree_f32=args.agree_f32, agree_energy=args.agree_energy)
+                if theirs64 is not None and not agrees32:
                     if name == "contrastive-excitation-backprop":
                         from xaijax.methods.excitation import ExcitationBackprop
 
@@ -445,27 +587,41 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                         ratio = float(np.abs(eb).max() / np.abs(theirs64).max())
                         extra["cancellation"] = ratio
                         note += (f"; c-EB = EB(target) - EB(flipped classifier), two probability maps that cancel: "
-                                 f"max|EB| / max|c-EB| = {ratio:.1e}, so vs max|EB| the error is {err64 / ratio:.0e}")
-                    if kind == "optimisation" and ours_hist is not None and "extremal_hist" in side64:
-                        extra.update(_energy_divergence(ours_hist, side.get("extremal_hist"), side64["extremal_hist"]))
-                        note += (f"; energies at iteration 0 agree to {extra['energy_it0_err']:.0e}; "
-                                 f"first iteration off by > 1e-4 from TorchRay float64: xaijax "
-                                 f"{extra['first_iter_off_xaijax']}, TorchRay float32 {extra['first_iter_off_peer_f32']} "
-                                 f"(the area regulariser's sort and the network's ReLUs make the gradient "
-                                 f"discontinuous; rounding picks a side and the SGD trajectories drift apart)")
-                if x64err is not None and not agrees:
+                                 f"max|EB| / max|c-EB| = {ratio:.1e}, so vs max|EB| the float32 error is "
+                                 f"{err64 / ratio:.0e}")
+                if kind == "optimisation" and "energy_it0_err" in extra:
+                    ref = "peer f64" if "mask_mean_peer_f64" in extra else "peer f32"
+                    key = ref.replace(" ", "_")
+                    note += (f"; energies at iteration 0: xaijax f32 vs peer f64 {extra['energy_it0_err']:.0e}"
+                             + (f", xaijax f64 vs peer f64 {extra['energy_it0_err_x64']:.0e}"
+                                if "energy_it0_err_x64" in extra else "")
+                             + f"; first iteration off by > 1e-4 from TorchRay float64: xaijax "
+                             f"{extra['first_iter_off_xaijax']}, TorchRay float32 {extra.get('first_iter_off_peer_f32')}"
+                             f"; final masks vs {ref}: mean max|diff| {extra[f'mask_mean_diff_xaijax_vs_{key}']:.1e}, "
+                             f"fraction >= 0.5 max|diff| {extra[f'mask_frac05_diff_xaijax_vs_{key}']:.2f}"
+                             + (f" (TorchRay f32 vs f64: {extra['mask_mean_diff_peer_f32_vs_f64']:.1e}, "
+                                f"{extra['mask_frac05_diff_peer_f32_vs_f64']:.2f})"
+                                if "mask_mean_diff_peer_f32_vs_f64" in extra else "")
+                             + " (information: the area regulariser's sort and the network's ReLUs make the gradient "
+                             "discontinuous; rounding picks a side and the SGD trajectories drift apart after the "
+                             "first iterations)")
+                if x64err is not None and kind != "optimisation" and args.criterion == "float32" and not agrees:
                     if x64err <= X64_SAME:
                         note += (f"; float64: xaijax = peer to {x64err:.0e}, so the float32 gap is the input's "
                                  f"conditioning (peer f32 vs f64 {drift:.0e})")
                     else:
                         note += (f"; float64: xaijax vs peer {x64err:.1e}, above the {X64_SAME:g} same-function "
                                  f"threshold (not diagnosed)")
+                if agrees is None:
+                    note += f"; {basis}"
                 row = {
                     "model": arch, "batch": b, "size": size, "method": name, "peer": peer,
                     "peer_s": tp, "xaijax_s": tx, "ratio": tp / tx, "comparison": kind,
                     "err_peer_f32": err32, "err_peer_f64": err64, "peer_f32_vs_f64": drift,
-                    "xaijax_f64_vs_peer_f64": x64err,
-                    "err_or_corr": decisive, "agrees": agrees, "win": agrees and tp > tx, "note": note.lstrip("; "),
+                    "xaijax_f64_vs_peer_f64": x64err, "criterion": args.criterion, "basis": basis,
+                    "agrees_float32_rule": agrees32, "peer_chunk": peer_chunk,
+                    "err_or_corr": decisive, "agrees": agrees, "win": agrees is True and tp > tx,
+                    "note": note.lstrip("; "),
                     "load_before": load0, "load_after": os.getloadavg(), **extra,
                 }
                 rows.append(row)
@@ -473,7 +629,8 @@ def bench_family(family: str, size: int, batches: list[int], cfg: dict[str, Any]
                     fh.write(json.dumps(row) + "\n")
                 f = lambda e: "   n/a  " if e is None else f"{e:.2e}"  # noqa: E731
                 print(f"{arch} b={b} {name:32s} {peer:16s} peer {tp:8.3f}s xaijax {tx:8.3f}s ratio {tp / tx:6.2f} "
-                      f"{kind}: vs f32 {f(err32)} vs f64 {f(err64)} peer32-64 {f(drift)} x64 {f(x64err)}"
+                      f"{kind}: vs f32 {f(err32)} vs f64 {f(err64)} peer32-64 {f(drift)} x64 {f(x64err)} "
+                      f"agrees {agrees} ({basis})"
                       + (f" final map {f(extra['final_map_err_peer_f32'])}/{f(extra['final_map_err_peer_f64'])}"
                          if "final_map_err_peer_f32" in extra else "")
                       + f" load {os.getloadavg()[0]:.1f}", flush=True)
@@ -524,35 +681,67 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> Non
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     os.replace(tmp, js)
     e = lambda v: "n/a" if v is None else f"{v:.1e}"  # noqa: E731
+    crit = meta.get("criterion", "float32")  # tables before issue 26: the float32 rule
+    if crit == "float64":
+        rule = (f"**Agreement criterion: float64.** An exact or raw-terms row agrees when err(xaijax float64, peer "
+                f"float64) <= {meta.get('agree_f64', meta['agree_threshold']):g} (column \"xaijax f64 vs peer f64\"); "
+                "without that error (no float64 peer, or xaijax's float64 run failed) the row is not judged "
+                "(\"n/a\"). Extremal perturbation (optimisation) agrees when the energies at iteration 0 (reward and "
+                "area regulariser, from the same initial masks on both sides) agree: xaijax float64 (one SGD step "
+                f"with jax_enable_x64) vs TorchRay float64 <= {meta.get('agree_f64', meta['agree_threshold']):g} "
+                "(that column), or, without xaijax's float64 energies, xaijax float32 (the timed run optimises in "
+                f"float32) vs TorchRay float64 <= {meta.get('agree_energy', 1e-5):g}; its final masks' statistics "
+                "(per mask: mean, fraction of pixels >= 0.5) are information: the area regulariser's sort and the "
+                "ReLUs make the gradient discontinuous, so the SGD trajectories of any two implementations (TorchRay "
+                "float32 against its own float64 run too) diverge after the first iterations. The float32 errors "
+                "(err vs peer f32, err vs peer f64: xaijax float32 against the peer; peer f32 vs f64: the peer's own "
+                "float32 error) are information.")
+    else:
+        rule = (f"**Agreement criterion: float32** (the rule of the tables before issue 26). A row agrees when "
+                f"err(xaijax float32, peer float64) <= {meta.get('agree_f32', meta['agree_threshold']):g} "
+                "(err vs peer f32 without the float64 peer); extremal perturbation compares its final masks.")
+    if "runs" in meta:
+        provenance = [f"**This table is NOT from one run**: rows from {len(meta['runs'])} runs of this script "
+                      "(`--update` merges); the note names each row's run:", ""]
+    else:
+        start = meta.get("started") or meta.get("date") or "start not recorded"
+        end = meta.get("finished") or "end not recorded"
+        dur = f" ({meta['duration_s'] / 60:.0f} min)" if meta.get("duration_s") is not None else ""
+        provenance = [f"One run from {start} to {end}{dur}, arguments "
+                      f"`{' '.join(meta.get('argv') or []) or '(none)'}`.", ""]
     lines = [
         "# xaijax vs PyTorch peers",
         "",
+        *provenance,
         f"{meta['machine']}; load average during the run {meta['load_min']:.1f}-{meta['load_max']:.1f}; "
         f"{meta['size']} px; repeats {meta['repeats']} (median after warm-up); torch threads {meta['torch_threads']}.",
         "",
-        "err(a, b) = max|a - b| / max|b| after the documented transformation; xaijax runs in float32, the peer "
-        "in float32 (timed) and once more on a float64 copy of the model (not timed). A row agrees when "
-        f"err(xaijax, peer f64) <= {meta['agree_threshold']:g}; \"peer f32 vs f64\" is the peer's own float32 "
-        "error. ratio = peer time / xaijax time (> 1: xaijax faster); a win needs agreement. FullGrad compares "
-        "the raw terms (pytorch-grad-cam's per-layer |b dS/dz| and |dS/dx x|, max over terms; its final map's "
-        "error is in the note); extremal perturbation compares the masks after the same SGD steps.",
+        "err(a, b) = max|a - b| / max|b| after the documented transformation; xaijax is timed in float32, the peer "
+        "in float32, and both run once more in float64 (not timed: the peer on a float64 copy of the model, xaijax "
+        "with jax_enable_x64). " + rule + " ratio = peer time / xaijax time (> 1: xaijax faster); a win needs "
+        "agreement. FullGrad compares the raw terms (pytorch-grad-cam's per-layer |b dS/dz| and |dS/dx x|, max "
+        "over terms; its final map's error is in the note).",
         "",
         "| model | batch | method | peer | peer s | xaijax s | ratio | err vs peer f32 | err vs peer f64 "
-        "| peer f32 vs f64 | agrees | win | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| peer f32 vs f64 | xaijax f64 vs peer f64 | agrees | win | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     if "runs" in meta:
 
         def run_line(i: int, m: dict[str, Any]) -> str:
             argv = f"arguments `{' '.join(m['argv']) or '(none)'}`" if "argv" in m else "arguments not recorded"
+            when = m.get("started") or m.get("date", "date not recorded")
             return (f"- run {i} ({sum(r.get('run') == i for r in rows)} rows of this table): "
-                    f"{m.get('date', 'date not recorded')}, {argv}, batches {m['batches']}, load "
-                    f"{m['load_min']:.1f}-{m['load_max']:.1f}. {m.get('notes', '')}")
+                    f"{when} to {m.get('finished', 'end not recorded')}, {argv}, batches {m['batches']}, "
+                    f"criterion {m.get('criterion', 'float32')}, load {m['load_min']:.1f}-{m['load_max']:.1f}. "
+                    f"{m.get('notes', '')}")
 
-        lines[2:2] = ["Rows from several runs of this script (`--update`); the note names each row's run:", ""] + [
-            run_line(i, m) for i, m in enumerate(meta["runs"])] + [""]
+        at = 2 + len(provenance)
+        lines[at:at] = [run_line(i, m) for i, m in enumerate(meta["runs"])] + [""]
     for r in rows:
         note = r.get("note", "")
+        if r.get("criterion", "float32") != crit:
+            note = f"judged under the {r.get('criterion', 'float32')} criterion" + (f"; {note}" if note else "")
         if "run" in r:
             note = f"run {r['run']}" + (f"; {note}" if note else "")
         if r["comparison"] != "exact":
@@ -560,10 +749,11 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> Non
         if "final_map_err_peer_f32" in r:
             note += (f"; final map (its post-processing on xaijax's terms) {e(r['final_map_err_peer_f32'])} vs f32, "
                      f"{e(r.get('final_map_err_peer_f64'))} vs f64")
+        ag = "n/a" if r["agrees"] is None else ("yes" if r["agrees"] else "NO")
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['peer']} | {r['peer_s']:.3f} | "
                      f"{r['xaijax_s']:.3f} | {r['ratio']:.2f} | {e(r['err_peer_f32'])} | {e(r['err_peer_f64'])} | "
-                     f"{e(r['peer_f32_vs_f64'])} | {'yes' if r['agrees'] else 'NO'} | {'yes' if r['win'] else 'no'} "
-                     f"| {note} |")
+                     f"{e(r['peer_f32_vs_f64'])} | {e(r.get('xaijax_f64_vs_peer_f64'))} | {ag} | "
+                     f"{'yes' if r['win'] else 'no'} | {note} |")
     md = os.path.join(out_dir, "bench_peers.md")
     with open(md + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -578,15 +768,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--models", nargs="+", default=["vgg", "resnet"], choices=["vgg", "resnet"])
     ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--agree", type=float, default=1e-4,
-                    help="max err(xaijax, peer float64) for 'agrees' (the issue's threshold)")
+    ap.add_argument("--criterion", choices=CRITERIA, default="float64",
+                    help="agreement rule: float64 (default, issue 26): exact and raw-terms rows agree when "
+                         "err(xaijax float64, peer float64) <= --agree, not judged without it; float32: the rule "
+                         "of the tables before issue 26, err(xaijax float32, peer float64) <= --agree-f32, for "
+                         "comparison with them")
+    ap.add_argument("--agree", type=float, default=X64_SAME,
+                    help="float64 criterion: max err(xaijax float64, peer float64) for 'agrees'; also extremal "
+                         "perturbation's iteration-0 energies, xaijax float64 vs peer float64")
+    ap.add_argument("--agree-f32", type=float, default=1e-4,
+                    help="--criterion float32: max err(xaijax float32, peer float64) for 'agrees'")
+    ap.add_argument("--agree-energy", type=float, default=1e-5,
+                    help="float64 criterion, extremal perturbation without xaijax's float64 energies (--xaijax-f64 "
+                         "never or its float64 run failed): max relative error of the iteration-0 energies (reward, "
+                         "area regulariser), xaijax float32 (the timed run optimises in float32) vs peer float64")
     ap.add_argument("--peer-f64", action=argparse.BooleanOptionalAction, default=True,
                     help="also run each peer (untimed) on a float64 copy of the model, the agreement reference")
     ap.add_argument("--f64-chunk", type=int, default=4,
                     help="images per call of the float64 peer reference (its memory; the maps are per image)")
-    ap.add_argument("--xaijax-f64", choices=["auto", "always", "never"], default="auto",
-                    help="run xaijax in float64 (jax_enable_x64) against the float64 peer: for the rows that do "
-                         "not agree (auto), for all rows, or never")
+    ap.add_argument("--peer-chunk", type=int, default=4,
+                    help="images per call of the timed float32 peer for FullGrad at larger batches (pytorch-grad-cam's "
+                         "FullGrad peaks at ~17 GB for ResNet50 at batch 16 over the whole batch)")
+    ap.add_argument("--xaijax-f64", choices=["auto", "always", "never"], default="always",
+                    help="run xaijax in float64 (jax_enable_x64; extremal perturbation: one SGD step, its "
+                         "iteration-0 energies) against the float64 peer: for all rows (always, the default: the "
+                         "float64 criterion needs it), for the rows that fail the float32 rule (auto), or never "
+                         "(the float64 criterion then judges no exact row)")
     ap.add_argument("--all-peers", action="store_true", help="also time TorchRay's gradient / guided backprop")
     ap.add_argument("--update", action="store_true",
                     help="merge into the existing bench_peers.json of --out-dir: this run's rows replace the rows "
@@ -595,7 +802,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.update and not os.path.exists(os.path.join(args.out_dir, "bench_peers.json")):
         ap.error(f"--update: no bench_peers.json in {args.out_dir} to merge into")
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t_start = time.time()
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start))
 
     import jax
     import torch
@@ -625,14 +833,17 @@ def main(argv: list[str] | None = None) -> None:
         loads.append(os.getloadavg()[0])
         loads += [r["load_before"][0] for r in rows] + [r["load_after"][0] for r in rows]
     meta = {
-        "machine": f"{ncores} CPU cores (shared)", "date": started,
-        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{ncores} CPU cores (shared)", "date": started, "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "duration_s": round(time.time() - t_start),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "size": size, "batches": batches, "repeats": cfg["repeats"], "config": cfg,
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_devices": [str(d) for d in jax.devices()],
         "versions": R.versions(), "load_min": min(loads), "load_max": max(loads),
-        "agree_threshold": args.agree, "peer_f64": args.peer_f64, "f64_chunk": args.f64_chunk,
+        "criterion": args.criterion,
+        "agree_threshold": args.agree if args.criterion == "float64" else args.agree_f32,
+        "agree_f64": args.agree, "agree_f32": args.agree_f32, "agree_energy": args.agree_energy,
+        "peer_f64": args.peer_f64, "f64_chunk": args.f64_chunk, "peer_chunk": args.peer_chunk,
         "xaijax_f64": args.xaijax_f64,
         "notes": "TorchRay's RISE is given xaijax's masks (filter_masks), so its time excludes mask generation.",
     }
