@@ -655,6 +655,10 @@ def merge_runs(path: str, rows: list[dict[str, Any]], meta: dict[str, Any],
     runs = old["meta"].get("runs") or [old["meta"]]
     if old["meta"]["size"] != meta["size"]:
         raise SystemExit(f"--update: {path} holds {old['meta']['size']} px rows, this run is {meta['size']} px")
+    old_crit = old["meta"].get("criterion", "float32")  # files before issue 26: the float32 rule
+    if old_crit != meta["criterion"]:
+        raise SystemExit(f"--update: {path} was judged under the {old_crit} criterion, this run under "
+                         f"{meta['criterion']}: run the whole table again (or pass --criterion {old_crit})")
     key = lambda r: (r["model"], r["batch"], r["method"], r["peer"])  # noqa: E731
     new_keys = {key(r) for r in rows}
     kept = [{"run": 0, **r} for r in old["rows"] if key(r) not in new_keys]

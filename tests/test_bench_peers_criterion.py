@@ -81,7 +81,7 @@ def _meta(**kw):
     m = {"machine": "2 CPU cores", "load_min": 0.1, "load_max": 1.0, "size": 112, "repeats": 2, "torch_threads": 2,
          "criterion": "float64", "agree_threshold": 1e-6, "agree_f64": 1e-6, "agree_f32": 1e-4, "agree_energy": 1e-5,
          "started": "2026-12-08 01:00:00 UTC", "finished": "2026-12-08 02:30:00 UTC", "duration_s": 5400,
-         "argv": ["--quick"], "batches": [1]}
+         "argv": ["--quick"], "batches": [1], "notes": ""}
     m.update(kw)
     return m
 
@@ -103,3 +103,18 @@ def test_markdown_single_run_and_merged(tmp_path):
     md = (tmp_path / "bench_peers.md").read_text()
     assert "**This table is NOT from one run**: rows from 2 runs" in md and "One run from" not in md
     assert "judged under the float32 criterion" in md
+
+
+def test_update_refuses_to_mix_criteria(tmp_path):
+    path = tmp_path / "bench_peers.json"
+    path.write_text(json.dumps({"meta": _meta(criterion=None) | {"criterion": "float32"}, "rows": [_row()]}))
+    with pytest.raises(SystemExit, match="float32 criterion"):
+        bp.merge_runs(str(path), [_row()], _meta(), ["gradient"])
+    old = _meta()
+    old.pop("criterion")  # a file from before issue 26: the float32 rule
+    path.write_text(json.dumps({"meta": old, "rows": [_row()]}))
+    with pytest.raises(SystemExit, match="float32 criterion"):
+        bp.merge_runs(str(path), [_row()], _meta(), ["gradient"])
+    rows, meta = bp.merge_runs(str(path), [_row(method="grad-cam")], _meta(criterion="float32"),
+                               ["gradient", "grad-cam"])
+    assert [r["run"] for r in rows] == [0, 1] and len(meta["runs"]) == 2
