@@ -764,6 +764,24 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: str) -> Non
     os.replace(md + ".tmp", md)
 
 
+#: the peers' modules the bench imports (make_peer_references.peer_methods), checked before a run starts
+PEER_MODULES = ("captum.attr", "zennit.composites", "pytorch_grad_cam", "torchray.attribution.extremal_perturbation",
+                "torchray.attribution.rise", "torchray.attribution.excitation_backprop")
+
+
+def _missing_peers() -> list[str]:
+    """The modules of :data:`PEER_MODULES` that do not import (with the error's class)."""
+    import importlib
+
+    missing = []
+    for mod in PEER_MODULES:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - reported before the run
+            missing.append(f"{mod} ({type(e).__name__})")
+    return missing
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="xaijax vs zennit / Captum / TorchRay / pytorch-grad-cam")
     ap.add_argument("--quick", action="store_true", help="112 px, batch 1, cheap hyperparameters")
@@ -806,6 +824,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.update and not os.path.exists(os.path.join(args.out_dir, "bench_peers.json")):
         ap.error(f"--update: no bench_peers.json in {args.out_dir} to merge into")
+    missing = _missing_peers()
+    if missing:  # a peer that fails to import would end the run in the middle (the table must be one run)
+        ap.error(f"peer packages not importable: {', '.join(missing)} (see experiments/PEERS.md for the install)")
     t_start = time.time()
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start))
 
