@@ -54,7 +54,6 @@ from xaijax.data._base import (
     normalize_size,
     open_rgb,
     require_path,
-    resize_masks,
     scale_boxes,
 )
 from xaijax.data.records import Record, boxes_to_mask

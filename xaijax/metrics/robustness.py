@@ -34,10 +34,8 @@ Conventions shared by every metric here:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import zlib
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import flax.linen as nn
 import jax

@@ -27,7 +27,7 @@ kernel (in, out)). ``layer4`` is the default CAM layer.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, Sequence, Union
+from typing import ClassVar, Union
 
 import flax.linen as nn
 import jax
