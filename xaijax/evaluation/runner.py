@@ -77,6 +77,7 @@ process 0 writing the one results store per method and the tables
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -101,7 +102,6 @@ from xaijax.methods import CLASSIFIER_KINDS
 from xaijax.models import entry_points, preprocess
 from xaijax.models.init import random_variables
 from xaijax.models.preprocess import normalize
-from xaijax.static_jit import bind_static
 
 __all__ = ["EXPERIMENTS", "EvalConfig", "run_experiment", "experiment_metrics", "image_pairs", "map_batches", "check_classes"]
 
@@ -418,7 +418,7 @@ def run_experiment(cfg: EvalConfig, progress: bool = True) -> dict[str, Any] | N
             **({"crf": "DenseCRF()"} if cfg.crf else {}),  # absent without --crf: earlier stores stay valid
             **({"metric_options": {k: dict(sorted(v.items())) for k, v in sorted(opts.items())}} if opts else {}),
         }
-        forward = bind_static(_apply, _APPLY, model)  # one compile per model and batch shape across runs
+        forward = functools.partial(metrics.robustness.model_logits, model)  # jitted once per model, across runs
         model_fn = metrics.faithfulness.classifier_fn(model, variables)
         # the sanity experiment's re-initialisation: one draw for the run (it depends on the layer shapes only)
         fresh = random_variables(model, (1, size, size, 3), seed=0) if cfg.experiment == "sanity" else None
@@ -557,13 +557,6 @@ def _coverage_notes(rows: list[dict[str, Any]], selected: int, methods: tuple[st
     if notes:
         lines += ["", "Results stores in this folder left out of the table:", *notes]
     return lines
-
-
-def _apply(model: Any, variables: Any, x: jax.Array) -> jax.Array:
-    return model.apply(variables, x)
-
-
-_APPLY = jax.jit(_apply, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
