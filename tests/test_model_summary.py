@@ -90,6 +90,10 @@ def test_failing_forward_pass_is_not_cached_and_raises():
     with pytest.raises(Exception):
         taps.summary(m, v, bad)
     assert len(taps._SUMMARIES) == n
+    part = taps.summary(m, v, bad, partial=True)  # the layers called before the failure
+    assert part.output is None and [c.name for c in part.layers] == ["", "conv1"]
+    assert part.layer("conv1").output is None  # its call did not finish
+    assert len(taps._SUMMARIES) == n
 
 
 def test_transformer_kinds_come_from_the_summary():

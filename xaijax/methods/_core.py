@@ -522,27 +522,10 @@ def non_piecewise_linear_layers(model: nn.Module, variables: Mapping[str, Any], 
     that fails (a bad input, a train-mode BatchNorm) is not reported here: the kinds seen before
     the failure are returned and the method's own checks raise their readable error.
     """
-    try:
-        calls = [(c.name, c.module_type) for c in taps.summary(model, variables, x).layers]
-    except Exception:  # not a plain forward pass: the kinds seen before the failure
-        calls = []
-
-        def on_call(name, module, call_next, args, kwargs):
-            calls.append((name, type(module)))
-            return call_next(*args, **kwargs)
-
-        def run(v, xx):
-            with taps.intercept_calls(on_call):
-                return model.apply(v, xx)
-
-        try:
-            jax.eval_shape(run, variables, x)
-        except Exception:
-            pass
     first: dict[str, str] = {}
-    for name, kind in calls:
-        if issubclass(kind, _NOT_PIECEWISE_LINEAR):
-            first.setdefault(kind.__name__, name)
+    for c in taps.summary(model, variables, x, partial=True).layers:  # (a failed pass: the layers before it)
+        if issubclass(c.module_type, _NOT_PIECEWISE_LINEAR):
+            first.setdefault(c.module_type.__name__, c.name)
     return tuple(f"{k} ({first[k]})" for k in sorted(first))
 
 

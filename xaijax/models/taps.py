@@ -204,7 +204,7 @@ def abstract_key(model: Any, variables: Any, x: Any) -> Hashable | None:
 _SUMMARIES: dict[Hashable, Summary] = {}
 
 
-def summary(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> Summary:
+def summary(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *, partial: bool = False) -> Summary:
     """One abstract forward pass of ``model`` on ``x`` (``jax.eval_shape``: nothing is computed),
     recording the output's shape and every module call; cached per :func:`abstract_key`.
 
@@ -214,9 +214,13 @@ def summary(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> Sum
     and a second method on the same model and shapes does not trace it again. Works on
     traced arguments (inside ``jit``/``vmap``).
 
+    Args:
+      partial: if the forward pass fails, return the layers called before the failure (their
+        outputs None where the call did not finish; ``output`` None) instead of raising.
+
     Raises:
-      whatever the forward pass raises (a bad input, a train-mode BatchNorm); nothing is
-      cached then.
+      whatever the forward pass raises (a bad input, a train-mode BatchNorm), unless
+      ``partial``; nothing is cached then.
     """
     key = abstract_key(model, variables, x)
     if key is not None and key in _SUMMARIES:
@@ -236,8 +240,16 @@ def summary(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> Sum
         with intercept_calls(on_call):
             return model.apply(v, xx)
 
-    out = jax.eval_shape(run, variables, x)
-    result = Summary(output=out, layers=tuple(LayerCall(n, t, c, o) for n, (t, c, o) in seen.items()))
+    def layers() -> tuple[LayerCall, ...]:
+        return tuple(LayerCall(n, t, c, o) for n, (t, c, o) in seen.items())
+
+    try:
+        out = jax.eval_shape(run, variables, x)
+    except Exception:
+        if partial:
+            return Summary(output=None, layers=layers())
+        raise
+    result = Summary(output=out, layers=layers())
     if key is not None:
         if len(_SUMMARIES) >= 256:
             _SUMMARIES.clear()
