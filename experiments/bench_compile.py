@@ -45,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model, loadavg  # noqa: E402  (experiments/machine.py: one home for machine facts)
+from quick_models import QUICK_MODELS  # noqa: E402  (experiments/quick_models.py: the --quick variants)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -62,11 +63,6 @@ METHODS = (
     "contrastive-excitation-backprop", "rap", "rsp", "contrastive-rsp",
 )
 QUICK_METHODS = ("gradient", "grad-cam", "rsp")
-#: Tiny variants for ``--quick`` (the structure of VGG16 / ResNet50, a fraction of the width).
-QUICK_MODELS: dict[str, dict[str, Any]] = {
-    "vgg16": dict(width=1 / 16, hidden=16, pool_size=1, num_classes=10),
-    "resnet50": dict(width=4, layers=(1, 1, 1, 1), num_classes=10),
-}
 CLI_METHODS = ("gradient", "rsp")
 #: Methods whose rows stay in the JSON but not in the summary, and why.
 NOT_SUMMARISED = {"center": "no model pass (a fixed centred Gaussian): its steady call is microseconds, its ratio meaningless"}

@@ -88,6 +88,7 @@ from xaijax.methods.perturbation import RISE, rise_masks  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model  # noqa: E402  (experiments/machine.py: one home for machine facts)
+from quick_models import QUICK_MODELS  # noqa: E402  (experiments/quick_models.py: the --quick variants)
 
 #: Dense (no sparsity) peak TFLOP/s by device kind substring, first match wins (NVIDIA datasheets).
 #: ``tf32``: tensor cores on float32 inputs (JAX's default precision on Ampere and newer);
@@ -110,11 +111,6 @@ PRIORITY = (
     "clrp", "sglrp", "guided-backprop", "deconvnet", "deeplift", "lrp-zplus-nobias-samplebox", "deeplift-shap",
 )
 QUICK_METHODS = ("lrp-epsilon", "excitation-backprop")
-#: Tiny variants for ``--quick`` (the structure of VGG16 / ResNet50, a fraction of the width).
-QUICK_MODELS: dict[str, dict[str, Any]] = {
-    "vgg16": dict(width=1 / 16, hidden=16, pool_size=1, num_classes=10),
-    "resnet50": dict(width=4, layers=(1, 1, 1, 1), num_classes=10),
-}
 SECTIONS = ("rise", "ucag", "pointing", "methods")
 
 

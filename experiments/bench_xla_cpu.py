@@ -56,16 +56,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import cpu_model, loadavg  # noqa: E402  (one home for the machine facts)
+from quick_models import QUICK_MODELS  # noqa: E402  (experiments/quick_models.py: the --quick variants)
 
 ARCHS = ("vgg16", "resnet50")
 WHATS = ("forward", "gradient", "rule")
 WIN_SPEEDUP = 1.10  # median speed-up over the float32 rows a setting needs to win
 F64_RTOL = 1e-10  # float64 agreement with the default path a winner needs (relative, see module doc)
 F32_RTOL = 1e-4  # float32 agreement with the default path a winner needs
-QUICK_MODELS: dict[str, dict[str, Any]] = {  # as experiments/bench_gpu.py's QUICK_MODELS
-    "vgg16": dict(width=1 / 16, hidden=16, pool_size=1, num_classes=10),
-    "resnet50": dict(width=4, layers=(1, 1, 1, 1), num_classes=10),
-}
 REFUSED_MARKERS = ("Unknown flag in XLA_FLAGS", "Illegal value", "Failed to parse", "Unknown enum")
 
 
