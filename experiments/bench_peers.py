@@ -295,7 +295,7 @@ def _energy_divergence(ours_hist, hist32, hist64) -> dict[str, Any]:
         return int(off[0]) if len(off) else None
 
     xr, xg = ours_hist
-    out = {"energy_it0_err": float(max(rel(xr, r64)[0], rel(xg, g64)[0])), "first_iter_off_xaijax": first_off(xr, xg)}
+    out = {"energy_it0_err": _energy_it0_err(xr, xg, hist64), "first_iter_off_xaijax": first_off(xr, xg)}
     if hist32:
         out["first_iter_off_peer_f32"] = first_off(np.stack([h[:, 0].T for h in hist32], 1),
                                                    np.stack([h[:, 1].T for h in hist32], 1))
