@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xaijax.imageops import safe_divide
 from xaijax.methods._core import as_seed, validate_positive_int
 from xaijax.methods.cam import CamMethod, HiResCAM, eigen_projection
 from xaijax.methods.cam_ablation import forward_replacing, layer_activation
@@ -113,7 +114,9 @@ def nmf(
     """Non-negative matrix factorisation ``v ~ W H`` (Frobenius loss) by Lee & Seung's multiplicative
     updates, ``H <- H * (W^T V) / (W^T W H + eps)`` then ``W <- W * (V H^T) / (W H H^T + eps)``,
     for a fixed number of ``iterations`` (one ``lax.fori_loop``; jittable, vmappable). Each update
-    does not increase ``||V - W H||_F`` (exactly so for ``eps = 0``).
+    does not increase ``||V - W H||_F`` (exactly so for ``eps = 0``). A ratio ``0 / 0`` (possible
+    with ``eps = 0`` where ``v`` has an all-zero row or column) is taken as 0, so the factors stay
+    finite.
 
     Args:
       v: non-negative (m, n) matrix.
@@ -130,8 +133,9 @@ def nmf(
 
     def step(_, wh):
         w, h = wh
-        h = h * jnp.matmul(w.T, v, precision=_HI) / (jnp.matmul(jnp.matmul(w.T, w, precision=_HI), h, precision=_HI) + e)
-        w = w * jnp.matmul(v, h.T, precision=_HI) / (jnp.matmul(w, jnp.matmul(h, h.T, precision=_HI), precision=_HI) + e)
+        # 0 / 0 (a zero row or column of v, e.g. a dead channel, with eps = 0) keeps the entry at 0
+        h = h * safe_divide(jnp.matmul(w.T, v, precision=_HI), jnp.matmul(jnp.matmul(w.T, w, precision=_HI), h, precision=_HI) + e)
+        w = w * safe_divide(jnp.matmul(v, h.T, precision=_HI), jnp.matmul(w, jnp.matmul(h, h.T, precision=_HI), precision=_HI) + e)
         return w, h
 
     return jax.lax.fori_loop(0, iterations, step, (w, h))
