@@ -218,6 +218,10 @@ def test_recipro_cam_direct_loop(resnet, kernel):
     method = ReciproCAM(kernel=kernel, chunk_size=3)  # 3 does not divide the 4 positions
     assert _rel(resnet.layer_map(method), expected) < 1e-10
     assert recipro_masks(3, 3, "gaussian")[4].sum() == pytest.approx(1.0)
+    # the default is the point mask, as the authors' code runs it (sybyun/ReciproCAM:
+    # _mosaic_feature(..., is_gaussian=False)) and as the paper describes it
+    assert ReciproCAM().kernel == "point"
+    assert np.array_equal(recipro_masks(3, 3), recipro_masks(3, 3, "point"))
 
 
 # --------------------------------------------------------------------------------------
@@ -262,6 +266,20 @@ def test_nmf_monotone_and_recovers_low_rank():
     w1, h1 = nmf(v, 3, 50, seed=1)
     w2, h2 = nmf(v, 3, 50, seed=1)
     assert np.array_equal(np.asarray(w1), np.asarray(w2)) and np.array_equal(np.asarray(h1), np.asarray(h2))
+
+
+def test_nmf_zero_row_and_column_stay_finite_without_eps():
+    # a dead channel (an all-zero row after the per-channel minimum) and an all-zero position
+    # (column): with eps = 0 the multiplicative updates meet 0 / 0, which must stay 0, not NaN
+    rng = np.random.default_rng(3)
+    v = rng.uniform(0.5, 1.0, (5, 7))
+    v[2] = 0.0
+    v[:, 4] = 0.0
+    w, h = nmf(jnp.asarray(v), 2, iterations=50, eps=0.0)
+    w, h = np.asarray(w), np.asarray(h)
+    assert np.isfinite(w).all() and np.isfinite(h).all()
+    assert np.all(w[2] == 0) and np.all(h[:, 4] == 0)  # the zero row / column is reproduced exactly
+    assert np.linalg.norm(v - w @ h) < np.linalg.norm(v)  # and the rest is still fitted
 
 
 def test_dff_scores_and_map(resnet):

@@ -23,8 +23,10 @@ and not normalised.
 * ``recipro-cam`` (Byun & Lee, 2022, "Recipro-CAM: gradient-free reciprocal class activation
   map", arXiv 2209.14074; authors' code ``sybyun/ReciproCAM``). For each position ``p`` of the
   layer's (h, w) grid, a *spatially masked* feature map keeps only ``A[p]``: with
-  ``kernel="point"`` (the paper's one-hot mask) ``F_p[q] = A[p] [q = p]``; with
-  ``kernel="gaussian"`` (the authors' code, its default) the feature vector ``A[p]`` is spread
+  ``kernel="point"`` (the default: the paper's one-hot mask, and what the authors' code runs,
+  ``_mosaic_feature(..., is_gaussian=False)`` in every version of ``src/recipro_cam.py``)
+  ``F_p[q] = A[p] [q = p]``; with ``kernel="gaussian"`` (the optional branch of the authors'
+  ``_mosaic_feature``) the feature vector ``A[p]`` is spread
   over the 3x3 neighbourhood of ``p`` with weights ``[[1,2,1],[2,4,2],[1,2,1]] / 16`` (cut at the
   borders): ``F_p[q] = g[q - p] A[p]``. Every ``F_p`` goes through the rest of the network and
   the map at ``p`` is the target's softmax probability ``sum_k seed_k softmax(f(F_p))_k``.
@@ -164,7 +166,7 @@ class AblationCAM(CamMethod):
         return a * w.astype(a.dtype)[:, None, None, :]
 
 
-def recipro_masks(h: int, w: int, kernel: str = "gaussian") -> np.ndarray:
+def recipro_masks(h: int, w: int, kernel: str = "point") -> np.ndarray:
     """(h w, h, w) float64 spatial masks of Recipro-CAM, one per position ``p`` (row-major):
     ``M_p[q] = [q = p]`` (``"point"``) or ``g[q - p]`` with the 3x3 Gaussian ``g`` (``"gaussian"``)."""
     if kernel not in RECIPRO_KERNELS:
@@ -187,12 +189,13 @@ class ReciproCAM(CamMethod):
 
     Attributes:
       layer: dotted layer name (``None``: :func:`~xaijax.methods.cam.default_cam_layer`).
-      kernel: ``"gaussian"`` (authors' code, default) or ``"point"`` (the paper's one-hot mask).
+      kernel: ``"point"`` (default: the paper's one-hot mask, as the authors' code runs) or
+        ``"gaussian"`` (``A[p]`` spread over the 3x3 neighbourhood, the authors' optional branch).
       chunk_size: positions per batched pass (memory ~ ``N * chunk_size`` activations).
     """
 
     layer: str | None = None
-    kernel: str = "gaussian"
+    kernel: str = "point"
     chunk_size: int = 64
 
     supports_eigen_smooth = False
