@@ -349,6 +349,32 @@ def test_smooth_noise_convention_with_a_probe_method():
         smooth(probe, n=0)
     with pytest.raises(ValueError, match="noise must be a non-negative"):
         smooth(probe, noise=-0.1)
+    with pytest.raises(ValueError, match="noise"):  # infinite noise would give all-NaN maps
+        smooth(probe, noise=float("inf"))
+
+
+def test_numeric_options_take_numpy_scalars_and_refuse_non_finite_values():
+    from xaijax.methods._core import validate_number
+    from xaijax.methods.cam import GradCAM
+    from xaijax.methods.deeplift import DeepLift
+    from xaijax.methods.path_attribution import BlurIG, GradientShap, GuidedIG
+
+    # NumPy scalars (e.g. values read from a config array) are numbers like Python's
+    assert GuidedIG(fraction=np.float32(0.25)).fraction == np.float32(0.25)
+    assert DeepLift(eps=np.float64(1e-9)).eps == 1e-9
+    assert gf.IntegratedGradients(chunk=np.int64(4)).chunk == 4
+    # infinite / NaN settings would give NaN maps without an error: refused, naming the argument
+    with pytest.raises(ValueError, match="gradient-shap: stdevs must be a non-negative number"):
+        GradientShap(stdevs=float("inf"))
+    with pytest.raises(ValueError, match="blur-ig: max_sigma must be a positive number"):
+        BlurIG(max_sigma=float("nan"))
+    with pytest.raises(ValueError, match=r"guided-ig: fraction must be a number in \[0, 1\]"):
+        GuidedIG(fraction=True)
+    with pytest.raises(ValueError, match=r"m: v must be a number in \(0, 1\]"):
+        validate_number("m", "v", 0.0, low=0.0, high=1.0, strict_low=True)
+    validate_number("m", "v", 1.0, low=0.0, high=1.0, strict_low=True)
+    with pytest.raises(TypeError, match="aug_flips must be a sequence"):
+        GradCAM(aug_flips=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
@@ -76,6 +78,7 @@ __all__ = [
     "require_piecewise_linear",
     "reduce_channels",
     "validate_positive_int",
+    "validate_number",
 ]
 
 #: What a method explains (see the module docstring).
@@ -292,6 +295,29 @@ def validate_positive_int(owner: str, name: str, value: Any, *, optional: bool =
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         what = "None or a positive int" if optional else "a positive int"
+        raise ValueError(f"{owner}: {name} must be {what}, got {value!r}")
+
+
+def validate_number(
+    owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None, strict_low: bool = False
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number (a Python or NumPy scalar,
+    not a bool) with ``low <= value <= high`` (``low < value`` when ``strict_low``); ``None``
+    bounds are open. Infinite and NaN values are refused: they would give NaN maps silently."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = float(value) > low if strict_low else float(value) >= low
+    if ok and high is not None:
+        ok = float(value) <= high
+    if not ok:
+        if low is not None and high is not None:
+            what = f"a number in {'(' if strict_low else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            what = ("a positive number" if strict_low else "a non-negative number") if low == 0 else f"a number {'>' if strict_low else '>='} {low:g}"
+        elif high is not None:
+            what = f"a number <= {high:g}"
+        else:
+            what = "a finite number"
         raise ValueError(f"{owner}: {name} must be {what}, got {value!r}")
 
 

@@ -140,7 +140,7 @@ Deep Feature Factorization).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -363,6 +363,10 @@ class CamMethod(Method):
     supports_eigen_smooth = True
 
     def __post_init__(self) -> None:
+        for name in ("aug_flips", "aug_factors"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise TypeError(f"{name} must be a sequence (one entry per augmentation), got {value!r}")
         object.__setattr__(self, "aug_flips", tuple(bool(f) for f in self.aug_flips))
         object.__setattr__(self, "aug_factors", tuple(float(f) for f in self.aug_factors))
         if not self.aug_flips or not self.aug_factors:

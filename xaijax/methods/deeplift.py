@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, reduce_channels, validate_positive_int
+from xaijax.methods._core import Method, NotApplicable, as_seed, check_inputs, reduce_channels, validate_number, validate_positive_int
 from xaijax.methods.path_attribution import as_baseline, reference_set
 from xaijax.methods.registry import register
 from xaijax.models.adapters import propagation_refusal
@@ -111,8 +111,7 @@ def deeplift_multipliers(
 
 
 def _check_eps(owner: str, eps: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not float(eps) >= 0.0:
-        raise ValueError(f"{owner}: eps must be a non-negative number, got {eps!r}")
+    validate_number(owner, "eps", eps, low=0.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

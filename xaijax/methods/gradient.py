@@ -77,6 +77,7 @@ from xaijax.methods._core import (
     reduce_channels,
     require_piecewise_linear,
     target_score,
+    validate_positive_int,
 )
 from xaijax.methods.combinators import contrast, smooth
 from xaijax.methods.registry import register
@@ -278,7 +279,9 @@ def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     * ``riemann-right``: ``alpha_k = k / m``, ``k = 1..m``, weights ``1/m``;
     * ``riemann-middle``: ``alpha_k = (k + 1/2) / m``, weights ``1/m``;
     * ``trapezoid``: ``alpha_k = k / (m - 1)``, ``k = 0..m-1``, weights ``1/(m-1)`` halved at
-      both ends (Captum's ``riemann_trapezoid``; needs ``m >= 2``);
+      both ends (needs ``m >= 2``). Captum's ``riemann_trapezoid`` has these nodes but weights
+      ``1/m`` halved at both ends, which sum to ``(m - 1)/m``: its integrated gradients are
+      xaijax's times ``(m - 1)/m``;
     * ``gauss-legendre``: the ``m``-point Gauss-Legendre rule mapped to [0, 1] (exact for
       polynomial integrands of degree <= 2m - 1).
 
@@ -338,8 +341,7 @@ class IntegratedGradients(Method):
 
     def __post_init__(self) -> None:
         quadrature(self.rule, self.steps)  # validates rule and steps
-        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1):
-            raise ValueError(f"integrated gradients: chunk must be None or a positive int, got {self.chunk!r}")
+        validate_positive_int("integrated gradients", "chunk", self.chunk, optional=True)
 
     def attribution(
         self, model: nn.Module, variables: Mapping[str, Any], x: jax.Array, target: Any, baseline: Any = None

@@ -9,12 +9,13 @@ Registered names:
   ``mean_j (x_j - b_j) * grad f(b_j + alpha_j (x_j - b_j))`` with ``x_j = x + eps_j``. Its
   expectation over ``alpha`` and ``b`` is Integrated Gradients averaged over the references.
 * ``blur-ig`` (Xu, Venugopalan & Sundararajan, CVPR 2020; PAIR ``saliency``'s ``BlurIG``): IG
-  along the path of Gaussian blurs ``x(s) = blur(x, s)`` from ``s = max_sigma`` down to 0:
+  along the path of Gaussian blurs ``x(s) = blur(x, s)`` from the largest level ``s_steps``
+  (``max_sigma``; with ``sqrt=True``, ``sqrt(max_sigma)``, as in PAIR) down to 0:
   ``-sum_i (s_{i+1} - s_i) * dx/ds(s_i) * grad f(x(s_i))``, ``s_i = i max_sigma / steps``
   (``sqrt=True``: ``sqrt(i max_sigma / steps)``), ``dx/ds`` by the forward difference
   ``(blur(x, s + grad_step) - blur(x, s)) / grad_step``. The blur is scipy's
   ``gaussian_filter(image, [s, s, 0], mode="constant")`` (zero padding, kernel truncated at
-  ``4 s``), as in PAIR. ``sum(map) ~= f(x) - f(blur(x, max_sigma))`` up to the path
+  ``4 s``), as in PAIR. ``sum(map) ~= f(x) - f(blur(x, s_steps))`` up to the path
   discretisation. (PAIR multiplies a whole batch of steps by the *last* step's ``ds``; with its
   defaults, ``batch_size=1``, and with ``sqrt=False`` that is the same; xaijax uses each step's own.)
 * ``vargrad`` (Adebayo et al. 2018, "Local explanation methods ... sanity checks"; Captum's
@@ -57,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax.methods._core import Method, as_seed, check_inputs, reduce_channels, target_score, validate_positive_int
+from xaijax.methods._core import Method, as_seed, check_inputs, reduce_channels, target_score, validate_number, validate_positive_int
 from xaijax.methods.combinators.smoothing import Smooth, smooth
 from xaijax.methods.gradient import Gradient
 from xaijax.methods.registry import register
@@ -218,8 +219,7 @@ class GradientShap(Method):
 
     def __post_init__(self) -> None:
         validate_positive_int("gradient-shap", "n_samples", self.n_samples)
-        if isinstance(self.stdevs, bool) or not isinstance(self.stdevs, (int, float)) or not float(self.stdevs) >= 0.0:
-            raise ValueError(f"gradient-shap: stdevs must be a non-negative number, got {self.stdevs!r}")
+        validate_number("gradient-shap", "stdevs", self.stdevs, low=0.0)
         _validate_chunk("gradient-shap", self.chunk)
         reduce_channels(jnp.zeros((1, 1, 1, 1)), self.reduce)
 
@@ -259,7 +259,8 @@ class BlurIG(Method):
     """Blur Integrated Gradients (see the module docstring); PAIR ``saliency``'s defaults.
 
     Attributes:
-      max_sigma: the largest blur (the path's start), in pixels (PAIR: 50).
+      max_sigma: the largest blur (the path's start), in pixels (PAIR: 50); with ``sqrt=True``
+        the largest blur is ``sqrt(max_sigma)`` (PAIR's spacing).
       steps: path steps (PAIR: 100).
       grad_step: the blur increment of the forward difference ``dx/ds`` (PAIR: 0.01).
       sqrt: space the blur levels as ``sqrt(i max_sigma / steps)`` (PAIR: False).
@@ -277,9 +278,7 @@ class BlurIG(Method):
     def __post_init__(self) -> None:
         validate_positive_int("blur-ig", "steps", self.steps)
         for name in ("max_sigma", "grad_step"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0.0 or not math.isfinite(float(v)):
-                raise ValueError(f"blur-ig: {name} must be a positive number, got {v!r}")
+            validate_number("blur-ig", name, getattr(self, name), low=0.0, strict_low=True)
         _validate_chunk("blur-ig", self.chunk)
         reduce_channels(jnp.zeros((1, 1, 1, 1)), self.reduce)
 
@@ -412,9 +411,7 @@ class GuidedIG(Method):
     def __post_init__(self) -> None:
         validate_positive_int("guided-ig", "steps", self.steps)
         for name in ("fraction", "max_dist"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"guided-ig: {name} must be a number in [0, 1], got {v!r}")
+            validate_number("guided-ig", name, getattr(self, name), low=0.0, high=1.0)
         _validate_chunk("guided-ig", self.chunk)
         reduce_channels(jnp.zeros((1, 1, 1, 1)), self.reduce)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from xaijax.methods import registry
-from xaijax.methods._core import Method, Wrapper, check_inputs, validate_positive_int
+from xaijax.methods._core import Method, Wrapper, check_inputs, validate_number, validate_positive_int
 
 __all__ = ["MODES", "Smooth", "smooth", "get_smooth"]
 
@@ -68,8 +68,7 @@ class Smooth(Wrapper):
     def __post_init__(self) -> None:
         self._adopt_method("smooth")
         validate_positive_int("smooth", "n", self.n)
-        if not float(self.noise) >= 0.0:
-            raise ValueError(f"smooth: noise must be a non-negative fraction of the input range, got {self.noise!r}")
+        validate_number("smooth", "noise", self.noise, low=0.0)  # a fraction of each sample's value range
         validate_positive_int("smooth", "chunk", self.chunk, optional=True)
         if self.mode not in MODES:
             raise ValueError(f"smooth: mode must be one of {MODES}, got {self.mode!r}")

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xaijax.methods._core import Method, check_inputs
+from xaijax.methods._core import Method, check_inputs, validate_number, validate_positive_int
 from xaijax.methods.gradient import IntegratedGradients
 from xaijax.methods.registry import register
 
@@ -292,10 +292,8 @@ class XRAI(Method):
         self._ig()  # validates steps, rule, chunk
         if self.channel_reduction not in CHANNEL_REDUCTIONS:
             raise ValueError(f"xrai: channel_reduction must be one of {CHANNEL_REDUCTIONS}, got {self.channel_reduction!r}")
-        if isinstance(self.area_threshold, bool) or not isinstance(self.area_threshold, (int, float)) or not 0 <= self.area_threshold <= 1:
-            raise ValueError(f"xrai: area_threshold must be a number in [0, 1], got {self.area_threshold!r}")
-        if isinstance(self.min_pixel_diff, bool) or not isinstance(self.min_pixel_diff, int) or self.min_pixel_diff < 1:
-            raise ValueError(f"xrai: min_pixel_diff must be a positive int, got {self.min_pixel_diff!r}")
+        validate_number("xrai", "area_threshold", self.area_threshold, low=0.0, high=1.0)
+        validate_positive_int("xrai", "min_pixel_diff", self.min_pixel_diff)
         _check_segment_args(self.scales, self.sigma, self.min_size, self.resize, self.dilation_radius)
 
     def _ig(self) -> IntegratedGradients:
