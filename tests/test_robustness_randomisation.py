@@ -407,9 +407,15 @@ def test_quantus_randomisation(quantus_ref):
         got = metric(*args, fresh=q["fresh"])
         np.testing.assert_allclose(got["similarity"], r[f"mprt_{qorder}"][1:].T, rtol=1e-9)
         np.testing.assert_allclose(r[f"mprt_{qorder}"][0], 1.0)
-    got = get_method_metric("smooth-mprt", n_samples=1, noise_magnitude=0.0)(*args, fresh=q["fresh"])
+        # Quantus' return_average_correlation also averages in its "original" entry (the trained
+        # model against itself: 1 here); xaijax's similarity_mean is over the randomised layers
+        n_layers = got["similarity"].shape[1]
+        np.testing.assert_allclose((1.0 + n_layers * got["similarity_mean"]) / (n_layers + 1), r[f"mprt_{qorder}"].mean(0), rtol=1e-9)
+        np.testing.assert_allclose(got["similarity_last"], r[f"mprt_{qorder}"][-1], rtol=1e-9)
     assert list(r["smooth_mprt_layers"][1:]) == ["conv1", "conv2", "fc"]
-    np.testing.assert_allclose(got["similarity"], r["smooth_mprt"][1:].T, rtol=1e-9)
+    for noise in (0.0, 0.1):  # one sample is the noise-free input, whatever the magnitude (as in Quantus)
+        got = get_method_metric("smooth-mprt", n_samples=1, noise_magnitude=noise)(*args, fresh=q["fresh"])
+        np.testing.assert_allclose(got["similarity"], r["smooth_mprt"][1:].T, rtol=1e-9)
     got = get_method_metric("efficient-mprt")(*args, fresh=q["fresh"])
     np.testing.assert_allclose(got["emprt"], r["emprt"], rtol=1e-9)
     got = get_method_metric("random-logit")(*args, off_targets=r["random_logit_off"])

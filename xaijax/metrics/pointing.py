@@ -6,8 +6,11 @@ ground-truth region lies at Euclidean distance strictly less than ``tolerance`` 
 (15 by default) from the point, i.e. ``dy**2 + dx**2 < tolerance**2``. The region is the
 union of the class's instance masks (COCO, synthetic) or of its boxes (VOC).
 
-Accuracy is computed per class, ``hits / (hits + misses)`` (a class with no evaluated
-pair scores 0, as in TorchRay), and the reported number is the mean over classes.
+Accuracy is computed per class, ``hits / (hits + misses)``, and the reported number is the
+mean over the classes that have at least one evaluated pair. TorchRay averages over all
+classes, a class with no evaluated pair scoring 0 (``hits / max(hits + misses, 1)``); on a
+full VOC/COCO test set every class has pairs and the two agree (see
+:meth:`PointingGame.result`).
 
 Subsets: ``ALL`` uses every pair; ``DIF`` ("difficult") uses only pairs for which
 :func:`is_difficult_pair` holds — the class covers less than a quarter of the image and at

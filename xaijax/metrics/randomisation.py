@@ -194,8 +194,12 @@ class MPRT:
     similarity of the trained model with itself ("original", 1 for deterministic methods).
 
     Returns ``{"similarity": (N, L) per layer in randomisation order, "similarity_mean": (N,),
-    "similarity_last": (N,)}`` (``return_average_correlation`` / ``return_last_correlation``
-    of Quantus); the layer names are :meth:`layer_names`.
+    "similarity_last": (N,)}``; the layer names are :meth:`layer_names`. ``similarity_last``
+    is Quantus' ``return_last_correlation``. ``similarity_mean`` is the mean over the L
+    randomised models; Quantus 0.6.0's ``return_average_correlation`` also averages in its
+    "original" entry (its loop skips a key ``"orig"``, but the entry is stored as
+    ``"original"``), i.e. it returns ``(s_original + L * similarity_mean) / (L + 1)``, with
+    ``s_original = 1`` for a deterministic method.
     """
 
     order: str = "top-down"
@@ -248,8 +252,10 @@ class SmoothMPRT(MPRT):
     repair the model parameter randomisation test").
 
     Protocol: :class:`MPRT` where every map (trained and randomised models) is *denoised*: the
-    mean of the method's maps of ``n_samples`` noisy copies x + e, e Gaussian with standard
-    deviation ``noise_magnitude * (max(x) - min(x))`` per image. The noise of an image is drawn
+    mean of the method's maps of ``n_samples`` copies x + e, e Gaussian with standard
+    deviation ``noise_magnitude * (max(x) - min(x))`` per image, except the last copy, which
+    is x itself (e = 0, as Quantus 0.6.0 does it, so that ``n_samples=1`` is the plain
+    method). The noise of an image is drawn
     once (from ``seed`` and the image's values) and reused for every model, which removes the
     noise's own variance from the comparison; Quantus draws new noise for every model.
 
@@ -283,8 +289,9 @@ class SmoothMPRT(MPRT):
 
 
 def _smooth_maps(cfg, method, model, variables, x, t, keys):
-    """Mean map over the noisy copies; ``max(1, batch_size // N)`` copies of every image per
-    method call, drawn inside the step (sample j of image i from ``fold_in(key_i, j)``)."""
+    """Mean map over the copies; ``max(1, batch_size // N)`` copies of every image per method
+    call, drawn inside the step (sample j of image i from ``fold_in(key_i, j)``; the last
+    sample, ``j = n_samples - 1``, is noise-free)."""
     n, s = x.shape[0], cfg.n_samples
     k = max(1, min(s, cfg.batch_size // n))
     nb = -(-s // k)
@@ -294,6 +301,7 @@ def _smooth_maps(cfg, method, model, variables, x, t, keys):
     def block(i):
         idx = i * k + jnp.arange(k)
         noise = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), x.shape[1:], x.dtype))(idx))(keys)
+        noise = jnp.where((idx == s - 1)[None, :, None, None, None], 0.0, noise)  # Quantus: the last copy is x
         xs = (x[:, None] + std * noise).reshape((n * k,) + x.shape[1:])
         a = method(model, variables, xs, jnp.repeat(t, k)).reshape((n, k) + x.shape[1:3]).astype(x.dtype)
         return jnp.where((idx < s)[None, :, None, None], a, 0.0).sum(1)

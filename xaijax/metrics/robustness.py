@@ -478,10 +478,11 @@ _RS_DOC = """
     [``low``, ``high``]; the value is the maximum over the samples x' that keep the predicted
     class of ::
 
-        ||(e_x - e_x') / e~_x||_2 / max(||{den}||_2, eps_min)
+        ||(e_x - e_x') / e~_x||_2 / d~,   d = ||{den}||_2
 
-    where ``e~ = e + eps_min`` at entries where e == 0 (division-safe), computed exactly as
-    Quantus 0.6.0 does (``eps_min`` is added to the denominator only where it is exactly 0).
+    where ``e~ = e + eps_min`` at entries where e == 0 and ``d~ = d + eps_min`` if d == 0,
+    else d (division-safe), computed exactly as Quantus 0.6.0 does (``eps_min`` is added only
+    where a value is exactly 0, so a denominator of 1e-8 divides by 1e-8).
 
     Defaults = Quantus 0.6.0: uniform noise in [0.02, 0.2] (its ``batch_uniform_noise`` with
     ``lower_bound`` 0.02, ``upper_bound`` 0.2 — positive shifts only), 200 samples, eps_min
@@ -593,7 +594,10 @@ class Continuity:
     0 and every shift is ``-W``: each "translated" image is the fill alone, as in Quantus (give
     ``n_steps <= 2 W + 1`` or explicit ``shifts`` for small images).
 
-    Returns ``{"continuity": (N,), "changed": (N,)}`` (fraction of shifts that change the prediction).
+    Returns ``{"continuity": (N,), "changed": (N,)}`` (fraction of shifts that change the
+    prediction: the shifted image's predicted class differs from the unshifted image's; Quantus'
+    ``return_nan_when_prediction_changes`` compares it with the targets ``y_batch`` instead,
+    the same thing when the targets are the predicted classes).
     """
 
     n_steps: int = 28
