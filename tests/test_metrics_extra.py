@@ -177,6 +177,14 @@ def test_model_fn_validation():
         F.causal_curves(_toy, x, m, 0, mode="del")
     with pytest.raises(ValueError, match="substrate"):
         F.causal_curves(_toy, x, m, 0, mode="deletion", substrate="noise")
+    # a NaN pixel would be ranked first and deleted / inserted without a word: refused
+    nan_map = np.array(m)
+    nan_map[0, 1, 2] = np.nan
+    for mode in ("deletion", "insertion"):
+        with pytest.raises(ValueError, match="maps must be finite; map 0"):
+            F.causal_curves(_toy, x, nan_map, 0, mode=mode, step_pixels=4)
+    with pytest.raises(ValueError, match="maps must be finite"):
+        F.region_insertion_curves(_toy, x, np.where(np.isnan(nan_map), np.inf, nan_map), 0)
 
 
 # ----------------------------------------------------------------------------- region insertion

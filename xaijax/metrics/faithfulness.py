@@ -163,6 +163,9 @@ def _check(images, maps, targets) -> tuple[jax.Array, jax.Array, jax.Array]:
     maps = jnp.asarray(maps, images.dtype)  # a float64 run stays float64 (also the ranking)
     if maps.shape != images.shape[:3]:
         raise ValueError(f"maps must be (N, H, W) = {images.shape[:3]} to match images; got {maps.shape}")
+    bad = ~np.isfinite(np.asarray(maps)).reshape(maps.shape[0], -1).all(axis=1)
+    if bad.any():  # a NaN would be ranked first and perturbed silently
+        raise ValueError(f"maps must be finite; map {int(np.flatnonzero(bad)[0])} contains NaN or inf")
     t = np.asarray(targets)
     if not np.issubdtype(t.dtype, np.integer):
         raise ValueError(f"targets must be integer class indices; got dtype {t.dtype}")

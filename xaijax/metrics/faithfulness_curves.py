@@ -102,10 +102,7 @@ def prepare(model_fn: ModelFn, images: Any, maps: Any, targets: Any) -> tuple[ja
     Maps take the images' float dtype (a float64 run stays float64). NaN or inf in a map is a
     ``ValueError`` naming the image.
     """
-    images, maps, targets = _faith._check(images, maps, targets)
-    bad = ~np.isfinite(np.asarray(maps)).reshape(maps.shape[0], -1).all(axis=1)
-    if bad.any():
-        raise ValueError(f"maps must be finite; map {int(np.flatnonzero(bad)[0])} contains NaN or inf")
+    images, maps, targets = _faith._check(images, maps, targets)  # also refuses NaN / inf maps
     fn = _faith._as_partial(model_fn)
     _faith._check_targets(targets, _faith._num_outputs(fn, images))
     return fn, images, maps, targets
@@ -194,7 +191,10 @@ def run(metric: Any, model_fn: ModelFn, images: Any, maps: Any, targets: Any, ex
     metric._validate(images.shape)
     if extra is None:
         extra = jnp.zeros((images.shape[0],), jnp.int32)
-    seed = int(getattr(metric, "seed", 0))
+    seed = getattr(metric, "seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"{type(metric).__name__}: seed must be an int in [0, 2**32), got {seed!r}")
+    seed = int(seed)
     if seed != 0:  # the seed is a traced argument: the compiled program is shared by all seeds
         metric = dataclasses.replace(metric, seed=0)
     out = _run(metric, fn, images, maps, targets, extra, jnp.asarray(seed, jnp.uint32), int(getattr(metric, "images_per_call", 1)))
@@ -413,8 +413,10 @@ class IROF:
     unit spacing); ``aoc_norm`` = ``aoc / num_segments``. Higher is better.
 
     Defaults = Quantus: SLIC ``n_segments=100``, ``compactness=10``; baseline ``"mean"``;
-    softmax. ``running_mean=True`` reproduces Quantus' mean exactly: Quantus takes the mean of
-    the *already perturbed* image at every step (so it drifts); the default uses the clean
+    softmax. ``running_mean=True`` reproduces Quantus' mean when Quantus is called one image at
+    a time: Quantus takes the mean of the *already perturbed* image at every step (so it
+    drifts), over the whole array it is given (all images of its batch), whereas xaijax takes
+    it per image; the default uses the clean
     image's mean, as the paper ("replaced by the mean value"). The paper normalises the x axis
     to [0, 1] (``aoc_norm``-like). Curves longer than ``max_segments`` are an error (raise it).
     Quantus' trapezoid also runs over the zero padding of a batch (adding half the last real
