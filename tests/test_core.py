@@ -208,3 +208,13 @@ def test_taps_capture_batchnorm_layers():
     p = v["params"]["bn1"]
     want = (acts["conv1"] - st["mean"]) / jnp.sqrt(st["var"] + 1e-5) * p["scale"] + p["bias"]
     np.testing.assert_allclose(acts["bn1"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_check_inputs_names_the_dtype_to_cast_to():
+    from xaijax.methods._core import check_inputs
+
+    with pytest.raises(TypeError, match=r"x has dtype bfloat16.*x\.astype\(jnp\.float32\)"):
+        check_inputs(jnp.zeros((1, 8, 8, 3), jnp.bfloat16))
+    with pytest.raises(TypeError, match="x must be floating point"):
+        check_inputs(jnp.zeros((1, 8, 8, 3), jnp.int32))
+    check_inputs(jnp.zeros((1, 8, 8, 3), jnp.float32))  # accepted

@@ -106,6 +106,26 @@ def test_drise_batch_and_key_semantics(images):
     np.testing.assert_array_equal(far, 0.0)
 
 
+def test_float64_run_keeps_the_target_in_float64(x64):
+    """A float64 run compares proposals with the target in float64: a target equal to the only
+    proposal has IoU, cosine and objectness exactly 1 for every mask, so the map is the mean
+    mask to rounding (the target was rounded to float32 before: IoU 1 - 4e-8)."""
+    box = np.array([0.1, 0.2, 5.3, 6.7])
+    probs = np.array([1.0 / 3.0, 2.0 / 3.0])
+
+    def one_proposal(z):
+        n = z.shape[0]
+        return {"boxes": jnp.broadcast_to(jnp.asarray(box), (n, 1, 4)),
+                "class_probs": jnp.broadcast_to(jnp.asarray(probs), (n, 1, 2)),
+                "objectness": jnp.ones((n, 1), z.dtype)}
+
+    x = jnp.ones((1, 8, 8, 3), jnp.float64)
+    got = np.asarray(dr.DRise(n=4, s=2, p=0.5, chunk=4)(one_proposal, x, {"box": box, "class_probs": probs}))
+    expected = np.asarray(pt.rise_masks(jax.random.key(0), jnp.arange(4), (8, 8), 2, 0.5), np.float64).mean(0)
+    assert got.dtype == np.float64 and expected.max() > 0
+    np.testing.assert_allclose(got[0], expected, rtol=0, atol=1e-15)
+
+
 def test_bundled_detector_map_peaks_inside_the_explained_box():
     from xaijax.checkpoints import load_detector
     from xaijax.data import SyntheticScenes

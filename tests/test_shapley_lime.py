@@ -220,6 +220,10 @@ def test_bad_arguments(setup):
         ShapleySampling()(model, v, xj, t, feature_mask=mask, permutations=np.array([[0, 1, 1, 2]]))
     with pytest.raises(ValueError, match="coalitions"):
         KernelSHAP()(model, v, xj, t, feature_mask=mask, coalitions=np.array([[0, 2, 1, 0]]))
+    fewer = np.array(mask)
+    fewer[1] = np.minimum(fewer[1], 2)  # image 1 has 3 features, image 0 all 4
+    with pytest.raises(ValueError, match="must have all 4 features"):
+        KernelSHAP()(model, v, xj, t, feature_mask=fewer, coalitions=np.array([[1, 0, 1, 0]]))
     with pytest.raises(ValueError, match="samples"):
         Lime()(model, v, xj, t, feature_mask=mask, samples=np.ones((3, 5)))
     for bad in (dict(alpha=-1.0), dict(kernel_width=0.0), dict(distance="manhattan"), dict(distance_space="pixels")):

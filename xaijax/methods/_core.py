@@ -333,6 +333,8 @@ def check_inputs(x: jax.Array) -> None:
         raise ValueError(f"x must be an NHWC batch of shape (N, H, W, C); got shape {shape}")
     dtype = np.dtype(x.dtype)
     if not np.issubdtype(dtype, np.floating):
+        if jnp.issubdtype(dtype, jnp.floating):  # bfloat16 & co. sit outside NumPy's type hierarchy
+            raise TypeError(f"x has dtype {dtype}, which the methods do not take: cast it with x.astype(jnp.float32)")
         raise TypeError(f"x must be floating point (normalised float32 images); got dtype {dtype}")
     if shape[0] == 0:
         raise ValueError("x is an empty batch (N = 0); pass at least one image")

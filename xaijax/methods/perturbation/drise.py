@@ -173,7 +173,8 @@ def as_target_detection(target: Any, n: int) -> tuple[jax.Array, jax.Array | Non
         raise ValueError(f"d-rise: target box must have shape (4,) or ({n}, 4) [x1, y1, x2, y2]; got {box.shape}")
     if not isinstance(box, jax.core.Tracer):
         _check_box_values(box, "target boxes")
-    box = box.astype(jnp.float32)
+    if not jnp.issubdtype(box.dtype, jnp.floating):  # int pixel boxes; float boxes keep their precision
+        box = box.astype(jnp.float32)
     cls = jnp.asarray(cls)
     if is_label:
         if not jnp.issubdtype(cls.dtype, jnp.integer):
@@ -189,7 +190,7 @@ def as_target_detection(target: Any, n: int) -> tuple[jax.Array, jax.Array | Non
         cls = jnp.broadcast_to(cls, (n, cls.shape[0]))
     if cls.ndim != 2 or cls.shape[0] != n:
         raise ValueError(f"d-rise: target class_probs must have shape (K,) or ({n}, K); got {cls.shape}")
-    return box, None, cls.astype(jnp.float32)
+    return box, None, cls
 
 
 def detector_function(model: Any, variables: Mapping[str, Any]) -> DetectorFn:

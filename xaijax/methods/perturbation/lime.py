@@ -11,7 +11,10 @@ to the original:
 
 * ``distance_space="input"`` (Captum's default): ``d`` between the flattened original and
   perturbed *images* — ``distance="cosine"`` (``1 - cos``, Captum's default) or
-  ``"euclidean"``; ``kernel_width`` 1.0 (Captum's default);
+  ``"euclidean"``; ``kernel_width`` 1.0 (Captum's default). The euclidean distance of
+  images is large (tens to hundreds of input units at real sizes): with ``kernel_width=1``
+  every weight underflows to 0 and the map is all zeros, as in Captum; scale
+  ``kernel_width`` to the distances when using it;
 * ``distance_space="interpretable"`` (the ``lime`` package's images explainer): ``d`` between
   ``z`` and the all-ones vector (cosine: ``1 - sqrt(|z| / M)``, 1 for ``z = 0``; euclidean:
   ``sqrt(M - |z|)``); the ``lime`` package uses cosine with ``kernel_width=0.25``.

@@ -28,7 +28,10 @@ out_k`` (the target logit); ``score="sigmoid"``: ``sum_k seed_k sigmoid(out_k)``
 benchmark, for its multi-label VOC/COCO models); or a callable ``f(logits (..., K)) -> (..., K)``
 whose output the seed weights. Normalisation: ``normalize="n-p"`` (default, the paper and the
 authors' code) divides by ``N * p``; ``normalize="n"`` divides by ``N`` only (TorchRay).
-TorchRay's protocol is therefore ``RISE(score="sigmoid", normalize="n")``.
+TorchRay's score and normalisation are therefore ``RISE(score="sigmoid", normalize="n")``;
+its masks differ (cells of ``ceil((H + ceil(H / s)) / s)`` px, torch's bilinear upsampling of
+a reflect-padded grid; 8000 masks by default against 4000 here), so TorchRay's maps are
+reproduced only with its masks given as ``masks=`` (below).
 
 Given masks: ``method(model, variables, x, target, masks=M)`` uses the (N, H, W) array ``M``
 instead of generated masks (``n`` is then ``M.shape[0]``; e.g. TorchRay's recorded

@@ -15,7 +15,8 @@ the values of a sample's features sum to ``v(all) - v(none)``.
   permutations, default 25, independent). xaijax draws them in *antithetic* pairs by default
   (permutation ``2k + 1`` is permutation ``2k`` reversed; ``antithetic=False``: independent),
   which cancels much of the variance (for two features one pair is exact). Cost: ``n_samples *
-  (F - 1) + 1`` forward passes per batch (the full coalition is ``x`` itself). Given
+  (F - 1) + 2`` forward passes per batch (the full coalition is ``x`` itself, the empty one
+  the baseline). Given
   ``permutations=`` (P, F) at call time, exactly those are averaged (all ``F!`` of them give
   the exact Shapley values).
 * ``kernel-shap`` (:class:`KernelSHAP`): a weighted least-squares fit of the coalition values
@@ -291,8 +292,12 @@ class KernelSHAP(FeatureMethod):
             c = np.asarray(coalitions)
             if c.ndim != 2 or c.shape[1] != f or c.shape[0] < 1 or not np.isin(c, (0, 1)).all():
                 raise ValueError(f"{self._name}: coalitions must be a 0/1 array (S, F) = (S, {f}) with S >= 1; got shape {c.shape}")
-            if feature_mask is not None and (np.asarray(mask).reshape(mask.shape[0], -1).max(-1) + 1 != f).any():
-                raise ValueError(f"{self._name}: with coalitions=, every sample's feature_mask must have all {f} features")
+            # whatever made the mask (given, grid, SLIC with a different count per image)
+            if not isinstance(mask, jax.core.Tracer) and (np.asarray(mask).reshape(mask.shape[0], -1).max(-1) + 1 != f).any():
+                raise ValueError(
+                    f"{self._name}: with coalitions=, every sample's feature mask must have all {f} features; "
+                    "these images have fewer (superpixels): explain them one at a time or give one shared feature_mask"
+                )
             given = jnp.asarray(c, bool)
         run = bind_static(_kernel_shap, _kernel_shap_jit, dataclasses.replace(self, seed=0), model, f)  # seed traced
         return run(variables, x, jnp.asarray(target), mask, base, given, jnp.asarray(self.seed))
@@ -312,7 +317,7 @@ def _kernel_shap(cfg: KernelSHAP, model, f, variables, x, target, mask, base, gi
             z = shapley_kernel_coalitions(key, idx, counts, f)
             w = jnp.ones(z.shape[:2], x.dtype)
         else:
-            z = jnp.broadcast_to(given[idx][:, None], (idx.shape[0], n, f))
+            z = jnp.broadcast_to(given[idx][:, None], (idx.shape[0], n, f)) & present[None]  # absent features out
             w = shapley_kernel_weights(z.sum(-1), counts[None], x.dtype)
         return z, w
 

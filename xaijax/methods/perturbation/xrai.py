@@ -19,7 +19,10 @@ XRAI turns a pixel attribution into a region attribution:
    nearest-neighbour (``order=0``); every label ``l`` in ``min .. max`` of a map becomes a mask
    (scales in order, labels ascending) dilated with ``skimage.morphology.disk(5)``. Felzenszwalb
    is scale sensitive: the fixed [-1, 1] range and the fixed 224 x 224 size make the segments
-   independent of the input normalisation and size, exactly as PAIR does.
+   independent of the input size and of a global affine normalisation, exactly as PAIR does
+   (a per-channel normalisation, e.g. torchvision's mean / std, still rescales the colour
+   distances Felzenszwalb thresholds: give the segments of the [0, 1] image with
+   ``segments=`` to make them identical).
 3. **Greedy selection** (:func:`xrai_greedy`, on the device: a ``lax.while_loop`` per image,
    vmapped over the batch, over an (M, H, W) mask stack padded with empty masks): PAIR's
    ``_xrai`` ("full" algorithm). While the selected area fraction is ``<= area_threshold``:
