@@ -215,7 +215,7 @@ def op_class(name: str) -> str:
 
 
 def run_profile_child(args: argparse.Namespace) -> None:
-    """Trace ``--profile-calls`` input-gradient calls per arch (batch 1) and sum the per-operation events.
+    """Trace ``--profile-calls`` input-gradient calls per arch (batch ``--profile-batch``) and sum the per-operation events.
 
     XLA:CPU with ``--xla_cpu_enable_xprof_traceme`` records an event per HLO operation on the thread
     that ran it; summing their durations over all threads gives CPU time per operation class (with
@@ -231,14 +231,15 @@ def run_profile_child(args: argparse.Namespace) -> None:
     from xaijax.atomic import atomic_text
 
     jax.config.update("jax_platforms", "cpu")
-    result: dict[str, Any] = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), size=args.size, batch=1, method="gradient",
+    b = args.profile_batch
+    result: dict[str, Any] = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), size=args.size, batch=b, method="gradient",
                                   calls=args.profile_calls, archs={})
     for arch in ARCHS:
         kwargs = QUICK_MODELS[arch] if args.quick else {}
         model = models.get(arch, **kwargs)
         variables = models.random_variables(model, (1, args.size, args.size, 3), seed=0)
-        x = jnp.asarray(np.random.default_rng(1).standard_normal((1, args.size, args.size, 3)), jnp.float32)
-        target = jnp.zeros((1,), jnp.int32)
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((b, args.size, args.size, 3)), jnp.float32)
+        target = jnp.zeros((b,), jnp.int32)
         fn = jax.jit(methods.get("gradient"), static_argnums=0)
         jax.block_until_ready(fn(model, variables, x, target))
         trace_dir = Path(args.child_dir) / f"trace_{arch}"
@@ -273,7 +274,7 @@ def _profile(args: argparse.Namespace, child_dir: str) -> dict[str, Any]:
     env["XLA_FLAGS"] = PROFILE_FLAGS
     env.setdefault("JAX_PLATFORMS", "cpu")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--profile-child", "--child-dir", child_dir, "--size", str(args.size),
-           "--profile-calls", str(args.profile_calls)] + (["--quick"] if args.quick else [])
+           "--profile-calls", str(args.profile_calls), "--profile-batch", str(args.profile_batch)] + (["--quick"] if args.quick else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout)
     result = Path(child_dir) / "profile.json"
     if proc.returncode != 0 or not result.exists():
@@ -428,7 +429,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{'yes' if s.get('wins') else '-'} | {s['wall_s']} | {load} |")
     prof = report.get("profile")
     if prof and prof.get("status") == "ok":
-        lines += ["", f"## Where the default path's time goes (input gradient, batch 1, {prof['size']} px, `{prof['xla_flags']}`)", "",
+        lines += ["", f"## Where the default path's time goes (input gradient, batch {prof.get('batch', 1)}, {prof['size']} px, `{prof['xla_flags']}`)", "",
                   "CPU time of XLA's per-operation trace events, summed over threads, per class of operation.", "",
                   "| arch | wall s / call | op CPU s / call | " + " | ".join(c for c, _ in OP_CLASSES) + " | top operations |",
                   "|---|---|---|" + "---|" * len(OP_CLASSES) + "---|"]
@@ -543,6 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="also trace the default path's input gradient per operation (default: on, off with --quick)")
     p.add_argument("--profile-calls", type=int, default=3, help="gradient calls traced per arch by --profile")
+    p.add_argument("--profile-batch", type=int, default=1, help="batch size of the traced gradient calls (default 1)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
