@@ -176,3 +176,28 @@ def test_rise_mask_generator_and_mask_validation(setup):
         pt.RISE(normalize="np")
     with pytest.raises(ValueError, match="score"):
         pt.RISE(score="softmax")
+
+
+def test_seeded_draws_do_not_depend_on_float64_mode():
+    """RISE masks, Shapley permutations / KernelSHAP coalitions and GradientSHAP's draws are the
+    same with and without jax_enable_x64, so a float64 run checks the float32 run's computation
+    (the float64 peer benchmark gives TorchRay the masks of the float32 run)."""
+    from xaijax.methods.path_attribution import gradient_shap_draws
+    from xaijax.methods.perturbation.shapley import sampled_permutations, shapley_kernel_coalitions
+
+    def draws():
+        return (np.asarray(pt.rise_masks(3, jnp.arange(6), (20, 20), 5, 0.5), np.float64),
+                np.asarray(sampled_permutations(4, jnp.arange(5), 9)),
+                np.asarray(shapley_kernel_coalitions(5, jnp.arange(7), jnp.asarray([9, 6]), 9)),
+                *(np.asarray(a, np.float64) for a in gradient_shap_draws(6, 5, 3, (4, 4, 3), jnp.float32)))
+
+    plain = draws()
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        wide = draws()
+    finally:
+        jax.config.update("jax_enable_x64", prev)
+    for a, b in zip(plain, wide):
+        np.testing.assert_array_equal(a, b)
+    assert plain[0].min() < plain[0].max()  # real masks, not a constant

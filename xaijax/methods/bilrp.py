@@ -272,7 +272,7 @@ class BiLRP(Method):
         m = locations * channels if pool == "none" else channels
         if self.projection is None:
             return pooled, m
-        w = jax.random.normal(jax.random.key(self.seed), (m, self.projection), dtype) / np.sqrt(self.projection).astype(dtype)
+        w = jax.random.normal(jax.random.key(self.seed), (m, self.projection), jnp.float32).astype(dtype) / np.sqrt(self.projection).astype(dtype)
         return (lambda a: pooled(a) @ w), int(self.projection)
 
     # -- the call ------------------------------------------------------------------

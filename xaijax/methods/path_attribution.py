@@ -185,7 +185,7 @@ def gradient_shap_draws(seed: int, n_samples: int, n_refs: int, shape: tuple[int
     (n_samples, *shape), from ``fold_in(key(seed), 0 | 1 | 2)`` (drawn in float32 and cast, so a
     float64 run sees the draws of its float32 copy)."""
     key = jax.random.key(seed)
-    idx = jax.random.randint(jax.random.fold_in(key, 0), (n_samples,), 0, n_refs)
+    idx = jax.random.randint(jax.random.fold_in(key, 0), (n_samples,), 0, n_refs, dtype=jnp.int32)
     alpha = jax.random.uniform(jax.random.fold_in(key, 1), (n_samples,), dtype=jnp.float32).astype(dtype)
     eps = jax.random.normal(jax.random.fold_in(key, 2), (n_samples,) + tuple(shape), dtype=jnp.float32).astype(dtype)
     return idx, alpha, eps

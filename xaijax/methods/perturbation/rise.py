@@ -106,8 +106,9 @@ def rise_grid_and_shift(
     """
     k = jax.random.fold_in(key, index)
     kg, ks = jax.random.split(k)
-    grid = (jax.random.uniform(kg, (s, s)) < p).astype(jnp.float32)
-    shift = jax.random.randint(ks, (2,), 0, jnp.asarray(cell, jnp.int32))
+    # explicit 32-bit draws: the same masks whether or not float64 (jax_enable_x64) is on
+    grid = (jax.random.uniform(kg, (s, s), dtype=jnp.float32) < p).astype(jnp.float32)
+    shift = jax.random.randint(ks, (2,), 0, jnp.asarray(cell, jnp.int32), dtype=jnp.int32)
     return grid, shift
 
 
@@ -132,8 +133,8 @@ def _rise_masks(key: jax.Array, indices: jax.Array, size: tuple[int, int], s: in
 
     def one(i):
         grid, shift = rise_grid_and_shift(key, i, s, p, cell)
-        rh = jax.lax.dynamic_slice(uh, (shift[0], 0), (h, s))  # rows of the crop
-        rw = jax.lax.dynamic_slice(uw, (shift[1], 0), (w, s))
+        rh = jax.lax.dynamic_slice_in_dim(uh, shift[0], h, axis=0)  # rows of the crop
+        rw = jax.lax.dynamic_slice_in_dim(uw, shift[1], w, axis=0)
         return jnp.einsum("ha,ab,wb->hw", rh, grid, rw, precision=jax.lax.Precision.HIGHEST)
 
     return jax.vmap(one)(indices)

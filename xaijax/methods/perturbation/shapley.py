@@ -84,7 +84,8 @@ def feature_uniforms(key: jax.Array, j: jax.Array, f: int) -> jax.Array:
     """(F,) uniform numbers of draw ``j``: feature ``g`` gets ``uniform(fold_in(fold_in(key, j), g))``
     (so a feature's number does not depend on how many features there are)."""
     kj = jax.random.fold_in(key, j)
-    return jax.vmap(lambda g: jax.random.uniform(jax.random.fold_in(kj, g)))(jnp.arange(f))
+    # float32 draws: the same permutations / coalitions whether or not float64 (jax_enable_x64) is on
+    return jax.vmap(lambda g: jax.random.uniform(jax.random.fold_in(kj, g), dtype=jnp.float32))(jnp.arange(f))
 
 
 def sampled_permutations(seed: int | jax.Array, indices: jax.Array, f: int, antithetic: bool = True) -> jax.Array:
@@ -224,7 +225,7 @@ def shapley_kernel_coalitions(seed: int | jax.Array, indices: jax.Array, counts:
 
     def one(j):
         ksize, kfeat = jax.random.split(jax.random.fold_in(key, j))
-        u_size = jax.random.uniform(ksize)
+        u_size = jax.random.uniform(ksize, dtype=jnp.float32)
         u = feature_uniforms(kfeat, 0, f)  # (F,)
 
         def per_sample(mi):
