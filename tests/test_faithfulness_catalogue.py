@@ -415,6 +415,7 @@ def test_constant_map_gives_documented_nan_row(ref):
         ("region-perturbation", {"order": "random"}, None, "order"),
         ("sensitivity-n", {"n_values": (0,)}, None, "n_values"),
         ("pixel-flipping", {"baseline": "grey"}, None, "baseline"),
+        ("faithfulness-correlation", {"seed": -1, "subset_size": 16}, None, r"seed must be an int in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_input(ref, name, settings, maps, match):
