@@ -224,6 +224,12 @@ def test_bad_arguments(setup):
     fewer[1] = np.minimum(fewer[1], 2)  # image 1 has 3 features, image 0 all 4
     with pytest.raises(ValueError, match="must have all 4 features"):
         KernelSHAP()(model, v, xj, t, feature_mask=fewer, coalitions=np.array([[1, 0, 1, 0]]))
+    # the same for superpixels the method makes itself: SLIC gives these images 3 and 2 features
+    two = np.array(x)
+    two[1] = 0.0
+    two[1, :, :6] = 1.0
+    with pytest.raises(ValueError, match="must have all 3 features"):
+        KernelSHAP(segmentation="slic", n_segments=4)(model, v, jnp.asarray(two), t, coalitions=np.array([[1, 0, 1]]))
     with pytest.raises(ValueError, match="samples"):
         Lime()(model, v, xj, t, feature_mask=mask, samples=np.ones((3, 5)))
     for bad in (dict(alpha=-1.0), dict(kernel_width=0.0), dict(distance="manhattan"), dict(distance_space="pixels")):
